@@ -2,3 +2,5 @@
 from .sdes import SDE, SDES, CosineVPSDE, LinearSDE, SubVPSDE, VESDE, VPSDE
 
 __version__ = "0.1.0"
+from .samplers import SAMPLERS, SampleResult, sample
+from .toy import GaussianMixture

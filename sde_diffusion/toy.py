@@ -49,15 +49,24 @@ class GaussianMixture:
             raise ValueError(f"weights has {w.shape[0]} entries but means has K={K} rows")
         if (w < 0).any() or not torch.isfinite(w).all() or w.sum() <= 0:
             raise ValueError("weights must be finite, non-negative and not all zero")
-        cov = torch.as_tensor(covs, dtype=torch.float64)
+        cov_in = torch.as_tensor(covs)
+        # Rounding of the caller's dtype (e.g. float32 Q Λ Qᵀ) leaves asymmetries of ~D·eps.
+        in_eps = torch.finfo(cov_in.dtype).eps if cov_in.is_floating_point() else 0.0
+        cov = cov_in.to(torch.float64)
         if cov.dim() == 1:
             cov = cov[:, None, None] * torch.eye(D, dtype=torch.float64)
         elif cov.dim() == 2:
             cov = torch.diag_embed(cov)
         if cov.shape != (K, D, D):
             raise ValueError(f"covs must have shape [K, D, D] = [{K}, {D}, {D}], got {tuple(cov.shape)}")
-        if not torch.allclose(cov, cov.transpose(1, 2), atol=1e-10, rtol=1e-8):
-            raise ValueError("covariances must be symmetric")
+        asym = (cov - cov.transpose(1, 2)).abs().amax(dim=(1, 2))
+        scale = cov.abs().amax(dim=(1, 2))
+        if (asym > 1e-10 + max(1e-8, 64 * D * in_eps) * scale).any():
+            raise ValueError(
+                f"covariances must be symmetric; largest |Σ − Σᵀ| entry is {float(asym.max()):.3g} "
+                "(pass 0.5·(Σ + Σᵀ) if the asymmetry is rounding)"
+            )
+        cov = 0.5 * (cov + cov.transpose(1, 2))
         _, info = torch.linalg.cholesky_ex(cov)
         if (info != 0).any():
             bad = torch.nonzero(info).flatten().tolist()

@@ -239,9 +239,15 @@ class SDE(abc.ABC):
         """Exact one-step kernel between two forward times s = t_from < t = t_to.
 
         Returns (a, b) with x_t | x_s ~ N(a·x_s, b² I): a = m(t)/m(s), b² = sigma(t)² − a² sigma(s)².
+        ``t_from`` must not exceed ``t_to``; equal times give (1, 0).
         """
         s = self._check_t(t_from)
         t = self._check_t(t_to)
+        if bool((s > t).any()):
+            raise ValueError(
+                "transition_coeffs(t_from, t_to) needs t_from <= t_to (the forward direction); "
+                "swap the arguments"
+            )
         out_dtype = torch.promote_types(s.dtype, t.dtype)
         # float64 and the log-SNR form b² = sigma_t²·(1 − exp(lambda_t − lambda_s)) avoid the
         # cancellation of sigma_t² − a² sigma_s² for small steps.
@@ -251,6 +257,8 @@ class SDE(abc.ABC):
         a = m_t / m_s
         log_ratio = 2 * (torch.log(m_t) - torch.log(m_s) + torch.log(sig_s) - torch.log(sig_t))
         b2 = sig_t**2 * -torch.expm1(torch.clamp(log_ratio, max=0.0))
+        # A zero-length step has no noise; at s = t = 0 the log-SNR form is 0·(log 0 − log 0) = NaN.
+        b2 = torch.where(t64 > s64, b2, torch.zeros_like(b2))
         return a.to(out_dtype), torch.sqrt(b2).to(out_dtype)
 
     def discretize(self, x: Tensor, t: TimeLike, dt: TimeLike) -> Tuple[Tensor, Tensor]:

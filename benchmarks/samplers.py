@@ -1,0 +1,783 @@
+r"""Sampler benchmark: every registered sampler, judged exactly with the analytic score of
+Gaussian mixtures, quality versus NFE, beside k-diffusion's samplers fed the same denoiser.
+
+For each problem (mixture) × SDE (VP, sub-VP, VE) × sampler × NFE budget the sampler integrates
+from one fixed x_T (an exact draw of the marginal p_T, the same for every sampler; ``--start prior``
+uses the SDE's prior instead) with a fixed seed for its step noise, and the samples are scored
+against p_0 with three metrics (see ``common.py``): (a) moment KL, (b) sliced W2, (c) excess
+cross-entropy, each beside its true-vs-true noise floor. Fixed-step samplers get the largest step
+count whose NFE fits the budget; adaptive ones sweep their tolerance and report their actual NFE.
+k-diffusion (optional) runs in EDM coordinates σ̃ = σ/m, x̃ = x/m on its Karras schedule from
+σ̃(eps) to σ̃(T) with the exact denoiser (``common.EDMDenoiser``). Separately, each sampler's
+own overhead per NFE is timed with a free score (s = −x).
+
+Usage::
+
+    python benchmarks/samplers.py --quick                     # < 3 min smoke run
+    python benchmarks/samplers.py --jobs 2 --write            # full run → benchmarks/RESULTS.md
+    python benchmarks/samplers.py --problems ring8 --sdes vp --samplers dpm_solver,pc
+    python benchmarks/samplers.py --variant dpm_solver:order=3,grid=karras
+
+Targets (PASS/FAIL lines, on metric (a), tolerance = the floor's standard deviation):
+1. at 10 and 20 NFE our best sampler is at least as good as the best k-diffusion sampler, on
+   every problem × SDE;
+2. at ≤ 50 NFE our best sampler matches the reference PC sampler (reverse diffusion + Langevin,
+   snr 0.16, one corrector step) at 1000 NFE;
+3. every sampler's overhead per NFE is no larger than the median of k-diffusion's.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import inspect
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+from common import (  # noqa: E402
+    METRICS,
+    EDMDenoiser,
+    MixtureEvaluator,
+    Problem,
+    Truth,
+    best_time,
+    fmt,
+    make_problems,
+    make_sde,
+    marginal_sample,
+    md_table,
+    sigma_tilde_range,
+)
+from sde_diffusion import SAMPLERS, sample  # noqa: E402
+from sde_diffusion.samplers import build_sampler  # noqa: E402
+
+NFE_GRID = (10, 20, 50, 100, 250, 1000)
+QUICK_NFE_GRID = (10, 20, 50, 1000)
+RTOL_SWEEP = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4, 1e-5)
+QUICK_RTOL_SWEEP = (1e-1, 1e-2, 1e-3)
+
+# Options the benchmark sets on top of a sampler's conf/sampler/<name>.yaml (only the ones its
+# constructor accepts are used). pc is the reference of Song et al. 2021: reverse diffusion +
+# Langevin, snr 0.16, one corrector step (2 NFE per step).
+OVERRIDES: Dict[str, Dict[str, Any]] = {
+    "pc": {"predictor": "reverse_diffusion", "corrector": "langevin", "snr": 0.16, "n_corrector_steps": 1},
+}
+# Extra configurations worth a row of their own (skipped when the sampler or option is missing).
+VARIANTS: Tuple[Tuple[str, Dict[str, Any]], ...] = (
+    ("dpm_solver", {"order": 3}),
+    ("dpm_solver", {"stochastic": True}),
+    ("ddim", {"eta": 1.0}),
+    ("torchsde", {"method": "srk"}),
+)
+REFERENCE = "pc"
+KD_SAMPLERS = (
+    "sample_euler",
+    "sample_heun",
+    "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
+    "sample_dpm_2",
+    "sample_lms",
+    "sample_euler_ancestral",
+)
+KD_PREFIX = "k-diffusion "
+PRIOR_SEED, NOISE_SEED = 20240, 777
+OVERHEAD_SHAPE = (1000, 16)
+OVERHEAD_NFE = 200
+
+
+# --------------------------------------------------------------------------------- sampler specs
+
+
+@dataclass
+class Spec:
+    """One sampler configuration: registry name, options, and how its NFE is controlled."""
+
+    name: str
+    options: Dict[str, Any]
+    label: str
+    adaptive: bool = False
+    kd: bool = False  # a k-diffusion sampler (name = function name)
+    error: str = ""
+
+    def build(self, **extra: Any):
+        return build_sampler(self.name, **{**self.options, **extra})
+
+
+def _accepted(cls: type) -> Optional[set]:
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return {p for p in params if p != "self"}
+
+
+def _conf_options(name: str) -> Dict[str, Any]:
+    path = HERE.parent / "conf" / "sampler" / f"{name}.yaml"
+    if not path.exists():
+        return {}
+    import yaml
+
+    cfg = yaml.safe_load(path.read_text()) or {}
+    return {k: v for k, v in cfg.items() if k not in ("name", "steps")}
+
+
+def _label(name: str, options: Dict[str, Any], shown: Sequence[str]) -> str:
+    extra = ",".join(f"{k}={options[k]}" for k in shown)
+    return f"{name}({extra})" if extra else name
+
+
+def our_specs(only: Optional[Sequence[str]], variants: Sequence[Tuple[str, Dict[str, Any]]]) -> List[Spec]:
+    """Default configuration of every registered sampler (conf YAML + OVERRIDES), then VARIANTS."""
+    specs: List[Spec] = []
+    entries = [(n, {}, False) for n in SAMPLERS.names()] + [(n, o, True) for n, o in variants]
+    for name, extra, is_variant in entries:
+        if name not in SAMPLERS or (only and name not in only):
+            continue
+        cls = SAMPLERS.get(name)
+        accepted = _accepted(cls)
+        opts = {**_conf_options(name), **OVERRIDES.get(name, {})}
+        if accepted is not None:
+            opts = {k: v for k, v in opts.items() if k in accepted}
+            if any(k not in accepted for k in extra):
+                continue
+        opts.update(extra)
+        label = _label(name, opts, list(extra) if is_variant else [])
+        spec = Spec(name, opts, label)
+        try:
+            inst = spec.build()
+            spec.adaptive = inst.expected_nfe(1) is None
+        except Exception as err:  # noqa: BLE001 - a broken sampler is reported, not fatal
+            spec.error = f"{type(err).__name__}: {err}"
+        specs.append(spec)
+    return specs
+
+
+def steps_for(spec: Spec, target: int) -> Optional[int]:
+    """Largest step count whose expected NFE is ≤ target (None if even 1 step is too many)."""
+    inst = spec.build()
+    if inst.expected_nfe(1) > target:
+        return None
+    lo, hi = 1, target
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if inst.expected_nfe(mid) <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+# --------------------------------------------------------------------------------- k-diffusion
+
+_KD: Dict[str, Any] = {}
+
+
+def kdiffusion() -> Tuple[Any, str]:
+    if "module" not in _KD:
+        _KD["module"], _KD["status"] = common.load_kdiffusion_sampling()
+    return _KD["module"], _KD["status"]
+
+
+def kd_specs(only: Optional[Sequence[str]]) -> List[Spec]:
+    kd, _ = kdiffusion()
+    if kd is None:
+        return []
+    out = []
+    for fn in KD_SAMPLERS:
+        if only and fn not in only and (KD_PREFIX + fn) not in only and "k-diffusion" not in only:
+            continue
+        out.append(Spec(fn, {}, KD_PREFIX + fn, kd=True, error="" if hasattr(kd, fn) else "not in this k-diffusion"))
+    return out
+
+
+def _kd_call(fn_name: str, denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    kd, _ = kdiffusion()
+    fn = getattr(kd, fn_name)
+    kwargs: Dict[str, Any] = {"disable": True}
+    if "noise_sampler" in inspect.signature(fn).parameters:
+        # Step noise from the run's generator, like ours (default: global RNG / Brownian tree).
+        kwargs["noise_sampler"] = lambda s, s_next: torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
+    return fn(denoiser, x, sigmas, **kwargs)
+
+
+_KD_NFE_LAW: Dict[str, Tuple[int, int]] = {}
+
+
+def kd_nfe_law(fn_name: str) -> Tuple[int, int]:
+    """(a, b) with NFE(n steps) = a·n + b, from counted dry runs with a free denoiser (n = 2, 3, 4)."""
+    if fn_name not in _KD_NFE_LAW:
+        kd, _ = kdiffusion()
+        counts = []
+        for n in (2, 3, 4):
+            calls = [0]
+
+            def den(x, s):
+                calls[0] += 1
+                return x * 0
+
+            sig = kd.get_sigmas_karras(n, 0.01, 10.0, rho=7.0).to(torch.float64)
+            _kd_call(fn_name, den, torch.ones(2, 1, dtype=torch.float64), sig, torch.Generator().manual_seed(0))
+            counts.append(calls[0])
+        a, b = counts[1] - counts[0], counts[0] - 2 * (counts[1] - counts[0])
+        if counts[2] != 4 * a + b or a <= 0:
+            raise RuntimeError(f"{fn_name}: NFE is not affine in the step count ({counts})")
+        _KD_NFE_LAW[fn_name] = (a, b)
+    return _KD_NFE_LAW[fn_name]
+
+
+def kd_steps_for(fn_name: str, target: int) -> Optional[int]:
+    a, b = kd_nfe_law(fn_name)
+    n = (target - b) // a
+    return int(n) if n >= 1 else None
+
+
+# --------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    problem: str
+    sde: str
+    label: str
+    kd: bool
+    target: Optional[int]  # NFE budget (None for adaptive runs)
+    steps: Optional[int]
+    nfe: int
+    wall: float
+    metrics: Dict[str, float] = field(default_factory=dict)
+    rtol: Optional[float] = None
+    error: str = ""
+
+
+# Worker globals, set before the pool forks (problems, truths, settings).
+_STATE: Dict[str, Any] = {}
+
+
+def _case_inputs(problem: Problem, sde_name: str):
+    sde = make_sde(sde_name, problem)
+    dtype = _STATE["dtype"]
+    n = _STATE["truths"][problem.name].n
+    gen = torch.Generator().manual_seed(PRIOR_SEED + 1000 * list(_STATE["problems"]).index(problem.name) + common.SDE_NAMES.index(sde_name))
+    if _STATE["start"] == "marginal":
+        x_T = marginal_sample(problem.mixture, sde, n, sde.T, gen, dtype)
+    else:
+        x_T = sde.prior_sample((n, problem.mixture.dim), generator=gen, dtype=dtype)
+    return sde, MixtureEvaluator(problem.mixture, sde), x_T
+
+
+def run_task(task: Tuple[str, str, Spec]) -> List[Run]:
+    """All NFE budgets of one sampler on one problem × SDE."""
+    pname, sde_name, spec = task
+    torch.set_num_threads(1)
+    problem = _STATE["problems"][pname]
+    truth: Truth = _STATE["truths"][pname]
+    sde, ev, x_T = _case_inputs(problem, sde_name)
+    runs: List[Run] = []
+
+    def record(target, steps, rtol, fn):
+        gen = torch.Generator().manual_seed(NOISE_SEED)
+        torch.manual_seed(NOISE_SEED)
+        t0 = time.perf_counter()
+        try:
+            x, nfe = fn(gen)
+            wall = time.perf_counter() - t0
+            runs.append(Run(pname, sde_name, spec.label, spec.kd, target, steps, nfe, wall, truth.evaluate(x), rtol))
+        except Exception as err:  # noqa: BLE001 - keep benchmarking the others, report this one
+            msg = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+            if _STATE.get("verbose"):
+                traceback.print_exc()
+            runs.append(Run(pname, sde_name, spec.label, spec.kd, target, steps, 0, time.perf_counter() - t0, {}, rtol, msg))
+
+    if spec.error:
+        return [Run(pname, sde_name, spec.label, spec.kd, None, None, 0, 0.0, {}, None, spec.error)]
+    if spec.kd:
+        s_min, s_max = sigma_tilde_range(sde)
+        m_T = float(sde.mean_coeff(torch.tensor(sde.T, dtype=torch.float64)))
+        kd, _ = kdiffusion()
+        for target in _STATE["nfe_grid"]:
+            n = kd_steps_for(spec.name, target)
+            if n is None:
+                continue
+            sigmas = kd.get_sigmas_karras(n, s_min, s_max, rho=7.0).to(x_T.dtype)
+
+            def go(gen, sigmas=sigmas):
+                den = EDMDenoiser(sde, ev.score)
+                out = _kd_call(spec.name, den, x_T / m_T, sigmas, gen)
+                return out, den.nfe  # σ̃ = 0 ⇒ t = 0, m = 1: x̃ is x
+
+            record(target, n, None, go)
+        return runs
+    try:
+        spec.build().validate(sde)
+    except ValueError as err:
+        return [Run(pname, sde_name, spec.label, False, None, None, 0, 0.0, {}, None, f"n/a: {err}")]
+    shape = tuple(x_T.shape)
+    if spec.adaptive:
+        for rtol in _STATE["rtols"]:
+            inst = spec.build(**_tol_options(spec, rtol))
+
+            def go(gen, inst=inst):
+                res = sample(sde, ev.score, shape, sampler=inst, steps=1, generator=gen, x_T=x_T.clone(), dtype=x_T.dtype)
+                return res.samples, res.nfe
+
+            record(None, None, rtol, go)
+        return runs
+    for target in _STATE["nfe_grid"]:
+        steps = steps_for(spec, target)
+        if steps is None:
+            continue
+
+        def go(gen, steps=steps):
+            res = sample(sde, ev.score, shape, sampler=spec.build(), steps=steps, generator=gen, x_T=x_T.clone(), dtype=x_T.dtype)
+            return res.samples, res.nfe
+
+        record(target, steps, None, go)
+    return runs
+
+
+def _tol_options(spec: Spec, rtol: float) -> Dict[str, Any]:
+    accepted = _accepted(SAMPLERS.get(spec.name))
+    opts: Dict[str, Any] = {}
+    for key in ("rtol", "atol"):
+        if accepted is None or key in accepted:
+            opts[key] = rtol
+    return opts
+
+
+# --------------------------------------------------------------------------------- overhead
+
+
+@dataclass
+class Overhead:
+    label: str
+    kd: bool
+    us_per_nfe: float
+    nfe: int
+    error: str = ""
+
+
+def measure_overhead(spec: Spec, repeats: int = 3) -> Overhead:
+    """Wall time per NFE of one sampler with the free score s(x, t) = −x (VP, fixed batch)."""
+    torch.set_num_threads(1)
+    from sde_diffusion import VPSDE
+
+    sde = VPSDE()
+    shape = OVERHEAD_SHAPE
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    nfe = [0]
+    try:
+        if spec.error:
+            raise RuntimeError(spec.error)
+        if spec.kd:
+            kd, _ = kdiffusion()
+            n = kd_steps_for(spec.name, OVERHEAD_NFE)
+            s_min, s_max = sigma_tilde_range(sde)
+
+            def den(x, s):
+                nfe[0] += 1
+                return x / (1 + s[:, None] ** 2)
+
+            def go():
+                nfe[0] = 0
+                sig = kd.get_sigmas_karras(n, s_min, s_max, rho=7.0)
+                _kd_call(spec.name, den, x_T, sig, torch.Generator().manual_seed(1))
+
+        else:
+            inst = spec.build(**(_tol_options(spec, 1e-3) if spec.adaptive else {}))
+            steps = 1 if spec.adaptive else steps_for(spec, OVERHEAD_NFE)
+
+            def score(x, t):
+                return -x
+
+            def go():
+                res = sample(sde, score, shape, sampler=inst, steps=steps, generator=torch.Generator().manual_seed(1), x_T=x_T)
+                nfe[0] = res.nfe
+
+        wall = best_time(go, repeats)
+        return Overhead(spec.label, spec.kd, wall / max(nfe[0], 1) * 1e6, nfe[0])
+    except Exception as err:  # noqa: BLE001
+        return Overhead(spec.label, spec.kd, math.nan, 0, f"{type(err).__name__}: {err}"[:200])
+
+
+# --------------------------------------------------------------------------------- report
+
+
+def _buckets(runs: List[Run], grid: Sequence[int]) -> Dict[int, Run]:
+    """Runs by NFE column: fixed-step runs by their budget; adaptive runs in the smallest budget
+    ≥ their actual NFE (the largest-NFE run of each bucket, i.e. the closest to the budget)."""
+    out: Dict[int, Run] = {}
+    for r in runs:
+        if r.error:
+            continue
+        if r.target is not None:
+            out[r.target] = r
+            continue
+        col = next((g for g in grid if r.nfe <= g), None)
+        if col is not None and (col not in out or r.nfe > out[col].nfe):
+            out[col] = r
+    return out
+
+
+def best_within(runs: List[Run], budget: int, kd: bool, metric: str = "mkl") -> Optional[Run]:
+    """The best run (lowest metric) among ``kd`` (k-diffusion or ours) runs with NFE ≤ budget."""
+    cands = [r for r in runs if r.kd == kd and not r.error and r.nfe <= budget and metric in r.metrics]
+    return min(cands, key=lambda r: r.metrics[metric]) if cands else None
+
+
+def reference_run(runs: List[Run]) -> Optional[Run]:
+    for r in runs:
+        if r.label == REFERENCE and r.target == 1000 and not r.error:
+            return r
+    return None
+
+
+def _cell(r: Optional[Run], metric: str, target: int, best: float) -> str:
+    if r is None or metric not in r.metrics:
+        return "–"
+    v = r.metrics[metric]
+    s = fmt(v)
+    if metric != "xent" and math.isfinite(v) and v <= best:
+        s = f"**{s}**"
+    if r.nfe != target:
+        s += f" ({r.nfe})"
+    return s
+
+
+def case_table(runs: List[Run], labels: List[str], metric: str, grid: Sequence[int]) -> str:
+    by_label: Dict[str, List[Run]] = {}
+    for r in runs:
+        by_label.setdefault(r.label, []).append(r)
+    cols = {g: [] for g in grid}
+    bucketed = {lab: _buckets(by_label.get(lab, []), grid) for lab in labels}
+    for lab in labels:
+        for g, r in bucketed[lab].items():
+            if metric in r.metrics and g in cols:
+                cols[g].append(r.metrics[metric])
+    best = {g: min(v) if v else math.inf for g, v in cols.items()}
+    rows = []
+    for lab in labels:
+        rs = by_label.get(lab, [])
+        errs = sorted({r.error for r in rs if r.error})
+        cells = [_cell(bucketed[lab].get(g), metric, g, best[g]) for g in grid]
+        wall = sum(r.wall for r in rs if not r.error)
+        note = "; ".join(e[:90] for e in errs)
+        rows.append([lab] + cells + [f"{wall:.1f}", note])
+    return md_table(["sampler"] + [f"NFE {g}" for g in grid] + ["wall s", "note"], rows)
+
+
+def targets(runs: List[Run], truths: Dict[str, Truth], cases: List[Tuple[str, str]], overheads: List[Overhead], has_kd: bool) -> Tuple[List[str], Dict[str, bool]]:
+    lines: List[str] = []
+    verdict: Dict[str, bool] = {}
+    # 1. ours vs k-diffusion at 10 and 20 NFE
+    t1: List[bool] = []
+    for budget in (10, 20):
+        for p, s in cases:
+            rs = [r for r in runs if r.problem == p and r.sde == s]
+            tol = truths[p].floor["mkl"][1]
+            ours, theirs = best_within(rs, budget, False), best_within(rs, budget, True)
+            if not has_kd:
+                continue
+            if ours is None or theirs is None:
+                lines.append(f"FAIL target1 {p}/{s} @{budget} NFE: no run (ours={ours and ours.label}, k-diffusion={theirs and theirs.label})")
+                t1.append(False)
+                continue
+            ok = ours.metrics["mkl"] <= theirs.metrics["mkl"] + tol
+            t1.append(ok)
+            lines.append(
+                f"{'PASS' if ok else 'FAIL'} target1 {p}/{s} @{budget} NFE: ours {fmt(ours.metrics['mkl'])} ({ours.label}, {ours.nfe}) "
+                f"vs k-diffusion {fmt(theirs.metrics['mkl'])} ({theirs.label[len(KD_PREFIX):]}, {theirs.nfe}); tol {fmt(tol)}"
+            )
+    verdict["1: best ours ≤ best k-diffusion at 10 and 20 NFE"] = bool(t1) and all(t1) if has_kd else None  # type: ignore[assignment]
+    # 2. ours at ≤ 50 NFE vs reference PC at 1000 NFE
+    t2: List[bool] = []
+    for p, s in cases:
+        rs = [r for r in runs if r.problem == p and r.sde == s]
+        ref = reference_run(rs)
+        ours = best_within(rs, 50, False)
+        tol = truths[p].floor["mkl"][1]
+        if ref is None or ours is None:
+            lines.append(f"FAIL target2 {p}/{s}: no run (reference pc@1000={ref is not None}, ours≤50={ours is not None})")
+            t2.append(False)
+            continue
+        ok = ours.metrics["mkl"] <= ref.metrics["mkl"] + tol
+        t2.append(ok)
+        lines.append(
+            f"{'PASS' if ok else 'FAIL'} target2 {p}/{s}: ours ≤50 NFE {fmt(ours.metrics['mkl'])} ({ours.label}, {ours.nfe}) "
+            f"vs pc@1000 {fmt(ref.metrics['mkl'])}; tol {fmt(tol)}"
+        )
+    verdict["2: best ours at ≤ 50 NFE matches pc at 1000 NFE"] = bool(t2) and all(t2)
+    # 3. overhead per NFE vs k-diffusion's median
+    kd_vals = [o.us_per_nfe for o in overheads if o.kd and math.isfinite(o.us_per_nfe)]
+    if kd_vals:
+        med = statistics.median(kd_vals)
+        t3 = []
+        for o in overheads:
+            if o.kd:
+                continue
+            ok = math.isfinite(o.us_per_nfe) and o.us_per_nfe <= med
+            t3.append(ok)
+            lines.append(f"{'PASS' if ok else 'FAIL'} target3 {o.label}: {o.us_per_nfe:.0f} µs/NFE vs k-diffusion median {med:.0f} µs/NFE")
+        verdict["3: overhead per NFE ≤ k-diffusion's median"] = bool(t3) and all(t3)
+    else:
+        verdict["3: overhead per NFE ≤ k-diffusion's median"] = None  # type: ignore[assignment]
+    return lines, verdict
+
+
+def render(args, runs: List[Run], truths: Dict[str, Truth], cases: List[Tuple[str, str]], specs: List[Spec], overheads: List[Overhead], kd_status: str, elapsed: float) -> str:
+    grid = args.nfe_grid
+    out: List[str] = ["## Samplers", ""]
+    out.append(f"Command: `{args.command}`  ")
+    out.append(
+        f"Run {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, {elapsed / 60:.1f} min on {os.cpu_count()} cores "
+        f"({args.jobs} worker{'s' if args.jobs > 1 else ''}), torch {torch.__version__}, Python {platform.python_version()}, "
+        f"dtype {args.dtype}, x_T from the {'exact marginal p_T' if args.start == 'marginal' else 'prior'}; "
+        f"seeds: x_T {PRIOR_SEED}+case, step noise {NOISE_SEED}.  "
+    )
+    out.append(f"k-diffusion: {kd_status}.")
+    out.append("")
+    out.append(
+        "Metrics against p_0 (see `benchmarks/common.py`): **(a)** moment KL = KL(w‖ŵ) + Σ_k w_k KL(N(μ̂_k, Σ̂_k) ‖ N(μ_k, Σ_k)) "
+        "with samples assigned to modes by their posterior under p_0 (nats; unbiased for true samples, → ∞ for collapsed modes); "
+        "**(b)** sliced W2 (256 directions, vs true quantiles); **(c)** excess cross-entropy E[−log p_0] − H(p_0) "
+        "(negative when samples crowd the modes, so never read alone). Floors: the same metrics for true samples of the same size "
+        "(mean ± std over 5 draws). Fixed-step samplers run the largest step count that fits each NFE budget (actual NFE in "
+        "parentheses when it differs); adaptive ones sweep rtol = atol over "
+        f"{', '.join(f'{r:g}' for r in args.rtols)} and sit in the smallest column ≥ their actual NFE. Bold: best of the column. "
+        "k-diffusion runs on its Karras schedule (ρ = 7) from σ̃(eps) to σ̃(T) and a last step to σ̃ = 0, NFE = its denoiser calls."
+    )
+    out.append("")
+    lines, verdict = targets(runs, truths, cases, overheads, any(s.kd for s in specs))
+    out.append("### Targets")
+    out.append("")
+    for k, v in verdict.items():
+        out.append(f"- {'PASS' if v else ('n/a' if v is None else 'FAIL')} — target {k}")
+    out.append("")
+    fails = [l for l in lines if l.startswith("FAIL")]
+    if fails:
+        out.append("Failing cases:")
+        out.append("")
+        out += [f"    {l}" for l in fails]
+        out.append("")
+    out.append("<details><summary>All target lines</summary>")
+    out.append("")
+    out += [f"    {l}" for l in lines]
+    out.append("")
+    out.append("</details>")
+    out.append("")
+    # summary
+    out.append("### Summary (metric (a); best sampler in parentheses)")
+    out.append("")
+    rows = []
+    for p, s in cases:
+        rs = [r for r in runs if r.problem == p and r.sde == s]
+        fl = truths[p].floor["mkl"]
+        row = [f"{p}/{s}", f"{fmt(fl[0])} ± {fmt(fl[1])}"]
+        for budget in (10, 20):
+            for kdflag in (False, True):
+                b = best_within(rs, budget, kdflag)
+                row.append(f"{fmt(b.metrics['mkl'])} ({b.label.replace(KD_PREFIX, '')})" if b else "–")
+        b = best_within(rs, 50, False)
+        row.append(f"{fmt(b.metrics['mkl'])} ({b.label}, {b.nfe})" if b else "–")
+        ref = reference_run(rs)
+        row.append(fmt(ref.metrics["mkl"]) if ref else "–")
+        rows.append(row)
+    out.append(md_table(["case", "floor", "ours @10", "k-diff @10", "ours @20", "k-diff @20", "ours ≤50", "pc @1000"], rows))
+    out.append("")
+    # overhead
+    out.append(f"### Overhead per NFE (free score s = −x, VP, batch {OVERHEAD_SHAPE}, ~{OVERHEAD_NFE} NFE, best of 3, 1 thread)")
+    out.append("")
+    rows = [[o.label, "—" if not math.isfinite(o.us_per_nfe) else f"{o.us_per_nfe:.0f}", str(o.nfe), o.error[:90]] for o in overheads]
+    out.append(md_table(["sampler", "µs / NFE", "NFE", "note"], rows))
+    out.append("")
+    # per case tables
+    labels = [s.label for s in specs]
+    for pname in dict.fromkeys(p for p, _ in cases):
+        tr = truths[pname]
+        prob = tr.problem
+        out.append(f"### {pname}: {prob.description}")
+        out.append("")
+        out.append(
+            f"n = {tr.n}; floors: " + ", ".join(f"{m} {fmt(tr.floor[m][0])} ± {fmt(tr.floor[m][1])}" for m in METRICS)
+            + f"; H(p_0) = {tr.entropy:.3f} ± {tr.entropy_se:.3f} nats; VE σ_max = {prob.ve_sigma_max:g}."
+        )
+        out.append("")
+        for s in [s for p, s in cases if p == pname]:
+            rs = [r for r in runs if r.problem == pname and r.sde == s]
+            out.append(f"#### {pname} / {s} — (a) moment KL [nats]")
+            out.append("")
+            out.append(case_table(rs, labels, "mkl", grid))
+            out.append("")
+            for metric in ("sw2", "xent"):
+                out.append(f"<details><summary>{pname} / {s} — {common.METRIC_LABELS[metric]}</summary>")
+                out.append("")
+                out.append(case_table(rs, labels, metric, grid))
+                out.append("")
+                out.append("</details>")
+                out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace (or append) the ``## Samplers`` section of RESULTS.md, leaving the others alone."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, l in enumerate(lines) if l.rstrip() == "## Samplers"), None)
+    if start is None:
+        new = text.rstrip() + "\n\n" + section
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        tail = "".join(lines[end:])
+        new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
+    path.write_text(new)
+
+
+# --------------------------------------------------------------------------------- main
+
+
+def _set_malloc() -> None:
+    """Keep freed heap memory for reuse: otherwise every large temporary is a fresh mmap whose
+    page faults cost more than the arithmetic (it slows every sampler, ours and k-diffusion's)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except OSError:
+        pass
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sample sizes, NFE {10, 20, 50, 1000}, problems ring8 and gmm64, "
+                    "SDEs vp and ve, no extra variants (< 3 min)")
+    ap.add_argument("--problems", default=None, help="comma list (default: all; quick: ring8,gmm64)")
+    ap.add_argument("--sdes", default=None, help="comma list of vp,subvp,ve (default: all; quick: vp,ve)")
+    ap.add_argument("--samplers", default=None, help="comma list of registered names / k-diffusion function names (default: all)")
+    ap.add_argument("--variant", action="append", default=[], help="extra configuration name:key=val,key=val (repeatable)")
+    ap.add_argument("--no-variants", action="store_true", help="skip the built-in extra configurations")
+    ap.add_argument("--no-kdiffusion", action="store_true")
+    ap.add_argument("--n", type=int, default=None, help="override the sample size of every problem")
+    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    ap.add_argument("--start", choices=("marginal", "prior"), default="marginal", help="x_T from the exact p_T or the SDE prior")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes, 1 thread each (default 2)")
+    ap.add_argument("--write", nargs="?", const=str(HERE / "RESULTS.md"), default=None, help="write the section into RESULTS.md")
+    ap.add_argument("--json", default=None, help="also dump all runs as JSON here")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    args.command = "python benchmarks/samplers.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    return args
+
+
+def _parse_variant(text: str) -> Tuple[str, Dict[str, Any]]:
+    import yaml
+
+    if ":" not in text:
+        raise ValueError(f"--variant needs name:key=val[,key=val], got {text!r}")
+    name, rest = text.split(":", 1)
+    opts = {}
+    for kv in filter(None, rest.split(",")):
+        k, v = kv.split("=", 1)
+        opts[k] = yaml.safe_load(v)
+    return name, opts
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    _set_malloc()
+    torch.set_num_threads(1)
+    t_start = time.perf_counter()
+    problems = make_problems()
+    sel_p = args.problems.split(",") if args.problems else (["ring8", "gmm64"] if args.quick else list(problems))
+    sel_s = args.sdes.split(",") if args.sdes else (["vp", "ve"] if args.quick else list(common.SDE_NAMES))
+    for p in sel_p:
+        if p not in problems:
+            raise SystemExit(f"unknown problem {p!r}; choose from {', '.join(problems)}")
+    for s in sel_s:
+        if s not in common.SDE_NAMES:
+            raise SystemExit(f"unknown SDE {s!r}; choose from {', '.join(common.SDE_NAMES)}")
+    args.nfe_grid = QUICK_NFE_GRID if args.quick else NFE_GRID
+    args.rtols = QUICK_RTOL_SWEEP if args.quick else RTOL_SWEEP
+    only = args.samplers.split(",") if args.samplers else None
+    variants = ([] if args.no_variants or args.quick else list(VARIANTS)) + [_parse_variant(v) for v in args.variant]
+    specs = our_specs(only, variants)
+    kd_status = "disabled (--no-kdiffusion)"
+    if not args.no_kdiffusion:
+        _, kd_status = kdiffusion()
+        specs += kd_specs(only)
+    if not specs:
+        raise SystemExit("no sampler selected")
+    print(f"samplers: {', '.join(s.label for s in specs)}", file=sys.stderr)
+    print(f"k-diffusion: {kd_status}", file=sys.stderr)
+
+    truths: Dict[str, Truth] = {}
+    for p in sel_p:
+        prob = problems[p]
+        n = args.n or (prob.n_quick if args.quick else prob.n_full)
+        for sde_name in sel_s:
+            common.check_evaluator(prob, make_sde(sde_name, prob))
+        truths[p] = Truth.build(prob, n, entropy_n=20_000 if args.quick else 100_000, ref_factor=10 if args.quick else 20)
+        print(f"{p}: n={n}, floors " + ", ".join(f"{k}={fmt(a)}±{fmt(b)}" for k, (a, b) in truths[p].floor.items()), file=sys.stderr)
+    _STATE.update(problems={p: problems[p] for p in sel_p}, truths=truths, dtype=getattr(torch, args.dtype), start=args.start,
+                  nfe_grid=args.nfe_grid, rtols=args.rtols, verbose=args.verbose)
+    cases = [(p, s) for p in sel_p for s in sel_s]
+    # Expensive problems first so that the workers finish together.
+    cost = {p: truths[p].n * problems[p].mixture.num_components * problems[p].mixture.dim ** 2 for p in sel_p}
+    tasks = sorted(((p, s, spec) for p, s in cases for spec in specs), key=lambda t: -cost[t[0]])
+    runs: List[Run] = []
+    done = 0
+    if args.jobs > 1:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("fork")) as pool:
+            for res in pool.map(run_task, tasks):
+                runs += res
+                done += 1
+                _progress(done, len(tasks), res, t_start)
+    else:
+        for task in tasks:
+            res = run_task(task)
+            runs += res
+            done += 1
+            _progress(done, len(tasks), res, t_start)
+    overheads = [measure_overhead(spec) for spec in specs]
+    elapsed = time.perf_counter() - t_start
+    report = render(args, runs, truths, cases, specs, overheads, kd_status, elapsed)
+    print(report)
+    if args.write:
+        write_section(Path(args.write), report)
+        print(f"wrote the Samplers section of {args.write}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"runs": [asdict(r) for r in runs], "overheads": [asdict(o) for o in overheads]}, indent=1))
+    return 0
+
+
+def _progress(done: int, total: int, res: List[Run], t0: float) -> None:
+    if not res:
+        return
+    r = res[0]
+    errs = [x.error for x in res if x.error]
+    print(
+        f"[{done}/{total} {time.perf_counter() - t0:6.0f}s] {r.problem}/{r.sde} {r.label}: "
+        + " ".join(f"{x.nfe}:{fmt(x.metrics.get('mkl', math.nan))}" for x in res if not x.error)
+        + (f" ERR {errs[0][:80]}" if errs else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

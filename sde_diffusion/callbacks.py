@@ -1,0 +1,341 @@
+"""Training callbacks and loggers: sample figures, loss per time bucket, checkpoints, progress.
+
+* :class:`SampleFigures` — every N optimiser steps (and at the end of fit) draws samples with the
+  EMA weights through :func:`sde_diffusion.sample` and writes, atomically,
+  ``<run>/samples/step_XXXXXXX.png`` and ``<run>/samples/latest.png``: an image grid (through the
+  data module's ``inverse_scaler``) for images, samples beside data for vectors (first two
+  coordinates).
+* :class:`LossByTime` — the ε-space error σ²‖s_θ − ∇log p_0t‖² (= ‖ε_θ − ε‖² for ε-prediction)
+  averaged in ``num_buckets`` equal buckets of t ∈ [0, T], logged every N steps as
+  ``loss_by_t/<lo>-<hi>`` (summed over DDP processes before averaging).
+* :func:`build_callbacks` — the above plus ModelCheckpoint (every N steps and ``last.ckpt``), the
+  EMA, the learning-rate monitor and the progress bar, from ``cfg.callbacks`` / ``cfg.ema``.
+* :func:`build_loggers` — CSV (default) and/or TensorBoard.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from torch import Tensor
+
+from .config import loggers_of, sampler_settings, tensorboard_available
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------- figures
+def _atomic_savefig(fig: Any, path: Path, dpi: int = 100) -> Path:
+    """Write ``fig`` as PNG to ``path`` via a temporary file and a rename (readers never see half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _figure(width: float, height: float) -> Any:
+    # The object-oriented API without pyplot: no global figure state, no GUI backend.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def image_grid(images: Tensor, nrow: Optional[int] = None, pad: int = 1) -> Tensor:
+    """Tile ``images [N, C, H, W]`` (values in [0, 1]) into one ``[H', W', C]`` array, ``nrow`` per row."""
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape [N, C, H, W], got {tuple(images.shape)}")
+    n, c, h, w = images.shape
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
+    rows = int(math.ceil(n / nrow))
+    grid = torch.ones(c, rows * (h + pad) + pad, nrow * (w + pad) + pad, dtype=images.dtype)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        top, left = pad + r * (h + pad), pad + k * (w + pad)
+        grid[:, top : top + h, left : left + w] = images[i]
+    return grid.permute(1, 2, 0)
+
+
+def save_image_grid(images: Tensor, path: Path, nrow: Optional[int] = None, title: Optional[str] = None) -> Path:
+    """PNG grid of ``images [N, C, H, W]`` in [0, 1] (clamped); grey for C = 1."""
+    grid = image_grid(images.detach().float().clamp(0, 1).cpu(), nrow).numpy()
+    size = max(3.0, min(12.0, grid.shape[1] / 12))
+    fig = _figure(size, size * grid.shape[0] / grid.shape[1] + (0.3 if title else 0))
+    ax = fig.add_axes((0, 0, 1, 0.94 if title else 1))
+    if grid.shape[2] == 1:
+        ax.imshow(grid[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(grid, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _atomic_savefig(fig, Path(path))
+
+
+def save_scatter(samples: Tensor, reference: Tensor, path: Path, title: Optional[str] = None) -> Path:
+    """Two panels, data and samples (first two coordinates), on the same axes."""
+    s = samples.detach().float().reshape(samples.shape[0], -1)[:, :2].cpu().numpy()
+    r = reference.detach().float().reshape(reference.shape[0], -1)[:, :2].cpu().numpy()
+    both = torch.as_tensor(r)
+    lo, hi = both.quantile(0.001, dim=0).numpy(), both.quantile(0.999, dim=0).numpy()
+    margin = 0.15 * (hi - lo)
+    fig = _figure(8.0, 4.2)
+    for k, (pts, name) in enumerate(((r, "data"), (s, "samples"))):
+        ax = fig.add_subplot(1, 2, k + 1)
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, linewidths=0)
+        ax.set_xlim(lo[0] - margin[0], hi[0] + margin[0])
+        ax.set_ylim(lo[1] - margin[1], hi[1] + margin[1])
+        ax.set_aspect("equal")
+        ax.set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _atomic_savefig(fig, Path(path))
+
+
+def draw_samples(
+    pl_module: Any,
+    n: int,
+    sampler: str,
+    steps: int,
+    options: Mapping[str, Any],
+    seed: int,
+    use_ema: bool = True,
+) -> Tensor:
+    """``n`` samples ``[n, *data_shape]`` in model range from the module's (EMA) score."""
+    from .samplers import sample
+    from .training import eval_mode
+
+    device = next(pl_module.net.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    net = pl_module.ema if use_ema and pl_module.ema is not None else pl_module.net
+    with eval_mode(net), torch.no_grad():
+        score_fn = pl_module.score_fn(use_ema=use_ema and pl_module.ema is not None)
+        result = sample(
+            pl_module.sde, score_fn, (n, *pl_module.data_shape), sampler=sampler, steps=steps,
+            generator=gen, device=device, dtype=torch.float32, **dict(options),
+        )
+    return result.samples
+
+
+class SampleFigures(Callback):
+    """Sample figures every ``every_n_steps`` optimiser steps and at the end of fit (rank 0 only).
+
+    Args:
+        out_dir: directory of the PNG files.
+        every_n_steps: 0 writes only the final figure.
+        num_samples: samples per figure (images: a square-ish grid; vectors: a scatter).
+        sampler, steps, options: what ``sample(sde, score_fn, shape, sampler, steps, **options)`` gets.
+        seed: fixed prior noise, so successive figures show the same samples improving.
+        use_ema: sample with the EMA weights (when the run has them).
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        every_n_steps: int = 1000,
+        num_samples: int = 64,
+        sampler: str = "euler_maruyama",
+        steps: int = 200,
+        options: Optional[Mapping[str, Any]] = None,
+        seed: int = 0,
+        use_ema: bool = True,
+        num_reference: int = 2000,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.every_n_steps = int(every_n_steps)
+        self.num_samples = int(num_samples)
+        self.sampler, self.steps, self.options = sampler, int(steps), dict(options or {})
+        self.seed = int(seed)
+        self.use_ema = bool(use_ema)
+        self.num_reference = int(num_reference)
+        self._last_step = -1
+        self.written: List[Path] = []
+
+    def on_train_batch_end(self, trainer: "L.Trainer", pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.write(trainer, pl_module)
+
+    def on_train_end(self, trainer: "L.Trainer", pl_module: Any) -> None:
+        if trainer.global_step != self._last_step:
+            self.write(trainer, pl_module)
+
+    def write(self, trainer: "L.Trainer", pl_module: Any) -> Optional[Path]:
+        step = trainer.global_step
+        self._last_step = step
+        if not trainer.is_global_zero:
+            return None
+        x = draw_samples(pl_module, self.num_samples, self.sampler, self.steps, self.options, self.seed, self.use_ema)
+        dm = trainer.datamodule
+        title = f"step {step} · {self.sampler}, {self.steps} steps" + (" · EMA" if self.use_ema and pl_module.ema is not None else "")
+        path = self.out_dir / f"step_{step:07d}.png"
+        if getattr(dm, "is_image", x.dim() == 4):
+            images = dm.inverse_scaler(x.cpu()) if dm is not None else (x.cpu() + 1) / 2
+            save_image_grid(images, path, title=title)
+            self._log_image(trainer, images, step)
+        else:
+            n_ref = min(self.num_reference, max(self.num_samples, 1))
+            ref = dm.reference(n_ref) if dm is not None and hasattr(dm, "reference") else x
+            save_scatter(x, ref, path, title=title)
+        _atomic_copy(path, self.out_dir / "latest.png")
+        self.written.append(path)
+        return path
+
+    @staticmethod
+    def _log_image(trainer: "L.Trainer", images: Tensor, step: int) -> None:
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):
+                grid = image_grid(images.float().clamp(0, 1)).permute(2, 0, 1)
+                experiment.add_image("samples", grid, global_step=step)
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(src.read_bytes())
+    os.replace(tmp, dst)
+
+
+# ---------------------------------------------------------------------------------- loss by t
+class LossByTime(Callback):
+    """Average ε-space error per t-bucket, logged every ``every_n_steps`` steps.
+
+    Reads ``outputs["t"]`` and ``outputs["eps_mse"]`` (``[B]``) returned by ``training_step``;
+    sums and counts stay on the device between logs, and are summed over processes at log time.
+    """
+
+    def __init__(self, T: float, num_buckets: int = 10, every_n_steps: int = 100) -> None:
+        if num_buckets < 1:
+            raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
+        self.T = float(T)
+        self.num_buckets = int(num_buckets)
+        self.every_n_steps = int(every_n_steps)
+        self._sum: Optional[Tensor] = None
+        self._count: Optional[Tensor] = None
+        edges = [self.T * i / self.num_buckets for i in range(self.num_buckets + 1)]
+        self.names = [f"loss_by_t/{edges[i]:.2f}-{edges[i + 1]:.2f}" for i in range(self.num_buckets)]
+
+    def on_train_batch_end(self, trainer: "L.Trainer", pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.every_n_steps <= 0 or not isinstance(outputs, Mapping) or "t" not in outputs:
+            return
+        t, err = outputs["t"].detach().float(), outputs["eps_mse"].detach().float()
+        if self._sum is None or self._sum.device != t.device:
+            self._sum = torch.zeros(self.num_buckets, device=t.device)
+            self._count = torch.zeros(self.num_buckets, device=t.device)
+        idx = (t / self.T * self.num_buckets).long().clamp(0, self.num_buckets - 1)
+        self._sum.index_add_(0, idx, err)
+        self._count.index_add_(0, idx, torch.ones_like(err))
+        if trainer.global_step % self.every_n_steps == 0:
+            stats = torch.stack([self._sum, self._count])
+            stats = trainer.strategy.reduce(stats, reduce_op="sum")
+            means = stats[0] / stats[1].clamp(min=1)
+            metrics = {name: means[i] for i, name in enumerate(self.names) if stats[1, i] > 0}
+            if metrics:
+                pl_module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=False)
+            self._sum.zero_()
+            self._count.zero_()
+
+
+# ---------------------------------------------------------------------------------- builders
+def build_callbacks(cfg: Mapping[str, Any], output_dir: Path) -> List[Callback]:
+    """EMA, checkpoints, sample figures, loss by t, LR monitor and progress bar from the config."""
+    from .config import build_sde
+    from .training import EMA
+
+    output_dir = Path(output_dir)
+    cbs_cfg: Mapping[str, Any] = cfg.get("callbacks") or {}
+    callbacks: List[Callback] = []
+
+    ema = cfg.get("ema") or {}
+    if ema.get("enabled", True):
+        callbacks.append(
+            EMA(
+                decay=float(ema.get("decay", 0.999)),
+                update_every_n_steps=int(ema.get("update_every_n_steps", 1)),
+                update_starting_at_step=ema.get("start_step"),
+            )
+        )
+
+    ck = cbs_cfg.get("checkpoint") or {}
+    callbacks.append(
+        ModelCheckpoint(
+            dirpath=str(output_dir / "checkpoints"),
+            filename="step_{step:07d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=int(ck.get("every_n_steps", 1000)) or None,
+            save_top_k=int(ck.get("save_top_k", -1)),
+            save_last=True,
+            save_on_train_epoch_end=False,
+        )
+    )
+
+    sm = cbs_cfg.get("samples") or {}
+    if sm.get("enabled", True):
+        name, steps, options = sampler_settings(cfg, sm.get("steps"))
+        callbacks.append(
+            SampleFigures(
+                output_dir / "samples",
+                every_n_steps=int(sm.get("every_n_steps", 1000)),
+                num_samples=int(sm.get("num_samples", 64)),
+                sampler=name,
+                steps=steps,
+                options=options,
+                seed=int(cfg.get("seed", 0)) + 1,
+                use_ema=bool(sm.get("use_ema", True)),
+            )
+        )
+
+    lt = cbs_cfg.get("loss_by_t") or {}
+    if int(lt.get("every_n_steps", 100)) > 0:
+        callbacks.append(
+            LossByTime(build_sde(cfg).T, num_buckets=int(lt.get("num_buckets", 10)), every_n_steps=int(lt.get("every_n_steps", 100)))
+        )
+
+    if loggers_of(cfg):
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    trainer_cfg = cfg.get("trainer") or {}
+    if trainer_cfg.get("enable_progress_bar", True):
+        callbacks.append(TQDMProgressBar(refresh_rate=int(cbs_cfg.get("progress_refresh_rate", 1))))
+    return callbacks
+
+
+def build_loggers(cfg: Mapping[str, Any], output_dir: Path) -> List[Any]:
+    """CSV and/or TensorBoard loggers writing under ``<output_dir>/logs`` (one version per (re)start)."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers: List[Any] = []
+    for name in loggers_of(cfg):
+        if name == "csv":
+            loggers.append(CSVLogger(save_dir=str(output_dir), name="logs"))
+        elif name == "tensorboard":
+            if not tensorboard_available():
+                raise ValueError("logger=tensorboard needs the tensorboard package: `pip install tensorboard`")
+            loggers.append(TensorBoardLogger(save_dir=str(output_dir), name="tb"))
+        else:
+            raise ValueError(f"unknown logger {name!r}; choose any of: csv, tensorboard")
+    return loggers
+
+
+__all__ = [
+    "SampleFigures",
+    "LossByTime",
+    "build_callbacks",
+    "build_loggers",
+    "draw_samples",
+    "image_grid",
+    "save_image_grid",
+    "save_scatter",
+]

@@ -1,0 +1,219 @@
+r"""A DDPM++-style U-Net score network for images (Song et al. 2021, Appendix H; Ho et al. 2020).
+
+Layout for ``L = len(ch_mult)`` levels, level ``i`` at ``ch · ch_mult[i]`` channels and spatial size
+``(H / 2^i, W / 2^i)``::
+
+    conv3×3(C → ch)
+    down, level i:  num_res_blocks × [ResBlock (+ Attn if the level's resolution is in attn_resolutions)]
+                    then (i < L−1) a downsampling ResBlock (BigGAN style) or a Downsample layer
+    middle:         ResBlock, Attn, ResBlock
+    up, level i:    (num_res_blocks + 1) × ResBlock on [h, skip] concatenated along channels,
+                    Attn once if the level's resolution is in attn_resolutions,
+                    then (i > 0) an upsampling ResBlock or an Upsample layer
+    GN → SiLU → conv3×3(ch → C)
+
+Every ResBlock receives ``e = TimeEmbedding(t) + LabelEmbedding(y)`` of width ``4 · ch``. A level's
+*resolution* is ``min(H, W) / 2^i`` (the side length for square images), which is what
+``attn_resolutions`` refers to. With ``zero_init`` the last conv of every residual branch and the
+output conv start at zero, so the network outputs exactly 0 at initialisation (DDPM++ uses a
+≈0 scale for the same layers).
+
+Shapes: ``x [B, C, H, W]``, ``t [B]``, ``y [B] | None`` → ``[B, C, H, W]``. ``H`` and ``W`` must be
+divisible by ``2^(L−1)``; non-square images are fine.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import ScoreNet
+from .embeddings import LabelEmbedding, TimeEmbedding
+from .layers import AttnBlock, Downsample, ResBlock, Upsample, conv3x3, group_norm
+
+
+class _DownLevel(nn.Module):
+    def __init__(self, blocks: List[ResBlock], attns: List[nn.Module], resample: Optional[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attns = nn.ModuleList(attns)
+        self.resample = resample
+
+
+class _UpLevel(nn.Module):
+    def __init__(self, blocks: List[ResBlock], attn: nn.Module, resample: Optional[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attn = attn
+        self.resample = resample
+
+
+class UNet(ScoreNet):
+    """DDPM++ U-Net ``net(x [B, C, H, W], t [B], y [B] | None) -> [B, C, H, W]``.
+
+    Args:
+        data_shape: ``(C, H, W)``.
+        num_classes: number of classes for label conditioning (null label = ``num_classes``), or ``None``.
+        ch: base channel count.
+        ch_mult: channel multiplier per level; ``len(ch_mult) − 1`` downsamplings.
+        num_res_blocks: residual blocks per level on the way down (one more on the way up).
+        attn_resolutions: level resolutions (``min(H, W) / 2^i``) that get self-attention; each must
+            exist for this image size.
+        dropout: dropout probability inside the residual blocks.
+        embedding_type: ``"sinusoidal"`` (DDPM++) or ``"fourier"`` (NCSN++).
+        embedding_scale: sinusoidal time factor / Fourier frequency std (``None``: 1000 / 16).
+        skip_rescale: multiply residual sums by ``1/√2``.
+        resblock_updown: resample inside residual blocks (BigGAN style, as DDPM++); otherwise use
+            separate :class:`Downsample` / :class:`Upsample` layers.
+        resamp_with_conv: give the separate resampling layers a 3×3 conv (ignored with ``resblock_updown``).
+        num_heads: attention heads (must divide the channels at every attention level).
+        zero_init: start residual-branch outputs and the output conv at zero.
+    """
+
+    def __init__(
+        self,
+        data_shape: Sequence[int],
+        num_classes: Optional[int] = None,
+        ch: int = 64,
+        ch_mult: Sequence[int] = (1, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (),
+        dropout: float = 0.1,
+        embedding_type: str = "sinusoidal",
+        embedding_scale: Optional[float] = None,
+        skip_rescale: bool = True,
+        resblock_updown: bool = True,
+        resamp_with_conv: bool = True,
+        num_heads: int = 1,
+        zero_init: bool = True,
+    ) -> None:
+        super().__init__(data_shape, num_classes)
+        ch_mult = tuple(int(m) for m in ch_mult)
+        attn_resolutions = tuple(int(r) for r in attn_resolutions)
+        if ch < 1 or not ch_mult or min(ch_mult) < 1 or num_res_blocks < 1:
+            raise ValueError(
+                f"need ch >= 1, a non-empty ch_mult of positive ints and num_res_blocks >= 1; "
+                f"got ch={ch}, ch_mult={ch_mult}, num_res_blocks={num_res_blocks}"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        self.validate_data_shape(self.data_shape, ch_mult)
+        channels, height, width = self.data_shape
+        resolutions = [min(height, width) // 2**i for i in range(len(ch_mult))]
+        unknown = sorted(set(attn_resolutions) - set(resolutions))
+        if unknown:
+            raise ValueError(
+                f"attn_resolutions {list(unknown)} match no level of this U-Net: with image size "
+                f"{height}x{width} and ch_mult={list(ch_mult)} the level resolutions are {resolutions}; "
+                "pick attn_resolutions among them"
+            )
+        self.ch, self.ch_mult = ch, ch_mult
+        self.num_res_blocks, self.attn_resolutions = num_res_blocks, attn_resolutions
+        self.resblock_updown = resblock_updown
+
+        emb_dim = 4 * ch
+        self.time_embed = TimeEmbedding(embedding_type, ch, emb_dim, embedding_scale)
+        self.label_embed = LabelEmbedding(self.num_classes, emb_dim) if self.num_classes is not None else None
+
+        def res(in_c: int, out_c: int, up: bool = False, down: bool = False) -> ResBlock:
+            return ResBlock(in_c, out_c, emb_dim, dropout, skip_rescale, up=up, down=down, zero_init=zero_init)
+
+        def attn(c: int) -> AttnBlock:
+            return AttnBlock(c, num_heads, skip_rescale, zero_init)
+
+        self.conv_in = conv3x3(channels, ch)
+        skip_channels = [ch]
+        in_c = ch
+        down_levels = []
+        for i, mult in enumerate(ch_mult):
+            out_c = ch * mult
+            blocks, attns = [], []
+            for _ in range(num_res_blocks):
+                blocks.append(res(in_c, out_c))
+                attns.append(attn(out_c) if resolutions[i] in attn_resolutions else nn.Identity())
+                in_c = out_c
+                skip_channels.append(in_c)
+            resample: Optional[nn.Module] = None
+            if i < len(ch_mult) - 1:
+                resample = res(in_c, in_c, down=True) if resblock_updown else Downsample(in_c, resamp_with_conv)
+                skip_channels.append(in_c)
+            down_levels.append(_DownLevel(blocks, attns, resample))
+        self.down = nn.ModuleList(down_levels)
+
+        self.mid_block_0 = res(in_c, in_c)
+        self.mid_attn = attn(in_c)
+        self.mid_block_1 = res(in_c, in_c)
+
+        up_levels = []
+        for i in reversed(range(len(ch_mult))):
+            out_c = ch * ch_mult[i]
+            blocks = []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(res(in_c + skip_channels.pop(), out_c))
+                in_c = out_c
+            level_attn: nn.Module = attn(in_c) if resolutions[i] in attn_resolutions else nn.Identity()
+            resample = None
+            if i > 0:
+                resample = res(in_c, in_c, up=True) if resblock_updown else Upsample(in_c, resamp_with_conv)
+            up_levels.append(_UpLevel(blocks, level_attn, resample))
+        self.up = nn.ModuleList(up_levels)
+        assert not skip_channels, "every skip connection must be consumed exactly once"
+
+        self.norm_out = group_norm(in_c)
+        self.conv_out = conv3x3(in_c, channels, zero=zero_init)
+
+    @classmethod
+    def validate_data_shape(cls, data_shape: Sequence[int], ch_mult: Sequence[int] = (1, 2, 2)) -> None:
+        """Raise ``ValueError`` unless ``data_shape = (C, H, W)`` with ``H, W`` divisible by ``2^(len(ch_mult)−1)``."""
+        shape = tuple(int(s) for s in data_shape)
+        ch_mult = tuple(ch_mult)
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(
+                f"UNet takes images with data_shape (C, H, W); got {shape}. For vectors use model 'mlp'."
+            )
+        _, height, width = shape
+        factor = 2 ** (len(ch_mult) - 1)
+        if height % factor or width % factor:
+            levels = 1
+            while height % 2**levels == 0 and width % 2**levels == 0:
+                levels += 1
+            fit_h, fit_w = math.ceil(height / factor) * factor, math.ceil(width / factor) * factor
+            raise ValueError(
+                f"image size {height}x{width} is not divisible by 2**(len(ch_mult)-1) = {factor} "
+                f"(ch_mult={list(ch_mult)} downsamples {len(ch_mult) - 1} times). Fix: resize or pad the "
+                f"images to a multiple of {factor} (e.g. {fit_h}x{fit_w}), or use a ch_mult with at most "
+                f"{levels} entries for this size."
+            )
+
+    def forward(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        t = self._check_inputs(x, t)
+        emb = self.time_embed(t)
+        if self.label_embed is not None:
+            emb = emb + self.label_embed(y, x.shape[0])
+
+        h = self.conv_in(x)
+        skips = [h]
+        for level in self.down:
+            for block, attn in zip(level.blocks, level.attns):
+                h = attn(block(h, emb))
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h, emb) if self.resblock_updown else level.resample(h)
+                skips.append(h)
+
+        h = self.mid_block_1(self.mid_attn(self.mid_block_0(h, emb)), emb)
+
+        for level in self.up:
+            for block in level.blocks:
+                h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            h = level.attn(h)
+            if level.resample is not None:
+                h = level.resample(h, emb) if self.resblock_updown else level.resample(h)
+
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+__all__ = ["UNet"]

@@ -1,0 +1,178 @@
+r"""Samplers that integrate the probability-flow ODE dx/dt = f(t)x − ½ g(t)² s(x, t) from T to eps.
+
+* ``ode_heun``, ``ode_rk4`` — fixed steps on the sampler's time grid (any grid kind), torch on the
+  device: NFE = 2·steps (Heun), 4·steps (RK4).
+* ``ode_dopri5`` — adaptive Dormand–Prince 5(4) in torch with a per-sample step size
+  (:func:`~sde_diffusion.ode.odeint_dopri5`), so a sample does not depend on the rest of the batch.
+* ``ode_scipy`` — ``scipy.integrate.solve_ivp`` (RK45, DOP853, …) on the flattened batch, in
+  float64 on the CPU (:func:`~sde_diffusion.ode.odeint_scipy`); the reference solver. The batch
+  shares one step size, so results depend on the batch within the tolerance.
+
+Adaptive samplers ignore ``steps`` (their NFE is set by ``rtol``/``atol`` and reported from the
+counter), have ``nfe_per_step = 0`` and do not support per-step hooks. Their trajectory, when
+recorded, is the start and end state for ``ode_scipy`` and the state after every batched step for
+``ode_dopri5`` (``times`` is then None, since every sample has its own times).
+
+Every ODE sampler can also :meth:`encode` data to the prior by integrating the same ODE from eps
+to T; decoding the code with ``sample(..., x_T=z)`` inverts it up to the solver error.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..ode import ODEResult, odeint_dopri5, odeint_fixed, odeint_scipy
+from ..sdes.base import SDE, ScoreFn
+from .base import SAMPLERS, Sampler, SamplingContext, StepHook, StepSampler
+
+
+def _check_tol(rtol: float, atol: float) -> Tuple[float, float]:
+    if not (rtol > 0 and atol > 0):
+        raise ValueError(f"rtol and atol must be positive, got rtol={rtol}, atol={atol}")
+    return float(rtol), float(atol)
+
+
+class FixedStepODE(StepSampler):
+    """One Runge–Kutta step of the probability-flow ODE per grid interval (``method`` of odeint_fixed)."""
+
+    method: str = "heun"
+
+    def step(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext) -> Tensor:
+        drift = ctx.sde.probability_flow(ctx.score_fn)
+        return odeint_fixed(drift, x, torch.stack([t_cur, t_next]), method=self.method).y
+
+    def encode(self, sde: SDE, score_fn: ScoreFn, x: Tensor, steps: int) -> ODEResult:
+        """Integrate the ODE from eps to T on the reversed grid: x ``[B, ...]`` → latent ``[B, ...]``."""
+        ts = self.time_grid(sde, steps, x.device, x.dtype).flip(0)
+        return odeint_fixed(sde.probability_flow(score_fn), x, ts, method=self.method)
+
+
+@SAMPLERS.register("ode_heun")
+class ODEHeun(FixedStepODE):
+    """Heun's (explicit trapezoidal) method on the probability-flow ODE; 2 NFE per step."""
+
+    method = "heun"
+    nfe_per_step = 2
+
+
+@SAMPLERS.register("ode_rk4")
+class ODERK4(FixedStepODE):
+    """Classical 4th-order Runge–Kutta on the probability-flow ODE; 4 NFE per step."""
+
+    method = "rk4"
+    nfe_per_step = 4
+
+
+class AdaptiveODE(Sampler):
+    """Base of adaptive probability-flow samplers: one solver call from T to eps; ``steps`` ignored."""
+
+    nfe_per_step = 0
+
+    def __init__(self, rtol: float = 1e-5, atol: float = 1e-5, eps: Optional[float] = None, denoise: bool = False) -> None:
+        super().__init__(eps=eps, denoise=denoise)
+        self.rtol, self.atol = _check_tol(rtol, atol)
+
+    def solve(self, sde: SDE, score_fn: ScoreFn, x: Tensor, t0: float, t1: float, record: bool) -> ODEResult:
+        """Integrate the probability-flow ODE from t0 to t1."""
+        raise NotImplementedError
+
+    def run(
+        self,
+        sde: SDE,
+        score_fn: ScoreFn,
+        x: Tensor,
+        steps: int,
+        generator: Optional[torch.Generator] = None,
+        progress: bool = False,
+        record: bool = False,
+        hook: Optional[StepHook] = None,
+    ) -> tuple[Tensor, Optional[List[Tensor]], Optional[Tensor]]:
+        if hook is not None:
+            raise ValueError(
+                f"{type(self).__name__} is adaptive and cannot apply a per-step hook; "
+                "use a fixed-step sampler (e.g. ode_heun, euler_maruyama or pc) with hooks"
+            )
+        res = self.solve(sde, score_fn, x, sde.T, self.end_time(sde), record)
+        return res.y, self._trajectory(x, res, record), self._times(sde, x, record)
+
+    def _trajectory(self, x: Tensor, res: ODEResult, record: bool) -> Optional[List[Tensor]]:
+        return [x, res.y] if record else None
+
+    def _times(self, sde: SDE, x: Tensor, record: bool) -> Optional[Tensor]:
+        return torch.tensor([sde.T, self.end_time(sde)], dtype=x.dtype, device=x.device) if record else None
+
+    def encode(self, sde: SDE, score_fn: ScoreFn, x: Tensor, steps: Optional[int] = None) -> ODEResult:
+        """Integrate the ODE from eps to T: data x ``[B, ...]`` → latent ``[B, ...]`` (``steps`` ignored)."""
+        return self.solve(sde, score_fn, x, self.end_time(sde), sde.T, record=False)
+
+
+@SAMPLERS.register("ode_dopri5")
+class ODEDopri5(AdaptiveODE):
+    """Adaptive Dormand–Prince 5(4) in torch, per-sample step size; NFE from the counter.
+
+    Args:
+        rtol, atol: error tolerances (RMS per sample).
+        max_steps: cap on the number of batched steps (RuntimeError beyond).
+    """
+
+    def __init__(
+        self,
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        max_steps: int = 100_000,
+        eps: Optional[float] = None,
+        denoise: bool = False,
+    ) -> None:
+        super().__init__(rtol=rtol, atol=atol, eps=eps, denoise=denoise)
+        if int(max_steps) != max_steps or max_steps < 1:
+            raise ValueError(f"max_steps must be an integer ≥ 1, got {max_steps}")
+        self.max_steps = int(max_steps)
+
+    def solve(self, sde: SDE, score_fn: ScoreFn, x: Tensor, t0: float, t1: float, record: bool) -> ODEResult:
+        return odeint_dopri5(
+            sde.probability_flow(score_fn), x, t0, t1, rtol=self.rtol, atol=self.atol,
+            max_steps=self.max_steps, return_trajectory=record,
+        )
+
+    def _trajectory(self, x: Tensor, res: ODEResult, record: bool) -> Optional[List[Tensor]]:
+        return list(res.trajectory) if record else None
+
+    def _times(self, sde: SDE, x: Tensor, record: bool) -> Optional[Tensor]:
+        return None
+
+
+SCIPY_METHODS = ("RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA")
+
+
+@SAMPLERS.register("ode_scipy")
+class ODEScipy(AdaptiveODE):
+    """``scipy.integrate.solve_ivp`` on the flattened batch (float64 on the CPU); NFE from the counter.
+
+    Args:
+        method: a solve_ivp method (explicit ones: RK45, RK23, DOP853; the implicit Radau, BDF
+            and LSODA estimate a Jacobian by finite differences, which costs many NFE).
+        rtol, atol: solve_ivp tolerances.
+    """
+
+    def __init__(
+        self,
+        method: str = "RK45",
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        eps: Optional[float] = None,
+        denoise: bool = False,
+    ) -> None:
+        super().__init__(rtol=rtol, atol=atol, eps=eps, denoise=denoise)
+        if method not in SCIPY_METHODS:
+            raise ValueError(f"unknown solve_ivp method {method!r}; choose one of: {', '.join(SCIPY_METHODS)}")
+        self.method = method
+
+    def solve(self, sde: SDE, score_fn: ScoreFn, x: Tensor, t0: float, t1: float, record: bool) -> ODEResult:
+        return odeint_scipy(
+            sde.probability_flow(score_fn), x, t0, t1, rtol=self.rtol, atol=self.atol, method=self.method
+        )
+
+
+__all__ = ["FixedStepODE", "ODEHeun", "ODERK4", "AdaptiveODE", "ODEDopri5", "ODEScipy", "SCIPY_METHODS"]

@@ -1,0 +1,152 @@
+r"""Predictors: one step of a reverse-SDE solver, usable alone or inside :mod:`~.pc`.
+
+A predictor advances x from ``t_cur`` to ``t_next < t_cur`` and can return either the sample or
+its *noise-free mean* (the step without the injected Gaussian noise). ``PREDICTORS`` maps names to
+classes so the predictor–corrector sampler combines them by name:
+
+* ``euler_maruyama``    — Euler–Maruyama on the reverse SDE (1 NFE).
+* ``reverse_diffusion`` — the SDE's own discretisation run backwards (1 NFE).
+* ``ancestral``         — a sample of the exact Gaussian posterior q(x_s | x_t, x̂_0) (1 NFE).
+* ``none``              — identity (0 NFE), for corrector-only sampling.
+
+All but ``none`` are also registered as stand-alone samplers under the same name (Euler–Maruyama
+through :class:`~.euler_maruyama.EulerMaruyama`). Stand-alone, the last step returns the noise-free
+mean unless ``noise_free_final=False``.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..registry import Registry
+from ..sdes.base import SDE, broadcast_to_x
+from .base import SAMPLERS, SamplingContext, StepSampler
+
+PREDICTORS: Registry = Registry("predictor")
+
+
+class Predictor(StepSampler):
+    """A reverse step with an optional noise-free variant (see :meth:`predict`).
+
+    Args:
+        noise_free_final: return the noise-free mean on the last step (stand-alone use).
+        grid, rho, eps, denoise: as for :class:`~.base.StepSampler`.
+    """
+
+    def __init__(
+        self,
+        grid: Optional[str] = None,
+        rho: float = 7.0,
+        eps: Optional[float] = None,
+        denoise: bool = False,
+        noise_free_final: bool = True,
+    ) -> None:
+        super().__init__(grid=grid, rho=rho, eps=eps, denoise=denoise)
+        self.noise_free_final = bool(noise_free_final)
+
+    @abc.abstractmethod
+    def predict(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext, noise: bool = True) -> Tensor:
+        """x at ``t_next`` from x ``[B, ...]`` at ``t_cur`` (0-dim times); without noise the mean.
+
+        With ``noise=False`` no random numbers are drawn from ``ctx``'s generator.
+        """
+
+    def step(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext) -> Tensor:
+        last = ctx.index == ctx.steps - 1
+        return self.predict(x, t_cur, t_next, ctx, noise=not (last and self.noise_free_final))
+
+
+def _coeffs64(sde: SDE, t: Tensor) -> Tuple[Tensor, Tensor]:
+    """(m(t), σ(t)) of a 0-dim time in float64: step coefficients are ratios of these."""
+    t64 = t.detach().to(torch.float64)
+    return sde.mean_coeff(t64), sde.marginal_std(t64)
+
+
+@PREDICTORS.register("euler_maruyama")
+class EulerMaruyamaPredictor(Predictor):
+    r"""Euler–Maruyama on the reverse SDE from t to t − Δt:
+
+    .. math:: x \leftarrow x - [f(t)x - g(t)^2 s(x, t)]\,\Delta t + g(t)\sqrt{\Delta t}\, z.
+
+    Same update and random stream as the stand-alone sampler ``euler_maruyama``. 1 NFE per step.
+    """
+
+    def predict(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext, noise: bool = True) -> Tensor:
+        dt = t_cur - t_next
+        f = broadcast_to_x(ctx.sde.drift_coeff(t_cur), x)
+        g = ctx.sde.diffusion(t_cur)
+        x_mean = x - (f * x - g**2 * ctx.score(x, t_cur)) * dt
+        if not noise:
+            return x_mean
+        return x_mean + g * torch.sqrt(dt) * ctx.noise(x)
+
+
+@SAMPLERS.register("reverse_diffusion")
+@PREDICTORS.register("reverse_diffusion")
+class ReverseDiffusion(Predictor):
+    r"""The forward process's one-step discretisation, reversed (Song et al. 2021, eq. 46).
+
+    ``sde.discretize`` gives the forward step from s = t_next to t = t_cur as
+    x_t = x_s + f_i + G_i z with the exact kernel: f_i = (a − 1)x, G_i = b, where
+    (a, b) = ``transition_coeffs(s, t)``. The reverse step is
+
+    .. math:: x_s = x_t - f_i + G_i^2\, s(x_t, t) + G_i\, z.
+
+    For VP, a = √(1 − β_i) and b² = β_i (DDPM's discretisation); for VE, a = 1 and
+    b² = σ_t² − σ_s² (SMLD's). Using the exact kernel keeps a and b finite for any step size, so
+    there is no NaN at small N. 1 NFE per step.
+    """
+
+    def predict(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext, noise: bool = True) -> Tensor:
+        f_i, G = ctx.sde.discretize(x, t_cur, t_cur - t_next)
+        G = G.to(x.dtype)
+        x_mean = x - f_i + G**2 * ctx.score(x, t_cur)
+        if not noise:
+            return x_mean
+        return x_mean + G * ctx.noise(x)
+
+
+@SAMPLERS.register("ancestral")
+@PREDICTORS.register("ancestral")
+class Ancestral(Predictor):
+    r"""Ancestral sampling: draw x_s from the exact Gaussian posterior q(x_s | x_t, x_0 = x̂_0).
+
+    For a linear SDE the forward step from s to t > s is x_t | x_s ~ N(a x_s, b² I) with
+    (a, b) = ``transition_coeffs(s, t)`` (a = m_t/m_s, b² = σ_t² − a²σ_s²), and x_s | x_0 ~
+    N(m_s x_0, σ_s² I). Bayes' rule gives
+
+    .. math::
+        q(x_s \mid x_t, x_0) = \mathcal N\Big(\frac{a\sigma_s^2}{\sigma_t^2}x_t
+            + \frac{b^2 m_s}{\sigma_t^2}x_0,\ \frac{\sigma_s^2 b^2}{\sigma_t^2} I\Big).
+
+    With Tweedie's x̂_0 = (x_t + σ_t² s)/m_t and m_s/m_t = 1/a the mean simplifies to
+    (x_t + b² s(x_t, t))/a. For VP (a = √(1 − β_i), b² = β_i) this is DDPM's Algorithm 2 with
+    the posterior variance β̃_i = β_i (1 − ᾱ_{i−1})/(1 − ᾱ_i); for VE (a = 1) it is SMLD's
+    ancestral step x_s = x_t + (σ_t² − σ_s²) s + √(σ_s²(σ_t² − σ_s²)/σ_t²) z. 1 NFE per step.
+    """
+
+    def predict(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext, noise: bool = True) -> Tensor:
+        a, b = ctx.sde.transition_coeffs(t_next.to(torch.float64), t_cur.to(torch.float64))
+        _, sig_s = _coeffs64(ctx.sde, t_next)
+        _, sig_t = _coeffs64(ctx.sde, t_cur)
+        x_mean = (x + (b**2).to(x.dtype) * ctx.score(x, t_cur)) / a.to(x.dtype)
+        if not noise:
+            return x_mean
+        std = (sig_s * b / sig_t).to(x.dtype)
+        return x_mean + std * ctx.noise(x)
+
+
+@PREDICTORS.register("none")
+class NonePredictor(Predictor):
+    """No prediction: x is returned unchanged (0 NFE); for corrector-only sampling in ``pc``."""
+
+    nfe_per_step = 0
+
+    def predict(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext, noise: bool = True) -> Tensor:
+        return x
+
+
+__all__ = ["PREDICTORS", "Predictor", "EulerMaruyamaPredictor", "ReverseDiffusion", "Ancestral", "NonePredictor"]

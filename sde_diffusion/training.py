@@ -1,0 +1,410 @@
+r"""Training a score network by denoising score matching, with Lightning.
+
+:class:`ScoreDiffusion` owns the forward process ``sde``, the network ``net`` and the loss
+(:func:`~sde_diffusion.losses.dsm_terms`, options from ``cfg.loss``); it optimises with AdamW and a
+linear learning-rate warm-up. Gradient clipping (``trainer.gradient_clip_val``), mixed precision
+(``trainer.precision``), devices and DDP are the Trainer's. The exponential moving average of the
+weights is Lightning's :class:`~lightning.pytorch.callbacks.EMAWeightAveraging` (see :class:`EMA`);
+checkpoints hold the EMA weights in ``state_dict``, the trained weights in
+``current_model_state`` and the whole resolved config in ``hyper_parameters``, so a checkpoint
+alone rebuilds the SDE, the network and the data shape::
+
+    module = load_checkpoint("outputs/.../checkpoints/last.ckpt")   # net = trained, ema = EMA
+    score_fn = module.score_fn(use_ema=True)                        # s(x, t) = −ε_θ(x, t)/σ(t)
+    result = sample(module.sde, score_fn, (64, *module.data_shape), sampler="pc", steps=500)
+
+:func:`train` is what ``python train.py`` runs: check the config, build data, model, callbacks,
+loggers and the Trainer, continue from a checkpoint if asked, fit.
+
+Reproducibility: every training step draws its times, noise, label dropout and network dropout
+from a generator seeded by ``(cfg.seed, global_step, batch_idx, rank)``, so a resumed run repeats
+the draws of an uninterrupted one and DDP processes draw independently.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
+from torch import Tensor, nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+from .config import (
+    build_network,
+    build_sde,
+    check_config,
+    check_resume_compatible,
+    conditioning,
+    loss_options,
+    resolve_checkpoint,
+    to_container,
+)
+from .losses import DSMTerms, dsm_terms
+from .score import ScoreModel
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------- EMA
+class EMA(EMAWeightAveraging):
+    """Lightning's EMA of the weights, w_ema ← decay·w_ema + (1 − decay)·w after every optimiser step.
+
+    Two changes to the stock callback, both about *how*, not *what* it averages:
+
+    * the update uses ``torch._foreach_lerp_`` over all tensors at once (``get_ema_multi_avg_fn``)
+      instead of one Python call per parameter;
+    * at the end of ``fit`` the module keeps its trained weights. The stock callback copies the
+      average into the module in ``on_train_end``, which runs *before* ModelCheckpoint's
+      end-of-fit save of ``last.ckpt``; that checkpoint would then hold the EMA as the weights
+      the optimiser state belongs to, and a resumed run would not continue the interrupted one.
+      The EMA stays available as ``ScoreDiffusion.ema``.
+
+    Checkpointing is the stock behaviour: ``state_dict`` = EMA weights, ``current_model_state``
+    = trained weights, ``averaging_state`` = the update count.
+    """
+
+    def __init__(self, decay: float = 0.999, update_every_n_steps: int = 1, update_starting_at_step: Optional[int] = None) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
+        super().__init__(
+            decay=decay, update_every_n_steps=update_every_n_steps, update_starting_at_step=update_starting_at_step
+        )
+        # The stock callback hands AveragedModel a per-tensor avg_fn (a few kernel launches per
+        # parameter tensor); the foreach form computes the same decay·w_ema + (1 − decay)·w in one.
+        kwargs = getattr(self, "_kwargs", None)
+        if isinstance(kwargs, dict) and "avg_fn" in kwargs:
+            kwargs["avg_fn"] = None
+            kwargs["multi_avg_fn"] = get_ema_multi_avg_fn(decay)
+        self.decay = float(decay)
+
+    @property
+    def averaged_module(self) -> Optional[nn.Module]:
+        """The averaged copy of the LightningModule (exists from the start of ``fit``)."""
+        avg = self._average_model
+        return None if avg is None else avg.module
+
+    def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        return None
+
+
+def find_ema(trainer: Optional["L.Trainer"]) -> Optional[EMA]:
+    if trainer is None:
+        return None
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(cb, EMA):
+            return cb
+    return None
+
+
+# ---------------------------------------------------------------------------------- helpers
+class LinearWarmup:
+    """LR factor min(1, (step + 1)/warmup_steps): a linear ramp to the base rate, then constant."""
+
+    def __init__(self, warmup_steps: int) -> None:
+        self.warmup_steps = int(warmup_steps)
+
+    def __call__(self, step: int) -> float:
+        if self.warmup_steps <= 0:
+            return 1.0
+        return min(1.0, (step + 1) / self.warmup_steps)
+
+
+def step_seed(*parts: Any) -> int:
+    """A 63-bit seed from any tuple of values (stable across processes and Python runs)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the block with the global CPU (and current CUDA device) RNG seeded; restore it afterwards."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily put ``module`` in eval mode (dropout off), restoring its previous mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+# ---------------------------------------------------------------------------------- the module
+class ScoreDiffusion(L.LightningModule):
+    """DSM training of ``net`` for ``sde``, built from the composed config.
+
+    Args:
+        cfg: the whole training config (``conf/train.yaml`` composed); stored resolved in the
+            checkpoint's hyper-parameters.
+        data_shape: shape of one example, e.g. ``(1, 8, 8)`` (from the data module).
+        num_classes: label count for a class-conditional network (``cfg.conditioning.class_labels``),
+            else ``None``.
+
+    Attributes: ``sde``, ``net`` (trained weights), ``ema`` (EMA weights or ``None``),
+    ``prediction``, ``data_shape``, ``cfg``.
+    """
+
+    def __init__(self, cfg: Mapping[str, Any], data_shape: Sequence[int], num_classes: Optional[int] = None) -> None:
+        super().__init__()
+        cfg = to_container(cfg)
+        self.save_hyperparameters(
+            {"cfg": cfg, "data_shape": [int(s) for s in data_shape], "num_classes": num_classes}
+        )
+        self.cfg = cfg
+        self.data_shape = tuple(int(s) for s in data_shape)
+        self.sde = build_sde(cfg)
+        self.net = build_network(cfg, self.data_shape, num_classes)
+        self.loss_options = loss_options(cfg)
+        self.prediction: str = self.loss_options["prediction"]
+        _, self.label_dropout = conditioning(cfg)
+        self.num_classes = num_classes
+        self.seed = int(cfg.get("seed", 0))
+        optim = cfg.get("optim") or {}
+        self.optim_cfg = {
+            "lr": float(optim.get("lr", 2e-4)),
+            "betas": tuple(optim.get("betas", (0.9, 0.999))),
+            "eps": float(optim.get("eps", 1e-8)),
+            "weight_decay": float(optim.get("weight_decay", 0.0)),
+            "warmup_steps": int(optim.get("warmup_steps", 0)),
+        }
+        self.compile_net = bool(cfg.get("compile", False))
+        # An EMA network outside training (after load_checkpoint): kept out of the module tree so
+        # that state_dict keys, parameter counts and the EMA callback's copy are not affected.
+        self.__dict__["_ema_net"] = None
+        self.__dict__["_ema_state"] = None
+
+    # ------------------------------------------------------------------ EMA and score functions
+    @property
+    def ema(self) -> Optional[nn.Module]:
+        """The EMA network (eval mode): the EMA callback's during ``fit``, or the checkpoint's."""
+        cb = find_ema(self._trainer)
+        if cb is not None and cb.averaged_module is not None:
+            return cb.averaged_module.net.eval()
+        if self.__dict__["_ema_net"] is None and self.__dict__["_ema_state"] is not None:
+            ema_net = copy.deepcopy(self.net)
+            ema_net.load_state_dict(self.__dict__["_ema_state"])
+            self.__dict__["_ema_net"] = ema_net
+            self.__dict__["_ema_state"] = None
+        ema_net = self.__dict__["_ema_net"]
+        if ema_net is not None:
+            ref = next(self.net.parameters(), None)
+            if ref is not None:
+                ema_net.to(ref.device)
+            ema_net.eval()
+        return ema_net
+
+    def score_fn(self, use_ema: bool = True, **cond: Any) -> ScoreModel:
+        """s_θ(x, t) as a callable ``(x [B, ...], t [B]) -> [B, ...]``; ``cond`` (e.g. ``y=labels``) goes to the net.
+
+        With ``use_ema`` the EMA weights are used (falling back to the trained weights, with a
+        warning, if the run had no EMA). Put the module in eval mode (``module.eval()``) before
+        sampling with the trained weights, so that dropout is off.
+        """
+        net = self.net
+        if use_ema:
+            ema = self.ema
+            if ema is None:
+                warnings.warn("no EMA weights (ema.enabled was false?): using the trained weights", stacklevel=2)
+            else:
+                net = ema
+        return ScoreModel(net, self.sde, self.prediction, **cond)
+
+    # ------------------------------------------------------------------ loss
+    def _labels(self, y: Optional[Tensor], dropout: float) -> Optional[Tensor]:
+        """Labels for a conditional net, a share ``dropout`` replaced by the null label (for CFG)."""
+        if self.num_classes is None or y is None:
+            return None
+        if dropout > 0:
+            drop = torch.rand(y.shape, device=y.device) < dropout
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        return y
+
+    def dsm_terms(self, x: Tensor, y: Optional[Tensor] = None, label_dropout: float = 0.0) -> DSMTerms:
+        """Per-sample DSM terms of a batch with this module's loss options."""
+        return dsm_terms(self.sde, self.net, x, y=self._labels(y, label_dropout), **self.loss_options)
+
+    def _rank(self) -> int:
+        return self.global_rank if self._trainer is not None else 0
+
+    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Dict[str, Tensor]:
+        x, y = batch[0], (batch[1] if len(batch) > 1 else None)
+        seed = step_seed(self.seed, "train", self.global_step, batch_idx, self._rank())
+        with seeded(seed, x.device):
+            terms = self.dsm_terms(x, y, self.label_dropout)
+        loss = terms.loss.mean()
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        return {"loss": loss, "t": terms.t.detach(), "eps_mse": terms.eps_mse.detach()}
+
+    def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        # The same times and noise at every evaluation, so that val/loss curves are comparable.
+        x, y = batch[0], (batch[1] if len(batch) > 1 else None)
+        with seeded(step_seed(self.seed, "val", batch_idx, self._rank()), x.device):
+            terms = self.dsm_terms(x, y, 0.0)
+        loss = terms.loss.mean()
+        self.log("val/loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+        return loss
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Dict[str, Any]:
+        o = self.optim_cfg
+        opt = torch.optim.AdamW(
+            self.net.parameters(), lr=o["lr"], betas=o["betas"], eps=o["eps"], weight_decay=o["weight_decay"]
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, LinearWarmup(o["warmup_steps"]))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def on_fit_start(self) -> None:
+        # Compiled after the EMA callback has copied the module (in setup), so the copy stays eager;
+        # Module.compile keeps parameter names, so checkpoints do not change.
+        if self.compile_net and not getattr(self.net, "_compiled_call_impl", None):
+            self.net.compile()
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # Outside fit (load_from_checkpoint), give `net` the trained weights and keep the EMA
+        # weights for `ema`; during fit the EMA callback restores both itself.
+        if self._trainer is not None or "current_model_state" not in checkpoint:
+            return
+        ema_state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = checkpoint["current_model_state"]
+        self.__dict__["_ema_state"] = {k[len("net."):]: v for k, v in ema_state.items() if k.startswith("net.")}
+        self.__dict__["_ema_net"] = None
+
+
+def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> ScoreDiffusion:
+    """Rebuild a :class:`ScoreDiffusion` from a checkpoint alone, in eval mode (``net`` and ``ema``)."""
+    module = ScoreDiffusion.load_from_checkpoint(str(path), map_location=map_location, weights_only=False)
+    return module.eval()
+
+
+# ---------------------------------------------------------------------------------- fitting
+@dataclass
+class FitResult:
+    """What :func:`train` leaves behind."""
+
+    module: ScoreDiffusion
+    trainer: "L.Trainer"
+    datamodule: Any
+    output_dir: Path
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.output_dir / "checkpoints" / "last.ckpt"
+
+
+def _output_dir(cfg: Any, output_dir: Optional[Union[str, Path]]) -> Path:
+    if output_dir is not None:
+        return Path(output_dir)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return Path(HydraConfig.get().runtime.output_dir)
+    except ImportError:  # pragma: no cover
+        pass
+    run_dir = cfg.get("run_dir") if isinstance(cfg, Mapping) else None
+    if not run_dir:
+        raise ValueError("no output directory: pass output_dir=... or set run_dir in the config")
+    return Path(str(run_dir))
+
+
+def build_trainer(cfg: Mapping[str, Any], output_dir: Path, callbacks: List[Any], loggers: List[Any]) -> "L.Trainer":
+    """A Trainer from ``cfg.trainer`` (its keys are Trainer arguments; ``name`` is dropped)."""
+    kwargs = dict(to_container(cfg["trainer"]))
+    kwargs.pop("name", None)
+    try:
+        return L.Trainer(default_root_dir=str(output_dir), callbacks=callbacks, logger=loggers or False, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"bad trainer option: {err}") from None
+
+
+def train(
+    cfg: Any,
+    output_dir: Optional[Union[str, Path]] = None,
+    *,
+    extra_callbacks: Sequence[Any] = (),
+    datamodule: Any = None,
+) -> FitResult:
+    """Check ``cfg``, build everything, and fit; continue from a checkpoint if ``resume``/``ckpt_path`` say so.
+
+    Args:
+        cfg: the composed config (``DictConfig`` or dict).
+        output_dir: where checkpoints, logs and figures go (default: Hydra's run directory, else
+            ``cfg.run_dir``).
+        extra_callbacks: more Lightning callbacks (tests, benchmarks).
+        datamodule: use this data module instead of building ``cfg.data`` (tests).
+
+    Raises ValueError (or FileNotFoundError for missing data files) before the Trainer starts.
+    """
+    from .callbacks import build_callbacks, build_loggers
+    from .config import build_datamodule
+
+    out = _output_dir(cfg, output_dir)
+    plain = to_container(_with_run_dir(cfg, out))
+    check_config(plain)
+    ckpt_path = resolve_checkpoint(plain, out)
+    if ckpt_path is not None:
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+        check_resume_compatible(plain, saved.get("hyper_parameters", {}).get("cfg", {}))
+        del saved
+    L.seed_everything(int(plain.get("seed", 0)), workers=True, verbose=False)
+    dm = datamodule if datamodule is not None else build_datamodule(plain)
+    class_labels, _ = conditioning(plain)
+    num_classes = getattr(dm, "num_classes", None) if class_labels else None
+    if class_labels and num_classes is None:
+        raise ValueError("conditioning.class_labels=true needs a labelled data set (data module num_classes is None)")
+    module = ScoreDiffusion(plain, dm.data_shape, num_classes)  # network shape errors surface here
+    dm.setup("fit")  # missing data files surface here, before the Trainer starts
+    out.mkdir(parents=True, exist_ok=True)
+    callbacks = build_callbacks(plain, out) + list(extra_callbacks)
+    trainer = build_trainer(plain, out, callbacks, build_loggers(plain, out))
+    if ckpt_path is not None:
+        log.info("continuing from %s", ckpt_path)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return FitResult(module=module, trainer=trainer, datamodule=dm, output_dir=out)
+
+
+def _with_run_dir(cfg: Any, out: Path) -> Any:
+    """``cfg`` with ``run_dir`` set to the actual output directory (resolving nothing else)."""
+    try:
+        from omegaconf import DictConfig, OmegaConf, open_dict
+
+        if isinstance(cfg, DictConfig):
+            cfg = copy.deepcopy(cfg)
+            with open_dict(cfg):
+                cfg.run_dir = str(out)
+            return cfg
+    except ImportError:  # pragma: no cover
+        pass
+    return {**dict(cfg), "run_dir": str(out)}
+
+
+__all__ = [
+    "EMA",
+    "ScoreDiffusion",
+    "LinearWarmup",
+    "FitResult",
+    "load_checkpoint",
+    "build_trainer",
+    "train",
+    "find_ema",
+    "seeded",
+    "step_seed",
+    "eval_mode",
+]

@@ -1,0 +1,32 @@
+"""Shared fixtures: seeded generators and float64 helpers."""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def make_gen() -> Callable[[int], torch.Generator]:
+    """``make_gen(seed)`` returns a fresh CPU generator seeded with ``seed``."""
+
+    def make(seed: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(seed)
+
+    return make
+
+
+@pytest.fixture
+def gen(make_gen: Callable[[int], torch.Generator]) -> torch.Generator:
+    """A CPU generator with the fixed seed 0."""
+    return make_gen(0)
+
+
+@pytest.fixture
+def float64() -> Iterator[torch.dtype]:
+    """Make float64 the default dtype for the test (restored afterwards); yields torch.float64."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield torch.float64
+    torch.set_default_dtype(old)

@@ -1,0 +1,318 @@
+"""Registry-wide sampler tests: every name in ``SAMPLERS`` is checked against exact ground truth.
+
+With the exact score of a Gaussian mixture, a correct sampler at a generous budget reproduces the
+mixture: its sliced Wasserstein-2 distance to true samples must be within a small multiple of the
+true-vs-true noise floor at the same sample size, and its mode weights must match within the
+multinomial standard error. Samplers added later are covered automatically; ``BUDGET`` holds
+per-sampler step counts (adaptive samplers get rtol = atol = 1e-4 instead).
+
+The default run checks every sampler on one (SDE, problem) pair, rotating through the pairs; the
+full grid runs with ``-m slow``.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import pytest
+import torch
+import yaml
+
+from sde_diffusion import GaussianMixture
+from sde_diffusion.samplers import SAMPLERS, build_sampler, sample
+from sde_diffusion.sdes import SDE, CosineVPSDE, SubVPSDE, VESDE, VPSDE
+
+N_SAMPLES = 2000
+N_FLOOR_PAIRS = 4
+SW_FACTOR = 2.5  # allowed multiple of the true-vs-true SW2 floor
+MODE_Z = 4.0  # allowed mode-weight deviation in standard errors (K ≤ 8 components)
+
+# Generous budgets (steps) per sampler; anything unlisted gets DEFAULT_BUDGET.
+DEFAULT_BUDGET = 300
+BUDGET: Dict[str, int] = {
+    "euler_maruyama": 500,
+    "reverse_diffusion": 500,
+    "ancestral": 500,
+    "torchsde": 500,
+    "pc": 250,
+    "ode_heun": 100,
+    "ode_rk4": 50,
+    "ddim": 200,
+    "dpm_solver": 50,
+    "dpm_solver_2s": 50,
+    "edm_heun": 100,
+}
+Tensor = torch.Tensor
+ADAPTIVE_OPTIONS = {"rtol": 1e-4, "atol": 1e-4}
+CONF = Path(__file__).resolve().parents[1] / "conf" / "sampler"
+
+
+# ---------------------------------------------------------------------------------- problems
+def _centered(gm: GaussianMixture) -> GaussianMixture:
+    # The VE prior N(0, σ_max² I) assumes zero-mean data (as normalised data are); an offset mean
+    # of |μ| ≈ 5.7 at σ_max = 30 biases the deterministic ODE samplers measurably.
+    return GaussianMixture(gm.weights, gm.means - gm.mean(), gm.covs)
+
+
+PROBLEMS: Dict[str, Tuple[GaussianMixture, float]] = {
+    # name: (mixture, VE sigma_max ≈ the data diameter)
+    "ring": (GaussianMixture.ring(k=8, radius=4.0, std=0.3), 12.0),
+    "random16": (_centered(GaussianMixture.random(dim=16, k=6, seed=0)), 30.0),
+}
+SDE_NAMES = ("vp", "subvp", "ve")
+
+
+def make_sde(name: str, problem: str, eps: float = 1e-3) -> SDE:
+    if name == "vp":
+        return VPSDE(eps=eps)
+    if name == "subvp":
+        return SubVPSDE(eps=eps)
+    if name == "ve":
+        return VESDE(sigma_max=PROBLEMS[problem][1], eps=eps)
+    if name == "cosine_vp":
+        return CosineVPSDE(eps=eps)
+    raise KeyError(name)
+
+
+def sliced_w2(a: Tensor, b: Tensor, n_proj: int = 256, seed: int = 0) -> float:
+    """√(mean over random unit directions of W2²) between two equal-size samples ``[n, D]``."""
+    a, b = a.double(), b.double()
+    gen = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(a.shape[1], n_proj, generator=gen, dtype=torch.float64)
+    dirs = dirs / dirs.norm(dim=0)
+    pa, _ = torch.sort(a @ dirs, dim=0)
+    pb, _ = torch.sort(b @ dirs, dim=0)
+    return float(((pa - pb) ** 2).mean().sqrt())
+
+
+
+@functools.lru_cache(maxsize=None)
+def reference(problem: str) -> Tuple[Tensor, float, Tensor]:
+    """(true samples [N, D], mean true-vs-true SW2 floor, expected mode-assignment frequencies [K])."""
+    gm = PROBLEMS[problem][0]
+    ref = gm.sample(N_SAMPLES, generator=torch.Generator().manual_seed(1))
+    floor = sum(
+        sliced_w2(gm.sample(N_SAMPLES, generator=torch.Generator().manual_seed(100 + i)), ref)
+        for i in range(N_FLOOR_PAIRS)
+    ) / N_FLOOR_PAIRS
+    big = gm.sample(20000, generator=torch.Generator().manual_seed(2))
+    freq = mode_frequencies(gm, big)
+    return ref, floor, freq
+
+
+def mode_frequencies(gm: GaussianMixture, x: Tensor) -> Tensor:
+    """Fraction of samples whose most probable component (posterior at t = 1e-3 under VP) is k."""
+    post = gm.posterior_t(x.double(), 1e-3, VPSDE())
+    return torch.bincount(post.argmax(1), minlength=gm.num_components).double() / x.shape[0]
+
+
+def sampler_options(name: str) -> Dict[str, Any]:
+    cls = SAMPLERS.get(name)
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in ADAPTIVE_OPTIONS.items() if k in params and build_sampler(name).expected_nfe(1) is None}
+
+
+def check_distribution(name: str, sde_name: str, problem: str, **extra: Any) -> Dict[str, float]:
+    """Sample at the generous budget and assert SW2 and mode weights; return the figures."""
+    gm = PROBLEMS[problem][0]
+    sde = make_sde(sde_name, problem)
+    options = {**sampler_options(name), **extra}
+    try:
+        build_sampler(name, **options).validate(sde)
+    except ValueError as err:  # a sampler may legitimately reject a process
+        pytest.skip(f"{name} does not support {sde_name}: {err}")
+    res = sample(
+        sde, gm.score_fn(sde), (N_SAMPLES, gm.dim), sampler=name, steps=BUDGET.get(name, DEFAULT_BUDGET),
+        generator=torch.Generator().manual_seed(7), **options,
+    )
+    x = res.samples
+    assert x.shape == (N_SAMPLES, gm.dim) and x.dtype == torch.float32
+    assert torch.isfinite(x).all()
+    ref, floor, freq = reference(problem)
+    sw = sliced_w2(x, ref)
+    assert sw <= SW_FACTOR * floor, f"{name}/{sde_name}/{problem}: SW2 {sw:.3f} > {SW_FACTOR} × floor {floor:.3f}"
+    got = mode_frequencies(gm, x)
+    se = torch.sqrt(freq * (1 - freq) / N_SAMPLES + freq * (1 - freq) / 20000).clamp(min=1e-3)
+    z = ((got - freq).abs() / se).max().item()
+    assert z <= MODE_Z, f"{name}/{sde_name}/{problem}: mode weights {got.tolist()} vs {freq.tolist()} (z={z:.1f})"
+    return {"sw2": sw, "floor": floor, "z": z, "nfe": res.nfe}
+
+
+# Every sampler once in the default run, rotating over (SDE, problem) pairs.
+PAIRS = [(s, p) for p in PROBLEMS for s in SDE_NAMES]
+ALL_NAMES = SAMPLERS.names()
+DEFAULT_CASES = [(n, *PAIRS[i % len(PAIRS)]) for i, n in enumerate(ALL_NAMES)]
+SLOW_CASES = [(n, s, p) for n in ALL_NAMES for (s, p) in PAIRS if (n, s, p) not in DEFAULT_CASES]
+
+
+@pytest.mark.parametrize("name,sde_name,problem", DEFAULT_CASES)
+def test_reproduces_mixture(name: str, sde_name: str, problem: str) -> None:
+    check_distribution(name, sde_name, problem)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,sde_name,problem", SLOW_CASES)
+def test_reproduces_mixture_full_grid(name: str, sde_name: str, problem: str) -> None:
+    check_distribution(name, sde_name, problem)
+
+
+TORCHSDE_CASES = [("srk", "vp", "ring"), ("reversible_heun", "ve", "ring"), ("milstein", "subvp", "ring")]
+
+
+@pytest.mark.parametrize("method,sde_name,problem", TORCHSDE_CASES)
+def test_torchsde_methods_match_euler_maruyama(method: str, sde_name: str, problem: str) -> None:
+    """Each torchsde method reproduces the mixture and lies within the noise floor of Euler–Maruyama."""
+    check_distribution("torchsde", sde_name, problem, method=method)
+    gm = PROBLEMS[problem][0]
+    sde = make_sde(sde_name, problem)
+    kw = dict(steps=500, generator=torch.Generator().manual_seed(11))
+    em = sample(sde, gm.score_fn(sde), (N_SAMPLES, gm.dim), sampler="euler_maruyama", **kw).samples
+    ts = sample(sde, gm.score_fn(sde), (N_SAMPLES, gm.dim), sampler="torchsde", method=method, **kw).samples
+    _, floor, _ = reference(problem)
+    assert sliced_w2(ts, em) <= SW_FACTOR * floor
+
+
+# ---------------------------------------------------------------------------------- NFE
+def _counted(score_fn):
+    calls = [0]
+
+    def fn(x: Tensor, t: Tensor) -> Tensor:
+        calls[0] += 1
+        return score_fn(x, t)
+
+    return fn, calls
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+@pytest.mark.parametrize("steps", [1, 3])
+def test_nfe_counted_exactly(name: str, steps: int) -> None:
+    gm = PROBLEMS["ring"][0]
+    sde = VPSDE(eps=1e-3)
+    for denoise in (False, True):
+        fn, calls = _counted(gm.score_fn(sde))
+        sampler = build_sampler(name, denoise=denoise)
+        res = sample(sde, fn, (16, 2), sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0))
+        assert res.nfe == calls[0] > 0
+        expected = sampler.expected_nfe(steps)
+        if expected is not None:
+            assert res.nfe == expected, f"{name}: counted {res.nfe}, expected_nfe({steps}) = {expected}"
+
+
+# ---------------------------------------------------------------------------------- robustness
+@pytest.mark.parametrize("name", ALL_NAMES)
+@pytest.mark.parametrize("sde_name", ["vp", "subvp", "ve", "cosine_vp"])
+def test_finite_for_few_steps(name: str, sde_name: str) -> None:
+    gm = PROBLEMS["ring"][0]
+    sde = make_sde(sde_name, "ring", eps=1e-5)
+    try:
+        build_sampler(name).validate(sde)
+    except ValueError as err:
+        pytest.skip(f"{name} does not support {sde_name}: {err}")
+    for steps in (1, 2, 5, 10):
+        res = sample(sde, gm.score_fn(sde), (64, 2), sampler=name, steps=steps, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(res.samples).all(), f"{name} on {sde_name} with {steps} steps"
+
+
+def _is_deterministic(name: str, sde: SDE, score_fn, x_T: Tensor) -> bool:
+    a = sample(sde, score_fn, x_T.shape, sampler=name, steps=4, x_T=x_T, generator=torch.Generator().manual_seed(1))
+    b = sample(sde, score_fn, x_T.shape, sampler=name, steps=4, x_T=x_T, generator=torch.Generator().manual_seed(2))
+    return torch.equal(a.samples, b.samples)
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_same_seed_same_samples(name: str) -> None:
+    gm = PROBLEMS["ring"][0]
+    sde = VPSDE(eps=1e-3)
+    runs = [
+        sample(sde, gm.score_fn(sde), (32, 2), sampler=name, steps=6, generator=torch.Generator().manual_seed(s)).samples
+        for s in (3, 3, 4)
+    ]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.allclose(runs[0], runs[2])
+
+
+# ode_scipy shares one step size over the flattened batch: invariant only within its tolerance.
+BATCH_TOL = {"ode_scipy": 1e-4}
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_deterministic_batch_invariance(name: str, dtype: torch.dtype) -> None:
+    gm = PROBLEMS["ring"][0]
+    sde = VPSDE(eps=1e-3)
+    x_T = torch.randn(40, 2, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    score_fn = gm.score_fn(sde)
+    if not _is_deterministic(name, sde, score_fn, x_T):
+        pytest.skip(f"{name} is stochastic")
+    kw = dict(sampler=name, steps=8, dtype=dtype)
+    whole = sample(sde, score_fn, x_T.shape, x_T=x_T, **kw).samples
+    halves = torch.cat([sample(sde, score_fn, (20, 2), x_T=x_T[i : i + 20], **kw).samples for i in (0, 20)])
+    assert whole.dtype == dtype
+    tol = BATCH_TOL.get(name, 1e-5 if dtype == torch.float32 else 1e-12)
+    assert torch.allclose(halves, whole, rtol=0, atol=tol * (1 + whole.abs().max().item()))
+
+
+def test_deterministic_samplers_detected() -> None:
+    """The batch-invariance test above must not skip the ODE samplers (guards the detection)."""
+    gm = PROBLEMS["ring"][0]
+    sde = VPSDE(eps=1e-3)
+    x_T = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    for name in ("ode_heun", "ode_rk4", "ode_dopri5", "ode_scipy"):
+        assert _is_deterministic(name, sde, gm.score_fn(sde), x_T)
+    for name in ("euler_maruyama", "ancestral", "pc", "torchsde"):
+        assert not _is_deterministic(name, sde, gm.score_fn(sde), x_T)
+
+
+# ---------------------------------------------------------------------------------- bad options
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_bad_options_raise(name: str) -> None:
+    gm = PROBLEMS["ring"][0]
+    sde = VPSDE()
+    fn = gm.score_fn(sde)
+    for steps in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="steps"):
+            sample(sde, fn, (4, 2), sampler=name, steps=steps)
+    for eps in (sde.T, 2.0, 0.0, -1e-3):
+        with pytest.raises(ValueError, match="eps"):
+            sample(sde, fn, (4, 2), sampler=name, steps=2, eps=eps)
+    with pytest.raises(ValueError, match="accepted options"):
+        sample(sde, fn, (4, 2), sampler=name, steps=2, not_an_option=1)
+
+
+def test_unknown_sampler_lists_choices() -> None:
+    with pytest.raises(ValueError, match="pc"):
+        sample(VPSDE(), lambda x, t: -x, (4, 2), sampler="no_such_sampler")
+
+
+# ---------------------------------------------------------------------------------- configs
+def _defaults(name: str) -> Dict[str, Any]:
+    sig = inspect.signature(SAMPLERS.get(name).__init__)
+    return {k: p.default for k, p in sig.parameters.items() if k != "self" and p.default is not inspect.Parameter.empty}
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_config_file_matches_constructor(name: str) -> None:
+    """conf/sampler/<name>.yaml: ``name`` + options (each with the constructor's default) + steps."""
+    path = CONF / f"{name}.yaml"
+    if not path.exists():
+        pytest.skip(f"{path.name} not written yet")
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg.pop("name") == name
+    cfg.pop("steps", None)
+    defaults = _defaults(name)
+    assert set(cfg) <= set(defaults), f"unknown keys {set(cfg) - set(defaults)}"
+    for key, value in cfg.items():
+        assert value == defaults[key], f"{name}.{key}: yaml {value!r} != default {defaults[key]!r}"
+    build_sampler(name, **cfg)
+
+
+SDE_PAPER_SAMPLERS = ("reverse_diffusion", "ancestral", "pc", "ode_heun", "ode_rk4", "ode_dopri5", "ode_scipy", "torchsde")
+
+
+@pytest.mark.parametrize("name", SDE_PAPER_SAMPLERS)
+def test_config_lists_every_option(name: str) -> None:
+    cfg = yaml.safe_load((CONF / f"{name}.yaml").read_text())
+    assert set(_defaults(name)) <= set(cfg)

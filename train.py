@@ -1,0 +1,18 @@
+"""Train a score-based model: ``python train.py [group=choice ...] [key=value ...]`` (conf/train.yaml)."""
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from sde_diffusion.training import train
+
+    try:
+        result = train(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"run directory: {result.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
