@@ -8,6 +8,19 @@ import torch
 
 
 @pytest.fixture
+def single_thread() -> Iterator[None]:
+    """Run the test with one intra-op thread (restored afterwards).
+
+    Loops of many small tensor ops slow down badly when their threads compete with other
+    processes for the two shared cores; one thread is both faster and steadier there.
+    """
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
 def make_gen() -> Callable[[int], torch.Generator]:
     """``make_gen(seed)`` returns a fresh CPU generator seeded with ``seed``."""
 

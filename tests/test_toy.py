@@ -15,6 +15,7 @@ from sde_diffusion.sdes import CosineVPSDE, LinearSDE, SubVPSDE, VESDE, VPSDE
 from sde_diffusion.toy import GaussianMixture
 
 F64 = torch.float64
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class _OUSDE(LinearSDE):

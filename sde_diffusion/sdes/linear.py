@@ -129,6 +129,17 @@ class LinearSDE(SDE):
         L, dL, K, dK = self._tables_for(t)
         logm = self._interp(t, L, dL)
         k = torch.clamp(self._interp(t, K, dK), min=0.0)
+        # Near 0, K may vanish faster than t (e.g. g² ∝ t), where interpolation loses its
+        # relative accuracy: integrate K(t) = ∫_0^t g² e^{−2L} directly in the first cells instead.
+        h = 8 * self.T / self.grid_size
+        tt = t.to(L.dtype)
+        xg = torch.as_tensor(_GL_NODES, dtype=L.dtype, device=L.device)
+        wg = torch.as_tensor(_GL_WEIGHTS, dtype=L.dtype, device=L.device)
+        tc = torch.clamp(tt, max=h)
+        nodes = tc[..., None] * 0.5 * (xg + 1)
+        g2 = torch.as_tensor(self.g(nodes), dtype=L.dtype, device=L.device) ** 2
+        k_near = 0.5 * tc * (g2 * torch.exp(-2 * self._interp(nodes, L, dL)) * wg).sum(-1)
+        k = torch.where(tt < h, k_near, k)
         return (torch.exp(logm) * torch.sqrt(k)).to(t.dtype)
 
     @property
