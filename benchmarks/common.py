@@ -83,7 +83,7 @@ def make_problems() -> Dict[str, Problem]:
         ),
         "gmm64": Problem(
             "gmm64", "64-D, 8 full-covariance modes, stds 0.02–2 (GaussianMixture.random seed 2)",
-            GaussianMixture.random(64, 8, seed=2, mean_scale=3.0, std_range=(0.02, 2.0)), 3000, 600, 50.0,
+            GaussianMixture.random(64, 8, seed=2, mean_scale=3.0, std_range=(0.02, 2.0)), 3000, 1500, 50.0,
         ),
     }
 
@@ -352,7 +352,7 @@ class Truth:
 
     @classmethod
     def build(
-        cls, problem: Problem, n: int, repeats: int = 5, seed: int = 1000, entropy_n: int = 100_000, ref_factor: int = 20
+        cls, problem: Problem, n: int, repeats: int = 10, seed: int = 1000, entropy_n: int = 100_000, ref_factor: int = 20
     ) -> "Truth":
         """Reference quantiles from ``ref_factor·n`` true samples, H(p_0) from ``entropy_n`` samples,
         floors from ``repeats`` further true sets of size n (all seeds fixed)."""

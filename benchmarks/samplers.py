@@ -18,11 +18,12 @@ Usage::
     python benchmarks/samplers.py --problems ring8 --sdes vp --samplers dpm_solver,pc
     python benchmarks/samplers.py --variant dpm_solver:order=3,grid=karras
 
-Targets (PASS/FAIL lines, on metric (a), tolerance = the floor's standard deviation):
+Targets (PASS/FAIL lines, on metric (a); σ_a = the standard deviation of its noise floor):
 1. at 10 and 20 NFE our best sampler is at least as good as the best k-diffusion sampler, on
-   every problem × SDE;
+   every problem × SDE (within 1 σ_a: both start from the same x_T and noise seed);
 2. at ≤ 50 NFE our best sampler matches the reference PC sampler (reverse diffusion + Langevin,
-   snr 0.16, one corrector step) at 1000 NFE;
+   snr 0.16, one corrector step) at 1000 NFE (within 2 σ_a: a deterministic sampler and pc give
+   independent sample sets, so each value carries its own σ_a of sampling noise);
 3. every sampler's overhead per NFE is no larger than the median of k-diffusion's.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -82,8 +84,6 @@ OVERRIDES: Dict[str, Dict[str, Any]] = {
 VARIANTS: Tuple[Tuple[str, Dict[str, Any]], ...] = (
     ("dpm_solver", {"order": 3}),
     ("dpm_solver", {"stochastic": True}),
-    ("ddim", {"eta": 1.0}),
-    ("torchsde", {"method": "srk"}),
 )
 REFERENCE = "pc"
 KD_SAMPLERS = (
@@ -97,6 +97,7 @@ KD_SAMPLERS = (
 )
 KD_PREFIX = "k-diffusion "
 PRIOR_SEED, NOISE_SEED = 20240, 777
+TARGET1_TOL, TARGET2_TOL = 1.0, 2.0  # tolerances in units of the floor's std of metric (a)
 OVERHEAD_SHAPE = (1000, 16)
 OVERHEAD_NFE = 200
 
@@ -488,7 +489,7 @@ def targets(runs: List[Run], truths: Dict[str, Truth], cases: List[Tuple[str, st
     for budget in (10, 20):
         for p, s in cases:
             rs = [r for r in runs if r.problem == p and r.sde == s]
-            tol = truths[p].floor["mkl"][1]
+            tol = TARGET1_TOL * truths[p].floor["mkl"][1]
             ours, theirs = best_within(rs, budget, False), best_within(rs, budget, True)
             if not has_kd:
                 continue
@@ -509,7 +510,7 @@ def targets(runs: List[Run], truths: Dict[str, Truth], cases: List[Tuple[str, st
         rs = [r for r in runs if r.problem == p and r.sde == s]
         ref = reference_run(rs)
         ours = best_within(rs, 50, False)
-        tol = truths[p].floor["mkl"][1]
+        tol = TARGET2_TOL * truths[p].floor["mkl"][1]
         if ref is None or ours is None:
             lines.append(f"FAIL target2 {p}/{s}: no run (reference pc@1000={ref is not None}, ours≤50={ours is not None})")
             t2.append(False)
@@ -543,8 +544,8 @@ def render(args, runs: List[Run], truths: Dict[str, Truth], cases: List[Tuple[st
     out: List[str] = ["## Samplers", ""]
     out.append(f"Command: `{args.command}`  ")
     out.append(
-        f"Run {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, {elapsed / 60:.1f} min on {os.cpu_count()} cores "
-        f"({args.jobs} worker{'s' if args.jobs > 1 else ''}), torch {torch.__version__}, Python {platform.python_version()}, "
+        f"Run {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}: {elapsed / 60:.1f} min wall, {args.cpu_seconds / 60:.1f} min CPU, "
+        f"{os.cpu_count()} cores ({args.jobs} worker{'s' if args.jobs > 1 else ''}), torch {torch.__version__}, Python {platform.python_version()}, "
         f"dtype {args.dtype}, x_T from the {'exact marginal p_T' if args.start == 'marginal' else 'prior'}; "
         f"seeds: x_T {PRIOR_SEED}+case, step noise {NOISE_SEED}.  "
     )
@@ -555,7 +556,7 @@ def render(args, runs: List[Run], truths: Dict[str, Truth], cases: List[Tuple[st
         "with samples assigned to modes by their posterior under p_0 (nats; unbiased for true samples, → ∞ for collapsed modes); "
         "**(b)** sliced W2 (256 directions, vs true quantiles); **(c)** excess cross-entropy E[−log p_0] − H(p_0) "
         "(negative when samples crowd the modes, so never read alone). Floors: the same metrics for true samples of the same size "
-        "(mean ± std over 5 draws). Fixed-step samplers run the largest step count that fits each NFE budget (actual NFE in "
+        "(mean ± std over 10 draws). Fixed-step samplers run the largest step count that fits each NFE budget (actual NFE in "
         "parentheses when it differs); adaptive ones sweep rtol = atol over "
         f"{', '.join(f'{r:g}' for r in args.rtols)} and sit in the smallest column ≥ their actual NFE. Bold: best of the column. "
         "k-diffusion runs on its Karras schedule (ρ = 7) from σ̃(eps) to σ̃(T) and a last step to σ̃ = 0, NFE = its denoiser calls."
@@ -563,6 +564,12 @@ def render(args, runs: List[Run], truths: Dict[str, Truth], cases: List[Tuple[st
     out.append("")
     lines, verdict = targets(runs, truths, cases, overheads, any(s.kd for s in specs))
     out.append("### Targets")
+    out.append("")
+    out.append(
+        f"Judged on metric (a) per problem × SDE, σ_a = std of its floor: (1) tolerance {TARGET1_TOL:g} σ_a (paired: same x_T "
+        f"and noise seed); (2) tolerance {TARGET2_TOL:g} σ_a (independent realizations); (3) each of our samplers vs the median "
+        "of k-diffusion's overheads. \"Ours\" includes the extra configurations (rows with options)."
+    )
     out.append("")
     for k, v in verdict.items():
         out.append(f"- {'PASS' if v else ('n/a' if v is None else 'FAIL')} — target {k}")
@@ -662,9 +669,9 @@ def _set_malloc() -> None:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small sample sizes, NFE {10, 20, 50, 1000}, problems ring8 and gmm64, "
+    ap.add_argument("--quick", action="store_true", help="small sample sizes, NFE {10, 20, 50, 1000}, problems ring8 and gmm16, "
                     "SDEs vp and ve, no extra variants (< 3 min)")
-    ap.add_argument("--problems", default=None, help="comma list (default: all; quick: ring8,gmm64)")
+    ap.add_argument("--problems", default=None, help="comma list (default: all; quick: ring8,gmm16)")
     ap.add_argument("--sdes", default=None, help="comma list of vp,subvp,ve (default: all; quick: vp,ve)")
     ap.add_argument("--samplers", default=None, help="comma list of registered names / k-diffusion function names (default: all)")
     ap.add_argument("--variant", action="append", default=[], help="extra configuration name:key=val,key=val (repeatable)")
@@ -701,7 +708,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     problems = make_problems()
-    sel_p = args.problems.split(",") if args.problems else (["ring8", "gmm64"] if args.quick else list(problems))
+    sel_p = args.problems.split(",") if args.problems else (["ring8", "gmm16"] if args.quick else list(problems))
     sel_s = args.sdes.split(",") if args.sdes else (["vp", "ve"] if args.quick else list(common.SDE_NAMES))
     for p in sel_p:
         if p not in problems:
@@ -755,6 +762,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _progress(done, len(tasks), res, t_start)
     overheads = [measure_overhead(spec) for spec in specs]
     elapsed = time.perf_counter() - t_start
+    args.cpu_seconds = sum(
+        resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
     report = render(args, runs, truths, cases, specs, overheads, kd_status, elapsed)
     print(report)
     if args.write:

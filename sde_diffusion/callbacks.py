@@ -14,11 +14,10 @@
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, List, Mapping, Optional
 
 import lightning as L
 import torch
@@ -27,7 +26,6 @@ from torch import Tensor
 
 from .config import loggers_of, sampler_settings, tensorboard_available
 
-log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------- figures

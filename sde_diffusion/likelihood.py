@@ -84,8 +84,10 @@ def _exact_divergence_batched(s: Tensor, x: Tensor, chunk: int) -> Tensor:
         basis = torch.zeros(idx.numel(), B, D, dtype=s.dtype, device=s.device)
         basis[torch.arange(idx.numel(), device=x.device), :, idx] = 1.0
         (jac_rows,) = torch.autograd.grad(
-            s, x, basis.reshape(idx.numel(), *s.shape), retain_graph=True, is_grads_batched=True
+            s, x, basis.reshape(idx.numel(), *s.shape), retain_graph=True, is_grads_batched=True, allow_unused=True
         )
+        if jac_rows is None:  # the score does not depend on x
+            return div
         # jac_rows[k, b] = e_{idx_k}ᵀ ∂s/∂x at sample b: keep its diagonal entry.
         rows = jac_rows.reshape(idx.numel(), B, D)
         div = div + rows[torch.arange(idx.numel(), device=x.device), :, idx].sum(0)
@@ -98,8 +100,9 @@ def _exact_divergence_loop(s: Tensor, x: Tensor) -> Tensor:
     s_flat = s.reshape(B, D)
     div = torch.zeros(B, dtype=x.dtype, device=x.device)
     for i in range(D):
-        (g,) = torch.autograd.grad(s_flat[:, i].sum(), x, retain_graph=True)
-        div = div + g.reshape(B, D)[:, i]
+        (g,) = torch.autograd.grad(s_flat[:, i].sum(), x, retain_graph=True, allow_unused=True)
+        if g is not None:
+            div = div + g.reshape(B, D)[:, i]
     return div
 
 
@@ -107,8 +110,9 @@ def _hutchinson_divergence(s: Tensor, x: Tensor, probes: Tensor) -> Tensor:
     """mean_k v_kᵀ(∂s/∂x)v_k for probes ``[K, B, ...]``."""
     est = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     for v in probes:
-        (vjp,) = torch.autograd.grad(s, x, v, retain_graph=True)
-        est = est + (vjp * v).reshape(x.shape[0], -1).sum(1)
+        (vjp,) = torch.autograd.grad(s, x, v, retain_graph=True, allow_unused=True)
+        if vjp is not None:
+            est = est + (vjp * v).reshape(x.shape[0], -1).sum(1)
     return est / probes.shape[0]
 
 

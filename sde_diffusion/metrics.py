@@ -36,10 +36,7 @@ def _as_2d(x: ArrayLike, name: str) -> Tensor:
     t = torch.as_tensor(x)
     if t.dim() < 1 or t.shape[0] < 1:
         raise ValueError(f"{name} must have shape [N, ...] with N ≥ 1, got {tuple(t.shape)}")
-    t = t.reshape(t.shape[0], -1)
-    if not t.is_floating_point():
-        t = t.to(torch.float64)
-    return t.to(torch.float64)
+    return t.reshape(t.shape[0], -1).to(torch.float64)
 
 
 def _check_pair(x: Tensor, y: Tensor) -> None:

@@ -138,13 +138,12 @@ def _write_pixels(grid: np.ndarray, path: PathLike, scale: int, title: Optional[
     if scale > 1:
         grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
     if grid.shape[2] == 1:
-        arr, kwargs = grid[..., 0], {"cmap": "gray", "vmin": 0, "vmax": 255}
-    elif grid.shape[2] in (3, 4):
-        arr, kwargs = grid, {}
-    else:
+        # Grey as RGB rather than through a colormap, whose 256-entry table shifts some levels by one.
+        grid = np.repeat(grid, 3, axis=2)
+    elif grid.shape[2] not in (3, 4):
         raise ValueError(f"images need 1, 3 or 4 channels, got {grid.shape[2]}")
     metadata = {"Title": title} if title else None
-    return _atomic(path, lambda tmp: mpimg.imsave(tmp, arr, format="png", metadata=metadata, **kwargs))
+    return _atomic(path, lambda tmp: mpimg.imsave(tmp, grid, format="png", metadata=metadata))
 
 
 # ---------------------------------------------------------------------------------- image grids
@@ -260,14 +259,16 @@ def save_trajectories(
             raise ValueError(f"{name} must have shape [S, B, >=2] (states over time), got {a.shape}")
         paths.append(a.reshape(a.shape[0], a.shape[1], -1)[:, :max_lines, :2])
     ref = _points(reference, "reference") if reference is not None else None
-    every = np.concatenate([p.reshape(-1, 2) for p in paths] + ([ref] if ref is not None else []))
-    xlim, ylim = _limits(every, margin=0.05)
+    # Frame the prior draws and the data (or, without data, every state): a few runaway paths
+    # should leave the frame, not shrink everything else to a dot.
+    frame = [paths[0][0], ref] if ref is not None else [p.reshape(-1, 2) for p in paths]
+    xlim, ylim = _limits(np.concatenate(frame), margin=0.1)
     fig = _figure(*size, dpi=dpi)
     for k, (p, name) in enumerate(zip(paths, ("reverse SDE", "probability-flow ODE"))):
         ax = fig.add_subplot(1, 2, k + 1)
+        ax.plot(p[:, :, 0], p[:, :, 1], lw=0.4, alpha=0.4, color="C1")
         if ref is not None:
-            ax.scatter(ref[:, 0], ref[:, 1], s=1, alpha=0.15, color="C0", linewidths=0)
-        ax.plot(p[:, :, 0], p[:, :, 1], lw=0.5, alpha=0.6, color="C1")
+            ax.scatter(ref[:, 0], ref[:, 1], s=1, alpha=0.3, color="C0", linewidths=0, zorder=2.5)
         ax.scatter(p[0, :, 0], p[0, :, 1], s=6, color="0.6", label="start (t = T)", zorder=3)
         ax.scatter(p[-1, :, 0], p[-1, :, 1], s=6, color="k", label="end (t = eps)", zorder=3)
         ax.set_xlim(*xlim)
@@ -348,7 +349,7 @@ def save_marginal_strip(
     if t.shape[0] != p.shape[0]:
         raise ValueError(f"points has {p.shape[0]} time slices but times has {t.shape[0]}")
     ref = _points(reference, "reference") if reference is not None else None
-    xlim, ylim = _limits(p[-1], *([ref] if ref is not None else []), margin=0.3)
+    xlim, ylim = _limits(p.reshape(-1, 2), *([ref] if ref is not None else []), margin=0.05)
     k = p.shape[0]
     fig = _figure(k * panel, panel + 0.4, dpi=dpi)
     for j in range(k):
@@ -470,7 +471,8 @@ def save_loss_by_t(
     ax.set_xlabel("t (bucket mid-point)")
     ax.set_ylabel("ε-space error  E‖ε_θ − ε‖²")
     finite = table.values[np.isfinite(table.values)]
-    if finite.size and (finite > 0).all():
+    # A log axis only pays off over a wide range; within a decade it just clutters the labels.
+    if finite.size and (finite > 0).all() and finite.max() > 10 * finite.min():
         ax.set_yscale("log")
     ax.set_xlim(float(table.edges[0]), float(table.edges[-1]))
     ax.legend(fontsize=7)

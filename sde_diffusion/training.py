@@ -205,7 +205,7 @@ class ScoreDiffusion(L.LightningModule):
         if ema_net is not None:
             ref = next(self.net.parameters(), None)
             if ref is not None:
-                ema_net.to(ref.device)
+                ema_net.to(device=ref.device, dtype=ref.dtype)
             ema_net.eval()
         return ema_net
 
@@ -383,7 +383,7 @@ def train(
 def _with_run_dir(cfg: Any, out: Path) -> Any:
     """``cfg`` with ``run_dir`` set to the actual output directory (resolving nothing else)."""
     try:
-        from omegaconf import DictConfig, OmegaConf, open_dict
+        from omegaconf import DictConfig, open_dict
 
         if isinstance(cfg, DictConfig):
             cfg = copy.deepcopy(cfg)

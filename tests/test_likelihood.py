@@ -293,3 +293,15 @@ def test_dequantize_range_and_errors():
         dequantize(torch.tensor([0.5]), 17)
     with pytest.raises(ValueError, match="scale"):
         bits_per_dim(torch.zeros(1), (2,), scale=0.0)
+
+
+def test_score_independent_of_x_has_zero_divergence():
+    # s(x, t) = c(t)·w with a parameter w (differentiable, but not in x): ∫∇·f̃ = D∫f = D log(m_T/m_eps).
+    sde = VPSDE()
+    w = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    x = torch.zeros(3, 2, dtype=torch.float64)
+    T, e = torch.tensor(sde.T, dtype=torch.float64), torch.tensor(sde.eps, dtype=torch.float64)
+    expected = 2 * torch.log(sde.mean_coeff(T) / sde.mean_coeff(e))
+    for divergence in ("exact", "hutchinson"):
+        res = log_likelihood(sde, lambda xx, t: 0 * xx.detach() + w, x, divergence=divergence, solver="rk4", steps=10)
+        assert torch.allclose(res.delta_logp, expected.expand(3))

@@ -21,6 +21,13 @@ MODES = ("sample", "likelihood", "metrics", "plots")
 def run(cfg: Mapping[str, Any], **kwargs: Any) -> Optional[Dict[str, Any]]:
     """Run the job ``cfg.mode`` asks for; returns its JSON report on rank 0 (None on other ranks)."""
     mode = str(cfg.get("mode", "sample"))
+    task = cfg.get("task", "sample")
+    from .tasks import TASKS
+
+    # Checked before anything else reads (and resolves) the config: conf/task/ also holds
+    # train.py's tasks, whose settings do not belong in a sampling config.
+    if isinstance(task, str) and task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     if mode == "sample":
         from .sampling import run_sample
 

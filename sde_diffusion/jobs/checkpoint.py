@@ -10,6 +10,7 @@ match; its other keys override the stored ones (e.g. ``data.root`` on another ma
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
@@ -134,6 +135,9 @@ class LoadedModel:
 
     def score_model(self, use_ema: bool = True) -> Any:
         """s_θ(x, t, **cond) (a :class:`~sde_diffusion.score.ScoreModel`), EMA weights when asked and present."""
+        if use_ema and not self.has_ema:
+            warnings.warn(f"{self.path} holds no EMA weights (trained with ema.enabled=false?): using the trained weights",
+                          stacklevel=2)
         return self.module.score_fn(use_ema=use_ema and self.has_ema)
 
     def build_datamodule(self, request: Mapping[str, Any]) -> Any:

@@ -13,8 +13,8 @@ What a run writes into its output directory (default ``<run dir>/samples/<tag>``
 * ``run.json`` — the resolved config, the checkpoint, sampler and options, NFE per batch and in
   total, seconds, samples/s, device and package versions.
 
-Batch ``b`` draws all of its randomness (prior, sampler noise, labels, replacement noise) from a
-generator seeded with ``f(seed, b)``, so an interrupted run that is started again with the same
+Batch ``b`` draws all of its randomness (prior, sampler noise, replacement noise) from a
+generator seeded with ``f(seed, b)`` and its labels are a function of the sample index, so an interrupted run that is started again with the same
 command skips the finished batches and ends with exactly the arrays of an uninterrupted run, and
 any number of processes produce the same set.
 """
@@ -83,7 +83,8 @@ def parse_settings(cfg: Mapping[str, Any]) -> SampleSettings:
     build_sampler(name, **options)  # unknown names and options fail here, listing the choices
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    task = str(cfg.get("task", "sample"))
+    task = cfg.get("task", "sample")
+    task = str(task.get("name") if isinstance(task, Mapping) else task)
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     inpaint = cfg.get("inpaint") or {}
@@ -221,12 +222,24 @@ class SamplingJob:
     # ------------------------------------------------------------------ one batch
     def labels(self, batch: int) -> Optional[Tensor]:
         """Class labels of batch ``batch``: ``label`` for all, else the global index mod K (balanced)."""
+        return self.labels_for(batch * self.settings.batch_size, self.counts[batch])
+
+    def labels_for(self, start: int, count: int) -> Optional[Tensor]:
+        """Labels of the samples ``start … start+count−1`` (None for an unconditional model)."""
         if not self.conditional:
             return None
-        start, count = batch * self.settings.batch_size, self.counts[batch]
         if self.settings.label is not None:
             return torch.full((count,), self.settings.label, dtype=torch.long)
         return torch.arange(start, start + count, dtype=torch.long) % int(self.model.num_classes)
+
+    def score_for(self, labels: Optional[Tensor]) -> Any:
+        """The score the sampler sees: s_θ, or classifier-free guidance at ``guidance.scale`` for ``labels``."""
+        if labels is None:
+            return self._score
+        return ClassifierFreeGuidance(
+            self._score, y=labels.to(self.runtime.device), scale=self.settings.guidance_scale,
+            null_label=int(self.model.num_classes),
+        )
 
     def observed(self, batch: int) -> Tensor:
         """The real examples batch ``batch`` conditions on (model range), from the data's reference set."""
@@ -243,11 +256,7 @@ class SamplingJob:
         gen = torch.Generator(device=dev).manual_seed(batch_seed(s.seed, "sample", batch))
         shape = (count, *self.model.data_shape)
         labels = self.labels(batch)
-        score_fn: Any = self._score
-        if labels is not None:
-            score_fn = ClassifierFreeGuidance(
-                self._score, y=labels.to(dev), scale=s.guidance_scale, null_label=int(self.model.num_classes)
-            )
+        score_fn = self.score_for(labels)
         arrays: Dict[str, Any] = {}
         x_T, hook, finish = None, None, None
         if s.task != "sample":
@@ -386,12 +395,9 @@ class SamplingJob:
         return out
 
 
-def run_sample(
-    cfg: Mapping[str, Any], runtime: Optional[Runtime] = None, on_batch_end: Optional[BatchHook] = None
-) -> Optional[Dict[str, Any]]:
-    """The whole ``mode=sample`` run on every rank; rank 0 returns the ``run.json`` content, others None."""
+def execute(job: SamplingJob, on_batch_end: Optional[BatchHook] = None) -> Optional[Dict[str, Any]]:
+    """Prepare, draw this rank's batches, wait for all ranks, merge on rank 0 (returns its report)."""
     wall = time.perf_counter()
-    job = SamplingJob(cfg, runtime)
     rt = job.runtime
     if rt.is_main:
         job.prepare()
@@ -403,4 +409,11 @@ def run_sample(
     return job.finalize(wall_seconds=time.perf_counter() - wall, drawn=drawn)
 
 
-__all__ = ["SampleSettings", "parse_settings", "output_dir", "to_stored", "from_stored", "SamplingJob", "run_sample"]
+def run_sample(
+    cfg: Mapping[str, Any], runtime: Optional[Runtime] = None, on_batch_end: Optional[BatchHook] = None
+) -> Optional[Dict[str, Any]]:
+    """The whole ``mode=sample`` run on every rank; rank 0 returns the ``run.json`` content, others None."""
+    return execute(SamplingJob(cfg, runtime), on_batch_end)
+
+
+__all__ = ["SampleSettings", "parse_settings", "output_dir", "to_stored", "from_stored", "SamplingJob", "execute", "run_sample"]

@@ -48,10 +48,14 @@ def rank_batches(num_batches: int, rank: int, world_size: int) -> List[int]:
 
 
 def batch_seed(seed: int, purpose: str, batch: int) -> int:
-    """A 63-bit seed for batch ``batch`` of a job (independent streams per purpose and batch)."""
-    from ..training import step_seed
+    """A 63-bit seed for batch ``batch`` of a job: the first 8 bytes (little-endian) of
+    BLAKE2b(repr((seed, purpose, batch))), top bit cleared.
 
-    return step_seed(int(seed), str(purpose), int(batch))
+    Independent streams per purpose and batch, stable across processes, machines and Python runs
+    (unlike ``hash``); shards on disk rely on it, so the formula must not change.
+    """
+    digest = hashlib.blake2b(repr((int(seed), str(purpose), int(batch))).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def atomic_savez(path: Path, arrays: Mapping[str, Any]) -> Path:

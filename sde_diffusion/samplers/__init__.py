@@ -42,3 +42,4 @@ __all__ += [
     "ODEScipy",
     "TorchSDESampler",
 ]
+__all__ += ["DDIM", "DPMSolverPP", "DPMSolverPP2S", "EDMHeun"]

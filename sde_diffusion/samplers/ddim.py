@@ -32,12 +32,13 @@ class DDIM(StepSampler):
 
     Args:
         eta: 0 ≤ η ≤ 1, the fraction of the posterior standard deviation injected per step.
-        grid: time grid (default ``logsnr``); see :mod:`~sde_diffusion.samplers.grids`.
+        grid: time grid (default ``uniform`` in t, as in the DDIM paper); see
+            :mod:`~sde_diffusion.samplers.grids`.
 
     NFE = steps (+1 with ``denoise``).
     """
 
-    default_grid = "logsnr"
+    default_grid = "uniform"
 
     def __init__(
         self,

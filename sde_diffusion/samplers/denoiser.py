@@ -4,10 +4,10 @@ For the kernel x_t = m(t) x_0 + σ(t) ε of any linear SDE and a score s(x, t) �
 
 * data prediction (Tweedie)  x̂_0(x, t) = (x + σ(t)² s(x, t)) / m(t)
 * noise prediction           ε̂(x, t)  = −σ(t) s(x, t),   so x = m x̂_0 + σ ε̂ exactly
-* half log-SNR               λ(t) = log(m(t)/σ(t)) = ½ ``sde.log_snr(t)`` (DPM-Solver's λ)
+* half log-SNR               λ(t) = log(m(t)/σ(t)) = ½ log-SNR (DPM-Solver's λ)
 * EDM noise level            σ̃(t) = σ(t)/m(t) = e^{−λ(t)}, scaled state x̃ = x/m(t)
 
-Only ``sde.mean_coeff``, ``sde.marginal_std``, ``sde.log_snr`` and ``sde.t_from_log_snr`` are used,
+Only ``sde.mean_coeff``, ``sde.marginal_std`` and ``sde.t_from_log_snr`` are used (and the grids use ``sde.log_snr``),
 so the solvers work for VP, sub-VP, VE, cosine VP and any :class:`~sde_diffusion.sdes.LinearSDE`.
 
 The scalar coefficients of one grid time are computed once, in float64, as Python floats (a
@@ -42,8 +42,9 @@ class Level:
 
 
 def level(sde: SDE, t: Tensor) -> Level:
-    """m(t), σ(t) and λ(t) = ½ log-SNR at the 0-dim time ``t``, evaluated in float64."""
-    t64 = t.detach().to(device="cpu", dtype=torch.float64)
+    """m(t), σ(t) and λ(t) = log(m/σ) at the 0-dim time ``t``, evaluated in float64."""
+    # Scalars on the host in float64 (devices such as MPS lack float64); one sync per call.
+    t64 = t.detach().cpu().to(torch.float64)
     m = float(sde.mean_coeff(t64))
     sigma = float(sde.marginal_std(t64))
     if not (m > 0 and sigma > 0):
@@ -51,7 +52,7 @@ def level(sde: SDE, t: Tensor) -> Level:
             f"{type(sde).__name__} has m={m:g}, sigma={sigma:g} at t={float(t64):g}; the fast solvers need "
             "m > 0 and sigma > 0 on the whole time grid (use eps > 0)"
         )
-    return Level(t=t, m=m, sigma=sigma, lam=0.5 * float(sde.log_snr(t64)))
+    return Level(t=t, m=m, sigma=sigma, lam=math.log(m) - math.log(sigma))
 
 
 def level_at_lambda(sde: SDE, lam: float, like: Tensor) -> Level:

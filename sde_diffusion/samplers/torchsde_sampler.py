@@ -24,6 +24,12 @@ exactly N steps (no round-off remainder step) and lands on eps.
 
 States are flattened to ``[B, D]`` for torchsde and reshaped for the score. Per-step hooks are
 not supported; the noise is kept on the last step.
+
+``reversible_heun`` is not A-stable: on dy/dk = −λy its parasitic root −hλ − √(1 + h²λ²) has
+modulus > 1 for λ > 0, and the reverse-time drift is strongly contracting (λ = g²/(σ² + v) for
+data of variance v, so ∫λ dt ≈ log((σ_max² + v)/v) on VE), so its errors are amplified by up to
+exp(2∫λ dt). It is accurate on broad Gaussian data but needs far more steps than euler or srk
+on narrow mixture modes (its purpose is memory-efficient adjoints, not sampling).
 """
 from __future__ import annotations
 

@@ -1,0 +1,251 @@
+"""Time-dependent classifiers: networks, config, training against the exact mixture posterior, guidance."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, List
+
+import pytest
+import torch
+
+from sde_diffusion import VESDE, VPSDE, sample
+from sde_diffusion.classifier import (
+    ClassifierOptions,
+    MLPClassifier,
+    NoisyClassifier,
+    UNetEncoderClassifier,
+    build_classifier_network,
+    load_classifier,
+    train_classifier,
+)
+from sde_diffusion.config import to_container
+from sde_diffusion.guidance import ClassifierGuidance
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+QUIET = [
+    "logger=null",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(single_thread: None) -> None:
+    """Small networks run fastest on one thread when the cores are shared."""
+
+
+def task_override() -> str:
+    """``task=classifier`` once conf/train.yaml lists the task group, ``+task=classifier`` before."""
+    text = (CONF / "train.yaml").read_text()
+    listed = re.search(r"^\s*-\s*(optional\s+)?task\s*:", text, re.M)
+    return "task=classifier" if listed else "+task=classifier"
+
+
+def compose(overrides: List[str]) -> Any:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return hydra_compose("train", overrides=[task_override(), *overrides])
+
+
+# ---------------------------------------------------------------------------------- networks
+NETS = {
+    # zero_init=False: residual branches that start at zero would hide the time input.
+    "mlp": lambda: MLPClassifier((2,), 5, hidden=32, num_blocks=2, time_dim=16, zero_init=False),
+    "unet": lambda: UNetEncoderClassifier(
+        (1, 8, 8), 10, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, zero_init=False
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", sorted(NETS))
+def test_networks_give_per_sample_logits(kind: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    net = NETS[kind]().to(dtype).eval()
+    B = 6
+    x = torch.randn(B, *net.data_shape, dtype=dtype)
+    t = torch.linspace(0.05, 0.95, B, dtype=dtype)
+    with torch.no_grad():
+        logits = net(x, t)
+        assert logits.shape == (B, net.num_classes) and logits.dtype == dtype
+        # No mixing across the batch: each row equals the network applied to that example alone.
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        for i in (0, B - 1):
+            torch.testing.assert_close(net(x[i : i + 1], t[i : i + 1]), logits[i : i + 1], rtol=tol, atol=tol)
+        # A scalar t is one time for the whole batch.
+        torch.testing.assert_close(net(x, 0.3), net(x, torch.full((B,), 0.3, dtype=dtype)), rtol=0, atol=0)
+        # The time enters: other times, other logits.
+        assert (net(x, 0.9) - net(x, 0.1)).abs().max() > 1e-4
+
+
+def test_networks_reject_bad_input() -> None:
+    with pytest.raises(ValueError, match="num_classes >= 2"):
+        MLPClassifier((2,), 1)
+    with pytest.raises(ValueError, match=r"data_shape \(D,\)"):
+        MLPClassifier((1, 8, 8), 10)
+    with pytest.raises(ValueError, match=r"not divisible by 2\*\*\(len\(ch_mult\)-1\) = 4"):
+        UNetEncoderClassifier((1, 6, 6), 10, ch=8, ch_mult=(1, 2, 2))
+    with pytest.raises(ValueError, match="attn_resolutions"):
+        UNetEncoderClassifier((1, 8, 8), 10, ch=8, ch_mult=(1, 2), attn_resolutions=(2,))
+    net = NETS["mlp"]()
+    with pytest.raises(ValueError, match="shape"):
+        net(torch.zeros(3, 3), torch.zeros(3))
+    with pytest.raises(ValueError, match=r"t must have shape \[B\] = \[3\]"):
+        net(torch.zeros(3, 2), torch.zeros(4))
+
+
+def test_input_scale_is_the_inverse_std_of_x_t() -> None:
+    # c_in(t) = 1/sqrt(m² + σ²): exactly 1 for VP (m² + σ² = ᾱ + 1 − ᾱ); → 1/σ_max at T for VE.
+    cfg = compose(["data=gmm", "model=mlp"])
+    base = {key: to_container(cfg[key]) for key in ("data", "model", "classifier")}
+    t = torch.tensor([1e-3, 0.3, 0.7, 1.0], dtype=torch.float64)
+    vp = NoisyClassifier({**base, "sde": {"name": "vp", "beta_min": 0.1, "beta_max": 20.0}}, (2,), 8).double()
+    torch.testing.assert_close(vp.input_scale(t), torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-12)
+    ve = NoisyClassifier({**base, "sde": {"name": "ve", "sigma_min": 0.01, "sigma_max": 50.0}}, (2,), 8).double()
+    assert ve.input_scale(torch.tensor([1.0], dtype=torch.float64)).item() == pytest.approx(1 / math.sqrt(1 + 50.0**2), rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------- config
+def test_config_builds_the_encoder_of_the_model_group() -> None:
+    cfg = compose(["data=digits"])
+    assert cfg.task == "classifier"
+    assert cfg.callbacks.samples.enabled is False and cfg.ema.enabled is False
+    net = build_classifier_network(cfg, (1, 8, 8), 10)
+    assert isinstance(net, UNetEncoderClassifier) and net.conv_in.out_channels == cfg.model.ch
+    small = build_classifier_network(compose(["data=digits", "+classifier.model.ch=8"]), (1, 8, 8), 10)
+    assert small.conv_in.out_channels == 8
+    mlp = build_classifier_network(compose(["data=gmm", "model=mlp"]), (2,), 8)
+    assert isinstance(mlp, MLPClassifier) and mlp.head.out_features == 8
+    with pytest.raises(ValueError, match="unknown classifier option.*accepted: eps"):
+        ClassifierOptions.from_config(compose(["+classifier.foo=1"]))
+    with pytest.raises(ValueError, match="bad option for classifier 'unet'"):
+        build_classifier_network(compose(["data=digits", "+classifier.model.width=3"]), (1, 8, 8), 10)
+    with pytest.raises(ValueError, match="classifier.eval_buckets"):
+        ClassifierOptions.from_config(compose(["classifier.eval_buckets=0"]))
+
+
+def test_unlabelled_data_fails_before_training(tmp_path: Path) -> None:
+    cfg = compose(QUIET + ["data=swiss_roll", "data.n=256", "model=mlp", "trainer.max_steps=1"])
+    with pytest.raises(ValueError, match="labelled data set"):
+        train_classifier(cfg, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resume_continues_and_checks_the_network(tmp_path: Path) -> None:
+    over = QUIET + [
+        "data=moons", "data.n=512", "data.batch_size=128", "model=mlp", "model.hidden=16", "model.num_blocks=1",
+        "callbacks.checkpoint.every_n_steps=4", "trainer.val_check_interval=4", "classifier.eval_buckets=2",
+        "classifier.eval_repeats=1",
+    ]
+    first = train_classifier(compose(over + ["trainer.max_steps=4"]), tmp_path)
+    assert first.trainer.global_step == 4
+    again = train_classifier(compose(over + ["trainer.max_steps=8", "resume=true"]), tmp_path)
+    assert again.trainer.global_step == 8
+    with pytest.raises(ValueError, match="classifier network differs"):
+        train_classifier(compose(over + ["trainer.max_steps=12", "resume=true", "+classifier.model.hidden=32"]), tmp_path)
+
+
+def test_load_classifier_rejects_other_checkpoints(tmp_path: Path) -> None:
+    path = tmp_path / "score.ckpt"
+    torch.save({"hyper_parameters": {"cfg": {}, "data_shape": [2], "num_classes": None}, "state_dict": {}}, path)
+    with pytest.raises(ValueError, match="not a noisy-classifier checkpoint"):
+        load_classifier(path)
+
+
+# ---------------------------------------------------------------------------------- a labelled 2-D mixture
+# Eight components on a ring with overlapping tails (raw std 0.8, neighbours 3.1 apart): the Bayes
+# accuracy at t ≈ 0 is ≈ 0.94, and the posterior flattens to the prior over t ∈ [0, 0.5].
+GMM = [
+    "data=gmm", "data.noise=0.8", "data.n=50000", "data.n_val=2000", "data.batch_size=1024", "model=mlp",
+    "model.hidden=64", "model.num_blocks=2", "optim.lr=3e-3", "optim.warmup_steps=50", "trainer.max_steps=500",
+    "trainer.val_check_interval=500", "classifier.eval_buckets=5", "callbacks.checkpoint.every_n_steps=0",
+]
+N_EVAL = 4000
+
+
+@pytest.fixture(scope="module")
+def gmm_run(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield train_classifier(compose(QUIET + GMM), tmp_path_factory.mktemp("gmm_classifier"))
+    finally:
+        torch.set_num_threads(old)
+
+
+def perturbed_eval_set(run: Any, t: float, seed: int) -> Any:
+    g = torch.Generator().manual_seed(seed)
+    x0, y = run.datamodule.toy.sample(N_EVAL, g)
+    tt = torch.full((N_EVAL,), t)
+    return run.classifier.sde.perturb(x0, tt, torch.randn(x0.shape, generator=g)), tt, y
+
+
+@pytest.mark.parametrize("t", [0.01, 0.05, 0.1, 0.2, 0.3, 0.5])
+def test_predicted_posterior_matches_the_exact_one(gmm_run: Any, t: float) -> None:
+    clf, gm = gmm_run.classifier, gmm_run.datamodule.mixture
+    xt, tt, _ = perturbed_eval_set(gmm_run, t, seed=11)
+    with torch.no_grad():
+        p = torch.softmax(clf(xt, tt), dim=-1).double()
+    q = gm.posterior_t(xt, tt, clf.sde)
+    tv = 0.5 * (p - q).abs().sum(1).mean().item()
+    prior_tv = 0.5 * (gm.weights[None] - q).abs().sum(1).mean().item()  # predicting the class weights
+    # Measured TV ≤ 0.07 at every t; the prior is 0.84 … 0.16 away.
+    assert tv < 0.1, (t, tv, prior_tv)
+    assert tv < 0.6 * prior_tv, (t, tv, prior_tv)
+
+
+@pytest.mark.parametrize("t", [0.01, 0.05])
+def test_accuracy_at_small_t_is_near_bayes(gmm_run: Any, t: float) -> None:
+    clf, gm = gmm_run.classifier, gmm_run.datamodule.mixture
+    xt, tt, y = perturbed_eval_set(gmm_run, t, seed=12)
+    with torch.no_grad():
+        acc = (clf(xt, tt).argmax(1) == y).double().mean().item()
+    bayes = (gm.posterior_t(xt, tt, clf.sde).argmax(1) == y).double().mean().item()
+    # Same points for both, so the gap has little sampling noise (measured gap ≤ 0.008).
+    assert bayes > 0.85 and acc >= bayes - 0.02, (acc, bayes)
+
+
+def test_run_writes_accuracy_by_t_and_a_loadable_checkpoint(gmm_run: Any) -> None:
+    out = gmm_run.output_dir
+    table = json.loads((out / "accuracy_by_t.json").read_text())["buckets"]
+    assert len(table) == 5 and table[0]["t_lo"] == pytest.approx(gmm_run.classifier.t_min)
+    assert table[-1]["t_hi"] == pytest.approx(gmm_run.classifier.sde.T)
+    accs = [row["accuracy"] for row in table]
+    # High at small t, falling to chance (1/8; ± 4 standard errors of the 8000 draws) at large t.
+    assert accs[0] > 0.75 and all(a >= b - 0.01 for a, b in zip(accs, accs[1:])), accs
+    assert abs(accs[-1] - 1 / 8) < 4 * math.sqrt(1 / 8 * 7 / 8 / table[-1]["count"]) + 0.01, accs
+
+    loaded = load_classifier(out)  # a run directory: its checkpoints/last.ckpt
+    assert loaded.num_classes == 8 and loaded.data_shape == (2,) and not loaded.training
+    assert to_container(loaded.cfg)["model"]["hidden"] == 64 and loaded.cfg["data"]["dataset"] == "gmm"
+    x, t = torch.randn(16, 2), torch.rand(16)
+    with torch.no_grad():
+        ref = gmm_run.classifier(x, t)
+        torch.testing.assert_close(loaded(x, t), ref, rtol=0, atol=0)
+        as64 = copy.deepcopy(loaded).double()(x.double(), t.double())
+    assert as64.dtype == torch.float64
+    torch.testing.assert_close(as64, ref.double(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_classifier_guidance_samples_the_requested_component(gmm_run: Any, k: int) -> None:
+    clf, gm = gmm_run.classifier, gmm_run.datamodule.mixture
+    sde = clf.sde
+    n = 2000
+    fractions = {}
+    for w in (0.0, 1.0):
+        guided = ClassifierGuidance(gm.score_fn(sde), clf, y=k, scale=w)
+        x = sample(sde, guided, (n, 2), "euler_maruyama", steps=100, generator=torch.Generator().manual_seed(k), eps=1e-3).samples
+        post = gm.posterior_t(x, torch.full((n,), sde.eps), sde)
+        fractions[w] = (post.argmax(1) == k).double().mean().item()
+    # w = 0: the unconditional model, so the share of component k is its weight 1/8 (± 4 s.e.);
+    # w = 1: the conditional, whose exact share is the Bayes accuracy of class k (≈ 0.94).
+    assert abs(fractions[0.0] - 1 / 8) < 4 * math.sqrt(1 / 8 * 7 / 8 / n), fractions
+    assert fractions[1.0] > 0.8, fractions

@@ -1,0 +1,359 @@
+"""sample.py and the jobs behind it, on tiny checkpoints trained here for three steps."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from sde_diffusion import sample
+from sde_diffusion.guidance import ClassifierFreeGuidance
+from sde_diffusion.jobs import run
+from sde_diffusion.jobs.checkpoint import load_model
+from sde_diffusion.jobs.likelihood_job import evaluation_examples, model_input
+from sde_diffusion.jobs.runtime import Runtime
+from sde_diffusion.jobs.sampling import SamplingJob, to_stored
+from sde_diffusion.jobs.shards import batch_seed, rank_batches
+from sde_diffusion.jobs.tasks import condition_batch, make_mask
+from sde_diffusion.likelihood import log_likelihood
+from sde_diffusion.plots import grid_size
+from sde_diffusion.sdes import VPSDE
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+
+
+def _compose(name: str, overrides: List[str]):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+def _train(run_dir: Path, overrides: List[str]) -> Path:
+    from sde_diffusion.training import train
+
+    torch.set_num_threads(1)
+    common = [
+        "trainer.max_steps=3", "logger=csv", "callbacks.samples.enabled=false", "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false", "callbacks.loss_by_t.every_n_steps=1", "trainer.log_every_n_steps=1",
+        "model.zero_init=false", "optim.warmup_steps=0", "optim.lr=1e-3", f"run_dir={run_dir}",
+    ]
+    train(_compose("train", overrides + common), output_dir=run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """moons, tiny MLP, VP SDE, unconditional."""
+    return _train(tmp_path_factory.mktemp("toy") / "run",
+                  ["data=moons", "model=mlp", "model.hidden=16", "model.num_blocks=1", "data.n=256", "data.batch_size=32"])
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8×8 digits, tiny class-conditional U-Net (label dropout 0.1), VP SDE."""
+    return _train(tmp_path_factory.mktemp("digits") / "run",
+                  ["data=digits", "model=unet_small", "model.ch=8", "data.batch_size=16", "conditioning.class_labels=true"])
+
+
+def _sample_cfg(ckpt: Path, *overrides: str):
+    return _compose("sample", [f"ckpt={ckpt}", "progress=false", *overrides])
+
+
+def _files(root: Path) -> List[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def _npz(path: Path) -> Dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+# ---------------------------------------------------------------------------------- sample mode
+def test_vector_samples_match_direct_sampler_calls(toy_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    report = run(_sample_cfg(toy_run, "sampler=euler_maruyama", "n=10", "batch_size=4", "steps=4", f"out={out}"))
+    z = _npz(out / "samples.npz")
+    assert set(z) == {"samples"}
+    assert z["samples"].dtype == np.float32 and z["samples"].shape == (10, 2)
+    assert np.isfinite(z["samples"]).all()
+    # Batch b is exactly sample() with a generator seeded by f(seed, b), from the EMA weights.
+    model = load_model(toy_run, device="cpu")
+    for b, (lo, hi) in enumerate([(0, 4), (4, 8), (8, 10)]):
+        gen = torch.Generator().manual_seed(batch_seed(0, "sample", b))
+        with torch.no_grad():
+            ref = sample(model.sde, model.module.score_fn(use_ema=True), (hi - lo, 2), sampler="euler_maruyama",
+                         steps=4, generator=gen)
+        np.testing.assert_array_equal(z["samples"][lo:hi], ref.samples.numpy())
+    rj = json.loads((out / "run.json").read_text())
+    assert rj["nfe"] == {"per_batch": [4, 4, 4], "total": 12}
+    assert rj["sampler"]["expected_nfe_per_batch"] == 4
+    assert rj["samples_per_second"] == pytest.approx(10 / rj["seconds"]["sampling"])
+    assert rj["checkpoint"]["ema"] is True and rj["checkpoint"]["global_step"] == 3
+    assert rj["config"]["n"] == 10 and "torch" in rj["versions"]
+    assert report["output_dir"] == str(out)
+    assert Image.open(out / "samples.png").size == (800, 400)
+
+
+def test_image_samples_uint8_with_guidance(digits_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "g"
+    run(_sample_cfg(digits_run, "sampler=pc", "n=6", "batch_size=3", "steps=3", "guidance.scale=2.0", "label=3", f"out={out}"))
+    z = _npz(out / "samples.npz")
+    assert z["samples"].dtype == np.uint8 and z["samples"].shape == (6, 8, 8, 1)
+    np.testing.assert_array_equal(z["labels"], np.full(6, 3))
+    model = load_model(digits_run, device="cpu")
+    dm = model.build_datamodule({})
+    gen = torch.Generator().manual_seed(batch_seed(0, "sample", 1))
+    cfg_score = ClassifierFreeGuidance(model.module.score_fn(use_ema=True), y=3, scale=2.0, null_label=10)
+    with torch.no_grad():
+        ref = sample(model.sde, cfg_score, (3, 1, 8, 8), sampler="pc", steps=3, generator=gen)
+    expected = torch.round(dm.inverse_scaler(ref.samples).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1)
+    np.testing.assert_array_equal(z["samples"][3:], expected.numpy())
+    rj = json.loads((out / "run.json").read_text())
+    assert rj["nfe"]["per_batch"] == [6, 6]  # pc: one predictor and one corrector evaluation per step
+    assert Image.open(out / "samples.png").size[::-1] == grid_size(6, 8, 8, nrow=6, pad=1, scale=4)
+
+
+def test_balanced_labels_by_default(digits_run: Path, tmp_path: Path) -> None:
+    run(_sample_cfg(digits_run, "sampler=euler_maruyama", "n=12", "batch_size=5", "steps=1", f"out={tmp_path}", "figures=false"))
+    np.testing.assert_array_equal(_npz(tmp_path / "samples.npz")["labels"], np.arange(12) % 10)
+
+
+def test_killed_run_resumes_to_identical_output(toy_run: Path, tmp_path: Path) -> None:
+    args = ["sampler=euler_maruyama", "n=10", "batch_size=3", "steps=3"]
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    run(_sample_cfg(toy_run, *args, f"out={full}"))
+
+    class Killed(RuntimeError):
+        pass
+
+    def die_after_two(batch: int, arrays: Dict[str, np.ndarray]) -> None:
+        if batch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(_sample_cfg(toy_run, *args, f"out={broken}"), on_batch_end=die_after_two)
+    assert sorted(p.name for p in (broken / "shards").glob("batch_*.npz")) == ["batch_00000.npz", "batch_00001.npz"]
+    assert not (broken / "samples.npz").exists()
+    # A writer killed mid-write leaves at most its temporary file; the restart must drop it.
+    (broken / "shards" / ".batch_00002.npz.99999.tmp").write_bytes(b"truncated")
+
+    report = run(_sample_cfg(toy_run, *args, f"out={broken}"))
+    assert report["batches_drawn_this_run"] == 2
+    assert _files(full) == _files(broken)
+    a, b = _npz(full / "samples.npz"), _npz(broken / "samples.npz")
+    np.testing.assert_array_equal(a["samples"], b["samples"])
+    assert np.unique(b["samples"], axis=0).shape[0] == 10  # no duplicated rows
+    for k in range(4):
+        np.testing.assert_array_equal(_npz(full / f"shards/batch_{k:05d}.npz")["samples"],
+                                      _npz(broken / f"shards/batch_{k:05d}.npz")["samples"])
+
+
+def test_rank_split_gives_the_single_process_result(toy_run: Path, tmp_path: Path) -> None:
+    args = ["sampler=euler_maruyama", "n=11", "batch_size=2", "steps=2", "figures=false"]
+    run(_sample_cfg(toy_run, *args, f"out={tmp_path / 'one'}"))
+    job = SamplingJob(_sample_cfg(toy_run, *args, f"out={tmp_path / 'two'}"), runtime=Runtime())
+    job.prepare()
+    assert job.run_batches(rank=1, world_size=2) == [1, 3, 5]
+    assert sorted(p.name for p in job.store.root.glob("batch_*.npz")) == [f"batch_{b:05d}.npz" for b in (1, 3, 5)]
+    with pytest.raises(RuntimeError, match="not finished"):
+        job.finalize()
+    assert job.run_batches(rank=0, world_size=2) == [0, 2, 4]
+    job.finalize()
+    np.testing.assert_array_equal(_npz(tmp_path / "one/samples.npz")["samples"], _npz(tmp_path / "two/samples.npz")["samples"])
+    owned = [rank_batches(6, r, 4) for r in range(4)]
+    assert sorted(sum(owned, [])) == list(range(6)) and all(len(set(o)) == len(o) for o in owned)
+
+
+def test_changed_settings_do_not_reuse_shards(toy_run: Path, tmp_path: Path) -> None:
+    run(_sample_cfg(toy_run, "sampler=euler_maruyama", "n=4", "batch_size=4", "steps=2", f"out={tmp_path}", "figures=false"))
+    with pytest.raises(ValueError, match="different job.*steps: 2 → 3"):
+        run(_sample_cfg(toy_run, "sampler=euler_maruyama", "n=4", "batch_size=4", "steps=3", f"out={tmp_path}"))
+    run(_sample_cfg(toy_run, "sampler=euler_maruyama", "n=4", "batch_size=4", "steps=3", f"out={tmp_path}",
+                    "resume=false", "figures=false"))
+    assert json.loads((tmp_path / "run.json").read_text())["nfe"]["total"] == 3
+
+
+# ---------------------------------------------------------------------------------- errors
+def test_requested_sde_must_match_checkpoint(toy_run: Path) -> None:
+    with pytest.raises(ValueError, match=r"trained with sde=\{name: vp.*but sde=\{name: ve"):
+        run(_sample_cfg(toy_run, "sampler=euler_maruyama", "sde=ve"))
+    with pytest.raises(ValueError, match=r"model.hidden: checkpoint 16, requested 128"):
+        run(_sample_cfg(toy_run, "sampler=euler_maruyama", "model=mlp"))
+
+
+def test_weights_that_do_not_fit_the_config_fail_clearly(toy_run: Path, tmp_path: Path) -> None:
+    ck = torch.load(toy_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ck["hyper_parameters"]["cfg"]["model"]["hidden"] = 24
+    bad = tmp_path / "bad.ckpt"
+    torch.save(ck, bad)
+    with pytest.raises(ValueError, match=r"(?s)weights do not fit.*hidden: 24.*size mismatch"):
+        run(_sample_cfg(bad, "sampler=euler_maruyama"))
+
+
+def test_unknown_sampler_lists_the_choices(toy_run: Path) -> None:
+    cfg = _sample_cfg(toy_run, "sampler=euler_maruyama", "sampler.name=nope")
+    with pytest.raises(ValueError, match=r"unknown sampler 'nope'; choose one of: .*euler_maruyama.*pc"):
+        run(cfg)
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="euler_maruyama"):
+        _sample_cfg(toy_run, "sampler=nope")
+
+
+def test_guidance_needs_a_conditional_model(toy_run: Path) -> None:
+    with pytest.raises(ValueError, match="class-conditional"):
+        run(_sample_cfg(toy_run, "sampler=euler_maruyama", "guidance.scale=1.5"))
+    with pytest.raises(ValueError, match="ckpt=<path> is required"):
+        run(_compose("sample", ["sampler=euler_maruyama"]))
+
+
+# ---------------------------------------------------------------------------------- tasks
+def test_inpainting_keeps_observed_pixels(digits_run: Path, tmp_path: Path) -> None:
+    run(_sample_cfg(digits_run, "task=inpaint", "mask=left", "sampler=euler_maruyama", "n=4", "batch_size=4",
+                    "steps=3", f"out={tmp_path}"))
+    z = _npz(tmp_path / "samples.npz")
+    mask = z["mask"].astype(bool)  # [8, 8, 1], 1 = observed
+    assert mask.shape == (8, 8, 1) and not mask[:, :4].any() and mask[:, 4:].all()
+    obs = np.broadcast_to(mask, z["samples"].shape)
+    np.testing.assert_array_equal(z["samples"][obs], z["observed"][obs])
+    assert (z["masked"][~obs] == 128).all()  # unknown pixels shown mid-grey
+    model = load_model(digits_run, device="cpu")
+    ref = model.build_datamodule({}).reference(4, generator=torch.Generator().manual_seed(batch_seed(0, "observed", 0)))
+    np.testing.assert_array_equal(z["observed"], to_stored(ref, model.build_datamodule({})))
+    assert Image.open(tmp_path / "triptych.png").size[::-1] == grid_size(12, 8, 8, nrow=4, pad=1, scale=4)
+
+
+def test_tweedie_inpainting_runs(digits_run: Path, tmp_path: Path) -> None:
+    run(_sample_cfg(digits_run, "task=inpaint", "mask=center", "inpaint.method=tweedie", "sampler=euler_maruyama",
+                    "n=2", "batch_size=2", "steps=2", f"out={tmp_path}", "figures=false"))
+    z = _npz(tmp_path / "samples.npz")
+    obs = np.broadcast_to(z["mask"].astype(bool), z["samples"].shape)
+    assert z["mask"].sum() == 64 - 16
+    np.testing.assert_array_equal(z["samples"][obs], z["observed"][obs])
+
+
+def test_colorize_needs_three_channels(digits_run: Path) -> None:
+    with pytest.raises(ValueError, match="3-channel"):
+        run(_sample_cfg(digits_run, "task=colorize", "sampler=euler_maruyama", "n=2", "batch_size=2", "steps=1"))
+    with pytest.raises(ValueError, match="unknown task 'classifier'; choose one of: sample, inpaint, colorize"):
+        run(_sample_cfg(digits_run, "task=classifier", "sampler=euler_maruyama"))
+
+
+def test_colorize_keeps_the_grey_level() -> None:
+    # Standard normal data: the exact score of p_t is −x/(m² + σ²) = −x for VP.
+    sde, gen = VPSDE(), torch.Generator().manual_seed(0)
+    observed = torch.rand(3, 3, 4, 4, generator=gen) * 2 - 1
+    cond = condition_batch("colorize", "replace", sde, lambda x, t: -x, observed, None, gen)
+    out = cond.finish(sample(sde, cond.score_fn, observed.shape, sampler="euler_maruyama", steps=5, generator=gen,
+                             x_T=cond.x_T, hook=cond.hook).samples)
+    torch.testing.assert_close(out.mean(1), observed.mean(1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(cond.masked, observed.mean(1, keepdim=True).expand_as(observed), atol=1e-6, rtol=0)
+    assert (out - observed).abs().max() > 0.1  # the colours themselves are sampled
+
+
+def test_named_masks() -> None:
+    m = make_mask("center", (3, 8, 6))
+    assert m.shape == (3, 8, 6) and m[:, 2:6, 1:4].sum() == 0 and m.sum() == 3 * (48 - 12)
+    assert make_mask("bottom", (1, 5, 4))[0, :, 0].tolist() == [1, 1, 1, 0, 0]
+    assert make_mask("right", (2,)).tolist() == [1.0, 0.0]
+    r = make_mask("random", (2, 16, 16), ratio=0.25, seed=1)
+    assert torch.equal(r[0], r[1]) and abs(float(1 - r[0].mean()) - 0.25) < 4 * math.sqrt(0.25 * 0.75 / 256)
+    with pytest.raises(ValueError, match="for images"):
+        make_mask("top", (2,))
+    with pytest.raises(ValueError, match="not one of"):
+        make_mask("nowhere", (1, 4, 4))
+
+
+# ---------------------------------------------------------------------------------- likelihood, metrics, plots
+def test_likelihood_mode_matches_log_likelihood(toy_run: Path, tmp_path: Path) -> None:
+    report = run(_sample_cfg(toy_run, "mode=likelihood", "n=6", "batch_size=3", f"out={tmp_path}",
+                             "likelihood.rtol=1e-2", "likelihood.atol=1e-2"))
+    z = _npz(tmp_path / "likelihood.npz")
+    assert z["logp"].shape == (6,) and np.isfinite(z["logp"]).all()
+    model = load_model(toy_run, device="cpu")
+    x = evaluation_examples(model.build_datamodule({}), 6, "val", 0)
+    direct = log_likelihood(model.sde, model.module.score_fn(use_ema=True), x[3:], rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(z["logp"][3:], direct.logp.double().numpy(), rtol=1e-6, atol=1e-6)
+    assert report["nll_nats"]["mean"] == pytest.approx(-z["logp"].mean())
+    assert report["nfe"]["total"] == sum(report["nfe"]["per_batch"]) > 0
+    assert json.loads((tmp_path / "likelihood.json").read_text())["bpd"] is None
+
+
+def test_likelihood_bits_per_dim_for_images(digits_run: Path, tmp_path: Path) -> None:
+    report = run(_sample_cfg(digits_run, "mode=likelihood", "n=2", "batch_size=2", f"out={tmp_path}",
+                             "likelihood.divergence=hutchinson", "likelihood.solver=euler", "likelihood.steps=3"))
+    z = _npz(tmp_path / "likelihood.npz")
+    # x = 2(k + U)/17 − 1: log-density of 17-level pixels = log p(x) + D log 2 − D log 17.
+    expected = -(z["logp"] + 64 * math.log(2) - 64 * math.log(17)) / (64 * math.log(2))
+    np.testing.assert_allclose(z["bpd"], expected, rtol=1e-5)
+    assert report["bpd"]["mean"] == pytest.approx(expected.mean(), rel=1e-5)
+    model = load_model(digits_run, device="cpu")
+    dm = model.build_datamodule({})
+    k = evaluation_examples(dm, 2, "val", 0)
+    assert k.dtype == torch.uint8 and int(k.max()) <= 16
+    x = model_input(k, dm, torch.Generator().manual_seed(batch_seed(0, "likelihood", 0)), torch.float32, torch.device("cpu"))
+    assert -1 <= float(x.min()) and float(x.max()) < 1
+
+
+def test_metrics_mode_vectors(toy_run: Path, tmp_path: Path) -> None:
+    from sde_diffusion.metrics import sliced_wasserstein
+
+    report = run(_sample_cfg(toy_run, "mode=metrics", "sampler=euler_maruyama", "n=40", "batch_size=20", "steps=3",
+                             f"out={tmp_path}", "figures=false"))
+    v = report["vectors"]
+    samples = torch.as_tensor(_npz(tmp_path / "samples.npz")["samples"]).double()
+    ref = load_model(toy_run, device="cpu").build_datamodule({}).reference(
+        40, generator=torch.Generator().manual_seed(batch_seed(0, "metrics-ref", 0)))
+    assert v["sliced_wasserstein"] == pytest.approx(sliced_wasserstein(samples, ref, generator=torch.Generator().manual_seed(0)))
+    # Three training steps: far from the data, far above what real data score.
+    assert v["sliced_wasserstein"] > 5 * v["sliced_wasserstein_floor"] and v["mmd2"] > v["mmd2_floor"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["vectors"] == v
+
+
+def test_plots_mode_writes_every_figure(toy_run: Path, tmp_path: Path) -> None:
+    report = run(_sample_cfg(toy_run, "mode=plots", "sampler=euler_maruyama", "steps=4", "plots.steps=4",
+                             "plots.num_samples=16", "plots.trajectories=8", "plots.strip=4", f"out={tmp_path}"))
+    sizes = {k: Image.open(p).size for k, p in report["files"].items()}
+    assert sizes == {"samples": (800, 400), "trajectories": (1000, 500), "denoising": (800, 240), "loss_by_t": (600, 400)}
+    assert report["notes"] == []
+
+
+def test_cli_subprocess(toy_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), f"ckpt={toy_run}", "sampler=euler_maruyama", "n=5", "batch_size=5",
+         "steps=2", f"out={out}", "sampler.denoise=true"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"wrote {out}" in proc.stdout
+    assert _files(out) == ["run.json", "samples.npz", "samples.png", "shards/batch_00000.npz", "shards/plan.json"]
+    rj = json.loads((out / "run.json").read_text())
+    assert rj["nfe"]["total"] == 3 and rj["sampler"]["options"]["denoise"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"]  # Hydra leaves nothing in the working directory
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_matches_single_process(toy_run: Path, tmp_path: Path) -> None:
+    args = [f"ckpt={toy_run}", "sampler=euler_maruyama", "n=9", "batch_size=2", "steps=2", "progress=false"]
+    run(_sample_cfg(toy_run, *args[1:], f"out={tmp_path / 'one'}"))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), *args, f"out={tmp_path / 'ddp'}", "trainer=ddp",
+         "trainer.accelerator=cpu", "trainer.devices=2"],
+        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_array_equal(_npz(tmp_path / "one/samples.npz")["samples"], _npz(tmp_path / "ddp/samples.npz")["samples"])
+    assert json.loads((tmp_path / "ddp/run.json").read_text())["runtime"]["world_size"] == 2
+    shutil.rmtree(tmp_path / "ddp", ignore_errors=True)

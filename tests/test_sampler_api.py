@@ -1,0 +1,365 @@
+"""Unit tests of the SDE-paper samplers against closed forms: predictors, correctors, PC, ODE, torchsde."""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import pytest
+import torch
+
+from sde_diffusion import GaussianMixture
+from sde_diffusion.samplers import CORRECTORS, PREDICTORS, SAMPLERS, build_sampler, sample
+from sde_diffusion.samplers.base import SamplingContext
+from sde_diffusion.samplers.grids import GRIDS
+from sde_diffusion.samplers.ode_samplers import ODEDopri5, ODEHeun, ODERK4, ODEScipy
+from sde_diffusion.sdes import SubVPSDE, VESDE, VPSDE
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Many small tensor ops: one intra-op thread is much faster on shared cores.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def gaussian_score(mu: float, s2: float, sde):
+    """Exact score of p_t for data N(mu, s2 I): −(x − m mu)/(m² s2 + σ²)."""
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        m = sde.mean_coeff(t).to(x.dtype)[:, None]
+        sig = sde.marginal_std(t).to(x.dtype)[:, None]
+        return -(x - m * mu) / (m**2 * s2 + sig**2)
+
+    return fn
+
+
+def ctx_for(sde, score_fn, seed: int = 0, steps: int = 5, index: int = 0) -> SamplingContext:
+    return SamplingContext(sde, score_fn, torch.Generator().manual_seed(seed), steps, index=index)
+
+
+# ---------------------------------------------------------------------------------- predictors
+def test_registries_list_choices() -> None:
+    assert PREDICTORS.names() == ["ancestral", "euler_maruyama", "none", "reverse_diffusion"]
+    assert CORRECTORS.names() == ["annealed_langevin", "langevin", "none"]
+    for name in ("euler_maruyama", "reverse_diffusion", "ancestral", "pc", "ode_heun", "ode_rk4", "ode_dopri5", "ode_scipy", "torchsde"):
+        assert name in SAMPLERS
+
+
+def test_ancestral_is_ddpm_posterior_for_vp() -> None:
+    """Mean and std equal DDPM's q(x_{i−1} | x_i, x̂_0) written with ᾱ (Ho et al. 2020, eq. 7)."""
+    sde = VPSDE()
+    t, s = torch.tensor(0.6, dtype=F64), torch.tensor(0.55, dtype=F64)
+    score_fn = gaussian_score(0.7, 0.2, sde)
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    ab_t, ab_s = torch.exp(sde.log_alpha_bar(t)), torch.exp(sde.log_alpha_bar(s))
+    alpha = ab_t / ab_s
+    beta = 1 - alpha
+    x0 = (x + (1 - ab_t) * score_fn(x, t.expand(5))) / ab_t.sqrt()
+    mean = ab_s.sqrt() * beta / (1 - ab_t) * x0 + alpha.sqrt() * (1 - ab_s) / (1 - ab_t) * x
+    std = torch.sqrt((1 - ab_s) / (1 - ab_t) * beta)
+    pred = PREDICTORS.get("ancestral")()
+    got_mean = pred.predict(x, t, s, ctx_for(sde, score_fn), noise=False)
+    torch.testing.assert_close(got_mean, mean, rtol=1e-10, atol=1e-12)
+    got = pred.predict(x, t, s, ctx_for(sde, score_fn, seed=3), noise=True)
+    z = torch.randn(5, 3, generator=torch.Generator().manual_seed(3), dtype=F64)
+    torch.testing.assert_close(got, mean + std * z, rtol=1e-10, atol=1e-12)
+
+
+def test_ancestral_is_smld_step_for_ve() -> None:
+    sde = VESDE(sigma_min=0.01, sigma_max=10.0)
+    t, s = torch.tensor(0.5, dtype=F64), torch.tensor(0.4, dtype=F64)
+    score_fn = gaussian_score(0.0, 1.0, sde)
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    st2, ss2 = sde.marginal_std(t) ** 2, sde.marginal_std(s) ** 2
+    mean = x + (st2 - ss2) * score_fn(x, t.expand(4))
+    std = torch.sqrt(ss2 * (st2 - ss2) / st2)
+    got = PREDICTORS.get("ancestral")().predict(x, t, s, ctx_for(sde, score_fn, seed=2))
+    z = torch.randn(4, 2, generator=torch.Generator().manual_seed(2), dtype=F64)
+    torch.testing.assert_close(got, mean + std * z, rtol=1e-10, atol=1e-12)
+
+
+def test_reverse_diffusion_is_ddpm_discretisation_for_vp() -> None:
+    """x ← (2 − √(1−β))x + β s + √β z with 1 − β = ᾱ(t)/ᾱ(s) (Song et al. 2021, eq. 46)."""
+    sde = VPSDE()
+    t, s = torch.tensor(0.3, dtype=F64), torch.tensor(0.25, dtype=F64)
+    score_fn = gaussian_score(-0.5, 0.3, sde)
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(4), dtype=F64)
+    beta = 1 - torch.exp(sde.log_alpha_bar(t) - sde.log_alpha_bar(s))
+    z = torch.randn(6, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
+    expected = (2 - torch.sqrt(1 - beta)) * x + beta * score_fn(x, t.expand(6)) + beta.sqrt() * z
+    got = PREDICTORS.get("reverse_diffusion")().predict(x, t, s, ctx_for(sde, score_fn, seed=5))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("sde", [VPSDE(eps=1e-3), VESDE(sigma_max=5.0, eps=1e-3)], ids=["vp", "ve"])
+@pytest.mark.parametrize(
+    "name,opts",
+    [
+        ("euler_maruyama", {}), ("reverse_diffusion", {}), ("ancestral", {}),
+        ("pc", {"corrector": "langevin"}), ("pc", {"predictor": "ancestral", "corrector": "annealed_langevin"}),
+        ("torchsde", {"method": "euler"}), ("torchsde", {"method": "srk"}), ("torchsde", {"method": "reversible_heun"}),
+    ],
+)
+def test_sde_samplers_gaussian_moments(sde, name: str, opts) -> None:
+    """On Gaussian data N(mu, s2) the reverse SDE must return mean mu and variance s2 (float64, 1-D).
+
+    Tolerance: 5 Monte-Carlo standard errors plus 0.01 for the O(1/N) discretisation bias.
+    """
+    mu, s2, n = 1.0, 0.2, 10000
+    steps = 100 if opts.get("method") == "srk" else 200
+    res = sample(sde, gaussian_score(mu, s2, sde), (n, 1), sampler=name, steps=steps,
+                 generator=torch.Generator().manual_seed(0), dtype=F64, **opts)
+    x = res.samples
+    assert abs(float(x.mean()) - mu) < 5 * math.sqrt(s2 / n) + 0.01
+    assert abs(float(x.var()) - s2) < 5 * s2 * math.sqrt(2 / n) + 0.01
+
+
+def test_em_predictor_in_pc_equals_euler_maruyama() -> None:
+    gm = GaussianMixture.ring()
+    sde = VPSDE(eps=1e-3)
+    kw = dict(steps=20)
+    a = sample(sde, gm.score_fn(sde), (64, 2), sampler="euler_maruyama", generator=torch.Generator().manual_seed(9), **kw)
+    b = sample(sde, gm.score_fn(sde), (64, 2), sampler="pc", predictor="euler_maruyama", corrector="none",
+               generator=torch.Generator().manual_seed(9), **kw)
+    assert torch.equal(a.samples, b.samples) and a.nfe == b.nfe == 20
+
+
+@pytest.mark.parametrize("name", ["reverse_diffusion", "ancestral"])
+def test_predictor_alone_equals_pc_without_corrector(name: str) -> None:
+    gm = GaussianMixture.ring()
+    sde = VESDE(sigma_max=12.0, eps=1e-3)
+    a = sample(sde, gm.score_fn(sde), (64, 2), sampler=name, steps=15, generator=torch.Generator().manual_seed(2))
+    b = sample(sde, gm.score_fn(sde), (64, 2), sampler="pc", predictor=name, corrector="none", steps=15,
+               generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a.samples, b.samples)
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE(sigma_max=12.0)], ids=["vp", "subvp", "ve"])
+def test_variants_finite_for_few_steps(sde) -> None:
+    """Every predictor × corrector pair and every torchsde method stays finite for 1–10 steps."""
+    gm = GaussianMixture.ring()
+    variants = [("pc", {"predictor": p, "corrector": c, "snr_norm": norm})
+                for p in PREDICTORS.names() for c in CORRECTORS.names()
+                for norm in (("batch", "sample") if c == "langevin" else ("batch",))
+                if not (p == "none" and c == "none")]
+    variants += [("torchsde", {"method": m}) for m in ("euler", "milstein", "srk", "reversible_heun")]
+    for name, opts in variants:
+        for steps in (1, 2, 5, 10):
+            x = sample(sde, gm.score_fn(sde), (32, 2), sampler=name, steps=steps,
+                       generator=torch.Generator().manual_seed(0), **opts).samples
+            assert torch.isfinite(x).all(), (name, opts, steps)
+
+
+# ---------------------------------------------------------------------------------- correctors
+def test_langevin_step_size_matches_snr_rule() -> None:
+    """δ = 2α(r‖z‖/‖s‖)² with batch-mean or per-sample norms; α = ᾱ(t)/ᾱ(t') on VP, 1 on VE."""
+    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(0), dtype=F64)
+    t, t_next = torch.tensor(0.5, dtype=F64), torch.tensor(0.45, dtype=F64)
+    for sde in (VPSDE(), VESDE()):
+        score_fn = gaussian_score(0.3, 0.5, sde)
+        s = score_fn(x, t.expand(8))
+        z = torch.randn(8, 5, generator=torch.Generator().manual_seed(1), dtype=F64)
+        alpha = float(torch.exp(sde.log_alpha_bar(t) - sde.log_alpha_bar(t_next))) if isinstance(sde, VPSDE) else 1.0
+        for norm in ("batch", "sample"):
+            sn, zn = s.norm(dim=1), z.norm(dim=1)
+            if norm == "batch":
+                sn, zn = sn.mean(), zn.mean()
+            delta = (2 * alpha * (0.2 * zn / sn) ** 2) * torch.ones(8, dtype=F64)
+            expected_mean = x + delta[:, None] * s
+            expected = expected_mean + torch.sqrt(2 * delta)[:, None] * z
+            corr = CORRECTORS.get("langevin")(snr=0.2, n_steps=1, snr_norm=norm)
+            got, got_mean = corr.correct(x, t, t_next, ctx_for(sde, score_fn, seed=1))
+            torch.testing.assert_close(got_mean, expected_mean, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_annealed_langevin_stationary_variance() -> None:
+    """Unadjusted Langevin on N(0, v) with step δ is stationary at v/(1 − δ/(2v)) (exact for a Gaussian)."""
+    sde = VESDE(sigma_min=0.01, sigma_max=5.0)
+    t = torch.tensor(0.8, dtype=F64)
+    score_fn = gaussian_score(0.0, 1.0, sde)  # p_t = N(0, 1 + σ(t)²)
+    v = 1 + float(sde.marginal_std(t)) ** 2
+    r = 0.5
+    delta = 2 * (r * float(sde.marginal_std(t))) ** 2  # α = 1 on VE
+    corr = CORRECTORS.get("annealed_langevin")(snr=r, n_steps=60)
+    x0 = math.sqrt(v) * torch.randn(20000, 1, generator=torch.Generator().manual_seed(0), dtype=F64)
+    x, _ = corr.correct(x0, t, t - 0.01, ctx_for(sde, score_fn, seed=1))
+    target = v / (1 - delta / (2 * v))
+    assert abs(float(x.var()) - target) < 5 * target * math.sqrt(2 / 20000)
+    assert abs(target - v) > 10 * target * math.sqrt(2 / 20000)  # the test can see the ULA bias
+
+
+def test_bad_pc_options() -> None:
+    sde = VPSDE()
+    fn = gaussian_score(0.0, 1.0, sde)
+    for snr in (0.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="snr"):
+            sample(sde, fn, (4, 2), sampler="pc", steps=2, snr=snr)
+    with pytest.raises(ValueError, match="n_corrector_steps"):
+        sample(sde, fn, (4, 2), sampler="pc", steps=2, n_corrector_steps=-1)
+    with pytest.raises(ValueError, match="ancestral.*euler_maruyama.*none.*reverse_diffusion"):
+        build_sampler("pc", predictor="heun")
+    with pytest.raises(ValueError, match="annealed_langevin.*langevin.*none"):
+        build_sampler("pc", corrector="hmc")
+    with pytest.raises(ValueError, match="snr_norm"):
+        build_sampler("pc", snr_norm="median")
+    with pytest.raises(ValueError, match="never evaluates"):
+        build_sampler("pc", predictor="none", corrector="none")
+    with pytest.raises(ValueError, match="grid"):
+        sample(sde, fn, (4, 2), sampler="pc", steps=2, grid="cubic")
+
+
+@pytest.mark.parametrize("predictor", ["euler_maruyama", "reverse_diffusion", "ancestral", "none"])
+@pytest.mark.parametrize("corrector", ["langevin", "annealed_langevin", "none"])
+def test_pc_nfe_formula(predictor: str, corrector: str) -> None:
+    sde = SubVPSDE()
+    for n_corr in (0, 1, 2):
+        p = 0 if predictor == "none" else 1
+        c = 0 if corrector == "none" else n_corr
+        if p + c == 0:
+            continue
+        calls = [0]
+
+        def fn(x, t):
+            calls[0] += 1
+            return -x
+
+        res = sample(sde, fn, (3, 2), sampler="pc", steps=4, predictor=predictor, corrector=corrector,
+                     n_corrector_steps=n_corr, denoise=True)
+        assert res.nfe == calls[0] == 4 * (p + c) + 1
+
+
+def test_noise_free_final() -> None:
+    """With noise_free_final the last step adds no noise: the 1-step output is a function of x_T."""
+    sde = VPSDE()
+    fn = gaussian_score(0.0, 1.0, sde)
+    x_T = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    for name, extra in [("pc", {"corrector": "none"}), ("ancestral", {}), ("reverse_diffusion", {})]:
+        out = [sample(sde, fn, (6, 2), sampler=name, steps=1, x_T=x_T, generator=torch.Generator().manual_seed(s), **extra).samples for s in (1, 2)]
+        assert torch.equal(out[0], out[1])
+        out = [sample(sde, fn, (6, 2), sampler=name, steps=1, x_T=x_T, noise_free_final=False,
+                      generator=torch.Generator().manual_seed(s), **extra).samples for s in (1, 2)]
+        assert not torch.allclose(out[0], out[1])
+
+
+# ---------------------------------------------------------------------------------- ODE samplers
+def gaussian_flow(x0: torch.Tensor, mu: float, s2: float, sde, t: float) -> torch.Tensor:
+    """Probability-flow map of N(mu, s2 I) data from 0 to t: m mu + √((m² s2 + σ²)/s2)(x0 − mu)."""
+    tt = torch.tensor(t, dtype=F64)
+    m, sig = sde.mean_coeff(tt), sde.marginal_std(tt)
+    return m * mu + torch.sqrt((m**2 * s2 + sig**2) / s2) * (x0 - mu)
+
+
+@pytest.mark.parametrize("sde", [VPSDE(eps=1e-3), SubVPSDE(eps=1e-3), VESDE(sigma_max=20.0, eps=1e-3)], ids=["vp", "subvp", "ve"])
+def test_ode_samplers_follow_analytic_gaussian_flow(sde) -> None:
+    mu, s2 = 0.8, 0.3
+    score_fn = gaussian_score(mu, s2, sde)
+    x_T = sde.prior_std * torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    # Invert the analytic map at T to get the exact decoded value at eps.
+    tT = torch.tensor(sde.T, dtype=F64)
+    m_T, s_T = sde.mean_coeff(tT), sde.marginal_std(tT)
+    x0 = mu + (x_T - m_T * mu) * math.sqrt(s2) / torch.sqrt(m_T**2 * s2 + s_T**2)
+    exact = gaussian_flow(x0, mu, s2, sde, sde.eps)
+    for name, steps, opts, tol in [
+        ("ode_heun", 200, {}, 1e-3), ("ode_rk4", 50, {}, 1e-4),
+        ("ode_dopri5", 1, {"rtol": 1e-8, "atol": 1e-8}, 1e-5), ("ode_scipy", 1, {"rtol": 1e-8, "atol": 1e-8}, 1e-5),
+    ]:
+        got = sample(sde, score_fn, x_T.shape, sampler=name, steps=steps, x_T=x_T, **opts).samples
+        err = float((got - exact).abs().max())
+        assert err < tol, f"{name}: max error {err:.2e}"
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_ode_rk4_any_grid(grid: str) -> None:
+    sde = VPSDE(eps=1e-3)
+    mu, s2 = -0.4, 0.5
+    x_T = torch.randn(8, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
+    tT = torch.tensor(sde.T, dtype=F64)
+    m_T, s_T = sde.mean_coeff(tT), sde.marginal_std(tT)
+    x0 = mu + (x_T - m_T * mu) * math.sqrt(s2) / torch.sqrt(m_T**2 * s2 + s_T**2)
+    got = sample(sde, gaussian_score(mu, s2, sde), x_T.shape, sampler="ode_rk4", steps=40, grid=grid, x_T=x_T)
+    assert float((got.samples - gaussian_flow(x0, mu, s2, sde, sde.eps)).abs().max()) < 1e-3
+    assert got.nfe == 160
+
+
+def test_ode_round_trip() -> None:
+    """Encode mixture data to the prior (eps → T) and decode with ode_dopri5 and ode_scipy."""
+    gm = GaussianMixture.ring()
+    sde = VPSDE(eps=1e-3)
+    fn = gm.score_fn(sde)
+    x = gm.sample(64, generator=torch.Generator().manual_seed(0))  # float64
+    enc = ODEDopri5(rtol=1e-7, atol=1e-7).encode(sde, fn, x)
+    z = enc.y
+    assert enc.nfe > 0
+    assert abs(float(z.std()) - 1.0) < 0.25  # the code looks like the N(0, I) prior, not like data
+    for dec in (ODEDopri5(rtol=1e-7, atol=1e-7), ODEScipy(rtol=1e-7, atol=1e-7)):
+        back = sample(sde, fn, x.shape, sampler=dec, steps=1, x_T=z).samples
+        assert float((back - x).abs().max()) < 1e-4, type(dec).__name__
+    for enc_fixed, steps in ((ODEHeun(), 400), (ODERK4(), 100)):
+        z2 = enc_fixed.encode(sde, fn, x, steps).y
+        assert float((z2 - z).abs().max()) < 1e-3
+
+
+def test_adaptive_samplers_ignore_steps_and_reject_hooks() -> None:
+    sde = VPSDE(eps=1e-3)
+    fn = gaussian_score(0.0, 1.0, sde)
+    x_T = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
+    for name in ("ode_dopri5", "ode_scipy"):
+        a = sample(sde, fn, x_T.shape, sampler=name, steps=1, x_T=x_T)
+        b = sample(sde, fn, x_T.shape, sampler=name, steps=50, x_T=x_T)
+        assert torch.equal(a.samples, b.samples) and a.nfe == b.nfe
+        assert SAMPLERS.get(name).nfe_per_step == 0 and build_sampler(name).expected_nfe(10) is None
+    for name in ("ode_dopri5", "ode_scipy", "torchsde"):
+        with pytest.raises(ValueError, match="hook"):
+            sample(sde, fn, x_T.shape, sampler=name, steps=3, x_T=x_T, hook=lambda x, t: x)
+    for bad in ({"rtol": 0.0}, {"atol": -1.0}):
+        with pytest.raises(ValueError, match="rtol and atol"):
+            build_sampler("ode_dopri5", **bad)
+    with pytest.raises(ValueError, match="RK45"):
+        build_sampler("ode_scipy", method="Euler")
+
+
+def test_trajectories() -> None:
+    sde = VPSDE(eps=1e-3)
+    fn = gaussian_score(0.0, 1.0, sde)
+    for name, opts in [("pc", {}), ("ode_rk4", {}), ("torchsde", {"method": "srk"}), ("ancestral", {})]:
+        res = sample(sde, fn, (4, 2), sampler=name, steps=5, return_trajectory=True,
+                     generator=torch.Generator().manual_seed(0), **opts)
+        assert len(res.trajectory) == 6 and res.times.shape == (6,)
+        assert torch.equal(res.trajectory[-1], res.samples)
+        assert float(res.times[0]) == sde.T and abs(float(res.times[-1]) - 1e-3) < 1e-7
+
+
+# ---------------------------------------------------------------------------------- torchsde
+@pytest.mark.parametrize("method,per_step,init", [("euler", 1, 0), ("milstein", 1, 0), ("srk", 3, 0), ("reversible_heun", 1, 1)])
+def test_torchsde_nfe_and_seed(method: str, per_step: int, init: int) -> None:
+    sde = VESDE(sigma_max=5.0, eps=1e-3)
+    calls = [0]
+    base = gaussian_score(0.0, 1.0, sde)
+
+    def fn(x, t):
+        calls[0] += 1
+        return base(x, t)
+
+    x = [sample(sde, fn, (7, 3), sampler="torchsde", method=method, steps=9, generator=torch.Generator().manual_seed(s))
+         for s in (0, 0, 1)]
+    assert x[0].nfe == x[1].nfe == 9 * per_step + init and calls[0] == 3 * x[0].nfe
+    assert torch.equal(x[0].samples, x[1].samples) and not torch.allclose(x[0].samples, x[2].samples)
+
+
+def test_torchsde_milstein_equals_euler() -> None:
+    """g depends on t only, so Milstein's correction is zero: same Brownian path, same samples."""
+    sde = VPSDE(eps=1e-3)
+    fn = gaussian_score(0.5, 0.1, sde)
+    a, b = (sample(sde, fn, (10, 2), sampler="torchsde", method=m, steps=12, generator=torch.Generator().manual_seed(3),
+                   dtype=F64).samples for m in ("euler", "milstein"))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+
+
+def test_torchsde_bad_method() -> None:
+    with pytest.raises(ValueError, match="euler, milstein, srk, reversible_heun"):
+        build_sampler("torchsde", method="heun")
