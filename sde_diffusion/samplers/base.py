@@ -86,7 +86,7 @@ class Sampler(abc.ABC):
     """Base of all samplers.
 
     Args:
-        eps: final time of the reverse process (default ``sde.eps``); must be in (0, T).
+        eps: final time of the reverse process (default ``sde.sampling_eps``); must be in (0, T).
         denoise: after the last step, return Tweedie's x̂_0 = (x + σ² s(x, eps))/m (one more NFE).
     """
 
@@ -98,7 +98,7 @@ class Sampler(abc.ABC):
         self.denoise = bool(denoise)
 
     def end_time(self, sde: SDE) -> float:
-        eps = sde.eps if self.eps is None else float(self.eps)
+        eps = sde.sampling_eps if self.eps is None else float(self.eps)
         if not 0 < eps < sde.T:
             raise ValueError(f"eps must lie in (0, T={sde.T}) for {type(self).__name__}, got eps={eps}")
         return eps

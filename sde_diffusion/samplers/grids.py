@@ -30,10 +30,10 @@ def time_grid(
     device: Optional[Union[str, torch.device]] = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Return ``[steps + 1]`` times, ``ts[0] = sde.T`` down to ``ts[-1] = eps`` (default ``sde.eps``)."""
+    """Return ``[steps + 1]`` times, ``ts[0] = sde.T`` down to ``ts[-1] = eps`` (default ``sde.sampling_eps``)."""
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be an integer ≥ 1, got {steps}")
-    eps = sde.eps if eps is None else float(eps)
+    eps = sde.sampling_eps if eps is None else float(eps)
     if not 0 < eps < sde.T:
         raise ValueError(f"eps must lie in (0, T={sde.T}), got eps={eps}")
     if kind not in GRIDS:

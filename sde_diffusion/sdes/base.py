@@ -65,16 +65,27 @@ class SDE(abc.ABC):
 
     Args:
         T: end time of the forward process.
-        eps: default smallest time the reverse process integrates to (the score is singular at 0).
+        eps: smallest time used for training and likelihoods (the score is singular at 0).
+        sampling_eps: default end time of samplers (None: max(``default_sampling_eps``, eps)).
+            Ending the reverse process a little above 0 removes noise that no step count can
+            resolve; Song et al. use 1e-3 for VP-type processes and 1e-5 for VE.
     """
 
-    def __init__(self, T: float = 1.0, eps: float = 1e-5) -> None:
+    default_sampling_eps: float = 1e-5
+
+    def __init__(self, T: float = 1.0, eps: float = 1e-5, sampling_eps: Optional[float] = None) -> None:
         if not T > 0:
             raise ValueError(f"T must be positive, got T={T}")
         if not 0 <= eps < T:
             raise ValueError(f"eps must lie in [0, T={T}), got eps={eps}")
+        if sampling_eps is None:
+            # Never end sampling below the smallest trained time.
+            sampling_eps = min(max(self.default_sampling_eps, eps), T / 2)
+        if not 0 < sampling_eps < T:
+            raise ValueError(f"sampling_eps must lie in (0, T={T}), got sampling_eps={sampling_eps}")
         self.T = float(T)
         self.eps = float(eps)
+        self.sampling_eps = float(sampling_eps)
 
     # ------------------------------------------------------------------ what a subclass provides
     # These four hooks receive a validated floating tensor ``t`` and return its shape.

@@ -24,6 +24,7 @@ its shape. Sampling, training and likelihoods then work as for the built-in proc
 from __future__ import annotations
 
 import abc
+import math
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -45,9 +46,14 @@ class LinearSDE(SDE):
     """
 
     def __init__(
-        self, T: float = 1.0, eps: float = 1e-5, grid_size: int = 2048, prior_std: Optional[float] = None
+        self,
+        T: float = 1.0,
+        eps: float = 1e-5,
+        grid_size: int = 2048,
+        prior_std: Optional[float] = None,
+        sampling_eps: Optional[float] = None,
     ) -> None:
-        super().__init__(T=T, eps=eps)
+        super().__init__(T=T, eps=eps, sampling_eps=sampling_eps)
         if grid_size < 8:
             raise ValueError(f"grid_size must be at least 8, got {grid_size}")
         if prior_std is not None and not prior_std > 0:
@@ -125,22 +131,48 @@ class LinearSDE(SDE):
     def m(self, t: Tensor) -> Tensor:
         return torch.exp(self.log_mean_coeff(t)).to(t.dtype)
 
-    def sigma(self, t: Tensor) -> Tensor:
-        L, dL, K, dK = self._tables_for(t)
-        logm = self._interp(t, L, dL)
-        k = torch.clamp(self._interp(t, K, dK), min=0.0)
+    def _K(self, tt: Tensor, tables: Tuple[Tensor, ...]) -> Tensor:
+        """K(t) = ∫_0^t g² e^{−2L} for ``tt`` in the tables' dtype (σ² = m² K, λ = −log K)."""
+        L, dL, K, dK = tables
+        k = torch.clamp(self._interp(tt, K, dK), min=0.0)
         # Near 0, K may vanish faster than t (e.g. g² ∝ t), where interpolation loses its
-        # relative accuracy: integrate K(t) = ∫_0^t g² e^{−2L} directly in the first cells instead.
+        # relative accuracy: integrate K directly in the first cells instead.
         h = 8 * self.T / self.grid_size
-        tt = t.to(L.dtype)
         xg = torch.as_tensor(_GL_NODES, dtype=L.dtype, device=L.device)
         wg = torch.as_tensor(_GL_WEIGHTS, dtype=L.dtype, device=L.device)
         tc = torch.clamp(tt, max=h)
         nodes = tc[..., None] * 0.5 * (xg + 1)
         g2 = torch.as_tensor(self.g(nodes), dtype=L.dtype, device=L.device) ** 2
         k_near = 0.5 * tc * (g2 * torch.exp(-2 * self._interp(nodes, L, dL)) * wg).sum(-1)
-        k = torch.where(tt < h, k_near, k)
-        return (torch.exp(logm) * torch.sqrt(k)).to(t.dtype)
+        return torch.where(tt < h, k_near, k)
+
+    def sigma(self, t: Tensor) -> Tensor:
+        tables = self._tables_for(t)
+        tt = t.to(tables[0].dtype)
+        logm = self._interp(tt, tables[0], tables[1])
+        return (torch.exp(logm) * torch.sqrt(self._K(tt, tables))).to(t.dtype)
+
+    def t_from_log_snr(self, lam: Tensor) -> Tensor:
+        """Inverse of λ(t) = −log K(t): bracket on the table, then Newton steps on log K."""
+        lam = torch.as_tensor(lam)
+        out_dtype = lam.dtype if lam.is_floating_point() else torch.get_default_dtype()
+        tables = self._tables_for(lam)
+        L, dL, K, _ = tables
+        target = torch.exp(-lam.to(L.dtype)).clamp(min=float(K[1]) * 1e-30, max=float(K[-1]))
+        h = self.T / self.grid_size
+        idx = torch.searchsorted(K, target).clamp(1, self.grid_size)
+        k0, k1 = K[idx - 1], K[idx]
+        t = (((idx - 1) + (target - k0) / (k1 - k0)) * h).clamp(min=1e-300)
+        log_target = torch.log(target)
+        # Newton in u = log t: log K is nearly linear in log t near 0 (K ∝ t^p), so this converges
+        # from the crude first guess everywhere.
+        u = torch.log(t)
+        for _ in range(8):
+            t = torch.exp(u)
+            k = self._K(t, tables).clamp(min=1e-300)
+            dk = torch.as_tensor(self.g(t), dtype=L.dtype, device=L.device) ** 2 * torch.exp(-2 * self._interp(t, L, dL))
+            u = (u - (torch.log(k) - log_target) * k / (t * dk)).clamp(max=math.log(self.T))
+        return torch.exp(u).to(out_dtype)
 
     @property
     def prior_std(self) -> float:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -29,8 +30,9 @@ class VESDE(SDE):
         T: float = 1.0,
         eps: float = 1e-5,
         exact_kernel: bool = True,
+        sampling_eps: Optional[float] = None,
     ) -> None:
-        super().__init__(T=T, eps=eps)
+        super().__init__(T=T, eps=eps, sampling_eps=sampling_eps)
         if not sigma_min > 0:
             raise ValueError(f"sigma_min must be positive, got sigma_min={sigma_min}")
         if not sigma_min < sigma_max:

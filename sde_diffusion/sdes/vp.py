@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -25,8 +26,17 @@ class VPSDE(SDE):
         xt = sde.perturb(x0, torch.full((x0.shape[0],), 0.5), torch.randn_like(x0))
     """
 
-    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0, eps: float = 1e-5) -> None:
-        super().__init__(T=T, eps=eps)
+    default_sampling_eps = 1e-3
+
+    def __init__(
+        self,
+        beta_min: float = 0.1,
+        beta_max: float = 20.0,
+        T: float = 1.0,
+        eps: float = 1e-5,
+        sampling_eps: Optional[float] = None,
+    ) -> None:
+        super().__init__(T=T, eps=eps, sampling_eps=sampling_eps)
         if beta_min <= 0:
             raise ValueError(f"beta_min must be positive, got beta_min={beta_min}")
         if beta_min > beta_max:
@@ -111,12 +121,14 @@ class CosineVPSDE(SDE):
     time is T = 0.9946 (ᾱ(T) ≈ 7e-5), as in DPM-Solver's continuous cosine schedule.
     """
 
-    def __init__(self, s: float = 0.008, T: float = 0.9946, eps: float = 1e-5) -> None:
+    default_sampling_eps = 1e-3
+
+    def __init__(self, s: float = 0.008, T: float = 0.9946, eps: float = 1e-5, sampling_eps: Optional[float] = None) -> None:
         if not s > 0:
             raise ValueError(f"s must be positive, got s={s}")
         if not T < 1.0:
             raise ValueError(f"T must be < 1 for the cosine schedule (β(1) = ∞), got T={T}")
-        super().__init__(T=T, eps=eps)
+        super().__init__(T=T, eps=eps, sampling_eps=sampling_eps)
         self.s = float(s)
         self._log_cos0 = math.log(math.cos(self.s / (1 + self.s) * math.pi / 2))
 
