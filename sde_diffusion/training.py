@@ -325,9 +325,11 @@ def _output_dir(cfg: Any, output_dir: Optional[Union[str, Path]]) -> Path:
 
 
 def build_trainer(cfg: Mapping[str, Any], output_dir: Path, callbacks: List[Any], loggers: List[Any]) -> "L.Trainer":
-    """A Trainer from ``cfg.trainer`` (its keys are Trainer arguments; ``name`` is dropped)."""
+    """A Trainer from ``cfg.trainer``: its keys are Trainer arguments, except ``name`` (dropped) and
+    ``num_threads`` (torch's intra-op CPU threads, applied by :func:`train`)."""
     kwargs = dict(to_container(cfg["trainer"]))
     kwargs.pop("name", None)
+    kwargs.pop("num_threads", None)
     try:
         return L.Trainer(default_root_dir=str(output_dir), callbacks=callbacks, logger=loggers or False, **kwargs)
     except TypeError as err:
@@ -363,6 +365,11 @@ def train(
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
         check_resume_compatible(plain, saved.get("hyper_parameters", {}).get("cfg", {}))
         del saved
+    threads = (plain.get("trainer") or {}).get("num_threads")
+    if threads:
+        # One thread per process is the robust choice on a shared CPU: with more threads than
+        # free cores, OpenMP's spinning makes small convolutions many times slower.
+        torch.set_num_threads(int(threads))
     L.seed_everything(int(plain.get("seed", 0)), workers=True, verbose=False)
     dm = datamodule if datamodule is not None else build_datamodule(plain)
     class_labels, _ = conditioning(plain)

@@ -152,6 +152,34 @@ def test_resume_continues_and_checks_the_network(tmp_path: Path) -> None:
         train_classifier(compose(over + ["trainer.max_steps=12", "resume=true", "+classifier.model.hidden=32"]), tmp_path)
 
 
+def test_image_classifier_trains_logs_per_t_accuracy_and_guides(tmp_path: Path) -> None:
+    over = QUIET + [
+        "data=digits", "+classifier.model.ch=8", "trainer.max_steps=4", "trainer.val_check_interval=4",
+        "trainer.limit_val_batches=1", "classifier.eval_buckets=3", "classifier.eval_repeats=1",
+        "callbacks.checkpoint.every_n_steps=0",
+    ]
+    res = train_classifier(compose(over), tmp_path)
+    assert res.trainer.global_step == 4
+    names = {k for k in res.trainer.callback_metrics if k.startswith("val/acc_t/")}
+    assert names == {"val/acc_t/0.00-0.33", "val/acc_t/0.33-0.67", "val/acc_t/0.67-1.00"}
+    assert len(res.accuracy) == 3 and sum(r.count for r in res.accuracy) == 3 * len(res.datamodule.val_set)
+
+    clf = load_classifier(res.last_checkpoint).double()
+    assert isinstance(clf.net, UNetEncoderClassifier) and clf.net.conv_in.out_channels == 8
+    # With a zero score the guided score is w·∇_x log p_φ(y | x, t): compare with central differences.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.full((4,), 0.4, dtype=torch.float64)
+    y = torch.tensor([0, 3, 5, 9])
+    guided = ClassifierGuidance(lambda x, t: torch.zeros_like(x), clf, y=y, scale=2.0)(x, t)
+    v = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    h = 1e-5
+    with torch.no_grad():
+        lp = lambda z: clf.log_prob(z, t).gather(1, y[:, None]).squeeze(1)  # noqa: E731
+        fd = (lp(x + h * v) - lp(x - h * v)) / (2 * h)
+    torch.testing.assert_close((guided * v).flatten(1).sum(1), 2.0 * fd, rtol=1e-5, atol=1e-7)
+
+
 def test_load_classifier_rejects_other_checkpoints(tmp_path: Path) -> None:
     path = tmp_path / "score.ckpt"
     torch.save({"hyper_parameters": {"cfg": {}, "data_shape": [2], "num_classes": None}, "state_dict": {}}, path)

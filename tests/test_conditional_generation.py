@@ -70,7 +70,7 @@ DIGITS = QUIET + [
     "conditioning.class_labels=true", "ema.enabled=false", "optim.warmup_steps=50", "trainer.max_steps=300",
     "trainer.limit_val_batches=0", "callbacks.checkpoint.every_n_steps=0",
 ]
-N_PER_SCALE = 200
+N_PER_SCALE = 500
 SAMPLER, STEPS = "dpm_solver", 20
 
 
@@ -100,11 +100,12 @@ def test_guidance_raises_agreement_with_the_requested_digit(digits_run: Any) -> 
         x, labels = guided_samples(module, w, N_PER_SCALE)
         assert torch.isfinite(x).all()
         rates[w] = (classify(x.clamp(-1, 1)) == labels).double().mean().item()
-    # Chance is 0.1. Measured (400 steps): 0.62 at w = 0, 0.92 at w = 3. The gap must exceed
-    # 4 standard errors of a difference of two proportions of N_PER_SCALE samples each (≤ 0.2).
+    # Chance is 0.1. Measured: 0.76–0.77 at w = 0 and 0.93–0.96 at w = 3 (200 and 1000 samples).
+    # The gap must exceed 4 standard errors of a difference of two proportions (≈ 0.09 here).
     se = math.sqrt(sum(r * (1 - r) for r in rates.values()) / N_PER_SCALE)
-    assert rates[0.0] > 0.1 + 4 * math.sqrt(0.09 / N_PER_SCALE), rates  # conditioning alone helps
-    assert rates[3.0] - rates[0.0] > max(4 * se, 0.1), rates
+    assert rates[0.0] > 0.5, rates  # the labels alone already steer the samples
+    assert rates[3.0] - rates[0.0] > 4 * se, (rates, se)
+    assert 1 - rates[3.0] < 0.5 * (1 - rates[0.0]), rates  # guidance at least halves the disagreement
 
 
 def test_conditional_checkpoint_rebuilds_the_guided_sampler(digits_run: Any) -> None:

@@ -174,6 +174,19 @@ def test_reproduces_mixture_full_grid(name: str, sde_name: str, problem: str) ->
     check_distribution(name, sde_name, problem)
 
 
+# Corrector-only sampling (predictor "none"): the correctors alone must carry the prior to the data.
+# This is where a wrong corrector sign shows; inside pc with a predictor it would be masked.
+@pytest.mark.parametrize(
+    "sde_name,opts",
+    [
+        ("ve", {"predictor": "none", "corrector": "annealed_langevin"}),  # SMLD's sampler
+        ("vp", {"predictor": "none", "corrector": "langevin", "n_corrector_steps": 2}),
+    ],
+)
+def test_corrector_only_sampling_reproduces_mixture(sde_name: str, opts: Dict[str, Any]) -> None:
+    check_distribution("pc", sde_name, "ring", steps=250, **opts)
+
+
 @functools.lru_cache(maxsize=None)
 def euler_maruyama_samples(sde_name: str, problem: str) -> Tensor:
     return draw("euler_maruyama", sde_name, problem, seed=11)
