@@ -42,6 +42,7 @@ written at the end of training to ``<run dir>/accuracy_by_t.json``.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -280,8 +281,6 @@ def classifier_network_config(cfg: Mapping[str, Any]) -> Tuple[str, Dict[str, An
 
 def build_classifier_network(cfg: Mapping[str, Any], data_shape: Sequence[int], num_classes: int) -> TimeClassifier:
     """The classifier network of ``cfg`` for ``data_shape`` and ``num_classes`` (ValueError on bad options)."""
-    import inspect
-
     name, kwargs = classifier_network_config(cfg)
     factory = CLASSIFIERS.get(name)  # unknown names: ValueError listing the choices
     try:
@@ -375,9 +374,7 @@ class NoisyClassifier(L.LightningModule):
     def __init__(self, cfg: Mapping[str, Any], data_shape: Sequence[int], num_classes: int) -> None:
         super().__init__()
         cfg = to_container(cfg)
-        self.save_hyperparameters(
-            {"cfg": cfg, "data_shape": [int(s) for s in data_shape], "num_classes": num_classes, "kind": CHECKPOINT_KIND}
-        )
+        self.save_hyperparameters({"cfg": cfg, "data_shape": [int(s) for s in data_shape], "num_classes": int(num_classes)})
         self.cfg = cfg
         self.data_shape = tuple(int(s) for s in data_shape)
         self.num_classes = int(num_classes)
@@ -456,6 +453,10 @@ class NoisyClassifier(L.LightningModule):
         self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, on_epoch=True, sync_dist=True, batch_size=B)
         self.log("val/acc", torch.stack(accs).mean(), prog_bar=True, on_epoch=True, sync_dist=True, batch_size=B)
 
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # Tells checkpoint readers (load_classifier, sample.py) that this is not a score model.
+        checkpoint["kind"] = CHECKPOINT_KIND
+
     def configure_optimizers(self) -> Dict[str, Any]:
         o = self.optim_cfg
         opt = torch.optim.AdamW(self.net.parameters(), lr=o["lr"], betas=o["betas"], eps=o["eps"], weight_decay=o["weight_decay"])
@@ -474,12 +475,12 @@ def load_classifier(path: Union[str, Path], map_location: Any = "cpu") -> NoisyC
 
     file = resolve_checkpoint_path(path)
     ckpt = torch.load(str(file), map_location=map_location, weights_only=False)
-    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, Mapping) else None
-    if not isinstance(hp, Mapping) or hp.get("kind") != CHECKPOINT_KIND:
+    if not isinstance(ckpt, Mapping) or ckpt.get("kind") != CHECKPOINT_KIND:
         raise ValueError(
             f"{file} is not a noisy-classifier checkpoint (train one with `python train.py task=classifier ...`); "
             "score-model checkpoints load with sde_diffusion.training.load_checkpoint"
         )
+    hp = ckpt["hyper_parameters"]
     module = NoisyClassifier(hp["cfg"], hp["data_shape"], hp["num_classes"])
     module.load_state_dict(ckpt["state_dict"])
     return module.eval()
@@ -534,11 +535,11 @@ def train_classifier(
     ckpt_path = resolve_checkpoint(plain, out)
     if ckpt_path is not None:
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-        hp = saved.get("hyper_parameters", {})
-        if hp.get("kind") != CHECKPOINT_KIND:
+        if saved.get("kind") != CHECKPOINT_KIND:
             raise ValueError(f"{ckpt_path} is not a noisy-classifier checkpoint; it cannot be continued with task=classifier")
-        check_resume_compatible(plain, hp.get("cfg", {}))
-        if classifier_network_config(plain) != classifier_network_config(hp.get("cfg", {})):
+        saved_cfg = saved.get("hyper_parameters", {}).get("cfg", {})
+        check_resume_compatible(plain, saved_cfg)
+        if classifier_network_config(plain) != classifier_network_config(saved_cfg):
             raise ValueError("the checkpoint's classifier network differs from the configured one (classifier.model)")
         del saved
     L.seed_everything(int(plain.get("seed", 0)), workers=True, verbose=False)

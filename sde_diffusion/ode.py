@@ -190,14 +190,24 @@ def odeint_scipy(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     method: str = "RK45",
+    max_nfe: int = 1_000_000,
 ) -> ODEResult:
-    """``scipy.integrate.solve_ivp`` on the flattened batch (float64 on the CPU)."""
+    """``scipy.integrate.solve_ivp`` on the flattened batch (float64 on the CPU).
+
+    ``solve_ivp`` has no step limit of its own: past ``max_nfe`` evaluations (a diverging or very
+    stiff problem) this raises RuntimeError instead of running on indefinitely.
+    """
     from scipy.integrate import solve_ivp
 
     shape, dtype, dev = y0.shape, y0.dtype, y0.device
     B = shape[0]
+    calls = 0
 
     def rhs(t: float, yflat: np.ndarray) -> np.ndarray:
+        nonlocal calls
+        calls += 1
+        if calls > max_nfe:
+            raise RuntimeError(f"odeint_scipy: more than max_nfe={max_nfe} evaluations; loosen rtol/atol or check the drift")
         yy = torch.as_tensor(yflat, dtype=dtype, device=dev).reshape(shape)
         tt = torch.full((B,), t, dtype=dtype, device=dev)
         return func(yy, tt).detach().reshape(-1).to("cpu", torch.float64).numpy()

@@ -206,3 +206,11 @@ def test_dtype_is_preserved(dtype: torch.dtype) -> None:
     tol = 1e-4 if dtype == torch.float32 else 1e-5
     for name in ("rk4", "dopri5", "scipy"):
         torch.testing.assert_close(outs[name].double(), ref, rtol=tol * 10, atol=tol * 10)
+
+
+def test_scipy_bridge_stops_at_max_nfe() -> None:
+    """A problem needing many evaluations fails with a clear error instead of running on."""
+    fast = lambda y, t: torch.cos(1000.0 * t)[:, None] * torch.ones_like(y)  # noqa: E731
+    y0 = torch.zeros(1, 1, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="max_nfe=200"):
+        odeint_scipy(fast, y0, 0.0, 10.0, rtol=1e-10, atol=1e-12, max_nfe=200)

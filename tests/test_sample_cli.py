@@ -146,9 +146,15 @@ def test_killed_run_resumes_to_identical_output(toy_run: Path, tmp_path: Path) -
     assert not (broken / "samples.npz").exists()
     # A writer killed mid-write leaves at most its temporary file; the restart must drop it.
     (broken / "shards" / ".batch_00002.npz.99999.tmp").write_bytes(b"truncated")
+    # A shard whose data did not reach the disk (crash of the machine) fails its CRC: drawn again.
+    shard = broken / "shards" / "batch_00000.npz"
+    data = bytearray(shard.read_bytes())
+    at = data.index(np.float32(_npz(shard)["samples"][0, 0]).tobytes())
+    data[at : at + 4] = b"\0\0\0\0"
+    shard.write_bytes(bytes(data))
 
     report = run(_sample_cfg(toy_run, *args, f"out={broken}"))
-    assert report["batches_drawn_this_run"] == 2
+    assert report["batches_drawn_this_run"] == 3
     assert _files(full) == _files(broken)
     a, b = _npz(full / "samples.npz"), _npz(broken / "samples.npz")
     np.testing.assert_array_equal(a["samples"], b["samples"])

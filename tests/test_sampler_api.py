@@ -45,7 +45,8 @@ def ctx_for(sde, score_fn, seed: int = 0, steps: int = 5, index: int = 0) -> Sam
 def test_registries_list_choices() -> None:
     assert PREDICTORS.names() == ["ancestral", "euler_maruyama", "none", "reverse_diffusion"]
     assert CORRECTORS.names() == ["annealed_langevin", "langevin", "none"]
-    for name in ("euler_maruyama", "reverse_diffusion", "ancestral", "pc", "ode_heun", "ode_rk4", "ode_dopri5", "ode_scipy", "torchsde"):
+    ours = ("euler_maruyama", "reverse_diffusion", "ancestral", "pc", "ode_heun", "ode_rk4", "ode_dopri5", "ode_scipy", "torchsde")
+    for name in ours:
         assert name in SAMPLERS
 
 
@@ -239,7 +240,8 @@ def test_noise_free_final() -> None:
     fn = gaussian_score(0.0, 1.0, sde)
     x_T = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
     for name, extra in [("pc", {"corrector": "none"}), ("ancestral", {}), ("reverse_diffusion", {})]:
-        out = [sample(sde, fn, (6, 2), sampler=name, steps=1, x_T=x_T, generator=torch.Generator().manual_seed(s), **extra).samples for s in (1, 2)]
+        out = [sample(sde, fn, (6, 2), sampler=name, steps=1, x_T=x_T,
+                      generator=torch.Generator().manual_seed(s), **extra).samples for s in (1, 2)]
         assert torch.equal(out[0], out[1])
         out = [sample(sde, fn, (6, 2), sampler=name, steps=1, x_T=x_T, noise_free_final=False,
                       generator=torch.Generator().manual_seed(s), **extra).samples for s in (1, 2)]
@@ -254,7 +256,9 @@ def gaussian_flow(x0: torch.Tensor, mu: float, s2: float, sde, t: float) -> torc
     return m * mu + torch.sqrt((m**2 * s2 + sig**2) / s2) * (x0 - mu)
 
 
-@pytest.mark.parametrize("sde", [VPSDE(eps=1e-3), SubVPSDE(eps=1e-3), VESDE(sigma_max=20.0, eps=1e-3)], ids=["vp", "subvp", "ve"])
+@pytest.mark.parametrize(
+    "sde", [VPSDE(eps=1e-3), SubVPSDE(eps=1e-3), VESDE(sigma_max=20.0, eps=1e-3)], ids=["vp", "subvp", "ve"]
+)
 def test_ode_samplers_follow_analytic_gaussian_flow(sde) -> None:
     mu, s2 = 0.8, 0.3
     score_fn = gaussian_score(mu, s2, sde)
@@ -335,7 +339,9 @@ def test_trajectories() -> None:
 
 
 # ---------------------------------------------------------------------------------- torchsde
-@pytest.mark.parametrize("method,per_step,init", [("euler", 1, 0), ("milstein", 1, 0), ("srk", 3, 0), ("reversible_heun", 1, 1)])
+@pytest.mark.parametrize(
+    "method,per_step,init", [("euler", 1, 0), ("milstein", 1, 0), ("srk", 3, 0), ("reversible_heun", 1, 1)]
+)
 def test_torchsde_nfe_and_seed(method: str, per_step: int, init: int) -> None:
     sde = VESDE(sigma_max=5.0, eps=1e-3)
     calls = [0]

@@ -9,9 +9,8 @@ classes so the predictor–corrector sampler combines them by name:
 * ``ancestral``         — a sample of the exact Gaussian posterior q(x_s | x_t, x̂_0) (1 NFE).
 * ``none``              — identity (0 NFE), for corrector-only sampling.
 
-All but ``none`` are also registered as stand-alone samplers under the same name (Euler–Maruyama
-through :class:`~.euler_maruyama.EulerMaruyama`). Stand-alone, the last step returns the noise-free
-mean unless ``noise_free_final=False``.
+All but ``none`` are also registered as stand-alone samplers under the same name. Stand-alone,
+the last step returns the noise-free mean unless ``noise_free_final=False``.
 """
 from __future__ import annotations
 
@@ -65,13 +64,14 @@ def _coeffs64(sde: SDE, t: Tensor) -> Tuple[Tensor, Tensor]:
     return sde.mean_coeff(t64), sde.marginal_std(t64)
 
 
+@SAMPLERS.register("euler_maruyama")
 @PREDICTORS.register("euler_maruyama")
-class EulerMaruyamaPredictor(Predictor):
+class EulerMaruyama(Predictor):
     r"""Euler–Maruyama on the reverse SDE from t to t − Δt:
 
     .. math:: x \leftarrow x - [f(t)x - g(t)^2 s(x, t)]\,\Delta t + g(t)\sqrt{\Delta t}\, z.
 
-    Same update and random stream as the stand-alone sampler ``euler_maruyama``. 1 NFE per step.
+    1 NFE per step.
     """
 
     def predict(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext, noise: bool = True) -> Tensor:
@@ -150,3 +150,7 @@ class NonePredictor(Predictor):
 
 
 __all__ = ["PREDICTORS", "Predictor", "EulerMaruyamaPredictor", "ReverseDiffusion", "Ancestral", "NonePredictor"]
+
+
+# Kept for readability where the predictor role is meant.
+EulerMaruyamaPredictor = EulerMaruyama

@@ -25,11 +25,11 @@ exactly N steps (no round-off remainder step) and lands on eps.
 States are flattened to ``[B, D]`` for torchsde and reshaped for the score. Per-step hooks are
 not supported; the noise is kept on the last step.
 
-``reversible_heun`` is not A-stable: on dy/dk = −λy its parasitic root −hλ − √(1 + h²λ²) has
-modulus > 1 for λ > 0, and the reverse-time drift is strongly contracting (λ = g²/(σ² + v) for
-data of variance v, so ∫λ dt ≈ log((σ_max² + v)/v) on VE), so its errors are amplified by up to
-exp(2∫λ dt). It is accurate on broad Gaussian data but needs far more steps than euler or srk
-on narrow mixture modes (its purpose is memory-efficient adjoints, not sampling).
+``reversible_heun`` is not A-stable: on dy/dt = −λy with step h its parasitic root
+−hλ − √(1 + h²λ²) has modulus > 1 for λ > 0, and the reverse-time drift is strongly contracting
+(λ = g²/(σ² + v) for data of variance v, so ∫λ dt ≈ log((σ_max² + v)/v) on VE), so its errors are
+amplified by up to exp(2∫λ dt). It is accurate on broad Gaussian data but needs far more steps
+than euler or srk on narrow mixture modes (its purpose is memory-efficient adjoints, not sampling).
 """
 from __future__ import annotations
 
@@ -142,13 +142,14 @@ class TorchSDESampler(Sampler):
         B = x.shape[0]
         y0 = x.reshape(B, -1)
         rsde = ReversedSDE(sde, score_fn, tuple(x.shape), t_end, steps, spec.sde_type)
-        entropy = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device if generator is not None else "cpu"))
+        gen_device = generator.device if generator is not None else "cpu"
+        entropy = int(torch.randint(0, 2**62, (), generator=generator, device=gen_device))
         bm = torchsde.BrownianInterval(
             t0=0.0, t1=float(steps), size=tuple(y0.shape), dtype=x.dtype, device=x.device,
             entropy=entropy, dt=1.0, levy_area_approximation=spec.levy_area,
         )
         # Integer times: k + 1 is exact in floating point, so the solver takes exactly `steps` steps.
-        ks = torch.arange(steps + 1, dtype=torch.float64) if record else torch.tensor([0.0, float(steps)], dtype=torch.float64)
+        ks = torch.arange(steps + 1, dtype=torch.float64) if record else torch.tensor([0.0, steps], dtype=torch.float64)
         ys = torchsde.sdeint(rsde, y0, ks, bm=bm, method=self.method, dt=1.0)
         out = ys[-1].reshape(x.shape)
         if not record:
