@@ -338,7 +338,8 @@ def run_task(task: Tuple[str, str, Spec]) -> List[Run]:
 
             record(None, None, rtol, go)
         return runs
-    for target in _STATE["nfe_grid"]:
+    grid = sorted(set(_STATE["nfe_grid"]) | ({1000} if spec.label == REFERENCE else set()))
+    for target in grid:
         steps = steps_for(spec, target)
         if steps is None:
             continue
@@ -540,7 +541,7 @@ def targets(runs: List[Run], truths: Dict[str, Truth], cases: List[Tuple[str, st
 
 
 def render(args, runs: List[Run], truths: Dict[str, Truth], cases: List[Tuple[str, str]], specs: List[Spec], overheads: List[Overhead], kd_status: str, elapsed: float) -> str:
-    grid = args.nfe_grid
+    grid = sorted(set(args.nfe_grid) | {1000})  # pc@1000, the reference, always runs
     out: List[str] = ["## Samplers", ""]
     out.append(f"Command: `{args.command}`  ")
     out.append(
@@ -550,6 +551,10 @@ def render(args, runs: List[Run], truths: Dict[str, Truth], cases: List[Tuple[st
         f"seeds: x_T {PRIOR_SEED}+case, step noise {NOISE_SEED}.  "
     )
     out.append(f"k-diffusion: {kd_status}.")
+    if getattr(args, "partial", 0):
+        out.append("")
+        out.append(f"**Partial run**: {args.partial} sampler × case tasks did not run (stopped by `--deadline`); their cells are "
+                   "empty and the targets cover only what ran.")
     out.append("")
     out.append(
         "Metrics against p_0 (see `benchmarks/common.py`): **(a)** moment KL = KL(w‖ŵ) + Σ_k w_k KL(N(μ̂_k, Σ̂_k) ‖ N(μ_k, Σ_k)) "
@@ -683,6 +688,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes, 1 thread each (default 2)")
     ap.add_argument("--write", nargs="?", const=str(HERE / "RESULTS.md"), default=None, help="write the section into RESULTS.md")
     ap.add_argument("--json", default=None, help="also dump all runs as JSON here")
+    ap.add_argument("--nfe", default=None, help="comma list of NFE budgets (default 10,20,50,100,250,1000); pc always also runs at 1000")
+    ap.add_argument("--rtols", default=None, help="comma list of rtol = atol for adaptive samplers")
+    ap.add_argument("--checkpoint", default=None, help="append every finished task to this JSON-lines file")
+    ap.add_argument("--deadline", type=float, default=None, help="stop launching tasks after this many minutes; report what finished")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     args.command = "python benchmarks/samplers.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -716,8 +725,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for s in sel_s:
         if s not in common.SDE_NAMES:
             raise SystemExit(f"unknown SDE {s!r}; choose from {', '.join(common.SDE_NAMES)}")
-    args.nfe_grid = QUICK_NFE_GRID if args.quick else NFE_GRID
-    args.rtols = QUICK_RTOL_SWEEP if args.quick else RTOL_SWEEP
+    args.nfe_grid = tuple(int(v) for v in args.nfe.split(",")) if args.nfe else (QUICK_NFE_GRID if args.quick else NFE_GRID)
+    args.rtols = tuple(float(v) for v in args.rtols.split(",")) if args.rtols else (QUICK_RTOL_SWEEP if args.quick else RTOL_SWEEP)
     only = args.samplers.split(",") if args.samplers else None
     variants = ([] if args.no_variants or args.quick else list(VARIANTS)) + [_parse_variant(v) for v in args.variant]
     specs = our_specs(only, variants)
@@ -741,25 +750,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _STATE.update(problems={p: problems[p] for p in sel_p}, truths=truths, dtype=getattr(torch, args.dtype), start=args.start,
                   nfe_grid=args.nfe_grid, rtols=args.rtols, verbose=args.verbose)
     cases = [(p, s) for p in sel_p for s in sel_s]
-    # Expensive problems first so that the workers finish together.
+    # Cheap problems first: with --deadline, the cases that do finish are complete.
     cost = {p: truths[p].n * problems[p].mixture.num_components * problems[p].mixture.dim ** 2 for p in sel_p}
-    tasks = sorted(((p, s, spec) for p, s in cases for spec in specs), key=lambda t: -cost[t[0]])
-    runs: List[Run] = []
-    done = 0
-    if args.jobs > 1:
-        import multiprocessing as mp
-
-        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("fork")) as pool:
-            for res in pool.map(run_task, tasks):
-                runs += res
-                done += 1
-                _progress(done, len(tasks), res, t_start)
-    else:
-        for task in tasks:
-            res = run_task(task)
-            runs += res
-            done += 1
-            _progress(done, len(tasks), res, t_start)
+    tasks = sorted(((p, s, spec) for p, s in cases for spec in specs), key=lambda t: cost[t[0]])
+    runs = execute(tasks, args, t_start)
+    args.partial = len(tasks) - len({(r.problem, r.sde, r.label) for r in runs})
     overheads = [measure_overhead(spec) for spec in specs]
     elapsed = time.perf_counter() - t_start
     args.cpu_seconds = sum(
@@ -773,6 +768,44 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": [asdict(r) for r in runs], "overheads": [asdict(o) for o in overheads]}, indent=1))
     return 0
+
+
+def execute(tasks: List[Tuple[str, str, Spec]], args: argparse.Namespace, t_start: float) -> List[Run]:
+    """Run the tasks (in worker processes when ``--jobs`` > 1), append each finished one to
+    ``--checkpoint`` (JSON lines), and launch no new task once ``--deadline`` minutes have passed."""
+    runs: List[Run] = []
+    deadline = t_start + 60 * args.deadline if args.deadline else math.inf
+    if args.checkpoint:
+        Path(args.checkpoint).write_text("")
+
+    def finish(res: List[Run], done: int) -> None:
+        runs.extend(res)
+        if args.checkpoint and res:
+            with open(args.checkpoint, "a") as fh:
+                fh.write(json.dumps([asdict(r) for r in res]) + "\n")
+        _progress(done, len(tasks), res, t_start)
+
+    if args.jobs <= 1:
+        for done, task in enumerate(tasks, 1):
+            if time.perf_counter() >= deadline:
+                break
+            finish(run_task(task), done)
+        return runs
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("fork")) as pool:
+        queue, running, done = list(tasks), set(), 0
+        while queue or running:
+            while queue and len(running) < args.jobs and time.perf_counter() < deadline:
+                running.add(pool.submit(run_task, queue.pop(0)))
+            if not running:
+                break
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                done += 1
+                finish(fut.result(), done)
+    return runs
 
 
 def _progress(done: int, total: int, res: List[Run], t0: float) -> None:

@@ -112,6 +112,6 @@ def test_conditional_checkpoint_rebuilds_the_guided_sampler(digits_run: Any) -> 
     loaded = load_checkpoint(digits_run.last_checkpoint)
     assert loaded.num_classes == 10 and loaded.net.num_classes == 10
     assert loaded.cfg["conditioning"] == {"class_labels": True, "label_dropout": 0.1}
-    a, la = guided_samples(digits_run.module.eval(), 3.0, 8, seed=3)
-    b, lb = guided_samples(loaded, 3.0, 8, seed=3)
+    a, _ = guided_samples(digits_run.module.eval(), 3.0, 8, seed=3)
+    b, _ = guided_samples(loaded, 3.0, 8, seed=3)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

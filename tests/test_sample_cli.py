@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from sde_diffusion import sample
+from sde_diffusion.config import sampler_settings
 from sde_diffusion.guidance import ClassifierFreeGuidance
 from sde_diffusion.jobs import run
 from sde_diffusion.jobs.checkpoint import load_model
@@ -81,7 +82,9 @@ def _npz(path: Path) -> Dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------- sample mode
 def test_vector_samples_match_direct_sampler_calls(toy_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    report = run(_sample_cfg(toy_run, "sampler=euler_maruyama", "n=10", "batch_size=4", "steps=4", f"out={out}"))
+    cfg = _sample_cfg(toy_run, "sampler=euler_maruyama", "n=10", "batch_size=4", "steps=4", f"out={out}")
+    _, _, options = sampler_settings(cfg)  # the sampler group's yaml defaults
+    report = run(cfg)
     z = _npz(out / "samples.npz")
     assert set(z) == {"samples"}
     assert z["samples"].dtype == np.float32 and z["samples"].shape == (10, 2)
@@ -92,7 +95,7 @@ def test_vector_samples_match_direct_sampler_calls(toy_run: Path, tmp_path: Path
         gen = torch.Generator().manual_seed(batch_seed(0, "sample", b))
         with torch.no_grad():
             ref = sample(model.sde, model.module.score_fn(use_ema=True), (hi - lo, 2), sampler="euler_maruyama",
-                         steps=4, generator=gen)
+                         steps=4, generator=gen, **options)
         np.testing.assert_array_equal(z["samples"][lo:hi], ref.samples.numpy())
     rj = json.loads((out / "run.json").read_text())
     assert rj["nfe"] == {"per_batch": [4, 4, 4], "total": 12}
@@ -106,7 +109,9 @@ def test_vector_samples_match_direct_sampler_calls(toy_run: Path, tmp_path: Path
 
 def test_image_samples_uint8_with_guidance(digits_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "g"
-    run(_sample_cfg(digits_run, "sampler=pc", "n=6", "batch_size=3", "steps=3", "guidance.scale=2.0", "label=3", f"out={out}"))
+    cfg = _sample_cfg(digits_run, "sampler=pc", "n=6", "batch_size=3", "steps=3", "guidance.scale=2.0", "label=3", f"out={out}")
+    _, _, options = sampler_settings(cfg)
+    run(cfg)
     z = _npz(out / "samples.npz")
     assert z["samples"].dtype == np.uint8 and z["samples"].shape == (6, 8, 8, 1)
     np.testing.assert_array_equal(z["labels"], np.full(6, 3))
@@ -115,7 +120,7 @@ def test_image_samples_uint8_with_guidance(digits_run: Path, tmp_path: Path) -> 
     gen = torch.Generator().manual_seed(batch_seed(0, "sample", 1))
     cfg_score = ClassifierFreeGuidance(model.module.score_fn(use_ema=True), y=3, scale=2.0, null_label=10)
     with torch.no_grad():
-        ref = sample(model.sde, cfg_score, (3, 1, 8, 8), sampler="pc", steps=3, generator=gen)
+        ref = sample(model.sde, cfg_score, (3, 1, 8, 8), sampler="pc", steps=3, generator=gen, **options)
     expected = torch.round(dm.inverse_scaler(ref.samples).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1)
     np.testing.assert_array_equal(z["samples"][3:], expected.numpy())
     rj = json.loads((out / "run.json").read_text())
