@@ -65,7 +65,7 @@ def digits_metrics(samples: torch.Tensor, dm: Any, seed: int) -> Dict[str, Any]:
         "digits_fd_floor": digits_fd(real, classifier=clf) if real.shape[0] >= 2 else None,
         "digits_fd_floor_note": f"{real.shape[0]} real digits vs all 1797 (the real set overlaps the reference)",
         "classifier_accuracy": clf.accuracy,
-        "label_histogram": np.bincount(labels.numpy(), minlength=10).tolist(),
+        "label_histogram": np.bincount(labels.cpu().numpy(), minlength=10).tolist(),
     }
 
 
