@@ -11,7 +11,12 @@ def main(cfg: DictConfig) -> None:
         result = train(cfg)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
-    print(f"run directory: {result.output_dir}")
+    if result.trainer.is_global_zero:
+        print(f"run directory: {result.output_dir}")
+        latest = result.output_dir / "samples" / "latest.png"
+        if latest.is_file():
+            print(f"samples: {latest}")
+        print(f"checkpoint: {result.last_checkpoint}")
 
 
 if __name__ == "__main__":

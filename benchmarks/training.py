@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -153,6 +154,7 @@ def quality(run_dir: Optional[Path], max_steps: int, every: int, n: int, sample_
 
     if run_dir is None:
         run_dir = out / "digits_quality"
+        shutil.rmtree(run_dir, ignore_errors=True)  # this script's own scratch run: start clean
         cfg = compose([f"trainer.max_steps={max_steps}", f"callbacks.checkpoint.every_n_steps={every}",
                        "callbacks.samples.every_n_steps=0", "trainer.enable_progress_bar=false"])
         t0 = time.perf_counter()

@@ -34,7 +34,7 @@ def _atomic_savefig(fig: Any, path: Path, dpi: int = 100) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=dpi)
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -277,6 +277,8 @@ def build_callbacks(cfg: Mapping[str, Any], output_dir: Path) -> List[Callback]:
             save_top_k=int(ck.get("save_top_k", -1)),
             save_last=True,
             save_on_train_epoch_end=False,
+            # A resumed run overwrites its own files (last.ckpt stays last.ckpt, not last-v1.ckpt).
+            enable_version_counter=False,
         )
     )
 

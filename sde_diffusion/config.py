@@ -236,6 +236,9 @@ def resolve_checkpoint(cfg: Mapping[str, Any], run_dir: Path) -> Optional[str]:
     * ``ckpt_path=last``: ``<run_dir>/checkpoints/last.ckpt``, which must exist;
     * ``resume=true``: ``<run_dir>/checkpoints/last.ckpt`` if it exists, otherwise a fresh start
       (so the same command can be re-issued after every interruption).
+
+    A fresh start in a directory that already holds checkpoints is refused, so that two runs are
+    never mixed in one directory.
     """
     last = Path(run_dir) / "checkpoints" / "last.ckpt"
     ckpt = cfg.get("ckpt_path")
@@ -252,6 +255,13 @@ def resolve_checkpoint(cfg: Mapping[str, Any], run_dir: Path) -> Optional[str]:
         return str(path)
     if cfg.get("resume", False) and last.is_file():
         return str(last)
+    existing = sorted((Path(run_dir) / "checkpoints").glob("*.ckpt"))
+    if existing:
+        raise ValueError(
+            f"{Path(run_dir) / 'checkpoints'} already holds checkpoints ({', '.join(p.name for p in existing[:3])}"
+            f"{', ...' if len(existing) > 3 else ''}) of an earlier run: continue it with resume=true "
+            "(or ckpt_path=<file>), or give a new run_dir"
+        )
     return None
 
 

@@ -196,11 +196,16 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     assert A["lr_schedulers"][0]["last_epoch"] == B["lr_schedulers"][0]["last_epoch"] == 32
 
 
-def test_resume_rejects_a_different_model(tmp_path: Path) -> None:
+def test_resume_refuses_a_different_model_or_a_used_directory(tmp_path: Path) -> None:
     over = QUIET + ["data=moons", "data.n=256", "data.batch_size=128", "model=mlp", "model.hidden=16", "trainer.max_steps=2"]
     train(compose(over), tmp_path)
     with pytest.raises(ValueError, match="model"):
         train(compose(over + ["model.hidden=32", "resume=true", "trainer.max_steps=4"]), tmp_path)
+    # A fresh start over an earlier run's checkpoints would mix two runs in one directory.
+    with pytest.raises(ValueError, match="already holds checkpoints.*resume=true"):
+        train(compose(over), tmp_path, extra_callbacks=[ForbidFit()])
+    with pytest.raises(ValueError, match="ckpt_path=last but"):
+        train(compose(over + ["ckpt_path=last"]), tmp_path / "elsewhere", extra_callbacks=[ForbidFit()])
 
 
 # ---------------------------------------------------------------------------------- precision
