@@ -1,21 +1,22 @@
-"""Train a score-based model: ``python train.py [group=choice ...] [key=value ...]`` (conf/train.yaml)."""
+"""Train a score-based model or a noisy classifier: ``python train.py [task=score|classifier] [group=choice ...]
+[key=value ...]`` (conf/train.yaml; the tasks are in conf/task/)."""
 import hydra
 from omegaconf import DictConfig
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from sde_diffusion.training import train
+    from sde_diffusion.jobs.train_tasks import run_training
 
     try:
-        result = train(cfg)
+        result = run_training(cfg)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
     if result.trainer.is_global_zero:
         print(f"run directory: {result.output_dir}")
-        latest = result.output_dir / "samples" / "latest.png"
-        if latest.is_file():
-            print(f"samples: {latest}")
+        for label, name in (("samples", "samples/latest.png"), ("accuracy by t", "accuracy_by_t.json")):
+            if (result.output_dir / name).is_file():
+                print(f"{label}: {result.output_dir / name}")
         print(f"checkpoint: {result.last_checkpoint}")
 
 

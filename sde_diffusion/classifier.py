@@ -64,7 +64,7 @@ from .models.mlp import ResidualMLPBlock
 from .models.unet import UNet
 from .registry import Registry
 from .sdes.base import SDE, broadcast_to_x
-from .training import FitResult, LinearWarmup, _output_dir, _with_run_dir, build_trainer, find_ema, seeded, step_seed
+from .training import FitResult, LinearWarmup, build_trainer, find_ema, output_dir_for, seeded, step_seed, with_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -476,9 +476,11 @@ def load_classifier(path: Union[str, Path], map_location: Any = "cpu") -> NoisyC
     file = resolve_checkpoint_path(path)
     ckpt = torch.load(str(file), map_location=map_location, weights_only=False)
     if not isinstance(ckpt, Mapping) or ckpt.get("kind") != CHECKPOINT_KIND:
+        score_model = isinstance(ckpt, Mapping) and "cfg" in (ckpt.get("hyper_parameters") or {})
+        what = "a score-model checkpoint, not a noisy-classifier checkpoint" if score_model else "not a noisy-classifier checkpoint"
         raise ValueError(
-            f"{file} is not a noisy-classifier checkpoint (train one with `python train.py task=classifier ...`); "
-            "score-model checkpoints load with sde_diffusion.training.load_checkpoint"
+            f"{file} is {what} (train a classifier with `python train.py task=classifier ...`); "
+            "score-model checkpoints load with sde_diffusion.training.load_checkpoint (sample.py: ckpt=)"
         )
     hp = ckpt["hyper_parameters"]
     module = NoisyClassifier(hp["cfg"], hp["data_shape"], hp["num_classes"])
@@ -527,8 +529,8 @@ def train_classifier(
     from .callbacks import build_callbacks, build_loggers
     from .config import build_datamodule
 
-    out = _output_dir(cfg, output_dir)
-    plain = _merge(to_container(_with_run_dir(cfg, out)), _FORCED)
+    out = output_dir_for(cfg, output_dir)
+    plain = _merge(to_container(with_run_dir(cfg, out)), _FORCED)
     plain["task"] = "classifier"
     check_config(plain)
     ClassifierOptions.from_config(plain)

@@ -312,7 +312,8 @@ class FitResult:
         return self.output_dir / "checkpoints" / "last.ckpt"
 
 
-def _output_dir(cfg: Any, output_dir: Optional[Union[str, Path]]) -> Path:
+def output_dir_for(cfg: Any, output_dir: Optional[Union[str, Path]] = None) -> Path:
+    """Where a run writes: ``output_dir`` if given, else Hydra's run directory, else ``cfg.run_dir``."""
     if output_dir is not None:
         return Path(output_dir)
     try:
@@ -361,8 +362,14 @@ def train(
     from .callbacks import build_callbacks, build_loggers
     from .config import build_datamodule
 
-    out = _output_dir(cfg, output_dir)
-    plain = to_container(_with_run_dir(cfg, out))
+    task = cfg.get("task")
+    if task not in (None, "score"):
+        raise ValueError(
+            f"training.train fits score models but the config says task={task}; "
+            "use sde_diffusion.jobs.train_tasks.run_training (what train.py calls) to train any task"
+        )
+    out = output_dir_for(cfg, output_dir)
+    plain = to_container(with_run_dir(cfg, out))
     check_config(plain)
     ckpt_path = resolve_checkpoint(plain, out)
     if ckpt_path is not None:
@@ -391,7 +398,7 @@ def train(
     return FitResult(module=module, trainer=trainer, datamodule=dm, output_dir=out)
 
 
-def _with_run_dir(cfg: Any, out: Path) -> Any:
+def with_run_dir(cfg: Any, out: Path) -> Any:
     """``cfg`` with ``run_dir`` set to the actual output directory (resolving nothing else)."""
     try:
         from omegaconf import DictConfig, open_dict
@@ -413,6 +420,8 @@ __all__ = [
     "FitResult",
     "load_checkpoint",
     "build_trainer",
+    "output_dir_for",
+    "with_run_dir",
     "train",
     "find_ema",
     "seeded",

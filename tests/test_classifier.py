@@ -4,15 +4,21 @@ from __future__ import annotations
 import copy
 import json
 import math
-import re
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, List
 
 import pytest
 import torch
 
+import numpy as np
+
 from sde_diffusion import sample
 from sde_diffusion.classifier import (
+    CHECKPOINT_KIND,
+    ClassifierFitResult,
     ClassifierOptions,
     MLPClassifier,
     NoisyClassifier,
@@ -21,8 +27,13 @@ from sde_diffusion.classifier import (
     load_classifier,
     train_classifier,
 )
-from sde_diffusion.config import to_container
+from sde_diffusion.config import sampler_settings, to_container
 from sde_diffusion.guidance import ClassifierGuidance
+from sde_diffusion.jobs import run
+from sde_diffusion.jobs.checkpoint import load_model
+from sde_diffusion.jobs.shards import batch_seed
+from sde_diffusion.jobs.train_tasks import run_training, train_task_of
+from sde_diffusion.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -39,19 +50,17 @@ def _one_thread(single_thread: None) -> None:
     """Small networks run fastest on one thread when the cores are shared."""
 
 
-def task_override() -> str:
-    """``task=classifier`` once conf/train.yaml lists the task group, ``+task=classifier`` before."""
-    text = (CONF / "train.yaml").read_text()
-    listed = re.search(r"^\s*-\s*(optional\s+)?task\s*:", text, re.M)
-    return "task=classifier" if listed else "+task=classifier"
-
-
-def compose(overrides: List[str]) -> Any:
+def compose_config(name: str, overrides: List[str]) -> Any:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        return hydra_compose("train", overrides=[task_override(), *overrides])
+        return hydra_compose(name, overrides=overrides)
+
+
+def compose(overrides: List[str]) -> Any:
+    """conf/train.yaml with ``task=classifier`` (a choice of its ``task`` group)."""
+    return compose_config("train", ["task=classifier", *overrides])
 
 
 # ---------------------------------------------------------------------------------- networks
@@ -129,6 +138,50 @@ def test_config_builds_the_encoder_of_the_model_group() -> None:
         build_classifier_network(compose(["data=digits", "+classifier.model.width=3"]), (1, 8, 8), 10)
     with pytest.raises(ValueError, match="classifier.eval_buckets"):
         ClassifierOptions.from_config(compose(["classifier.eval_buckets=0"]))
+
+
+# ---------------------------------------------------------------------------------- train.py tasks
+TINY_MOONS = QUIET + [
+    "data=moons", "data.n=256", "data.batch_size=64", "model=mlp", "model.hidden=16", "model.num_blocks=1",
+    "trainer.max_steps=2", "callbacks.checkpoint.every_n_steps=0",
+]
+
+
+def test_train_task_group_dispatches_score_and_classifier(tmp_path: Path) -> None:
+    # `python train.py` (no task) trains the score network; `task=classifier` needs no `+`.
+    score_cfg = compose_config("train", TINY_MOONS + ["callbacks.samples.enabled=false", "trainer.limit_val_batches=0"])
+    assert score_cfg.task == "score"
+    score = run_training(score_cfg, tmp_path / "score")
+    assert not isinstance(score, ClassifierFitResult) and score.trainer.global_step == 2
+    assert "kind" not in torch.load(score.last_checkpoint, map_location="cpu", weights_only=False)
+
+    clf_cfg = compose(TINY_MOONS + ["trainer.val_check_interval=2", "classifier.eval_buckets=2", "classifier.eval_repeats=1"])
+    assert clf_cfg.task == "classifier" and clf_cfg.optim.lr == 1.0e-3  # conf/task/classifier.yaml applied
+    clf = run_training(clf_cfg, tmp_path / "clf")
+    assert isinstance(clf, ClassifierFitResult) and clf.trainer.global_step == 2
+    assert torch.load(clf.last_checkpoint, map_location="cpu", weights_only=False)["kind"] == CHECKPOINT_KIND
+    assert len(json.loads((tmp_path / "clf" / "accuracy_by_t.json").read_text())["buckets"]) == 2
+    # the score trainer itself refuses a classifier config instead of fitting a score model with it
+    with pytest.raises(ValueError, match="task=classifier.*run_training"):
+        train(clf_cfg, tmp_path / "clf2")
+
+
+@pytest.mark.parametrize("task", ["sample", "inpaint", "colorize"])
+def test_train_refuses_sampling_tasks(task: str) -> None:
+    with pytest.raises(ValueError, match=rf"cannot run task={task}: choose one of score, classifier.*python sample\.py"):
+        train_task_of({"task": task})
+    assert train_task_of({}) == "score"
+
+
+def test_train_py_refuses_a_sampling_task(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "task=sample", f"run_dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "error: train.py cannot run task=sample: choose one of score, classifier" in proc.stderr, proc.stderr[-2000:]
+    assert "python sample.py" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_unlabelled_data_fails_before_training(tmp_path: Path) -> None:
@@ -278,6 +331,99 @@ def test_classifier_guidance_samples_the_requested_component(gmm_run: Any, k: in
     # w = 1: the conditional, whose exact share is the Bayes accuracy of class k (≈ 0.94).
     assert abs(fractions[0.0] - 1 / 8) < 4 * math.sqrt(1 / 8 * 7 / 8 / n), fractions
     assert fractions[1.0] > 0.8, fractions
+
+
+# ---------------------------------------------------------------------------------- sample.py guidance.classifier
+@pytest.fixture(scope="module")
+def gmm_score_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A score model of the classifier's mixture (same SDE), 200 steps of a small MLP: ~4 s."""
+    out = tmp_path_factory.mktemp("gmm_score")
+    over = QUIET + [
+        "data=gmm", "data.noise=0.8", "data.n=4096", "data.batch_size=256", "model=mlp", "model.hidden=32",
+        "model.num_blocks=1", "trainer.max_steps=200", "optim.warmup_steps=0", "optim.lr=3e-3", "ema.enabled=false",
+        "callbacks.samples.enabled=false", "callbacks.loss_by_t.every_n_steps=0", "trainer.limit_val_batches=0",
+        "callbacks.checkpoint.every_n_steps=0",
+    ]
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_training(compose_config("train", over), out)
+    finally:
+        torch.set_num_threads(old)
+    return out
+
+
+def guided_cfg(score: Path, *overrides: str) -> Any:
+    return compose_config("sample", [f"ckpt={score}", "progress=false", "figures=false", "ema=false", "sampler=euler_maruyama",
+                                     *overrides])
+
+
+def test_sample_py_classifier_guidance_steers_towards_the_label(gmm_run: Any, gmm_score_run: Path, tmp_path: Path) -> None:
+    gm, sde, n, k = gmm_run.datamodule.mixture, gmm_run.classifier.sde, 1000, 3
+    clf_dir = gmm_run.output_dir
+    fractions = {}
+    for w in (0.0, 3.0):
+        out = tmp_path / f"w{w}"
+        cfg = guided_cfg(gmm_score_run, f"guidance.classifier={clf_dir}", f"guidance.classifier_scale={w}", f"label={k}",
+                         "steps=50", f"n={n}", f"batch_size={n}", f"out={out}")
+        report = run(cfg)
+        z = np.load(out / "samples.npz")
+        np.testing.assert_array_equal(z["labels"], np.full(n, k))
+        x = torch.as_tensor(z["samples"]).double()
+        post = gm.posterior_t(x, torch.full((n,), sde.eps, dtype=torch.float64), sde)
+        fractions[w] = (post.argmax(1) == k).double().mean().item()
+        assert report["guidance"]["classifier"]["scale"] == w and report["guidance"]["classifier"]["num_classes"] == 8
+    # The samples are exactly sample() with the wrapped score and the batch's generator.
+    model = load_model(gmm_score_run, device="cpu")
+    _, _, options = sampler_settings(cfg)
+    guided = ClassifierGuidance(model.score_model(use_ema=False), load_classifier(clf_dir), y=k, scale=3.0)
+    with torch.no_grad():
+        ref = sample(sde, guided, (n, 2), "euler_maruyama", steps=50, generator=torch.Generator().manual_seed(batch_seed(0, "sample", 0)),
+                     **options).samples
+    np.testing.assert_array_equal(z["samples"], ref.numpy())
+    # w = 0: the unconditional model puts ≈ 1/8 of its samples on component k (measured 0.15, the
+    # model is imperfect); w = 3 concentrates them there (measured 0.996; the exact conditional
+    # gives the Bayes accuracy ≈ 0.94 at w = 1). The gap is far beyond 4 standard errors (≈ 0.05).
+    se = math.sqrt(sum(f * (1 - f) for f in fractions.values()) / n)
+    assert fractions[0.0] < 0.25 and fractions[3.0] > 0.85, fractions
+    assert fractions[3.0] - fractions[0.0] > 4 * se, fractions
+
+
+def _edited_checkpoint(src: Path, dst: Path, edit: Any) -> Path:
+    ckpt = torch.load(src, map_location="cpu", weights_only=False)
+    edit(ckpt)
+    torch.save(ckpt, dst)
+    return dst
+
+
+def test_sample_py_rejects_mismatched_or_swapped_checkpoints(gmm_run: Any, gmm_score_run: Path, tmp_path: Path) -> None:
+    clf_ckpt = gmm_run.output_dir / "checkpoints" / "last.ckpt"
+    score_ckpt = gmm_score_run / "checkpoints" / "last.ckpt"
+    base = ["steps=1", "n=2", "batch_size=2", f"out={tmp_path / 'out'}"]
+    other_sde = _edited_checkpoint(clf_ckpt, tmp_path / "ve.ckpt",
+                                   lambda c: c["hyper_parameters"]["cfg"]["sde"].update(beta_max=10.0))
+    with pytest.raises(ValueError, match=r"trained with sde=.*sde\.beta_max: classifier 10\.0, score model 20\.0"):
+        run(guided_cfg(gmm_score_run, f"guidance.classifier={other_sde}", "label=1", *base))
+    other_shape = _edited_checkpoint(clf_ckpt, tmp_path / "shape.ckpt",
+                                     lambda c: c["hyper_parameters"].update(data_shape=[3]))
+    with pytest.raises(ValueError, match=r"takes data of shape \(3,\) but the score model .* generates \(2,\)"):
+        run(guided_cfg(gmm_score_run, f"guidance.classifier={other_shape}", "label=1", *base))
+    with pytest.raises(ValueError, match="guidance.classifier needs label="):
+        run(guided_cfg(gmm_score_run, f"guidance.classifier={clf_ckpt}", *base))
+    with pytest.raises(ValueError, match=r"label=8 is out of range: the classifier has 8 classes"):
+        run(guided_cfg(gmm_score_run, f"guidance.classifier={clf_ckpt}", "label=8", *base))
+    with pytest.raises(ValueError, match="guidance.classifier_scale must be a finite number >= 0"):
+        run(guided_cfg(gmm_score_run, f"guidance.classifier={clf_ckpt}", "label=1", "guidance.classifier_scale=-1", *base))
+    with pytest.raises(ValueError, match="guidance.classifier_scale=2 has no effect without guidance.classifier"):
+        run(guided_cfg(gmm_score_run, "guidance.classifier_scale=2", *base))
+    # The two kinds of checkpoint swapped.
+    with pytest.raises(ValueError, match=r"is a noisy-classifier checkpoint .*not a score model.*guidance\.classifier="):
+        run(guided_cfg(clf_ckpt, *base))
+    with pytest.raises(ValueError, match=r"guidance.classifier=.*is not a noisy-classifier checkpoint \(a score model's"):
+        run(guided_cfg(gmm_score_run, f"guidance.classifier={score_ckpt}", "label=1", *base))
+    with pytest.raises(ValueError, match="is a score-model checkpoint, not a noisy-classifier checkpoint"):
+        load_classifier(score_ckpt)
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------- digits (slow)

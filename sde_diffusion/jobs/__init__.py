@@ -10,6 +10,8 @@ likelihood  NLL (nats) and bits/dim through the PF ODE           :mod:`.likeliho
 metrics     sample, then SW/MMD, digits-FD or FID vs. the data   :mod:`.metrics_job`
 plots       every figure of a run (samples, paths, losses)       :mod:`.figures`
 ==========  ===================================================  ==============================
+
+:mod:`.train_tasks` dispatches ``python train.py`` on ``cfg.task`` (score | classifier).
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ def run(cfg: Mapping[str, Any], **kwargs: Any) -> Optional[Dict[str, Any]]:
     # Checked before anything else reads (and resolves) the config: conf/task/ also holds
     # train.py's tasks, whose settings do not belong in a sampling config.
     if isinstance(task, str) and task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+        hint = f" (task={task} is trained by train.py)" if task in ("score", "classifier") else ""
+        raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}{hint}")
     if mode == "sample":
         from .sampling import run_sample
 

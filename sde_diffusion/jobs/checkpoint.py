@@ -22,16 +22,17 @@ from ..config import build_datamodule, to_container
 CHECKED_GROUPS = ("sde", "model")
 
 
-def resolve_checkpoint_path(ckpt: Union[str, Path, None]) -> Path:
+def resolve_checkpoint_path(ckpt: Union[str, Path, None], key: str = "ckpt") -> Path:
     """``ckpt`` as a checkpoint file: a ``.ckpt`` file itself, or for a training run directory its
-    ``checkpoints/last.ckpt`` (else the checkpoint with the highest step in ``checkpoints/``)."""
+    ``checkpoints/last.ckpt`` (else the checkpoint with the highest step in ``checkpoints/``).
+    ``key`` is the option's name in error messages."""
     if ckpt is None or str(ckpt).strip() in ("", "None", "???"):
-        raise ValueError("ckpt=<path> is required: a .ckpt file or a training run directory (e.g. ckpt=outputs/train/digits_vp/<date>)")
+        raise ValueError(f"{key}=<path> is required: a .ckpt file or a training run directory (e.g. {key}=outputs/train/digits_vp/<date>)")
     path = Path(str(ckpt)).expanduser()
     if path.is_file():
         return path
     if not path.exists():
-        raise ValueError(f"ckpt={ckpt} does not exist; give a .ckpt file or a training run directory")
+        raise ValueError(f"{key}={ckpt} does not exist; give a .ckpt file or a training run directory")
     for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
         if candidate.is_file():
             return candidate
@@ -58,6 +59,13 @@ def read_checkpoint_info(path: Path) -> Dict[str, Any]:
         raw = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same explanation
         raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+    from ..classifier import CHECKPOINT_KIND
+
+    if isinstance(raw, Mapping) and raw.get("kind") == CHECKPOINT_KIND:
+        raise ValueError(
+            f"{path} is a noisy-classifier checkpoint (python train.py task=classifier), not a score model: "
+            "give a score model's run or .ckpt as ckpt=, and the classifier as guidance.classifier=<path>"
+        )
     hp = raw.get("hyper_parameters") if isinstance(raw, Mapping) else None
     if not isinstance(hp, Mapping) or "cfg" not in hp or "data_shape" not in hp:
         raise ValueError(f"{path} is not a checkpoint written by train.py (no hyper_parameters.cfg/data_shape)")
@@ -182,6 +190,87 @@ def load_model(
     )
 
 
+def _same_value(a: Any, b: Any) -> bool:
+    # 20 and 20.0 in two configs are the same SDE parameter.
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+@dataclass
+class LoadedClassifier:
+    """A noisy classifier ready for guidance: ``module`` (``(x, t) -> logits [B, num_classes]``, eval
+    mode, frozen parameters), its checkpoint ``path`` and ``global_step``, ``num_classes``."""
+
+    module: Any
+    path: Path
+    global_step: int
+    num_classes: int
+
+
+def load_guidance_classifier(
+    path: Union[str, Path, None],
+    model: LoadedModel,
+    label: Optional[int],
+    device: Union[str, torch.device] = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LoadedClassifier:
+    """Load the noisy classifier at ``path`` (``guidance.classifier``) for guiding ``model``.
+
+    Checked before any weights are read, each failure a ValueError saying what differs: the file
+    is a classifier checkpoint (not a score model), its SDE (every key of the ``sde`` group) and
+    data shape equal the score model's, a ``label`` in [0, num_classes) is given, and for a
+    class-conditional score model the class counts agree. The
+    :class:`~sde_diffusion.classifier.NoisyClassifier` is put on ``device``/``dtype`` in eval mode
+    with frozen parameters (gradients with respect to x still flow).
+    """
+    from ..classifier import CHECKPOINT_KIND, load_classifier
+
+    file = resolve_checkpoint_path(path, key="guidance.classifier")
+    try:
+        raw = torch.load(str(file), map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same explanation
+        raise ValueError(f"cannot read classifier checkpoint {file}: {type(err).__name__}: {err}") from None
+    if not isinstance(raw, Mapping) or raw.get("kind") != CHECKPOINT_KIND:
+        raise ValueError(
+            f"guidance.classifier={path}: {file} is not a noisy-classifier checkpoint (a score model's checkpoint "
+            "goes to ckpt=); train a classifier with `python train.py task=classifier data=<the model's data>`"
+        )
+    hp = raw["hyper_parameters"]
+    clf_sde = to_container(to_container(hp["cfg"]).get("sde") or {})
+    model_sde = to_container(model.train_cfg.get("sde") or {})
+    keys = sorted(set(clf_sde) | set(model_sde))
+    diff = [k for k in keys if not _same_value(clf_sde.get(k, "<unset>"), model_sde.get(k, "<unset>"))]
+    if diff:
+        details = "; ".join(f"sde.{k}: classifier {clf_sde.get(k, '<unset>')!r}, score model {model_sde.get(k, '<unset>')!r}"
+                            for k in diff)
+        raise ValueError(
+            f"the classifier {file} was trained with sde={_fmt(clf_sde)} but the score model {model.path} with "
+            f"sde={_fmt(model_sde)} ({details}); train the classifier with the score model's SDE"
+        )
+    clf_shape = tuple(int(s) for s in hp["data_shape"])
+    if clf_shape != tuple(model.data_shape):
+        raise ValueError(
+            f"the classifier {file} takes data of shape {clf_shape} but the score model {model.path} generates "
+            f"{tuple(model.data_shape)}; train the classifier on the score model's data"
+        )
+    num_classes = int(hp["num_classes"])
+    global_step = int(raw.get("global_step", -1))
+    del raw
+    if label is None:
+        raise ValueError(f"guidance.classifier needs label=<class in 0..{num_classes - 1}>: the class to steer towards")
+    if not 0 <= label < num_classes:
+        raise ValueError(f"label={label} is out of range: the classifier has {num_classes} classes (0..{num_classes - 1})")
+    if model.num_classes is not None and int(model.num_classes) != num_classes:
+        raise ValueError(
+            f"the classifier {file} has {num_classes} classes but the class-conditional score model has "
+            f"{model.num_classes}; their labels cannot mean the same classes"
+        )
+    clf = load_classifier(file, map_location="cpu").to(device=torch.device(device), dtype=dtype).eval()
+    clf.requires_grad_(False)
+    return LoadedClassifier(module=clf, path=file, global_step=global_step, num_classes=num_classes)
+
+
 __all__ = [
     "resolve_checkpoint_path",
     "run_dir_of",
@@ -190,4 +279,6 @@ __all__ = [
     "data_config",
     "LoadedModel",
     "load_model",
+    "LoadedClassifier",
+    "load_guidance_classifier",
 ]

@@ -6,7 +6,7 @@ What a run writes into its output directory (default ``<run dir>/samples/<tag>``
 * ``shards/batch_XXXXX.npz`` — one per batch, written atomically (:mod:`.shards`);
 * ``samples.npz`` — the merge: ``samples`` (images: uint8 ``[n, H, W, C]`` = round(255·clamp(
   inverse_scaler(x), 0, 1)); vectors: float ``[n, D]`` in data coordinates), ``labels`` int64
-  ``[n]`` for class-conditional models, and for ``task=inpaint|colorize`` also ``observed`` and
+  ``[n]`` for class-conditional models and classifier guidance, and for ``task=inpaint|colorize`` also ``observed`` and
   ``masked`` (same layout as ``samples``) and ``mask`` (inpainting, 1 = observed);
 * ``samples.png`` — an image grid, or a scatter of the samples beside reference data (vectors);
   ``triptych.png`` — observed / input / completed rows for the conditional tasks;
@@ -32,9 +32,9 @@ import torch
 from torch import Tensor
 
 from ..config import sampler_settings, to_container
-from ..guidance import ClassifierFreeGuidance
+from ..guidance import ClassifierFreeGuidance, ClassifierGuidance
 from ..samplers import build_sampler, sample
-from .checkpoint import LoadedModel, load_model
+from .checkpoint import LoadedModel, load_guidance_classifier, load_model
 from .runtime import Runtime, make_runtime, resolve_dtype, sync, versions, write_json
 from .shards import ShardStore, batch_counts, batch_seed, fingerprint, rank_batches
 from .tasks import METHODS, TASKS, condition_batch, make_mask
@@ -69,6 +69,8 @@ class SampleSettings:
     mask_ratio: float
     guidance_scale: float
     label: Optional[int]
+    classifier: Optional[str]
+    classifier_scale: float
     progress: bool
     resume: bool
     figures: bool
@@ -95,6 +97,20 @@ def parse_settings(cfg: Mapping[str, Any]) -> SampleSettings:
     scale = float(guidance.get("scale", 0.0) or 0.0)
     if scale < 0 or not math.isfinite(scale):
         raise ValueError(f"guidance.scale must be a finite number >= 0, got {guidance.get('scale')}")
+    classifier = guidance.get("classifier")
+    classifier = None if classifier is None or str(classifier).strip() in ("", "None") else str(classifier)
+    raw_cscale = guidance.get("classifier_scale", 1.0)
+    try:
+        classifier_scale = float(1.0 if raw_cscale is None else raw_cscale)
+    except (TypeError, ValueError):
+        classifier_scale = float("nan")
+    if classifier_scale < 0 or not math.isfinite(classifier_scale):
+        raise ValueError(f"guidance.classifier_scale must be a finite number >= 0, got {raw_cscale!r}")
+    if classifier is None and classifier_scale != 1.0:
+        raise ValueError(
+            f"guidance.classifier_scale={raw_cscale} has no effect without guidance.classifier=<classifier run or .ckpt> "
+            "(for classifier-free guidance use guidance.scale)"
+        )
     label = cfg.get("label")
     if label is not None and (isinstance(label, bool) or not isinstance(label, int) or label < 0):
         raise ValueError(f"label must be a class index >= 0 or null, got {label!r}")
@@ -119,6 +135,8 @@ def parse_settings(cfg: Mapping[str, Any]) -> SampleSettings:
         mask_ratio=float(inpaint.get("mask_ratio", 0.5)),
         guidance_scale=scale,
         label=label,
+        classifier=classifier,
+        classifier_scale=classifier_scale,
         progress=bool(cfg.get("progress", True)),
         resume=bool(cfg.get("resume", True)),
         figures=bool(cfg.get("figures", True)),
@@ -167,6 +185,10 @@ class SamplingJob:
         self.sampler_obj = build_sampler(s.sampler, **s.options)
         self.sampler_obj.validate(self.model.sde)
         self._check_conditioning()
+        self.classifier = (
+            load_guidance_classifier(s.classifier, self.model, s.label, self.runtime.device, self.dtype)
+            if s.classifier is not None else None
+        )
         self.counts = batch_counts(s.n, s.batch_size)
         self.mask = make_mask(s.mask, self.model.data_shape, s.mask_ratio, s.seed) if s.task == "inpaint" else None
         self.fingerprint_settings = self._fingerprint_settings()
@@ -185,11 +207,13 @@ class SamplingJob:
     def _check_conditioning(self) -> None:
         s, k = self.settings, self.model.num_classes
         if k is None:
-            if s.guidance_scale > 0 or s.label is not None:
+            # An unconditional model takes a label only to steer a classifier towards it.
+            if s.guidance_scale > 0 or (s.label is not None and s.classifier is None):
                 what = f"guidance.scale={s.guidance_scale}" if s.guidance_scale > 0 else f"label={s.label}"
                 raise ValueError(
                     f"{what} needs a class-conditional model, but {self.model.path} was trained without labels "
-                    "(conditioning.class_labels=false); drop the option or train with conditioning.class_labels=true"
+                    "(conditioning.class_labels=false); drop the option, train with conditioning.class_labels=true, "
+                    "or guide it with a classifier (guidance.classifier=<run> label=<class>)"
                 )
             return
         if s.label is not None and s.label >= k:
@@ -212,6 +236,10 @@ class SamplingJob:
             "seed": s.seed, "batch_size": s.batch_size, "dtype": s.dtype, "device_type": self.runtime.device.type,
             "task": s.task, "label": s.label, "guidance_scale": s.guidance_scale if self.conditional else None,
         }
+        if self.classifier is not None:
+            # Only present with a classifier, so that the identity of every other run stays as it was.
+            out["classifier"] = {"path": str(self.classifier.path.resolve()), "global_step": self.classifier.global_step,
+                                 "scale": s.classifier_scale}
         if s.task != "sample":
             # Observed examples are drawn for all n at once, so n decides every batch's input.
             out.update(n=s.n, method=s.method, fixed_noise=s.fixed_noise, obs_std=s.obs_std)
@@ -225,21 +253,30 @@ class SamplingJob:
         return self.labels_for(batch * self.settings.batch_size, self.counts[batch])
 
     def labels_for(self, start: int, count: int) -> Optional[Tensor]:
-        """Labels of the samples ``start … start+count−1`` (None for an unconditional model)."""
-        if not self.conditional:
+        """Labels of the samples ``start … start+count−1`` (None for an unconditional model without a classifier)."""
+        if not self.conditional and self.classifier is None:
             return None
         if self.settings.label is not None:
             return torch.full((count,), self.settings.label, dtype=torch.long)
         return torch.arange(start, start + count, dtype=torch.long) % int(self.model.num_classes)
 
     def score_for(self, labels: Optional[Tensor]) -> Any:
-        """The score the sampler sees: s_θ, or classifier-free guidance at ``guidance.scale`` for ``labels``."""
+        """The score the sampler sees for ``labels``.
+
+        s_θ(x, t) for an unconditional model; for a class-conditional one classifier-free guidance
+        (1 + w) s_θ(x, t, y) − w s_θ(x, t, ∅) with w = ``guidance.scale``; and with a classifier,
+        w_c ∇_x log p_φ(y | x, t) (w_c = ``guidance.classifier_scale``) added to either.
+        """
         if labels is None:
             return self._score
-        return ClassifierFreeGuidance(
-            self._score, y=labels.to(self.runtime.device), scale=self.settings.guidance_scale,
-            null_label=int(self.model.num_classes),
-        )
+        y = labels.to(self.runtime.device)
+        score = self._score
+        if self.conditional:
+            score = ClassifierFreeGuidance(score, y=y, scale=self.settings.guidance_scale,
+                                           null_label=int(self.model.num_classes))
+        if self.classifier is not None:
+            score = ClassifierGuidance(score, self.classifier.module, y=y, scale=self.settings.classifier_scale)
+        return score
 
     def observed(self, batch: int) -> Tensor:
         """The real examples batch ``batch`` conditions on (model range), from the data's reference set."""
@@ -359,6 +396,7 @@ class SamplingJob:
             "sampler": {"name": s.sampler, "steps": s.steps, "options": s.options,
                         "expected_nfe_per_batch": self.sampler_obj.expected_nfe(s.steps)},
             "task": s.task,
+            "guidance": self._guidance_report(),
             "n": s.n,
             "batch_size": s.batch_size,
             "batches": len(self.counts),
@@ -376,6 +414,15 @@ class SamplingJob:
         }
         write_json(self.out_dir / "run.json", report)
         return report
+
+    def _guidance_report(self) -> Dict[str, Any]:
+        s, clf = self.settings, self.classifier
+        return {
+            "label": s.label,
+            "scale": s.guidance_scale if self.conditional else None,
+            "classifier": None if clf is None else {"path": str(clf.path), "global_step": clf.global_step,
+                                                    "num_classes": clf.num_classes, "scale": s.classifier_scale},
+        }
 
     def _figures(self, arrays: Mapping[str, np.ndarray]) -> Dict[str, str]:
         from .. import plots
