@@ -13,6 +13,7 @@ A few minutes on two CPU cores. ``--digits-steps`` / ``--toy-steps`` trade time 
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
@@ -54,7 +55,7 @@ def run_digits(out: Path, steps: int, sampler: str, sample_steps: int, quiet: bo
             f"trainer.enable_progress_bar={'false' if quiet else 'true'}", "trainer.enable_model_summary=false",
         ]
     )
-    result = train(cfg, out / "digits_run")
+    result = train(cfg, _fresh(out / "digits_run"))
     module = result.module.eval()
     x = _sample(module, 64, sampler, sample_steps, seed=0)
     dm = result.datamodule
@@ -62,6 +63,13 @@ def run_digits(out: Path, steps: int, sampler: str, sample_steps: int, quiet: bo
     save_image_grid(dm.inverse_scaler(dm.reference(64)), out / "digits_data.png", title="data")
     _report_fd(x)
     return path
+
+
+def _fresh(run_dir: Path) -> Path:
+    # The demo's run directories are its own scratch: each `make demo` trains anew rather than
+    # refusing (training never mixes two runs' checkpoints in one directory).
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return run_dir
 
 
 def _report_fd(x: torch.Tensor) -> None:
@@ -87,7 +95,7 @@ def run_toy(out: Path, steps: int, sampler: str, sample_steps: int, quiet: bool)
             f"trainer.enable_progress_bar={'false' if quiet else 'true'}", "trainer.enable_model_summary=false",
         ]
     )
-    result = train(cfg, out / "toy_run")
+    result = train(cfg, _fresh(out / "toy_run"))
     x = _sample(result.module.eval(), 2000, sampler, sample_steps, seed=0)
     return save_scatter(x, result.datamodule.reference(2000), out / "toy_scatter.png", title=f"moons: {steps} training steps, {sampler}")
 
