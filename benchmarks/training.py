@@ -161,9 +161,9 @@ def quality(run_dir: Optional[Path], max_steps: int, every: int, n: int, sample_
         train(cfg, run_dir)
         print(f"trained {max_steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
     clf = get_classifier()
-    images = load_digits()[0].to(torch.float32)
-    real = images[torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(1))[:n]] / 8 - 1
-    rows = [["real digits (floor)", "—", f"{digits_fd(real[:, None], classifier=clf):.2f}"]]
+    images = load_digits()[0]  # [1797, 1, 8, 8] in [-1, 1], the model's range
+    real = images[torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(1))[:n]]
+    rows = [["real digits (floor)", "—", f"{digits_fd(real, classifier=clf):.2f}"]]
     ckpts = sorted((run_dir / "checkpoints").glob("step_*.ckpt"), key=lambda p: int(re.findall(r"\d+", p.stem)[0]))
     for path in ckpts:
         module = load_checkpoint(path)
