@@ -17,6 +17,7 @@ Usage::
     python benchmarks/samplers.py --jobs 2 --write            # full run → benchmarks/RESULTS.md
     python benchmarks/samplers.py --problems ring8 --sdes vp --samplers dpm_solver,pc
     python benchmarks/samplers.py --variant dpm_solver:order=3,grid=karras
+    python benchmarks/samplers.py --overhead-only             # µs per NFE vs k-diffusion, ~1 min
 
 Targets (PASS/FAIL lines, on metric (a); σ_a = the standard deviation of its noise floor):
 1. at 10 and 20 NFE our best sampler is at least as good as the best k-diffusion sampler, on
@@ -84,6 +85,7 @@ OVERRIDES: Dict[str, Dict[str, Any]] = {
 VARIANTS: Tuple[Tuple[str, Dict[str, Any]], ...] = (
     ("dpm_solver", {"order": 3}),
     ("dpm_solver", {"stochastic": True}),
+    ("dpm_solver", {"corrector": True}),  # UniPC, conf/sampler/unipc.yaml
 )
 REFERENCE = "pc"
 KD_SAMPLERS = (
@@ -416,6 +418,20 @@ def measure_overhead(spec: Spec, repeats: int = 3) -> Overhead:
         return Overhead(spec.label, spec.kd, math.nan, 0, f"{type(err).__name__}: {err}"[:200])
 
 
+def overhead_table(overheads: List[Overhead]) -> str:
+    """Markdown table of µs/NFE with each row's ratio to the median of k-diffusion's samplers."""
+    kd_vals = [o.us_per_nfe for o in overheads if o.kd and math.isfinite(o.us_per_nfe)]
+    med = statistics.median(kd_vals) if kd_vals else math.nan
+    rows = []
+    for o in overheads:
+        ok = math.isfinite(o.us_per_nfe)
+        ratio = f"{o.us_per_nfe / med:.2f}" if ok and math.isfinite(med) else "—"
+        rows.append([o.label, f"{o.us_per_nfe:.0f}" if ok else "—", ratio, str(o.nfe), o.error[:90]])
+    head = (f"Overhead per NFE (free score s = −x, VP, batch {OVERHEAD_SHAPE}, ~{OVERHEAD_NFE} NFE, 1 thread); "
+            f"k-diffusion median {med:.0f} µs/NFE\n\n")
+    return head + md_table(["sampler", "µs / NFE", "÷ k-diff median", "NFE", "note"], rows)
+
+
 # --------------------------------------------------------------------------------- report
 
 
@@ -692,6 +708,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--rtols", default=None, help="comma list of rtol = atol for adaptive samplers")
     ap.add_argument("--checkpoint", default=None, help="append every finished task to this JSON-lines file")
     ap.add_argument("--deadline", type=float, default=None, help="stop launching tasks after this many minutes; report what finished")
+    ap.add_argument("--overhead-only", action="store_true", help="only time each sampler's overhead per NFE (free score) and "
+                    "print that table with the ratio to k-diffusion's median (~1 min); --samplers and variants apply")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per sampler in the overhead table (best is kept)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     args.command = "python benchmarks/samplers.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -738,6 +757,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit("no sampler selected")
     print(f"samplers: {', '.join(s.label for s in specs)}", file=sys.stderr)
     print(f"k-diffusion: {kd_status}", file=sys.stderr)
+    if args.overhead_only:
+        print(overhead_table([measure_overhead(spec, args.repeats) for spec in specs]))
+        return 0
 
     truths: Dict[str, Truth] = {}
     for p in sel_p:

@@ -18,7 +18,7 @@ Usage::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -99,6 +99,15 @@ _B4 = [5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 
 _E = [b5 - b4 for b5, b4 in zip(_B5, _B4)]
 
 
+def _combine(coefs: Sequence[float], ks: Sequence[Tensor]) -> Tensor:
+    """Σ_j c_j k_j over the nonzero c_j, accumulated in one buffer (no temporary per term)."""
+    terms = [(c, k) for c, k in zip(coefs, ks) if c != 0.0]
+    acc = torch.mul(terms[0][1], terms[0][0])
+    for c, k in terms[1:]:
+        acc.add_(k, alpha=c)
+    return acc
+
+
 def odeint_dopri5(
     func: ODEFunc,
     y0: Tensor,
@@ -161,10 +170,10 @@ def odeint_dopri5(
         hb = _bt(hs, y)
         ks = [k1]
         for i in range(1, 7):
-            yi = y + hb * sum(a * k for a, k in zip(_A[i], ks) if a != 0.0)
+            yi = torch.addcmul(y, hb, _combine(_A[i], ks))
             ks.append(call(yi, t + _C[i] * hs))
-        y_new = y + hb * sum(b * k for b, k in zip(_B5, ks) if b != 0.0)
-        err = hb * sum(e * k for e, k in zip(_E, ks) if e != 0.0)
+        y_new = torch.addcmul(y, hb, _combine(_B5, ks))
+        err = hb * _combine(_E, ks)
         scale = atol + rtol * torch.maximum(y.abs(), y_new.abs())
         en = rms(err / scale)
         accept = (en <= 1.0) & ~done

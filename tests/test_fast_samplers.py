@@ -432,3 +432,30 @@ def test_history_is_reset_between_runs() -> None:
     first = sample(sde, RING.score_fn(sde), (16, 2), sampler=solver, steps=9, x_T=x_T, dtype=F64).samples
     again = sample(sde, RING.score_fn(sde), (16, 2), sampler=solver, steps=9, x_T=x_T, dtype=F64).samples
     assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_extrapolation_weights_match_the_polynomial_formulas(n: int) -> None:
+    """Σ w_j D_j equals the 1/2M/3M formulas of DPM-Solver++ (written out with tensors)."""
+    from sde_diffusion.samplers.dpm_solver import extrapolation_weights
+
+    lams, h = [-1.3, -0.4, 0.2][-n:], 0.7
+    D = [torch.tensor([3.0, -1.0], dtype=F64), torch.tensor([2.5, 0.5], dtype=F64), torch.tensor([-0.5, 4.0], dtype=F64)][-n:]
+    w = extrapolation_weights(lams, h)
+    got = sum(wj * Dj for wj, Dj in zip(w, D))
+    if n == 1:
+        want = D[0]
+    elif n == 2:
+        r0 = (lams[1] - lams[0]) / h
+        want = D[1] + (D[1] - D[0]) / (2 * r0)
+    else:
+        r0, r1 = (lams[2] - lams[1]) / h, (lams[1] - lams[0]) / h
+        d0, d1 = (D[2] - D[1]) / r0, (D[1] - D[0]) / r1
+        delta1 = d0 + r0 / (r0 + r1) * (d0 - d1)
+        delta2 = 2 * (d0 - d1) / (r0 + r1)
+        phi1 = -math.expm1(-h)
+        phi2 = phi1 / h - 1.0
+        phi3 = phi2 / h + 0.5
+        want = D[2] + (-phi2 * delta1 + phi3 * delta2) / phi1
+    assert torch.allclose(got, want, rtol=1e-13, atol=1e-13)
+    assert math.isclose(sum(w), 1.0, rel_tol=1e-13)  # constants are reproduced exactly

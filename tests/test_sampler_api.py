@@ -369,3 +369,77 @@ def test_torchsde_milstein_equals_euler() -> None:
 def test_torchsde_bad_method() -> None:
     with pytest.raises(ValueError, match="euler, milstein, srk, reversible_heun"):
         build_sampler("torchsde", method="heun")
+
+
+# ---------------------------------------------------------------------------------- coefficient table
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE(sigma_min=0.01, sigma_max=20.0)], ids=["vp", "subvp", "ve"])
+def test_grid_coeffs_match_the_sde(sde) -> None:
+    from sde_diffusion.samplers.coeffs import GridCoeffs
+
+    ts = torch.tensor([1.0, 0.6, 0.25, 1e-3], dtype=torch.float32)
+    grid = GridCoeffs.build(sde, ts)
+    t64 = ts.to(F64)  # the coefficients are those of the float32-rounded times
+    m, s = sde.mean_coeff(t64), sde.marginal_std(t64)
+    assert torch.allclose(torch.tensor(grid.m, dtype=F64), m, rtol=1e-14, atol=0)
+    assert torch.allclose(torch.tensor(grid.sigma, dtype=F64), s, rtol=1e-14, atol=0)
+    assert torch.allclose(torch.tensor(grid.lam, dtype=F64), torch.log(m / s), rtol=1e-12, atol=1e-14)
+    assert torch.allclose(torch.tensor(grid.f, dtype=F64), sde.drift_coeff(t64), rtol=1e-14, atol=0)
+    assert torch.allclose(torch.tensor(grid.g2, dtype=F64), sde.diffusion(t64) ** 2, rtol=1e-14, atol=0)
+    # a_i = m(t_i)/m(t_{i+1}), b_i² = σ_i² − a_i² σ_{i+1}² (forward transition t_{i+1} → t_i)
+    a = m[:-1] / m[1:]
+    b2 = s[:-1] ** 2 - a**2 * s[1:] ** 2
+    assert torch.allclose(torch.tensor(grid.a, dtype=F64), a, rtol=1e-13, atol=0)
+    assert torch.allclose(torch.tensor(grid.b, dtype=F64) ** 2, b2, rtol=1e-9, atol=0)
+    assert all(t is u for t, u in zip(grid.times, grid.times))
+    assert [float(t) for t in grid.times] == ts.tolist()
+
+
+def test_step_table_uses_the_run_table_only_for_its_own_times() -> None:
+    from sde_diffusion.samplers.coeffs import GridCoeffs
+
+    sde = VPSDE()
+    ts = torch.tensor([1.0, 0.5, 0.1], dtype=F64)
+    grid = GridCoeffs.build(sde, ts)
+    ctx = SamplingContext(sde, lambda x, t: -x, None, steps=2, index=1, grid=grid)
+    got, i = ctx.step_table(grid.times[1], grid.times[2])
+    assert got is grid and i == 1
+    # Equal values but other tensors (a custom loop): a fresh two-point table, same numbers.
+    other, j = ctx.step_table(torch.tensor(0.5, dtype=F64), torch.tensor(0.1, dtype=F64))
+    assert other is not grid and j == 0
+    assert other.m == grid.m[1:] and other.sigma == grid.sigma[1:]
+
+
+@pytest.mark.parametrize("name", ["ancestral", "euler_maruyama", "reverse_diffusion", "pc", "ddim", "dpm_solver",
+                                  "dpm_solver_2s", "edm_heun", "ode_heun", "ode_rk4"])
+def test_no_per_step_validation(name: str, monkeypatch) -> None:
+    """The SDE's validating methods are called a fixed number of times per run, not per step."""
+    sde = VPSDE()
+    calls = [0]
+    orig = sde._check_t
+
+    def counting(t, like=None):
+        calls[0] += 1
+        return orig(t, like)
+
+    monkeypatch.setattr(sde, "_check_t", counting)
+    counts = []
+    for steps in (4, 40):
+        calls[0] = 0
+        out = sample(sde, lambda x, t: -x, (8, 2), sampler=name, steps=steps, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(out.samples).all()
+        counts.append(calls[0])
+    assert counts[0] == counts[1], f"{name}: {counts[0]} checks at 4 steps, {counts[1]} at 40"
+
+
+def test_auto_grid_is_karras_for_ve_and_logsnr_for_vp_types() -> None:
+    from sde_diffusion.samplers.grids import time_grid
+
+    ve, vp, subvp = VESDE(sigma_min=0.01, sigma_max=20.0), VPSDE(), SubVPSDE()
+    for sde, kind in ((ve, "karras"), (vp, "logsnr"), (subvp, "logsnr")):
+        auto = time_grid(sde, 10, "auto", dtype=F64)
+        assert torch.equal(auto, time_grid(sde, 10, kind, dtype=F64))
+    # On VE the karras grid is ρ-spaced in σ: σ_i^{1/7} is linear in i.
+    ts = time_grid(ve, 10, "auto", dtype=F64)
+    root = ve.marginal_std(ts) ** (1 / 7)
+    assert torch.allclose(root[1:] - root[:-1], (root[-1] - root[0]) / 10 * torch.ones(10, dtype=F64), rtol=1e-8, atol=0)
+    assert build_sampler("dpm_solver").grid == "auto" and build_sampler("dpm_solver_2s").grid == "auto"

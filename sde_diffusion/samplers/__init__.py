@@ -3,7 +3,8 @@
 Importing this package registers every built-in sampler.
 """
 from .base import SAMPLERS, SampleResult, Sampler, SamplingContext, StepSampler, build_sampler, sample
-from .grids import GRIDS, time_grid
+from .coeffs import GridCoeffs, Level
+from .grids import GRIDS, auto_grid, time_grid
 from .predictors import PREDICTORS, Ancestral, EulerMaruyama, Predictor, ReverseDiffusion
 from .correctors import CORRECTORS, AnnealedLangevin, Corrector, LangevinCorrector
 from .pc import PredictorCorrector
@@ -22,7 +23,10 @@ __all__ = [
     "build_sampler",
     "sample",
     "GRIDS",
+    "auto_grid",
     "time_grid",
+    "GridCoeffs",
+    "Level",
     "PREDICTORS",
     "CORRECTORS",
     "Predictor",

@@ -9,9 +9,9 @@ recording, the per-step hook and the optional final denoising step::
     class MySampler(StepSampler):
         nfe_per_step = 1
         def step(self, x, t_cur, t_next, ctx):
+            grid, i = ctx.step_table(t_cur, t_next)  # the run's coefficients, as floats
             s = ctx.score(x, t_cur)
-            ...
-            return x_next
+            return torch.add(x, s, alpha=grid.sigma[i] ** 2 - grid.sigma[i + 1] ** 2)
 
 plus ``conf/sampler/my_sampler.yaml``. Samplers that manage their own time (adaptive ODE
 solvers, torchsde) override :meth:`Sampler.run` instead.
@@ -35,6 +35,7 @@ from torch import Tensor
 from ..registry import Registry
 from ..score import CountingScore, x0_from_score
 from ..sdes.base import SDE, ScoreFn, broadcast_to_x
+from .coeffs import GridCoeffs
 from .grids import time_grid
 
 SAMPLERS: Registry = Registry("sampler")
@@ -58,7 +59,11 @@ class SampleResult:
 
 @dataclass
 class SamplingContext:
-    """Everything a step may need besides x: the process, the score, randomness, loop position."""
+    """Everything a step may need besides x: the process, the score, randomness, loop position.
+
+    ``grid`` is the run's coefficient table (:class:`~.coeffs.GridCoeffs`, built once by
+    :meth:`StepSampler.run`); steps read their coefficients from it through :meth:`step_table`.
+    """
 
     sde: SDE
     score_fn: ScoreFn
@@ -66,6 +71,19 @@ class SamplingContext:
     steps: int
     index: int = 0
     state: Dict[str, Any] = field(default_factory=dict)  # per-run memory, e.g. multistep history
+    grid: Optional[GridCoeffs] = None
+
+    def step_table(self, t_cur: Tensor, t_next: Tensor) -> tuple[GridCoeffs, int]:
+        """(table, i) with the coefficients of ``t_cur`` at ``i`` and of ``t_next`` at ``i + 1``.
+
+        Inside a run these are the run's table and ``index`` (the loop hands out the table's own
+        time tensors, recognised by identity, so the lookup costs no tensor op); a step called
+        with other times (directly, or from a custom loop) gets a two-point table built for them.
+        """
+        grid, i = self.grid, self.index
+        if grid is not None and i + 1 < len(grid.times) and grid.times[i] is t_cur and grid.times[i + 1] is t_next:
+            return grid, i
+        return GridCoeffs.build(self.sde, (t_cur, t_next)), 0
 
     def score(self, x: Tensor, t: Tensor) -> Tensor:
         """s(x, t) with a scalar ``t`` broadcast to ``[B]``."""
@@ -136,7 +154,7 @@ class StepSampler(Sampler):
     """A sampler made of one reverse step per grid interval; subclasses implement :meth:`step`.
 
     Args:
-        grid: time grid kind (``uniform``, ``karras``, ``logsnr``, ``quadratic``; see grids.py).
+        grid: time grid kind (``uniform``, ``karras``, ``logsnr``, ``quadratic``, ``auto``; see grids.py).
         rho: ρ of the ``karras`` grid.
     """
 
@@ -156,7 +174,11 @@ class StepSampler(Sampler):
 
     @abc.abstractmethod
     def step(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext) -> Tensor:
-        """Advance x from ``t_cur`` to ``t_next < t_cur`` (0-dim tensors)."""
+        """Advance x from ``t_cur`` to ``t_next < t_cur`` (0-dim tensors).
+
+        Coefficients come from ``ctx.step_table(t_cur, t_next)``. x may be recorded in the
+        trajectory, so it must not be modified in place (tensors the step allocates may be).
+        """
 
     def run(
         self,
@@ -170,14 +192,17 @@ class StepSampler(Sampler):
         hook: Optional[StepHook] = None,
     ) -> tuple[Tensor, Optional[List[Tensor]], Optional[Tensor]]:
         ts = self.time_grid(sde, steps, x.device, x.dtype)
-        ctx = SamplingContext(sde, score_fn, generator, steps)
+        # All coefficients of the run at once; the steps then only read floats.
+        grid = GridCoeffs.build(sde, ts)
+        ctx = SamplingContext(sde, score_fn, generator, steps, grid=grid)
         x = self.begin(x, ts, ctx)
         traj = [x] if record else None
+        times = grid.times
         for i in _progress(range(steps), progress, type(self).__name__):
             ctx.index = i
-            x = self.step(x, ts[i], ts[i + 1], ctx)
+            x = self.step(x, times[i], times[i + 1], ctx)
             if hook is not None:
-                x = hook(x, ts[i + 1])
+                x = hook(x, times[i + 1])
             if traj is not None:
                 traj.append(x)
         return x, traj, ts
@@ -262,6 +287,7 @@ def sample(
 
 __all__ = [
     "SAMPLERS",
+    "GridCoeffs",
     "SampleResult",
     "SamplingContext",
     "Sampler",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Tuple
+from typing import Tuple, Union
 
 import torch
 from torch import Tensor
@@ -58,25 +58,31 @@ class Corrector(abc.ABC):
     @staticmethod
     def alpha(t_cur: Tensor, t_next: Tensor, ctx: SamplingContext) -> float:
         """α = (m(t_cur)/m(t_next))², the one-step signal ratio (1 for VE)."""
-        m = ctx.sde.mean_coeff(torch.stack([t_cur, t_next]).detach().to(torch.float64))
-        return float((m[0] / m[1]) ** 2)
+        grid, i = ctx.step_table(t_cur, t_next)
+        return (grid.m[i] / grid.m[i + 1]) ** 2
 
     @abc.abstractmethod
-    def step_size(self, score: Tensor, z: Tensor, t_cur: Tensor, alpha: float, ctx: SamplingContext) -> Tensor:
-        """δ: a scalar tensor or ``[B]`` per-sample sizes."""
+    def step_size(self, score: Tensor, z: Tensor, alpha: float, sigma: float) -> Union[Tensor, float]:
+        """δ from the score and noise ``[B, ...]``, α and σ(t): a float, a 0-dim tensor or ``[B]`` sizes."""
 
     def correct(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext) -> Tuple[Tensor, Tensor]:
         """Run the updates at ``t_cur``; return (x, x_mean), x_mean being the last update without noise."""
         x_mean = x
         if self.n_steps == 0:
             return x, x_mean
-        alpha = self.alpha(t_cur, t_next, ctx)
+        grid, i = ctx.step_table(t_cur, t_next)
+        alpha, sigma = (grid.m[i] / grid.m[i + 1]) ** 2, grid.sigma[i]
         for _ in range(self.n_steps):
             s = ctx.score(x, t_cur)
             z = ctx.noise(x)
-            delta = broadcast_to_x(self.step_size(s, z, t_cur, alpha, ctx), x)
-            x_mean = x + delta * s
-            x = x_mean + torch.sqrt(2 * delta) * z
+            delta = self.step_size(s, z, alpha, sigma)
+            if isinstance(delta, float):
+                x_mean = torch.add(x, s, alpha=delta)
+                x = torch.add(x_mean, z, alpha=math.sqrt(2 * delta))
+            else:
+                delta = broadcast_to_x(delta, x)
+                x_mean = torch.addcmul(x, delta, s)
+                x = torch.addcmul(x_mean, delta.mul(2).sqrt_(), z)
         return x, x_mean
 
     def __repr__(self) -> str:
@@ -102,7 +108,7 @@ class LangevinCorrector(Corrector):
             raise ValueError(f"unknown snr_norm {snr_norm!r}; choose one of: {', '.join(SNR_NORMS)}")
         self.snr_norm = snr_norm
 
-    def step_size(self, score: Tensor, z: Tensor, t_cur: Tensor, alpha: float, ctx: SamplingContext) -> Tensor:
+    def step_size(self, score: Tensor, z: Tensor, alpha: float, sigma: float) -> Tensor:
         B = score.shape[0]
         s_norm = torch.linalg.vector_norm(score.reshape(B, -1), dim=1)
         z_norm = torch.linalg.vector_norm(z.reshape(B, -1), dim=1)
@@ -110,16 +116,17 @@ class LangevinCorrector(Corrector):
             s_norm, z_norm = s_norm.mean(), z_norm.mean()
         # A zero score (exactly at a mode) would give an infinite step; the floor keeps it finite.
         tiny = torch.finfo(score.dtype).tiny
-        return 2 * alpha * (self.snr * z_norm / s_norm.clamp(min=tiny ** 0.5)) ** 2
+        # Stays on the device (no host sync): δ = 2α r² (‖z‖/‖s‖)².
+        ratio = z_norm.div_(s_norm.clamp_(min=tiny ** 0.5))
+        return ratio.square_().mul_(2 * alpha * self.snr**2)
 
 
 @CORRECTORS.register("annealed_langevin")
 class AnnealedLangevin(Corrector):
     r"""SMLD's annealed Langevin dynamics: δ = 2 α (r σ(t))², the step ∝ σ² of Song & Ermon (2019)."""
 
-    def step_size(self, score: Tensor, z: Tensor, t_cur: Tensor, alpha: float, ctx: SamplingContext) -> Tensor:
-        sigma = ctx.sde.marginal_std(t_cur)
-        return (2 * alpha * (self.snr * sigma) ** 2).to(score.dtype)
+    def step_size(self, score: Tensor, z: Tensor, alpha: float, sigma: float) -> float:
+        return 2 * alpha * (self.snr * sigma) ** 2
 
 
 @CORRECTORS.register("none")
@@ -130,7 +137,7 @@ class NoneCorrector(Corrector):
         super().__init__(snr=snr, n_steps=n_steps)
         self.n_steps = 0
 
-    def step_size(self, score: Tensor, z: Tensor, t_cur: Tensor, alpha: float, ctx: SamplingContext) -> Tensor:
+    def step_size(self, score: Tensor, z: Tensor, alpha: float, sigma: float) -> float:
         raise RuntimeError("the 'none' corrector takes no step")
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from .base import SAMPLERS, SamplingContext, StepSampler
-from .denoiser import denoise, level
+from .denoiser import step_levels
 
 
 @SAMPLERS.register("ddim")
@@ -54,12 +55,14 @@ class DDIM(StepSampler):
         self.eta = float(eta)
 
     def step(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext) -> Tensor:
-        cur, nxt = level(ctx.sde, t_cur), level(ctx.sde, t_next)
-        x0, eps = denoise(ctx, x, cur)
+        cur, nxt = step_levels(ctx, t_cur, t_next)
         c2 = (self.eta * nxt.sigma) ** 2 * -math.expm1(-2.0 * (nxt.lam - cur.lam))
-        x_next = nxt.m * x0 + math.sqrt(max(nxt.sigma**2 - c2, 0.0)) * eps
+        k = math.sqrt(max(nxt.sigma**2 - c2, 0.0))
+        # m_s x̂_0 + k ε̂ with x̂_0 = (x + σ_t² s)/m_t and ε̂ = −σ_t s, as one affine map of (x, s).
+        s = ctx.score(x, t_cur)
+        x_next = torch.mul(x, nxt.m / cur.m).add_(s, alpha=nxt.m * cur.sigma**2 / cur.m - k * cur.sigma)
         if c2 > 0:
-            x_next = x_next + math.sqrt(c2) * ctx.noise(x)
+            x_next.add_(ctx.noise(x), alpha=math.sqrt(c2))
         return x_next
 
 

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from .base import SAMPLERS, SamplingContext, StepSampler
-from .denoiser import Level, denoise, level, level_at_lambda
+from .coeffs import GridCoeffs, Level, levels_at_lambda
+from .denoiser import data_prediction, level_at_lambda, step_levels
 
 # Below this many steps the last steps use lower orders (as in DPM-Solver's reference code):
 # with few, large steps a high-order extrapolation of D into the low-noise end is unstable.
@@ -74,18 +75,19 @@ class DPMSolverPP(StepSampler):
     posterior at ``eps``).
 
     The history of (λ, D) lives in ``ctx.state`` and is reset in :meth:`begin`.
-    **NFE = steps** (+1 with ``denoise``). Default grid ``logsnr`` (uniform h); at ≤ 10 steps
-    ``eps=1e-3`` is usually better than a tiny eps (DPM-Solver's recommendation).
+    **NFE = steps** (+1 with ``denoise``). Default grid ``auto``: ``logsnr`` (uniform h) for VP-type
+    processes, ``karras`` (ρ = 7) for variance-exploding ones (see :func:`~.grids.auto_grid`); at
+    ≤ 10 steps ``eps=1e-3`` is usually better than a tiny eps (DPM-Solver's recommendation).
 
     Args:
         order: 1, 2 or 3.
         lower_order_final: lower the order on the last steps when steps < 15.
         corrector: apply the UniC corrector (UniPC); not with ``stochastic``.
         stochastic: the SDE variant (order 1 or 2 only).
-        grid, rho: time grid (``logsnr``, ``karras``, ``uniform``, ``quadratic``).
+        grid, rho: time grid (``auto``, ``logsnr``, ``karras``, ``uniform``, ``quadratic``).
     """
 
-    default_grid = "logsnr"
+    default_grid = "auto"
 
     def __init__(
         self,
@@ -127,8 +129,8 @@ class DPMSolverPP(StepSampler):
         return order
 
     def step(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext) -> Tensor:
-        cur, nxt = level(ctx.sde, t_cur), level(ctx.sde, t_next)
-        D = denoise(ctx, x, cur)[0]
+        cur, nxt = step_levels(ctx, t_cur, t_next)
+        D = data_prediction(ctx, x, cur)
         if ctx.state["pending"] is not None:
             start, x_start, used, x_predicted = ctx.state["pending"]
             # As an increment, so that a hook's change of the predicted state is kept.
@@ -138,41 +140,57 @@ class DPMSolverPP(StepSampler):
         del history[: -self.order]
         h = nxt.lam - cur.lam
         points = history[-self.step_order(ctx, h) :]
-        D_bar = _extrapolated_data(points, h)
+        weights = extrapolation_weights([lam for lam, _ in points], h)
         if not self.stochastic:
-            x_next = (nxt.sigma / cur.sigma) * x + nxt.m * -math.expm1(-h) * D_bar
+            c_x, c_d = nxt.sigma / cur.sigma, nxt.m * -math.expm1(-h)
         else:
-            x_next = (nxt.sigma / cur.sigma * math.exp(-h)) * x + nxt.m * -math.expm1(-2 * h) * D_bar
-            x_next = x_next + nxt.sigma * math.sqrt(-math.expm1(-2 * h)) * ctx.noise(x)
+            c_x, c_d = nxt.sigma / cur.sigma * math.exp(-h), nxt.m * -math.expm1(-2 * h)
+        # x_t = c_x x_s + c_d D̄ with D̄ = Σ_j w_j D_j: one multiply and one fused add per point.
+        x_next = torch.mul(x, c_x)
+        for w, (_, Dj) in zip(weights, points):
+            x_next.add_(Dj, alpha=c_d * w)
+        if self.stochastic:
+            x_next.add_(ctx.noise(x), alpha=nxt.sigma * math.sqrt(-math.expm1(-2 * h)))
         ctx.state["pending"] = (cur, x, list(points), x_next) if self.corrector and ctx.index < ctx.steps - 1 else None
         return x_next
 
 
-def _extrapolated_data(points: History, h: float) -> Tensor:
-    r"""D̄ with x_t = (σ_t/σ_s) x_s + m_t φ₁ D̄ from the last 1–3 (λ, D), oldest first (see 2M/3M)."""
-    lam0, D0 = points[-1]
-    if len(points) == 1:
-        return D0
-    lam1, D1 = points[-2]
-    r0 = (lam0 - lam1) / h
-    if len(points) == 2:
-        return D0 + (D0 - D1) / (2 * r0)
-    lam2, D2 = points[-3]
-    r1 = (lam1 - lam2) / h
-    d0, d1 = (D0 - D1) / r0, (D1 - D2) / r1
-    delta1 = d0 + r0 / (r0 + r1) * (d0 - d1)
-    delta2 = 2 * (d0 - d1) / (r0 + r1)
+def extrapolation_weights(lams: Sequence[float], h: float) -> List[float]:
+    r"""Weights w_j (oldest first) with D̄ = Σ_j w_j D_j for the 1–3 points at half log-SNRs ``lams``.
+
+    D̄ is defined by x_t = (σ_t/σ_s) x_s + m_t φ₁ D̄ (see 2M/3M in :class:`DPMSolverPP`); with
+    r_k = h_k/h:
+
+    * 1 point:  w = (1);
+    * 2 points: D̄ = D_0 + (D_0 − D_1)/(2 r_0);
+    * 3 points: D̄ = D_0 + (−φ₂ Δ₁ + φ₃ Δ₂)/φ₁, which is D_0 + A δ₀ + B δ₁ with
+      A = c₁(1 + q) + c₂ p, B = −c₁ q − c₂ p, c₁ = −φ₂/φ₁, c₂ = φ₃/φ₁, q = r_0/(r_0 + r_1),
+      p = 2/(r_0 + r_1), δ₀ = (D_0 − D_1)/r_0, δ₁ = (D_1 − D_2)/r_1.
+    """
+    if len(lams) == 1:
+        return [1.0]
+    r0 = (lams[-1] - lams[-2]) / h
+    if len(lams) == 2:
+        return [-1.0 / (2 * r0), 1.0 + 1.0 / (2 * r0)]
+    r1 = (lams[-2] - lams[-3]) / h
     phi1 = -math.expm1(-h)
     phi2 = phi1 / h - 1.0
     phi3 = phi2 / h + 0.5
-    return D0 + (-phi2 * delta1 + phi3 * delta2) / phi1
+    c1, c2 = -phi2 / phi1, phi3 / phi1
+    q, p = r0 / (r0 + r1), 2.0 / (r0 + r1)
+    A = c1 * (1 + q) + c2 * p
+    B = -c1 * q - c2 * p
+    return [-B / r1, -A / r0 + B / r1, 1.0 + A / r0]
 
 
 def _corrected(start: Level, x_start: Tensor, points: History, end: Level, D_end: Tensor) -> Tensor:
     """UniC: redo start → end with the polynomial through ``points`` and (λ_end, D_end)."""
     nodes = points + [(end.lam, D_end)]
     w = exp_quadrature_weights([lam - start.lam for lam, _ in nodes], end.lam - start.lam)
-    return (end.sigma / start.sigma) * x_start + end.m * sum(wj * Dj for wj, (_, Dj) in zip(w, nodes))
+    out = torch.mul(x_start, end.sigma / start.sigma)
+    for wj, (_, Dj) in zip(w, nodes):
+        out.add_(Dj, alpha=end.m * wj)
+    return out
 
 
 def exp_quadrature_weights(nodes: Sequence[float], h: float) -> List[float]:
@@ -180,17 +198,42 @@ def exp_quadrature_weights(nodes: Sequence[float], h: float) -> List[float]:
 
     Solves the Vandermonde system in u = τ/h against the moments μ_k = ∫₀ʰ e^{τ−h} (τ/h)^k dτ =
     h Σ_n (−h)^n k!/(n+k+1)! (series, for h < 1) or μ_0 = φ₁, μ_k = 1 − (k/h) μ_{k−1} (h ≥ 1).
+    The system has at most four unknowns, so it is solved on the host in plain floats.
     """
     n = len(nodes)
     if h < 1.0:
-        mu = [h * sum((-h) ** j * math.factorial(k) / math.factorial(j + k + 1) for j in range(30)) for k in range(n)]
+        mu = []
+        for k in range(n):
+            term, total = 1.0 / (k + 1), 0.0  # term_j = (−h)^j k!/(j+k+1)!
+            for j in range(30):
+                total += term
+                term *= -h / (j + k + 2)
+            mu.append(h * total)
     else:
         mu = [-math.expm1(-h)]
         for k in range(1, n):
             mu.append(1.0 - k / h * mu[-1])
-    u = torch.tensor([tau / h for tau in nodes], dtype=torch.float64)
-    vander = u[None, :] ** torch.arange(n, dtype=torch.float64)[:, None]
-    return torch.linalg.solve(vander, torch.tensor(mu, dtype=torch.float64)).tolist()
+    u = [tau / h for tau in nodes]
+    return _solve([[uj**k for uj in u] for k in range(n)], mu)
+
+
+def _solve(A: List[List[float]], b: List[float]) -> List[float]:
+    """x with A x = b by Gaussian elimination with partial pivoting (small dense systems)."""
+    n = len(b)
+    M = [row[:] + [bi] for row, bi in zip(A, b)]
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(M[r][c]))
+        if M[p][c] == 0.0:
+            raise ValueError("exp_quadrature_weights: the nodes must be distinct")
+        M[c], M[p] = M[p], M[c]
+        for r in range(c + 1, n):
+            f = M[r][c] / M[c][c]
+            for k in range(c, n + 1):
+                M[r][k] -= f * M[c][k]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        x[r] = (M[r][n] - sum(M[r][k] * x[k] for k in range(r + 1, n))) / M[r][r]
+    return x
 
 
 @SAMPLERS.register("dpm_solver_2s")
@@ -202,18 +245,35 @@ class DPMSolverPP2S(StepSampler):
         x_t = \frac{\sigma_t}{\sigma_s} x_s + m_t (1 - e^{-h}) D(u, \lambda_s + h/2),
 
     the time of λ_s + h/2 from ``sde.t_from_log_snr``. Needs no history, so it suits grids with
-    very uneven steps. **NFE = 2·steps** (+1 with ``denoise``). Default grid ``logsnr``.
+    very uneven steps. **NFE = 2·steps** (+1 with ``denoise``). Default grid ``auto`` (as
+    :class:`DPMSolverPP`).
     """
 
-    default_grid = "logsnr"
+    default_grid = "auto"
     nfe_per_step = 2
 
+    def begin(self, x: Tensor, ts: Tensor, ctx: SamplingContext) -> Tensor:
+        # The midpoints λ_i + h_i/2 of all steps, inverted to times at once.
+        levels = ctx.grid.levels() if ctx.grid is not None else GridCoeffs.build(ctx.sde, ts).levels()
+        ctx.state["levels"] = levels
+        ctx.state["mid"] = levels_at_lambda(ctx.sde, [a.lam + 0.5 * (b.lam - a.lam) for a, b in zip(levels[:-1], levels[1:])], x)
+        return x
+
     def step(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext) -> Tensor:
-        cur, nxt = level(ctx.sde, t_cur), level(ctx.sde, t_next)
+        cur, nxt = step_levels(ctx, t_cur, t_next)
         h = nxt.lam - cur.lam
-        mid = level_at_lambda(ctx.sde, cur.lam + 0.5 * h, x)
-        u = (mid.sigma / cur.sigma) * x + mid.m * -math.expm1(cur.lam - mid.lam) * denoise(ctx, x, cur)[0]
-        return (nxt.sigma / cur.sigma) * x + nxt.m * -math.expm1(-h) * denoise(ctx, u, mid)[0]
+        mids = ctx.state.get("mid")
+        own = mids is not None and ctx.grid is not None and ctx.step_table(t_cur, t_next)[0] is ctx.grid
+        mid = mids[ctx.index] if own else level_at_lambda(ctx.sde, cur.lam + 0.5 * h, x)
+        # u = (σ_u/σ_s) x + m_u φ D(x) and x_t = (σ_t/σ_s) x + m_t φ₁ D(u), each D = (y + σ² s)/m
+        # folded into the affine maps.
+        phi_u = -math.expm1(cur.lam - mid.lam)
+        s1 = ctx.score(x, cur.t)
+        k = mid.m * phi_u / cur.m
+        u = torch.mul(x, mid.sigma / cur.sigma + k).add_(s1, alpha=k * cur.sigma**2)
+        s2 = ctx.score(u, mid.t)
+        k = nxt.m * -math.expm1(-h) / mid.m
+        return torch.mul(x, nxt.sigma / cur.sigma).add_(u, alpha=k).add_(s2, alpha=k * mid.sigma**2)
 
 
-__all__ = ["DPMSolverPP", "DPMSolverPP2S", "exp_quadrature_weights"]
+__all__ = ["DPMSolverPP", "DPMSolverPP2S", "exp_quadrature_weights", "extrapolation_weights"]

@@ -2,12 +2,14 @@ r"""EDM's 2nd-order Heun sampler (Karras et al. 2022, Algorithms 1 and 2) for an
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Dict, List, Optional
 
+import torch
 from torch import Tensor
 
 from .base import SAMPLERS, SamplingContext, StepSampler
-from .denoiser import Level, denoise, level, level_at_sigma_tilde
+from .coeffs import GridCoeffs, Level, levels_at_lambda, sigma_tilde_to_lambda
+from .denoiser import step_levels
 
 
 @SAMPLERS.register("edm_heun")
@@ -71,36 +73,54 @@ class EDMHeun(StepSampler):
     def expected_nfe(self, steps: int) -> int:
         return 2 * steps - 1 + int(self.denoise)
 
-    def _churn(self, x: Tensor, cur: Level, ctx: SamplingContext) -> tuple[Tensor, Level]:
-        """Raise the noise level of x̃ from σ̃_i to σ̂ (Algorithm 2, lines 4–6)."""
-        s = cur.sigma_tilde
-        if self.S_churn == 0 or not self.S_tmin <= s <= self.S_tmax:
-            return x, cur
-        s_max = level(ctx.sde, ctx.state["t_max"]).sigma_tilde
-        s_hat = min(s * (1.0 + min(self.S_churn / ctx.steps, math.sqrt(2.0) - 1.0)), s_max)
-        if s_hat <= s:
-            return x, cur
-        hat = level_at_sigma_tilde(ctx.sde, s_hat, x)
-        var = max(hat.sigma_tilde**2 - s**2, 0.0)
-        return x + math.sqrt(var) * self.S_noise * ctx.noise(x), hat
+    def _churn_levels(self, ctx: SamplingContext, x: Tensor) -> List[Optional[Level]]:
+        """σ̂ levels of Algorithm 2, lines 4–6, for every step (None: no churn), computed at once."""
+        levels = ctx.state["levels"]
+        s_max = levels[0].sigma_tilde
+        gamma = min(self.S_churn / ctx.steps, math.sqrt(2.0) - 1.0)
+        want: Dict[int, float] = {}
+        for i in range(ctx.steps):
+            s = levels[i].sigma_tilde
+            if self.S_churn == 0 or not self.S_tmin <= s <= self.S_tmax:
+                continue
+            s_hat = min(s * (1.0 + gamma), s_max)
+            if s_hat > s:
+                want[i] = s_hat
+        hats = levels_at_lambda(ctx.sde, [sigma_tilde_to_lambda(v) for v in want.values()], x)
+        out: List[Optional[Level]] = [None] * ctx.steps
+        for i, hat in zip(want, hats):
+            out[i] = hat
+        return out
 
     def begin(self, x: Tensor, ts: Tensor, ctx: SamplingContext) -> Tensor:
-        ctx.state["t_max"] = ts[0]
+        ctx.state["levels"] = ctx.grid.levels() if ctx.grid is not None else GridCoeffs.build(ctx.sde, ts).levels()
+        ctx.state["churn"] = self._churn_levels(ctx, x) if self.S_churn > 0 else None
         return x
 
     def step(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext) -> Tensor:
-        cur, nxt = level(ctx.sde, t_cur), level(ctx.sde, t_next)
-        xt, cur = self._churn(x / cur.m, cur, ctx)
-
-        def slope(y: Tensor, lv: Level) -> Tensor:  # dx̃/dσ̃ = (x̃ − D)/σ̃
-            return (y - denoise(ctx, lv.m * y, lv)[0]) / lv.sigma_tilde
-
+        # The slope dx̃/dσ̃ = (x̃ − D(x̃, σ̃))/σ̃ equals ε̂ = −σ(t) s(m x̃, t): no division by σ̃ is needed.
+        cur, nxt = step_levels(ctx, t_cur, t_next)
+        churn = ctx.state.get("churn")
+        own = churn is not None and ctx.step_table(t_cur, t_next)[0] is ctx.grid
+        hat = churn[ctx.index] if own else None
+        if hat is not None:
+            # Raise the noise level of x̃ = x/m from σ̃_i to σ̂, then step from σ̂ (Algorithm 2).
+            var = max(hat.sigma_tilde**2 - cur.sigma_tilde**2, 0.0)
+            xt = torch.mul(x, 1.0 / cur.m).add_(ctx.noise(x), alpha=math.sqrt(var) * self.S_noise)
+            cur = hat
+            x_in = xt * cur.m
+        else:
+            xt = x if cur.m == 1.0 else x * (1.0 / cur.m)
+            x_in = x
         dsig = nxt.sigma_tilde - cur.sigma_tilde
-        d = slope(xt, cur)
-        xt_next = xt + dsig * d
-        if ctx.index < ctx.steps - 1:
-            xt_next = xt + 0.5 * dsig * (d + slope(xt_next, nxt))
-        return nxt.m * xt_next
+        s1 = ctx.score(x_in, cur.t)
+        if ctx.index >= ctx.steps - 1:  # Euler on the last step
+            out = torch.add(xt, s1, alpha=-dsig * cur.sigma)
+        else:
+            x_pred = torch.add(xt, s1, alpha=-dsig * cur.sigma)
+            s2 = ctx.score(x_pred if nxt.m == 1.0 else x_pred.mul_(nxt.m), nxt.t)
+            out = torch.add(xt, s1, alpha=-0.5 * dsig * cur.sigma).add_(s2, alpha=-0.5 * dsig * nxt.sigma)
+        return out if nxt.m == 1.0 else out.mul_(nxt.m)
 
 
 __all__ = ["EDMHeun"]

@@ -15,13 +15,13 @@ the last step returns the noise-free mean unless ``noise_free_final=False``.
 from __future__ import annotations
 
 import abc
-from typing import Optional, Tuple
+import math
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..registry import Registry
-from ..sdes.base import SDE, broadcast_to_x
 from .base import SAMPLERS, SamplingContext, StepSampler
 
 PREDICTORS: Registry = Registry("predictor")
@@ -58,30 +58,24 @@ class Predictor(StepSampler):
         return self.predict(x, t_cur, t_next, ctx, noise=not (last and self.noise_free_final))
 
 
-def _coeffs64(sde: SDE, t: Tensor) -> Tuple[Tensor, Tensor]:
-    """(m(t), σ(t)) of a 0-dim time in float64: step coefficients are ratios of these."""
-    t64 = t.detach().to(torch.float64)
-    return sde.mean_coeff(t64), sde.marginal_std(t64)
-
-
 @SAMPLERS.register("euler_maruyama")
 @PREDICTORS.register("euler_maruyama")
 class EulerMaruyama(Predictor):
     r"""Euler–Maruyama on the reverse SDE from t to t − Δt:
 
-    .. math:: x \leftarrow x - [f(t)x - g(t)^2 s(x, t)]\,\Delta t + g(t)\sqrt{\Delta t}\, z.
+    .. math:: x \leftarrow x - [f(t)x - g(t)^2 s(x, t)]\,\Delta t + g(t)\sqrt{\Delta t}\, z
+        = (1 - f\Delta t)\,x + g^2\Delta t\, s + g\sqrt{\Delta t}\, z.
 
     1 NFE per step.
     """
 
     def predict(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext, noise: bool = True) -> Tensor:
-        dt = t_cur - t_next
-        f = broadcast_to_x(ctx.sde.drift_coeff(t_cur), x)
-        g = ctx.sde.diffusion(t_cur)
-        x_mean = x - (f * x - g**2 * ctx.score(x, t_cur)) * dt
+        grid, i = ctx.step_table(t_cur, t_next)
+        dt = grid.t[i] - grid.t[i + 1]
+        out = _affine(x, 1.0 - grid.f[i] * dt, ctx.score(x, t_cur), grid.g2[i] * dt)
         if not noise:
-            return x_mean
-        return x_mean + g * torch.sqrt(dt) * ctx.noise(x)
+            return out
+        return out.add_(ctx.noise(x), alpha=math.sqrt(grid.g2[i] * dt))
 
 
 @SAMPLERS.register("reverse_diffusion")
@@ -93,7 +87,7 @@ class ReverseDiffusion(Predictor):
     x_t = x_s + f_i + G_i z with the exact kernel: f_i = (a − 1)x, G_i = b, where
     (a, b) = ``transition_coeffs(s, t)``. The reverse step is
 
-    .. math:: x_s = x_t - f_i + G_i^2\, s(x_t, t) + G_i\, z.
+    .. math:: x_s = x_t - f_i + G_i^2\, s(x_t, t) + G_i\, z = (2 - a)\,x_t + b^2 s + b\, z.
 
     For VP, a = √(1 − β_i) and b² = β_i (DDPM's discretisation); for VE, a = 1 and
     b² = σ_t² − σ_s² (SMLD's). Using the exact kernel keeps a and b finite for any step size, so
@@ -101,12 +95,12 @@ class ReverseDiffusion(Predictor):
     """
 
     def predict(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext, noise: bool = True) -> Tensor:
-        f_i, G = ctx.sde.discretize(x, t_cur, t_cur - t_next)
-        G = G.to(x.dtype)
-        x_mean = x - f_i + G**2 * ctx.score(x, t_cur)
+        grid, i = ctx.step_table(t_cur, t_next)
+        a, b = grid.transition(i)
+        out = _affine(x, 2.0 - a, ctx.score(x, t_cur), b * b)
         if not noise:
-            return x_mean
-        return x_mean + G * ctx.noise(x)
+            return out
+        return out.add_(ctx.noise(x), alpha=b)
 
 
 @SAMPLERS.register("ancestral")
@@ -129,14 +123,19 @@ class Ancestral(Predictor):
     """
 
     def predict(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext, noise: bool = True) -> Tensor:
-        a, b = ctx.sde.transition_coeffs(t_next.to(torch.float64), t_cur.to(torch.float64))
-        _, sig_s = _coeffs64(ctx.sde, t_next)
-        _, sig_t = _coeffs64(ctx.sde, t_cur)
-        x_mean = (x + (b**2).to(x.dtype) * ctx.score(x, t_cur)) / a.to(x.dtype)
+        grid, i = ctx.step_table(t_cur, t_next)
+        a, b = grid.transition(i)
+        out = _affine(x, 1.0 / a, ctx.score(x, t_cur), b * b / a)
         if not noise:
-            return x_mean
-        std = (sig_s * b / sig_t).to(x.dtype)
-        return x_mean + std * ctx.noise(x)
+            return out
+        return out.add_(ctx.noise(x), alpha=grid.sigma[i + 1] * b / grid.sigma[i])
+
+
+def _affine(x: Tensor, cx: float, s: Tensor, cs: float) -> Tensor:
+    """cx·x + cs·s as a new tensor (two fused ops; neither input is modified)."""
+    if cx == 1.0:
+        return torch.add(x, s, alpha=cs)
+    return torch.mul(x, cx).add_(s, alpha=cs)
 
 
 @PREDICTORS.register("none")

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from ..sdes.base import SDE, ScoreFn
 from .base import SAMPLERS, Sampler, StepHook
+from .coeffs import GridCoeffs
 from .grids import time_grid
 
 
@@ -76,28 +77,53 @@ class ReversedSDE(torch.nn.Module):
         self.sde_type = sde_type
         self.T = sde.T
         self.h = (sde.T - t_end) / steps
+        self.steps = steps
         self._memo: Deque[Tuple[float, Tensor, Tensor]] = deque(maxlen=4)
+        self._coeff_cache: Dict[float, Tuple[Tensor, float, float]] = {}
+        self._grid: Dict[float, Tuple[Tensor, float, float]] = {}
+
+    def tabulate(self, like: Tensor) -> None:
+        """Coefficients at the integer k = 0 … N (every step's start) in one table."""
+        ks = torch.arange(self.steps + 1, dtype=torch.float64)
+        ts = (self.T - ks * self.h).clamp(min=0.0).to(dtype=like.dtype, device=like.device)
+        grid = GridCoeffs.build(self.sde, ts)
+        self._grid = {float(k): (t, f, math.sqrt(g2)) for k, t, f, g2 in zip(ks.tolist(), grid.times, grid.f, grid.g2)}
 
     def time(self, k: Tensor, like: Tensor) -> Tensor:
         """t(k) = T − k h, computed in float64 and returned in ``like``'s dtype (0-dim)."""
         t = self.T - torch.as_tensor(k, dtype=torch.float64) * self.h
         return t.clamp(min=0.0).to(dtype=like.dtype, device=like.device)
 
+    def _coeffs(self, k: Tensor, like: Tensor) -> Tuple[Tensor, float, float]:
+        """(t(k), f(t), g(t)) per distinct k, computed once (torchsde revisits the same k)."""
+        key = float(k)
+        hit = self._grid.get(key) or self._coeff_cache.get(key)
+        if hit is None:
+            t = self.time(k, like)
+            row = GridCoeffs.build(self.sde, (t,))
+            hit = (t, row.f[0], math.sqrt(row.g2[0]))
+            if len(self._coeff_cache) > 64:  # only the current step's stages are ever reused
+                self._coeff_cache.clear()
+            self._coeff_cache[key] = hit
+        return hit
+
     def f(self, k: Tensor, y: Tensor) -> Tensor:
         key = float(k)
         for k_old, y_old, out in self._memo:
-            if k_old == key and y_old.shape == y.shape and torch.equal(y_old, y):
+            if k_old == key and y_old.shape == y.shape and (y_old is y or torch.equal(y_old, y)):
                 return out
-        t = self.time(k, y)
+        t, f, g = self._coeffs(k, y)
         x = y.reshape(self.shape)
-        drift = self.sde.drift_coeff(t) * x - self.sde.diffusion(t) ** 2 * self.score_fn(x, t.expand(x.shape[0]))
-        out = (-self.h * drift).reshape(y.shape)
+        # −h [f x − g² s]
+        out = torch.mul(self.score_fn(x, t.expand(x.shape[0])), self.h * g * g).reshape(y.shape)
+        if f != 0.0:
+            out.add_(y, alpha=-self.h * f)
         self._memo.append((key, y, out))
         return out
 
     def g(self, k: Tensor, y: Tensor) -> Tensor:
-        t = self.time(k, y)
-        return (self.sde.diffusion(t) * math.sqrt(self.h)).expand_as(y)
+        _, _, g = self._coeffs(k, y)
+        return torch.full((), g * math.sqrt(self.h), dtype=y.dtype, device=y.device).expand_as(y)
 
 
 @SAMPLERS.register("torchsde")
@@ -142,6 +168,7 @@ class TorchSDESampler(Sampler):
         B = x.shape[0]
         y0 = x.reshape(B, -1)
         rsde = ReversedSDE(sde, score_fn, tuple(x.shape), t_end, steps, spec.sde_type)
+        rsde.tabulate(x)
         gen_device = generator.device if generator is not None else "cpu"
         entropy = int(torch.randint(0, 2**62, (), generator=generator, device=gen_device))
         bm = torchsde.BrownianInterval(
