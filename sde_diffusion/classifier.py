@@ -61,7 +61,7 @@ from .models.base import xavier_init_
 from .models.embeddings import TimeEmbedding
 from .models.layers import AttnBlock, Downsample, ResBlock, conv3x3, group_norm
 from .models.mlp import ResidualMLPBlock
-from .models.unet import UNet
+from .models.unet import check_unet_args
 from .registry import Registry
 from .sdes.base import SDE, broadcast_to_x
 from .training import FitResult, LinearWarmup, build_trainer, find_ema, output_dir_for, seeded, step_seed, with_run_dir
@@ -176,24 +176,10 @@ class UNetEncoderClassifier(TimeClassifier):
         zero_init: bool = True,
     ) -> None:
         super().__init__(data_shape, num_classes)
-        ch_mult = tuple(int(m) for m in ch_mult)
-        attn_resolutions = tuple(int(r) for r in attn_resolutions)
-        if ch < 1 or not ch_mult or min(ch_mult) < 1 or num_res_blocks < 1:
-            raise ValueError(
-                f"need ch >= 1, a non-empty ch_mult of positive ints and num_res_blocks >= 1; "
-                f"got ch={ch}, ch_mult={ch_mult}, num_res_blocks={num_res_blocks}"
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
-        UNet.validate_data_shape(self.data_shape, ch_mult)
-        channels, height, width = self.data_shape
-        resolutions = [min(height, width) // 2**i for i in range(len(ch_mult))]
-        unknown = sorted(set(attn_resolutions) - set(resolutions))
-        if unknown:
-            raise ValueError(
-                f"attn_resolutions {unknown} match no level: with image size {height}x{width} and "
-                f"ch_mult={list(ch_mult)} the level resolutions are {resolutions}"
-            )
+        ch_mult, attn_resolutions, resolutions = check_unet_args(
+            self.data_shape, ch, ch_mult, num_res_blocks, attn_resolutions, dropout
+        )
+        channels = self.data_shape[0]
         self.resblock_updown = resblock_updown
         emb_dim = 4 * ch
         self.time_embed = TimeEmbedding(embedding_type, ch, emb_dim, embedding_scale)

@@ -24,7 +24,7 @@ divisible by ``2^(L−1)``; non-square images are fine.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -91,25 +91,10 @@ class UNet(ScoreNet):
         zero_init: bool = True,
     ) -> None:
         super().__init__(data_shape, num_classes)
-        ch_mult = tuple(int(m) for m in ch_mult)
-        attn_resolutions = tuple(int(r) for r in attn_resolutions)
-        if ch < 1 or not ch_mult or min(ch_mult) < 1 or num_res_blocks < 1:
-            raise ValueError(
-                f"need ch >= 1, a non-empty ch_mult of positive ints and num_res_blocks >= 1; "
-                f"got ch={ch}, ch_mult={ch_mult}, num_res_blocks={num_res_blocks}"
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
-        self.validate_data_shape(self.data_shape, ch_mult)
-        channels, height, width = self.data_shape
-        resolutions = [min(height, width) // 2**i for i in range(len(ch_mult))]
-        unknown = sorted(set(attn_resolutions) - set(resolutions))
-        if unknown:
-            raise ValueError(
-                f"attn_resolutions {list(unknown)} match no level of this U-Net: with image size "
-                f"{height}x{width} and ch_mult={list(ch_mult)} the level resolutions are {resolutions}; "
-                "pick attn_resolutions among them"
-            )
+        ch_mult, attn_resolutions, resolutions = check_unet_args(
+            self.data_shape, ch, ch_mult, num_res_blocks, attn_resolutions, dropout
+        )
+        channels = self.data_shape[0]
         self.ch, self.ch_mult = ch, ch_mult
         self.num_res_blocks, self.attn_resolutions = num_res_blocks, attn_resolutions
         self.resblock_updown = resblock_updown
@@ -216,4 +201,41 @@ class UNet(ScoreNet):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-__all__ = ["UNet"]
+
+
+def check_unet_args(
+    data_shape: Sequence[int],
+    ch: int,
+    ch_mult: Sequence[int],
+    num_res_blocks: int,
+    attn_resolutions: Sequence[int],
+    dropout: float,
+) -> Tuple[Tuple[int, ...], Tuple[int, ...], List[int]]:
+    """Validate the U-Net family's size arguments (shared by the U-Net and its encoder-only classifier).
+
+    Returns ``(ch_mult, attn_resolutions, resolutions)``: the first two as int tuples and the
+    spatial resolution of every level. Raises ``ValueError`` naming the offending argument.
+    """
+    ch_mult = tuple(int(m) for m in ch_mult)
+    attn_resolutions = tuple(int(r) for r in attn_resolutions)
+    if ch < 1 or not ch_mult or min(ch_mult) < 1 or num_res_blocks < 1:
+        raise ValueError(
+            f"need ch >= 1, a non-empty ch_mult of positive ints and num_res_blocks >= 1; "
+            f"got ch={ch}, ch_mult={ch_mult}, num_res_blocks={num_res_blocks}"
+        )
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+    UNet.validate_data_shape(data_shape, ch_mult)
+    _, height, width = (int(d) for d in data_shape)
+    resolutions = [min(height, width) // 2**i for i in range(len(ch_mult))]
+    unknown = sorted(set(attn_resolutions) - set(resolutions))
+    if unknown:
+        raise ValueError(
+            f"attn_resolutions {list(unknown)} match no level of this U-Net: with image size "
+            f"{height}x{width} and ch_mult={list(ch_mult)} the level resolutions are {resolutions}; "
+            "pick attn_resolutions among them"
+        )
+    return ch_mult, attn_resolutions, resolutions
+
+
+__all__ = ["UNet", "check_unet_args"]
