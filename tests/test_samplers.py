@@ -344,3 +344,100 @@ SDE_PAPER_SAMPLERS = ("reverse_diffusion", "ancestral", "pc", "ode_heun", "ode_r
 def test_config_lists_every_option(name: str) -> None:
     cfg = yaml.safe_load((CONF / f"{name}.yaml").read_text())
     assert set(_defaults(name)) <= set(cfg)
+
+
+# ---------------------------------------------------------------------------------- torchsde grid Brownian motion
+def _grid_increments(steps: int, size: Tuple[int, int], dt: float, seed: int, levy: str) -> Tuple[Tensor, Optional[Tensor]]:
+    from sde_diffusion.samplers.torchsde_sampler import GridBrownian
+
+    bm = GridBrownian(steps, size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed), dt=dt,
+                      levy_area_approximation=levy)
+    if levy == "none":
+        return torch.stack([bm(k * dt, (k + 1) * dt) for k in range(steps)]), None
+    pairs = [bm(k * dt, (k + 1) * dt, return_U=True) for k in range(steps)]
+    return torch.stack([w for w, _ in pairs]), torch.stack([u for _, u in pairs])
+
+
+def _assert_moments(W: Tensor, U: Optional[Tensor], dt: float) -> None:
+    """Mean 0 and Var W = dt; Var U = dt³/3, Cov(U, W) = dt²/2 (U = ∫(W_s − W_a) ds), within 5 MC s.e."""
+    import math
+
+    w, n = W.flatten(), W.numel()
+    assert abs(float(w.mean())) < 5 * math.sqrt(dt / n)
+    assert abs(float((w * w).mean()) - dt) < 5 * math.sqrt(2 / n) * dt  # Var(W²) = 2 dt²
+    if U is None:
+        return
+    u = U.flatten()
+    var_u, cov = dt**3 / 3, dt**2 / 2
+    assert abs(float(u.mean())) < 5 * math.sqrt(var_u / n)
+    assert abs(float((u * u).mean()) - var_u) < 5 * math.sqrt(2 / n) * var_u
+    # Var(UW) = Var U Var W + Cov² for jointly Gaussian zero-mean pairs
+    assert abs(float((u * w).mean()) - cov) < 5 * math.sqrt((var_u * dt + cov**2) / n)
+
+
+@pytest.mark.parametrize("levy", ["none", "space-time"])
+def test_grid_brownian_moments_and_seed(levy: str) -> None:
+    """Grid increments have the exact N(0, dt) law (and torchsde's U law); the seed fixes the path."""
+    import math
+
+    dt, steps, size = 0.37, 40, (500, 5)
+    W, U = _grid_increments(steps, size, dt, 0, levy)
+    assert W.shape == (steps, *size)
+    _assert_moments(W, U, dt)
+    # distinct steps are independent: lag-1 correlation ≈ 0
+    assert abs(float((W[1:] * W[:-1]).mean())) < 5 * dt / math.sqrt(W[1:].numel())
+    W2, U2 = _grid_increments(steps, size, dt, 0, levy)
+    W3, _ = _grid_increments(steps, size, dt, 1, levy)
+    assert torch.equal(W, W2) and (U is None or torch.equal(U, U2)) and not torch.allclose(W, W3)
+
+
+def test_brownian_interval_has_the_same_moments() -> None:
+    """torchsde's own BrownianInterval satisfies the same (W, U) moments, so the U convention matches."""
+    import torchsde
+
+    dt, steps, size = 0.37, 40, (500, 5)
+    bm = torchsde.BrownianInterval(t0=0.0, t1=steps * dt, size=size, dtype=torch.float64, entropy=7, dt=dt,
+                                   levy_area_approximation="space-time")
+    pairs = [bm(k * dt, (k + 1) * dt, return_U=True) for k in range(steps)]
+    _assert_moments(torch.stack([w for w, _ in pairs]), torch.stack([u for _, u in pairs]), dt)
+
+
+def test_grid_brownian_rejects_off_grid_queries(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sde_diffusion.samplers.torchsde_sampler as mod
+
+    monkeypatch.setattr(mod, "_BLOCK_ELEMENTS", 2 * 6)  # 2 steps per block
+    bm = mod.GridBrownian(4, (3, 2), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(bm(2.0, 2.0), torch.zeros(3, 2))
+    w0 = bm(0.0, 1.0)
+    assert torch.equal(bm(0.0, 1.0), w0)  # a step of the current block is answered again, unchanged
+    for ta, tb in [(0.0, 0.5), (0.0, 2.0), (3.0, 4.5)]:
+        with pytest.raises(ValueError, match="whole grid steps"):
+            bm(ta, tb)
+    with pytest.raises(ValueError, match="point evaluation"):
+        bm(1.0)
+    bm(2.0, 3.0)  # moves to the second block, discarding steps 0 and 1
+    with pytest.raises(ValueError, match="in order"):
+        bm(0.0, 1.0)
+    with pytest.raises(ValueError, match="space-time"):
+        bm(3.0, 4.0, return_U=True)
+
+
+def test_grid_brownian_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large grids are drawn in consecutive blocks: same law, same path for a seed."""
+    import sde_diffusion.samplers.torchsde_sampler as mod
+
+    monkeypatch.setattr(mod, "_BLOCK_ELEMENTS", 3 * 2 * 500 * 5)  # 3 steps of (W, U) per block
+    W, U = _grid_increments(40, (500, 5), 0.37, 5, "space-time")
+    W2, U2 = _grid_increments(40, (500, 5), 0.37, 5, "space-time")
+    assert W.shape == U.shape == (40, 500, 5) and torch.equal(W, W2) and torch.equal(U, U2)
+    _assert_moments(W, U, 0.37)
+    assert not torch.equal(W[0], W[3])  # a new block is a fresh draw, not a repeat
+
+
+@pytest.mark.parametrize("method", ["euler", "srk", "reversible_heun"])
+def test_torchsde_same_seed_same_samples(method: str) -> None:
+    sde = VPSDE(eps=1e-3)
+    fn = GaussianMixture.ring(k=4).score_fn(sde)
+    runs = [sample(sde, fn, (64, 2), sampler="torchsde", method=method, steps=20,
+                   generator=torch.Generator().manual_seed(s)).samples for s in (11, 11, 12)]
+    assert torch.equal(runs[0], runs[1]) and not torch.allclose(runs[0], runs[2])
