@@ -94,7 +94,7 @@ _A = [
     [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656],
     [35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84],
 ]
-_B5 = [35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0]
+_B5 = _A[6] + [0.0]  # FSAL: the 5th-order weights are the last stage's row
 _B4 = [5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40]
 _E = [b5 - b4 for b5, b4 in zip(_B5, _B4)]
 
@@ -172,10 +172,10 @@ def odeint_dopri5(
         for i in range(1, 7):
             yi = torch.addcmul(y, hb, _combine(_A[i], ks))
             ks.append(call(yi, t + _C[i] * hs))
-        y_new = torch.addcmul(y, hb, _combine(_B5, ks))
-        err = hb * _combine(_E, ks)
-        scale = atol + rtol * torch.maximum(y.abs(), y_new.abs())
-        en = rms(err / scale)
+        y_new = yi  # first same as last: the last stage is evaluated at the 5th-order solution
+        err = _combine(_E, ks).mul_(hb)
+        scale = torch.maximum(y.abs(), y_new.abs()).mul_(rtol).add_(atol)
+        en = rms(err.div_(scale))
         accept = (en <= 1.0) & ~done
         ab = _bt(accept, y)
         y = torch.where(ab, y_new, y)
