@@ -14,16 +14,8 @@ from sde_diffusion.guidance import ClassifierFreeGuidance
 from sde_diffusion.samplers import SAMPLERS
 from sde_diffusion.training import ScoreDiffusion, load_checkpoint, train
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-
-QUIET = [
-    "logger=null",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "callbacks.samples.enabled=false",
-    "callbacks.loss_by_t.every_n_steps=0",
-]
+from helpers import CONF
+from helpers import QUIET_TRAINING as QUIET
 
 
 @pytest.fixture(autouse=True)

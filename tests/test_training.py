@@ -19,16 +19,8 @@ from sde_diffusion.metrics import sliced_wasserstein
 from sde_diffusion.samplers import sample
 from sde_diffusion.training import LinearWarmup, load_checkpoint, train
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-
-QUIET = [
-    "logger=null",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "callbacks.samples.enabled=false",
-    "callbacks.loss_by_t.every_n_steps=0",
-]
+from helpers import CONF, ROOT
+from helpers import QUIET_TRAINING as QUIET
 
 
 def compose(overrides: List[str]) -> Any:
