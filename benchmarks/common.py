@@ -23,6 +23,7 @@ a few independent draws), see :class:`Truth`.
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import math
 import statistics
@@ -544,3 +545,31 @@ __all__ = [
     "fmt",
     "md_table",
 ]
+
+
+# ---------------------------------------------------------------------------------- plumbing
+def write_results_section(path: Path, heading: str, section: str) -> None:
+    """Replace (or append) the ``heading`` (e.g. ``## Samplers``) section of RESULTS.md with
+    ``section``, leaving every other section alone."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
+    if start is None:
+        new = text.rstrip() + "\n\n" + section
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        tail = "".join(lines[end:])
+        new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
+    path.write_text(new)
+
+
+def set_malloc() -> None:
+    """Keep freed heap memory for reuse: otherwise every large temporary is a fresh mmap whose
+    page faults cost more than the arithmetic and depend on what ran before, which skews a
+    comparison of two loops (glibc only; a no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except OSError:
+        pass

@@ -24,7 +24,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import ctypes
 import shutil
 import sys
 import tempfile
@@ -37,6 +36,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from common import set_malloc, write_results_section  # noqa: E402
+
 SECTION = "## Sampling throughput"
 
 
@@ -251,31 +253,6 @@ that, so the wall table shows the load more than the job.
 """
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, leaving the others alone."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = old.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.rstrip() == SECTION), None)
-    if start is None:
-        new = old.rstrip() + "\n\n" + text
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        tail = "".join(lines[end:])
-        new = "".join(lines[:start]) + text + ("\n" + tail if tail else "")
-    path.write_text(new)
-
-
-def _set_malloc() -> None:
-    """Keep freed heap memory for reuse (as benchmarks/samplers.py does): otherwise large temporaries
-    are fresh mmaps whose page faults depend on what ran before, which skews a comparison of two loops."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    except OSError:
-        pass
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -284,7 +261,7 @@ def main() -> int:
     ap.add_argument("--write", nargs="?", const=str(HERE / "RESULTS.md"), default=None, help="write the section into RESULTS.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    _set_malloc()
+    set_malloc()
     cs = cases(args.quick)
     results: Dict[str, Dict[str, Dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -293,7 +270,7 @@ def main() -> int:
             results[c.name] = measure(c, Path(tmp), args.repeats)
     print("CPU time\n" + table(results, cs, "cpu") + "\n\nwall time\n" + table(results, cs, "wall"))
     if args.write:
-        write_section(Path(args.write), section(results, cs, args))
+        write_results_section(Path(args.write), SECTION, section(results, cs, args))
         print(f"wrote {SECTION!r} into {args.write}")
     return 0
 

@@ -30,7 +30,6 @@ Targets (PASS/FAIL lines, on metric (a); σ_a = the standard deviation of its no
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import inspect
 import json
@@ -660,34 +659,6 @@ def render(args, runs: List[Run], truths: Dict[str, Truth], cases: List[Tuple[st
     return "\n".join(out).rstrip() + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the ``## Samplers`` section of RESULTS.md, leaving the others alone."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.rstrip() == "## Samplers"), None)
-    if start is None:
-        new = text.rstrip() + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        tail = "".join(lines[end:])
-        new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-    path.write_text(new)
-
-
-# --------------------------------------------------------------------------------- main
-
-
-def _set_malloc() -> None:
-    """Keep freed heap memory for reuse: otherwise every large temporary is a fresh mmap whose
-    page faults cost more than the arithmetic (it slows every sampler, ours and k-diffusion's)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    except OSError:
-        pass
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sample sizes, NFE {10, 20, 50, 1000}, problems ring8 and gmm16, "
@@ -732,7 +703,7 @@ def _parse_variant(text: str) -> Tuple[str, Dict[str, Any]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    _set_malloc()
+    common.set_malloc()
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     problems = make_problems()
@@ -785,7 +756,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = render(args, runs, truths, cases, specs, overheads, kd_status, elapsed)
     print(report)
     if args.write:
-        write_section(Path(args.write), report)
+        common.write_results_section(Path(args.write), "## Samplers", report)
         print(f"wrote the Samplers section of {args.write}", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": [asdict(r) for r in runs], "overheads": [asdict(o) for o in overheads]}, indent=1))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator
 
 import pytest
 import torch
@@ -18,12 +17,8 @@ F64 = torch.float64
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Many small tensor ops: one intra-op thread is much faster on shared cores.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(single_thread: None) -> None:
+    """Every test here runs with conftest's single intra-op thread."""
 
 
 def gaussian_score(mu: float, s2: float, sde):

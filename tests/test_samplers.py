@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import pytest
 import torch
@@ -50,12 +50,8 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "sampler"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Many small tensor ops: one intra-op thread is much faster on shared cores.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(single_thread: None) -> None:
+    """Every test here runs with conftest's single intra-op thread."""
 
 
 # ---------------------------------------------------------------------------------- problems
