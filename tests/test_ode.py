@@ -214,3 +214,23 @@ def test_scipy_bridge_stops_at_max_nfe() -> None:
     y0 = torch.zeros(1, 1, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="max_nfe=200"):
         odeint_scipy(fast, y0, 0.0, 10.0, rtol=1e-10, atol=1e-12, max_nfe=200)
+
+
+@pytest.mark.parametrize("method", ["RK23", "DOP853"])
+def test_scipy_bridge_other_methods_and_exact_nfe(method: str) -> None:
+    """Every explicit solve_ivp method reaches the exact solution; NFE is the number of calls."""
+    y0 = _y0()
+    calls = [0]
+
+    def counted(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return linear_rhs(y, t)
+
+    res = odeint_scipy(counted, y0, 1.0, 0.0, rtol=1e-8, atol=1e-8, method=method)
+    torch.testing.assert_close(res.y, linear_exact(y0, 1.0, 0.0), rtol=1e-5, atol=1e-5)
+    assert res.nfe == calls[0] and res.steps >= 1
+
+
+def test_scipy_bridge_rejects_unknown_method() -> None:
+    with pytest.raises(ValueError, match="unknown scipy method 'RK99'.*RK45"):
+        odeint_scipy(linear_rhs, _y0(), 1.0, 0.0, method="RK99")

@@ -437,3 +437,17 @@ def test_torchsde_same_seed_same_samples(method: str) -> None:
     runs = [sample(sde, fn, (64, 2), sampler="torchsde", method=method, steps=20,
                    generator=torch.Generator().manual_seed(s)).samples for s in (11, 11, 12)]
     assert torch.equal(runs[0], runs[1]) and not torch.allclose(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE(sigma_min=0.01, sigma_max=20.0), CosineVPSDE()], ids=repr)
+def test_solver_flow_matches_probability_flow(sde: SDE) -> None:
+    """Both drifts the ODE solvers use equal the SDE's probability-flow ODE f x − ½ g² s."""
+    from sde_diffusion.samplers.ode_samplers import solver_flow
+
+    score = lambda x, t: -x / (1.0 + t[:, None])  # noqa: E731 - any smooth score will do
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t_shared = torch.full((6,), 0.37, dtype=torch.float64)
+    t_mixed = torch.linspace(0.05, 0.9, 6, dtype=torch.float64)
+    ref = sde.probability_flow(score)
+    torch.testing.assert_close(solver_flow(sde, score, shared_time=True)(x, t_shared), ref(x, t_shared))
+    torch.testing.assert_close(solver_flow(sde, score)(x, t_mixed), ref(x, t_mixed))

@@ -114,7 +114,7 @@ class DPMSolverPP(StepSampler):
 
     def begin(self, x: Tensor, ts: Tensor, ctx: SamplingContext) -> Tensor:
         ctx.state["history"] = []  # [(λ, D)], newest last
-        ctx.state["pending"] = None  # (level, x, points, predicted x) of the step awaiting correction
+        ctx.state["pending"] = None  # (level, points, c_d, predictor weights) of the step awaiting correction
         return x
 
     def step_order(self, ctx: SamplingContext, h: float) -> int:
@@ -132,9 +132,9 @@ class DPMSolverPP(StepSampler):
         cur, nxt = step_levels(ctx, t_cur, t_next)
         D = data_prediction(ctx, x, cur)
         if ctx.state["pending"] is not None:
-            start, x_start, used, x_predicted = ctx.state["pending"]
+            start, used, c_d, w_pred = ctx.state["pending"]
             # As an increment, so that a hook's change of the predicted state is kept.
-            x = x + (_corrected(start, x_start, used, cur, D) - x_predicted)
+            x = _add_correction(x, start, used, c_d, w_pred, cur, D)
         history: History = ctx.state["history"]
         history.append((cur.lam, D))
         del history[: -self.order]
@@ -151,7 +151,7 @@ class DPMSolverPP(StepSampler):
             x_next.add_(Dj, alpha=c_d * w)
         if self.stochastic:
             x_next.add_(ctx.noise(x), alpha=nxt.sigma * math.sqrt(-math.expm1(-2 * h)))
-        ctx.state["pending"] = (cur, x, list(points), x_next) if self.corrector and ctx.index < ctx.steps - 1 else None
+        ctx.state["pending"] = (cur, list(points), c_d, weights) if self.corrector and ctx.index < ctx.steps - 1 else None
         return x_next
 
 
@@ -183,13 +183,21 @@ def extrapolation_weights(lams: Sequence[float], h: float) -> List[float]:
     return [-B / r1, -A / r0 + B / r1, 1.0 + A / r0]
 
 
-def _corrected(start: Level, x_start: Tensor, points: History, end: Level, D_end: Tensor) -> Tensor:
-    """UniC: redo start → end with the polynomial through ``points`` and (λ_end, D_end)."""
+def _add_correction(
+    x: Tensor, start: Level, points: History, c_d: float, w_pred: Sequence[float], end: Level, D_end: Tensor
+) -> Tensor:
+    """x + (UniC − predictor): the step start → end redone with the polynomial through ``points``
+    and (λ_end, D_end), minus the predictor's x_t = c_x x_s + c_d Σ_j w_j D_j.
+
+    Both share the term (σ_end/σ_start) x_s, so the difference is Σ_j (m_end u_j − c_d w_j) D_j +
+    m_end u_end D_end with u the quadrature weights: one fused add per node, no copy of x_s kept.
+    """
     nodes = points + [(end.lam, D_end)]
-    w = exp_quadrature_weights([lam - start.lam for lam, _ in nodes], end.lam - start.lam)
-    out = torch.mul(x_start, end.sigma / start.sigma)
-    for wj, (_, Dj) in zip(w, nodes):
-        out.add_(Dj, alpha=end.m * wj)
+    u = exp_quadrature_weights([lam - start.lam for lam, _ in nodes], end.lam - start.lam)
+    coefs = [end.m * uj - c_d * wj for uj, wj in zip(u, w_pred)] + [end.m * u[-1]]
+    out = torch.add(x, nodes[0][1], alpha=coefs[0])
+    for cj, (_, Dj) in zip(coefs[1:], nodes[1:]):
+        out.add_(Dj, alpha=cj)
     return out
 
 
@@ -207,6 +215,8 @@ def exp_quadrature_weights(nodes: Sequence[float], h: float) -> List[float]:
             term, total = 1.0 / (k + 1), 0.0  # term_j = (−h)^j k!/(j+k+1)!
             for j in range(30):
                 total += term
+                if abs(term) <= 1e-17 * abs(total):  # the rest is below float precision
+                    break
                 term *= -h / (j + k + 2)
             mu.append(h * total)
     else:

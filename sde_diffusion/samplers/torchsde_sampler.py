@@ -251,6 +251,15 @@ class ReversedSDE(torch.nn.Module):
         _, _, g = self._coeffs(k, y)
         return torch.full((), g * math.sqrt(self.h), dtype=y.dtype, device=y.device).expand_as(y)
 
+    # g is a scalar per step, so g·v is one scalar multiply (torchsde's default would build the
+    # broadcast g tensor first); euler, milstein and srk call these on every step.
+    def g_prod(self, k: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        _, _, g = self._coeffs(k, y)
+        return v * (g * math.sqrt(self.h))
+
+    def f_and_g_prod(self, k: Tensor, y: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        return self.f(k, y), self.g_prod(k, y, v)
+
 
 @SAMPLERS.register("torchsde")
 class TorchSDESampler(Sampler):
