@@ -257,9 +257,9 @@ def test_same_seed_same_samples(name: str) -> None:
     assert not torch.allclose(runs[0], runs[2])
 
 
-# ode_scipy shares one step size over the flattened batch, so it is batch-invariant only within
-# its global error (solve_ivp controls the local error at rtol = atol = 1e-5).
-BATCH_TOL = {"ode_scipy": 1e-3}
+# ode_scipy and dpm_solver_adaptive (step_control="batch") share one step size over the batch, so
+# they are batch-invariant only within their global error (local error control at 1e-5 and 1e-3).
+BATCH_TOL = {"ode_scipy": 1e-3, "dpm_solver_adaptive": 1e-3}
 
 
 @pytest.mark.parametrize("name", ALL_NAMES)

@@ -464,6 +464,19 @@ def test_log_snr_and_inverse(name: str) -> None:
     torch.testing.assert_close(sde.t_from_log_snr(lam), t, rtol=1e-7, atol=1e-10)
 
 
+@pytest.mark.parametrize("name", ALL_CASES)
+def test_kernel_at_log_snr(name: str) -> None:
+    """(t, m, σ) at a log-SNR (closed forms for VP and sub-VP, generic otherwise) match the kernel."""
+    build, _ = CASES[name]
+    sde = build()
+    t = torch.tensor([1e-3, 0.01, 0.1, 0.37, 0.73, 0.99 * sde.T], dtype=F64)
+    tt, m, s = sde.kernel_at_log_snr(sde.log_snr(t))
+    assert tt.dtype == m.dtype == s.dtype == F64
+    torch.testing.assert_close(tt, t, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(m, sde.mean_coeff(t), rtol=1e-7, atol=1e-12)
+    torch.testing.assert_close(s, sde.marginal_std(t), rtol=1e-7, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- reverse SDE / PF ODE formulas
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve", "cosine_vp", "linear_sign_changing"])
 def test_reverse_and_probability_flow_drifts(name: str, gen) -> None:

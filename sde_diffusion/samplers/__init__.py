@@ -12,6 +12,7 @@ from .ode_samplers import ODEDopri5, ODEHeun, ODERK4, ODEScipy
 from .torchsde_sampler import TorchSDESampler
 from .ddim import DDIM
 from .dpm_solver import DPMSolverPP, DPMSolverPP2S
+from .dpm_solver_adaptive import AdaptiveDPMSolverPP
 from .edm import EDMHeun
 
 __all__ = [
@@ -45,5 +46,6 @@ __all__ = [
     "DDIM",
     "DPMSolverPP",
     "DPMSolverPP2S",
+    "AdaptiveDPMSolverPP",
     "EDMHeun",
 ]

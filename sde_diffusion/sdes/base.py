@@ -229,6 +229,15 @@ class SDE(abc.ABC):
             hi = torch.where(go_right, hi, mid)
         return (0.5 * (lo + hi)).to(dtype=dtype, device=lam.device)
 
+    def kernel_at_log_snr(self, lam: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(t, m(t), sigma(t)) at the times whose log-SNR is ``lam`` (any shape), in float64.
+
+        For solvers that step in log-SNR with a time per sample; subclasses with closed forms
+        override it to skip the round trip through t.
+        """
+        t = self.t_from_log_snr(torch.as_tensor(lam).to(torch.float64)).to(torch.float64)
+        return t, self.m(t), self.sigma(t)
+
     # ------------------------------------------------------------------ derived processes
     def reverse(self, score_fn: ScoreFn) -> "ReverseSDE":
         """The reverse-time SDE dx = [f(t)x − g(t)² s(x, t)] dt + g(t) dw̄ (time runs T → eps)."""

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -72,7 +72,17 @@ class VPSDE(SDE):
     def t_from_log_snr(self, lam: Tensor) -> Tensor:
         # ᾱ = sigmoid(λ) ⇒ −log ᾱ = softplus(−λ) = β_min t + ½ t² Δβ: solve the quadratic.
         lam = torch.as_tensor(lam)
-        c = torch.nn.functional.softplus(-lam.to(torch.float64))
+        return self._t_from_neg_log_alpha_bar(torch.nn.functional.softplus(-lam.to(torch.float64)), lam)
+
+    def kernel_at_log_snr(self, lam: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        # m² = ᾱ = sigmoid(λ), σ² = 1 − ᾱ = sigmoid(−λ); −log ᾱ = softplus(−λ) gives t.
+        lam = torch.as_tensor(lam).to(torch.float64)
+        c = torch.nn.functional.softplus(-lam)
+        t = self._t_from_neg_log_alpha_bar(c, lam)
+        return t, torch.exp(-0.5 * c), torch.exp(-0.5 * torch.nn.functional.softplus(lam))
+
+    def _t_from_neg_log_alpha_bar(self, c: Tensor, lam: Tensor) -> Tensor:
+        """t with β_min t + ½ t² Δβ = c (float64), clipped to [0, T], in ``lam``'s dtype."""
         d = self.beta_max - self.beta_min
         if d == 0:
             t = c / self.beta_min
@@ -104,7 +114,15 @@ class SubVPSDE(VPSDE):
         return -torch.expm1(self.log_alpha_bar(t))
 
     def t_from_log_snr(self, lam: Tensor) -> Tensor:
-        return SDE.t_from_log_snr(self, lam)
+        # e^λ = r = ᾱ/(1 − ᾱ)² ⇒ r ᾱ² − (2r + 1) ᾱ + r = 0, whose root in (0, 1) is
+        # ᾱ = 2r/(2r + 1 + √(4r + 1)), so −log ᾱ = log1p((1 + √(1 + 4r))/(2r)) (stable for all r).
+        lam = torch.as_tensor(lam)
+        r = torch.exp(lam.to(torch.float64))
+        c = torch.log1p((1 + torch.sqrt(1 + 4 * r)) / (2 * r))
+        return self._t_from_neg_log_alpha_bar(c, lam)
+
+    def kernel_at_log_snr(self, lam: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        return SDE.kernel_at_log_snr(self, lam)
 
     def __repr__(self) -> str:
         return f"SubVPSDE(beta_min={self.beta_min}, beta_max={self.beta_max}, T={self.T})"
