@@ -89,6 +89,7 @@ VARIANTS: Tuple[Tuple[str, Dict[str, Any]], ...] = (
     # The end time k-diffusion's runs are given (σ̃(sde.eps)): a deterministic sampler returns
     # p_eps, which for modes of std ~0.02 differs measurably from p_0 at the default eps = 1e-3.
     ("dpm_solver", {"eps": 1e-5}),
+    ("dpm_solver", {"stochastic": True, "eps": 1e-5}),
 )
 REFERENCE = "pc"
 KD_SAMPLERS = (
@@ -686,6 +687,11 @@ def render(args, runs: List[Run], truths: Dict[str, Truth], cases: List[Tuple[st
         f"seeds: x_T {PRIOR_SEED}+case, step noise {NOISE_SEED}.  "
     )
     out.append(f"k-diffusion: {kd_status}.")
+    if getattr(args, "resumed", 0):
+        out.append("")
+        out.append(f"**Resumed**: {args.resumed} sampler × case tasks (their runs, wall times included) come from the checkpoint "
+                   "of an earlier run with the same options; the times above are this run's only. The overhead table is "
+                   "always measured in this run.")
     if getattr(args, "partial", 0):
         out.append("")
         out.append(f"**Partial run**: {args.partial} sampler × case tasks did not run (stopped by `--deadline`); their cells are "
@@ -797,6 +803,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--nfe", default=None, help="comma list of NFE budgets (default 10,20,50,100,250,1000); pc always also runs at 1000")
     ap.add_argument("--rtols", default=None, help="comma list of rtol = atol for adaptive samplers")
     ap.add_argument("--checkpoint", default=None, help="append every finished task to this JSON-lines file")
+    ap.add_argument("--resume", action="store_true", help="with --checkpoint: keep the tasks that file already holds "
+                    "(same problems, SDEs and labels) and run only the others; use the same options as the run that wrote it")
     ap.add_argument("--deadline", type=float, default=None, help="stop launching tasks after this many minutes; report what finished")
     ap.add_argument("--overhead-only", action="store_true", help="only time each sampler's overhead per NFE (free score) and "
                     "print that table with the ratio to k-diffusion's median (~1 min); --samplers and variants apply")
@@ -887,7 +895,14 @@ def execute(tasks: List[Tuple[str, str, Spec]], args: argparse.Namespace, t_star
     ``--checkpoint`` (JSON lines), and launch no new task once ``--deadline`` minutes have passed."""
     runs: List[Run] = []
     deadline = t_start + 60 * args.deadline if args.deadline else math.inf
-    if args.checkpoint:
+    if args.checkpoint and args.resume and Path(args.checkpoint).exists():
+        kept = load_checkpoint(Path(args.checkpoint), tasks)
+        runs.extend(kept)
+        finished = {(r.problem, r.sde, r.label) for r in kept}
+        tasks = [t for t in tasks if (t[0], t[1], t[2].label) not in finished]
+        args.resumed = len(finished)
+        print(f"resumed {len(finished)} finished tasks from {args.checkpoint}; {len(tasks)} to run", file=sys.stderr)
+    elif args.checkpoint:
         Path(args.checkpoint).write_text("")
 
     def finish(res: List[Run], done: int) -> None:
@@ -917,6 +932,22 @@ def execute(tasks: List[Tuple[str, str, Spec]], args: argparse.Namespace, t_star
             for fut in finished:
                 done += 1
                 finish(fut.result(), done)
+    return runs
+
+
+def load_checkpoint(path: Path, tasks: List[Tuple[str, str, Spec]]) -> List[Run]:
+    """The runs of ``path`` (JSON lines written by :func:`execute`) that belong to ``tasks``.
+
+    A truncated last line (a run killed while writing) is ignored: that task runs again.
+    """
+    wanted = {(p, s, spec.label) for p, s, spec in tasks}
+    runs: List[Run] = []
+    for line in path.read_text().splitlines():
+        try:
+            rows = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        runs += [Run(**row) for row in rows if (row["problem"], row["sde"], row["label"]) in wanted]
     return runs
 
 
