@@ -228,9 +228,9 @@ def odeint_scipy(
         # A fresh array per call: scipy keeps references to earlier evaluations.
         return func(yy, tt).detach().reshape(-1).to("cpu", torch.float64).numpy()
 
-    y_start = y0.detach().reshape(-1).to("cpu", torch.float64).numpy().copy()
     if t0 == t1:
         return ODEResult(y0, 0, 0)
+    y_start = y0.detach().reshape(-1).to("cpu", torch.float64).numpy().copy()
     solver = solver_cls(rhs, float(t0), y_start, float(t1), rtol=rtol, atol=atol)
     steps = 0
     while solver.status == "running":

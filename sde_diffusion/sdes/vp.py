@@ -113,16 +113,21 @@ class SubVPSDE(VPSDE):
     def sigma(self, t: Tensor) -> Tensor:
         return -torch.expm1(self.log_alpha_bar(t))
 
-    def t_from_log_snr(self, lam: Tensor) -> Tensor:
+    @staticmethod
+    def _neg_log_alpha_bar(lam: Tensor) -> Tensor:
         # e^λ = r = ᾱ/(1 − ᾱ)² ⇒ r ᾱ² − (2r + 1) ᾱ + r = 0, whose root in (0, 1) is
         # ᾱ = 2r/(2r + 1 + √(4r + 1)), so −log ᾱ = log1p((1 + √(1 + 4r))/(2r)) (stable for all r).
-        lam = torch.as_tensor(lam)
         r = torch.exp(lam.to(torch.float64))
-        c = torch.log1p((1 + torch.sqrt(1 + 4 * r)) / (2 * r))
-        return self._t_from_neg_log_alpha_bar(c, lam)
+        return torch.log1p((1 + torch.sqrt(1 + 4 * r)) / (2 * r))
+
+    def t_from_log_snr(self, lam: Tensor) -> Tensor:
+        lam = torch.as_tensor(lam)
+        return self._t_from_neg_log_alpha_bar(self._neg_log_alpha_bar(lam), lam)
 
     def kernel_at_log_snr(self, lam: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        return SDE.kernel_at_log_snr(self, lam)
+        lam = torch.as_tensor(lam).to(torch.float64)
+        c = self._neg_log_alpha_bar(lam)
+        return self._t_from_neg_log_alpha_bar(c, lam), torch.exp(-0.5 * c), -torch.expm1(-c)
 
     def __repr__(self) -> str:
         return f"SubVPSDE(beta_min={self.beta_min}, beta_max={self.beta_max}, T={self.T})"
