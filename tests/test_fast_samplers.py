@@ -527,3 +527,29 @@ def test_adaptive_dpm_solver_step_cap_and_hooks_raise() -> None:
     with pytest.raises(ValueError, match="per-step hook"):
         sample(sde, RING.score_fn(sde), (8, 2), sampler="dpm_solver_adaptive", hook=lambda x, t: x)
 
+
+
+@pytest.mark.parametrize("prediction", ["data", "noise"])
+def test_adaptive_dpm_solver_error_is_third_minus_second_order_solution(prediction: str) -> None:
+    """The step's error estimate is x^(3) − x^(2), each written out from Lu et al. (2022)."""
+    from sde_diffusion.samplers.dpm_solver_adaptive import AdaptiveDPMSolverPP, _Level
+
+    sde = make_sde("vp")
+    solver = AdaptiveDPMSolverPP(prediction=prediction)
+    score = RING.score_fn(sde)
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    lam_s, h = -1.0, 0.7
+    lams = [lam_s, lam_s + h / 3, lam_s + 2 * h / 3, lam_s + h]
+    t, m, s = sde.kernel_at_log_snr(2 * torch.tensor(lams, dtype=F64))
+    lv = [_Level(t[i].expand(16), float(m[i]), float(s[i])) for i in range(4)]
+    P = lambda y, k: solver._prediction(score, y, lv[k])  # noqa: E731
+    P0 = P(x, 0)
+    x3, err = solver._step(score, x, P0, lv[0], lv[1], lv[2], lv[3], h, h, math)
+    r1 = 1 / 3
+    if prediction == "data":  # DPM-Solver++(2S), r1 = 1/3
+        u1 = lv[1].s / lv[0].s * x - lv[1].m * math.expm1(-r1 * h) * P0
+        x2 = lv[3].s / lv[0].s * x - lv[3].m * math.expm1(-h) * P0 - lv[3].m * math.expm1(-h) / (2 * r1) * (P(u1, 1) - P0)
+    else:  # DPM-Solver-2, r1 = 1/3
+        u1 = lv[1].m / lv[0].m * x - lv[1].s * math.expm1(r1 * h) * P0
+        x2 = lv[3].m / lv[0].m * x - lv[3].s * math.expm1(h) * P0 - lv[3].s * math.expm1(h) / (2 * r1) * (P(u1, 1) - P0)
+    torch.testing.assert_close(err, x3 - x2, rtol=1e-10, atol=1e-12)

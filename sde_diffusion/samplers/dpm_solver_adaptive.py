@@ -167,13 +167,14 @@ class AdaptiveDPMSolverPP(Sampler):
             q22, q2 = q12 / (_R2 * hs) - 1.0, q1 / hs - 1.0
             lin1, lin2, lint = l1.m / cur.m, l2.m / cur.m, lt.m / cur.m
             a1, a2, at = -l1.s * q11, -l2.s * q12, -lt.s * q1
-            b2, bt3, bt2 = -_R2 / _R1 * l2.s * q22, -lt.s * q2 / _R2, lt.s * q1 / (2 * _R1)
+            b2, bt3, bt2 = -_R2 / _R1 * l2.s * q22, -lt.s * q2 / _R2, -lt.s * q1 / (2 * _R1)
         u1 = _axpy(_scaled(x, lin1), a1, P0)
         dP1 = self._prediction(score_fn, u1, l1).sub_(P0)
         u2 = _axpy(_axpy(_scaled(x, lin2), a2, P0), b2, dP1)
         dP2 = self._prediction(score_fn, u2, l2).sub_(P0)
         x_new = _axpy(_axpy(_scaled(x, lint), at, P0), bt3, dP2)
-        err = _axpy(_scaled(dP2, bt3), -bt2, dP1)  # x^(3) − x^(2)
+        # x^(2) shares x^(3)'s first two terms and adds bt2·(P_1 − P_0) instead of bt3·(P_2 − P_0).
+        err = _axpy(_scaled(dP2, bt3), -bt2, dP1)
         return x_new, err
 
     def _scaled_error(self, x: Tensor, x_new: Tensor, err: Tensor) -> Tensor:
