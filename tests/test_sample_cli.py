@@ -128,6 +128,14 @@ def test_image_samples_uint8_with_guidance(digits_run: Path, tmp_path: Path) -> 
     assert Image.open(out / "samples.png").size[::-1] == grid_size(6, 8, 8, nrow=6, pad=1, scale=4)
 
 
+def test_output_dir_names_the_step_budget(toy_run: Path) -> None:
+    """Fixed-step runs are tagged with their steps; adaptive ones, which ignore steps, are not."""
+    fixed = SamplingJob(_sample_cfg(toy_run, "sampler=ddim", "steps=7"))
+    adaptive = SamplingJob(_sample_cfg(toy_run, "sampler=dpm_solver_adaptive", "steps=7"))
+    assert fixed.out_dir.name.startswith("sample-ddim-7steps-seed0-")
+    assert adaptive.out_dir.name.startswith("sample-dpm_solver_adaptive-adaptive-seed0-")
+
+
 def test_balanced_labels_by_default(digits_run: Path, tmp_path: Path) -> None:
     run(_sample_cfg(digits_run, "sampler=euler_maruyama", "n=12", "batch_size=5", "steps=1", f"out={tmp_path}", "figures=false"))
     np.testing.assert_array_equal(_npz(tmp_path / "samples.npz")["labels"], np.arange(12) % 10)

@@ -193,7 +193,8 @@ class SamplingJob:
         self.mask = make_mask(s.mask, self.model.data_shape, s.mask_ratio, s.seed) if s.task == "inpaint" else None
         self.fingerprint_settings = self._fingerprint_settings()
         self.fingerprint = fingerprint(self.fingerprint_settings)
-        tag = f"{s.task}-{s.sampler}-{s.steps}steps-seed{s.seed}-{self.fingerprint[:8]}"
+        budget = f"{s.steps}steps" if self.sampler_obj.expected_nfe(1) is not None else "adaptive"  # steps is ignored
+        tag = f"{s.task}-{s.sampler}-{budget}-seed{s.seed}-{self.fingerprint[:8]}"
         self.out_dir = output_dir(self.cfg, self.model.run_dir, tag)
         self.store = ShardStore(self.out_dir / "shards", self.fingerprint)
         self._observed: Optional[Tensor] = None
