@@ -125,6 +125,12 @@ class Sampler(abc.ABC):
         """Raise ValueError if this sampler cannot run on ``sde`` (called before sampling)."""
         self.end_time(sde)
 
+    def refuse_hook(self, hook: Optional[StepHook], why: str, instead: str) -> None:
+        """Raise if a per-step hook was given to a sampler without fixed steps to apply it after."""
+        if hook is not None:
+            raise ValueError(f"{type(self).__name__} {why} and cannot apply a per-step hook; "
+                             f"use a fixed-step sampler (e.g. {instead}) with hooks")
+
     def expected_nfe(self, steps: int) -> Optional[int]:
         """Score evaluations for ``steps`` steps, or None when adaptive."""
         if not self.nfe_per_step:

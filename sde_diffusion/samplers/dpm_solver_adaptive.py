@@ -128,11 +128,7 @@ class AdaptiveDPMSolverPP(Sampler):
         record: bool = False,
         hook: Optional[StepHook] = None,
     ) -> Tuple[Tensor, Optional[List[Tensor]], Optional[Tensor]]:
-        if hook is not None:
-            raise ValueError(
-                "dpm_solver_adaptive is adaptive and cannot apply a per-step hook; "
-                "use a fixed-step sampler (e.g. dpm_solver, euler_maruyama or pc) with hooks"
-            )
+        self.refuse_hook(hook, "is adaptive", "dpm_solver, euler_maruyama or pc")
         ends = torch.tensor([sde.T, self.end_time(sde)], dtype=torch.float64)
         lam_T, lam_end = (float(v) for v in 0.5 * sde.log_snr(ends))
         traj: Optional[List[Tensor]] = [x] if record else None

@@ -147,11 +147,7 @@ class AdaptiveODE(Sampler):
         record: bool = False,
         hook: Optional[StepHook] = None,
     ) -> tuple[Tensor, Optional[List[Tensor]], Optional[Tensor]]:
-        if hook is not None:
-            raise ValueError(
-                f"{type(self).__name__} is adaptive and cannot apply a per-step hook; "
-                "use a fixed-step sampler (e.g. ode_heun, euler_maruyama or pc) with hooks"
-            )
+        self.refuse_hook(hook, "is adaptive", "ode_heun, euler_maruyama or pc")
         res = self.solve(sde, score_fn, x, sde.T, self.end_time(sde), record)
         return res.y, self._trajectory(x, res, record), self._times(sde, x, record)
 

@@ -296,8 +296,7 @@ class TorchSDESampler(Sampler):
     ) -> tuple[Tensor, Optional[List[Tensor]], Optional[Tensor]]:
         import torchsde
 
-        if hook is not None:
-            raise ValueError("the torchsde sampler cannot apply a per-step hook; use euler_maruyama or pc with hooks")
+        self.refuse_hook(hook, "hands its steps to torchsde.sdeint", "euler_maruyama or pc")
         spec = TORCHSDE_METHODS[self.method]
         t_end = self.end_time(sde)
         B = x.shape[0]
