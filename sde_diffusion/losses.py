@@ -290,7 +290,7 @@ def dsm_terms(
         u = uniform_draws(B, stratified, generator, device, torch.float64)
         i = (u * N).long().clamp(0, N - 1) + 1  # i ~ U{1..N}
         ab = alpha_bars[i - 1]
-        m, sigma = ab.sqrt().to(dtype), (1 - ab).sqrt().to(dtype)
+        m, sigma = ab.sqrt().to(dtype), (1 - ab).clamp(min=0).sqrt().to(dtype)
         if time_input == "i/N":
             t = (i.to(torch.float64) * sde.T / N).to(dtype)
         else:

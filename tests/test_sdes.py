@@ -319,6 +319,65 @@ def test_vp_discrete_product_converges_at_rate_one_over_n(beta_max: float, T: fl
     assert errs[-1] < 1e-2
 
 
+# --------------------------------------------------------------------------- end points, any rounding
+def _end_times(sde: SDE, dtype: torch.dtype) -> torch.Tensor:
+    """t = 0, the smallest positive numbers of the dtype, eps, sampling_eps and T (where rounding bites)."""
+    tiny = torch.finfo(dtype).tiny
+    vals = [0.0, tiny, 1e3 * tiny, sde.eps, sde.sampling_eps, 0.5 * sde.T, sde.T]
+    return torch.tensor(vals, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_quantities_finite_and_in_domain_at_end_points(name: str, dtype: torch.dtype) -> None:
+    """m ∈ (0, ∞), σ ≥ 0, σ(0) = 0 for exact kernels, f and g finite, log-SNR finite for t > 0.
+
+    Each one must hold by construction (not by the luck of one rounding): e.g. ᾱ(0) computed as
+    a difference of two logs is one ulp above 1 on some CPUs, and σ(0) = √(1 − ᾱ) is NaN there.
+    """
+    build, ref = CASES[name]
+    sde = build()
+    t = _end_times(sde, dtype)
+    m, sig = sde.mean_coeff(t), sde.marginal_std(t)
+    f, g = sde.drift_coeff(t), sde.diffusion(t)
+    for q in (m, sig, f, g):
+        assert torch.isfinite(q).all(), (name, q)
+    assert (m > 0).all() and (sig >= 0).all() and (g >= 0).all()
+    assert m[0] == 1.0
+    exact = not (isinstance(sde, VESDE) and not sde.exact_kernel)
+    if exact:
+        assert sig[0] == 0.0
+    # Against the independent formulas at a tolerance no one-ulp difference can break.
+    t64 = t.to(F64).numpy()
+    np.testing.assert_allclose(m.to(F64).numpy(), ref.m(t64), rtol=1e-5 if dtype == torch.float32 else 1e-9)
+    # (σ² against the reference's 1 − e^{…}, which itself cancels to 0 below t ≈ 1e-16: an absolute floor.)
+    fin = torch.finfo(dtype).eps
+    np.testing.assert_allclose(sig.to(F64).numpy() ** 2, ref.var(t64), rtol=100 * fin, atol=4 * fin * float(ref.var(t64).max()))
+    pos = t > 0
+    lam = sde.log_snr(t[pos])
+    assert torch.isfinite(lam).all() and (lam[1:] <= lam[:-1]).all()
+    # The inverse log-SNR lands in [0, T], at a time whose log-SNR is the one asked for.
+    ok = t[pos] >= sde.eps
+    back = sde.t_from_log_snr(lam[ok].to(F64))
+    assert torch.isfinite(back).all() and (back >= 0).all() and (back <= sde.T).all()
+    # (float32 rounds T itself, where dλ/dt is steep: a looser bound there.)
+    tol = 1e-5 if dtype == torch.float32 else 1e-8
+    torch.testing.assert_close(sde.log_snr(back), lam[ok].to(F64), rtol=tol, atol=tol)
+    # One-step kernels out of and into the end points.
+    a, b = sde.transition_coeffs(t[:-1], t[1:])
+    assert torch.isfinite(a).all() and torch.isfinite(b).all() and (b >= 0).all()
+
+
+@pytest.mark.parametrize("name", ["vp", "subvp", "cosine_vp"])
+def test_vp_family_log_alpha_bar_is_zero_at_zero_and_never_positive(name: str) -> None:
+    sde = CASES[name][0]()
+    for dtype in (torch.float32, F64):
+        t = torch.cat([torch.zeros(1, dtype=dtype), torch.logspace(-40, 0, 200, dtype=F64).to(dtype) * sde.T])
+        lab = sde.log_alpha_bar(t)
+        assert lab[0] == 0.0
+        assert (lab <= 0).all() and torch.isfinite(lab).all()
+
+
 # --------------------------------------------------------------------------- transition kernel
 ALL_CASES = list(CASES)
 

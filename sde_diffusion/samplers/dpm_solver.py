@@ -150,7 +150,7 @@ class DPMSolverPP(StepSampler):
         for w, (_, Dj) in zip(weights, points):
             x_next.add_(Dj, alpha=c_d * w)
         if self.stochastic:
-            x_next.add_(ctx.noise(x), alpha=nxt.sigma * math.sqrt(-math.expm1(-2 * h)))
+            x_next.add_(ctx.noise(x), alpha=nxt.sigma * math.sqrt(max(-math.expm1(-2 * h), 0.0)))
         ctx.state["pending"] = (cur, list(points), c_d, weights) if self.corrector and ctx.index < ctx.steps - 1 else None
         return x_next
 

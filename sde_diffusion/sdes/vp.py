@@ -10,6 +10,15 @@ from torch import Tensor
 from .base import SDE
 
 
+def one_minus_exp(log_a: Tensor) -> Tensor:
+    """1 − e^{log_a} for log_a ≤ 0 (e.g. 1 − ᾱ), ≥ 0 under any rounding.
+
+    ``-expm1`` keeps full relative accuracy near 0, and the clamp keeps a log that rounding pushed a
+    hair above 0 from turning into a negative variance (whose square root is NaN).
+    """
+    return -torch.expm1(torch.clamp(log_a, max=0.0))
+
+
 class VPSDE(SDE):
     r"""Variance-preserving SDE (DDPM in the limit of many steps).
 
@@ -50,8 +59,8 @@ class VPSDE(SDE):
         return self.beta_min + t * (self.beta_max - self.beta_min)
 
     def log_alpha_bar(self, t: Tensor) -> Tensor:
-        """log ᾱ(t) = −(β_min t + ½ t² (β_max − β_min))."""
-        return -(self.beta_min * t + 0.5 * t**2 * (self.beta_max - self.beta_min))
+        """log ᾱ(t) = −t (β_min + ½ t (β_max − β_min)): one product, exactly 0 at t = 0."""
+        return -t * (self.beta_min + 0.5 * t * (self.beta_max - self.beta_min))
 
     def f(self, t: Tensor) -> Tensor:
         return -0.5 * self.beta(t)
@@ -63,7 +72,7 @@ class VPSDE(SDE):
         return torch.exp(0.5 * self.log_alpha_bar(t))
 
     def sigma(self, t: Tensor) -> Tensor:
-        return torch.sqrt(-torch.expm1(self.log_alpha_bar(t)))
+        return torch.sqrt(one_minus_exp(self.log_alpha_bar(t)))
 
     @property
     def prior_std(self) -> float:
@@ -108,10 +117,10 @@ class SubVPSDE(VPSDE):
     r"""Sub-VP SDE: VP's drift with g(t)² = β(t)(1 − ᾱ(t)²); m = √ᾱ, σ = 1 − ᾱ; prior N(0, I)."""
 
     def g(self, t: Tensor) -> Tensor:
-        return torch.sqrt(self.beta(t) * -torch.expm1(2 * self.log_alpha_bar(t)))
+        return torch.sqrt(self.beta(t) * one_minus_exp(2 * self.log_alpha_bar(t)))
 
     def sigma(self, t: Tensor) -> Tensor:
-        return -torch.expm1(self.log_alpha_bar(t))
+        return one_minus_exp(self.log_alpha_bar(t))
 
     @staticmethod
     def _neg_log_alpha_bar(lam: Tensor) -> Tensor:
@@ -153,13 +162,22 @@ class CosineVPSDE(SDE):
             raise ValueError(f"T must be < 1 for the cosine schedule (β(1) = ∞), got T={T}")
         super().__init__(T=T, eps=eps, sampling_eps=sampling_eps)
         self.s = float(s)
-        self._log_cos0 = math.log(math.cos(self.s / (1 + self.s) * math.pi / 2))
+        phi0 = self.s / (1 + self.s) * math.pi / 2
+        self._log_cos0 = math.log(math.cos(phi0))
+        self._tan0 = math.tan(phi0)
 
     def _phi(self, t: Tensor) -> Tensor:
         return (t + self.s) / (1 + self.s) * math.pi / 2
 
     def log_alpha_bar(self, t: Tensor) -> Tensor:
-        return 2 * (torch.log(torch.cos(self._phi(t))) - self._log_cos0)
+        r"""log ᾱ(t) = 2 log(cos(φ0 + δ)/cos φ0), δ = φ(t) − φ0, as one expression that is exactly 0 at t = 0.
+
+        cos(φ0 + δ)/cos φ0 = 1 − 2 sin²(δ/2) − tan φ0 · sin δ, so log ᾱ = 2 log1p(−2 sin²(δ/2) − tan φ0 sin δ).
+        A difference of two rounded logarithms would leave ᾱ(0) one ulp above 1 on some CPUs.
+        """
+        delta = t / (1 + self.s) * (math.pi / 2)
+        u = -2 * torch.sin(0.5 * delta) ** 2 - self._tan0 * torch.sin(delta)
+        return torch.clamp(2 * torch.log1p(u), max=0.0)
 
     def beta(self, t: Tensor) -> Tensor:
         return math.pi / (1 + self.s) * torch.tan(self._phi(t))
@@ -174,7 +192,7 @@ class CosineVPSDE(SDE):
         return torch.exp(0.5 * self.log_alpha_bar(t))
 
     def sigma(self, t: Tensor) -> Tensor:
-        return torch.sqrt(-torch.expm1(self.log_alpha_bar(t)))
+        return torch.sqrt(one_minus_exp(self.log_alpha_bar(t)))
 
     @property
     def prior_std(self) -> float:
