@@ -11,24 +11,92 @@
 * :func:`build_callbacks` — the above plus ModelCheckpoint (every N steps and ``last.ckpt``), the
   EMA, the learning-rate monitor and the progress bar, from ``cfg.callbacks`` / ``cfg.ema``.
 * :func:`build_loggers` — CSV (default) and/or TensorBoard.
+* :class:`EMA` (the weight average the samples and checkpoints use) and :func:`eval_mode`.
+* ``callbacks.extra``: any user callback by import path (:func:`user_callback`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
-from typing import Any, List, Mapping, Optional
+from typing import Any, Iterator, List, Mapping, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from torch import Tensor
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from torch import Tensor, nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from .config import loggers_of, sampler_settings, tensorboard_available
 
 
 
 # ---------------------------------------------------------------------------------- figures
+# ---------------------------------------------------------------------------------- EMA
+class EMA(EMAWeightAveraging):
+    """Lightning's EMA of the weights, w_ema ← decay·w_ema + (1 − decay)·w after every optimiser step.
+
+    Two changes to the stock callback, both about *how*, not *what* it averages:
+
+    * the update uses ``torch._foreach_lerp_`` over all tensors at once (``get_ema_multi_avg_fn``)
+      instead of one Python call per parameter;
+    * at the end of ``fit`` the module keeps its trained weights. The stock callback copies the
+      average into the module in ``on_train_end``, which runs *before* ModelCheckpoint's
+      end-of-fit save of ``last.ckpt``; that checkpoint would then hold the EMA as the weights
+      the optimiser state belongs to, and a resumed run would not continue the interrupted one.
+      The EMA stays available as ``ScoreDiffusion.ema``.
+
+    Checkpointing is the stock behaviour: ``state_dict`` = EMA weights, ``current_model_state``
+    = trained weights, ``averaging_state`` = the update count.
+    """
+
+    def __init__(self, decay: float = 0.999, update_every_n_steps: int = 1, update_starting_at_step: Optional[int] = None) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
+        super().__init__(
+            decay=decay, update_every_n_steps=update_every_n_steps, update_starting_at_step=update_starting_at_step
+        )
+        # The stock callback hands AveragedModel a per-tensor avg_fn (a few kernel launches per
+        # parameter tensor); the foreach form computes the same decay·w_ema + (1 − decay)·w in one.
+        kwargs = getattr(self, "_kwargs", None)
+        if isinstance(kwargs, dict) and "avg_fn" in kwargs:
+            kwargs["avg_fn"] = None
+            kwargs["multi_avg_fn"] = get_ema_multi_avg_fn(decay)
+        self.decay = float(decay)
+
+    @property
+    def averaged_module(self) -> Optional[nn.Module]:
+        """The averaged copy of the LightningModule (exists from the start of ``fit``)."""
+        avg = self._average_model
+        return None if avg is None else avg.module
+
+    def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        return None
+
+
+def find_ema(trainer: Optional["L.Trainer"]) -> Optional[EMA]:
+    if trainer is None:
+        return None
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(cb, EMA):
+            return cb
+    return None
+
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily put ``module`` in eval mode (dropout off), restoring its previous mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+
 def _atomic_savefig(fig: Any, path: Path, dpi: int = 100) -> Path:
     """Write ``fig`` as PNG to ``path`` via a temporary file and a rename (readers never see half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +182,6 @@ def draw_samples(
 ) -> Tensor:
     """``n`` samples ``[n, *data_shape]`` in model range from the module's (EMA) score."""
     from .samplers import sample
-    from .training import eval_mode
 
     device = next(pl_module.net.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -251,7 +318,6 @@ class LossByTime(Callback):
 def build_callbacks(cfg: Mapping[str, Any], output_dir: Path) -> List[Callback]:
     """EMA, checkpoints, sample figures, loss by t, LR monitor and progress bar from the config."""
     from .config import build_sde
-    from .training import EMA
 
     output_dir = Path(output_dir)
     cbs_cfg: Mapping[str, Any] = cfg.get("callbacks") or {}
@@ -306,10 +372,33 @@ def build_callbacks(cfg: Mapping[str, Any], output_dir: Path) -> List[Callback]:
 
     if loggers_of(cfg):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    callbacks.extend(user_callback(spec, output_dir) for spec in (cbs_cfg.get("extra") or []))
     trainer_cfg = cfg.get("trainer") or {}
     if trainer_cfg.get("enable_progress_bar", True):
         callbacks.append(TQDMProgressBar(refresh_rate=int(cbs_cfg.get("progress_refresh_rate", 1))))
     return callbacks
+
+
+def user_callback(spec: str, output_dir: Path) -> Callback:
+    """A Lightning callback named by ``"package.module:Class"`` (``callbacks.extra`` in the config).
+
+    The class is built with no arguments, or with ``output_dir=`` when its constructor takes one.
+    """
+    import importlib
+    import inspect
+
+    module_name, sep, attr = str(spec).partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"callbacks.extra entries are 'package.module:Class', got {spec!r}")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"callbacks.extra: cannot import {spec!r} ({err}); is its module on PYTHONPATH?") from None
+    kwargs = {"output_dir": Path(output_dir)} if "output_dir" in inspect.signature(cls).parameters else {}
+    cb = cls(**kwargs)
+    if not isinstance(cb, Callback):
+        raise ValueError(f"callbacks.extra: {spec!r} is not a lightning Callback")
+    return cb
 
 
 def build_loggers(cfg: Mapping[str, Any], output_dir: Path) -> List[Any]:

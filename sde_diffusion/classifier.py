@@ -55,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoints import CLASSIFIER_KIND as CHECKPOINT_KIND
+from .checkpoints import mark_finished, resolve_checkpoint_path
 from .config import build_sde, check_config, check_resume_compatible, group, resolve_checkpoint, to_container
 from .losses import uniform_draws
 from .models.base import xavier_init_
@@ -69,7 +71,6 @@ from .training import FitResult, LinearWarmup, build_trainer, find_ema, output_d
 log = logging.getLogger(__name__)
 
 CLASSIFIERS: Registry = Registry("classifier")
-CHECKPOINT_KIND = "noisy_classifier"
 
 
 # ---------------------------------------------------------------------------------- networks
@@ -457,8 +458,6 @@ def load_classifier(path: Union[str, Path], map_location: Any = "cpu") -> NoisyC
     A run directory means its ``checkpoints/last.ckpt``. If the run kept an EMA of the weights,
     the checkpoint's (and so the returned) weights are the EMA's.
     """
-    from .jobs.checkpoint import resolve_checkpoint_path
-
     file = resolve_checkpoint_path(path)
     ckpt = torch.load(str(file), map_location=map_location, weights_only=False)
     if not isinstance(ckpt, Mapping) or ckpt.get("kind") != CHECKPOINT_KIND:
@@ -555,6 +554,8 @@ def train_classifier(
     if trainer.is_global_zero:
         _write_json(out / "accuracy_by_t.json", {"global_step": trainer.global_step, "buckets": [asdict(r) for r in rows]})
         log.info("held-out accuracy per t-bucket:\n%s", format_accuracy_table(rows))
+        if not trainer.interrupted:
+            mark_finished(out, "classifier", trainer.global_step)
     return ClassifierFitResult(module=module, trainer=trainer, datamodule=dm, output_dir=out, classifier=final, accuracy=rows)
 
 

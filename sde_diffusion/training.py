@@ -33,10 +33,10 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch import Tensor, nn
-from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from .callbacks import EMA, build_callbacks, build_loggers, eval_mode, find_ema
+from .checkpoints import mark_finished
 from .config import (
     build_network,
     build_sde,
@@ -51,57 +51,6 @@ from .losses import DSMTerms, dsm_terms
 from .score import ScoreModel
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------- EMA
-class EMA(EMAWeightAveraging):
-    """Lightning's EMA of the weights, w_ema ← decay·w_ema + (1 − decay)·w after every optimiser step.
-
-    Two changes to the stock callback, both about *how*, not *what* it averages:
-
-    * the update uses ``torch._foreach_lerp_`` over all tensors at once (``get_ema_multi_avg_fn``)
-      instead of one Python call per parameter;
-    * at the end of ``fit`` the module keeps its trained weights. The stock callback copies the
-      average into the module in ``on_train_end``, which runs *before* ModelCheckpoint's
-      end-of-fit save of ``last.ckpt``; that checkpoint would then hold the EMA as the weights
-      the optimiser state belongs to, and a resumed run would not continue the interrupted one.
-      The EMA stays available as ``ScoreDiffusion.ema``.
-
-    Checkpointing is the stock behaviour: ``state_dict`` = EMA weights, ``current_model_state``
-    = trained weights, ``averaging_state`` = the update count.
-    """
-
-    def __init__(self, decay: float = 0.999, update_every_n_steps: int = 1, update_starting_at_step: Optional[int] = None) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
-        super().__init__(
-            decay=decay, update_every_n_steps=update_every_n_steps, update_starting_at_step=update_starting_at_step
-        )
-        # The stock callback hands AveragedModel a per-tensor avg_fn (a few kernel launches per
-        # parameter tensor); the foreach form computes the same decay·w_ema + (1 − decay)·w in one.
-        kwargs = getattr(self, "_kwargs", None)
-        if isinstance(kwargs, dict) and "avg_fn" in kwargs:
-            kwargs["avg_fn"] = None
-            kwargs["multi_avg_fn"] = get_ema_multi_avg_fn(decay)
-        self.decay = float(decay)
-
-    @property
-    def averaged_module(self) -> Optional[nn.Module]:
-        """The averaged copy of the LightningModule (exists from the start of ``fit``)."""
-        avg = self._average_model
-        return None if avg is None else avg.module
-
-    def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        return None
-
-
-def find_ema(trainer: Optional["L.Trainer"]) -> Optional[EMA]:
-    if trainer is None:
-        return None
-    for cb in trainer.callbacks:  # type: ignore[attr-defined]
-        if isinstance(cb, EMA):
-            return cb
-    return None
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -132,17 +81,6 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
         if device.type == "cuda":
             torch.cuda.manual_seed(seed)
         yield
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Temporarily put ``module`` in eval mode (dropout off), restoring its previous mode."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
 
 
 # ---------------------------------------------------------------------------------- the module
@@ -359,7 +297,6 @@ def train(
 
     Raises ValueError (or FileNotFoundError for missing data files) before the Trainer starts.
     """
-    from .callbacks import build_callbacks, build_loggers
     from .config import build_datamodule
 
     task = cfg.get("task")
@@ -395,6 +332,8 @@ def train(
     if ckpt_path is not None:
         log.info("continuing from %s", ckpt_path)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    if trainer.is_global_zero and not trainer.interrupted:
+        mark_finished(out, "score", trainer.global_step)
     return FitResult(module=module, trainer=trainer, datamodule=dm, output_dir=out)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -19,6 +20,7 @@ from sde_diffusion.metrics import sliced_wasserstein
 from sde_diffusion.samplers import sample
 from sde_diffusion.training import LinearWarmup, load_checkpoint, train
 
+from ddp_probe import _digest, state_vector
 from helpers import CONF, ROOT
 from helpers import QUIET_TRAINING as QUIET
 
@@ -213,24 +215,53 @@ def test_bf16_mixed_precision_trains(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------- DDP
 def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
+    """`train.py trainer=ddp trainer.devices=2` on the CPU (gloo), and what DDP must guarantee.
+
+    Each rank sees its own examples; after every step the replicas hold bit-identical parameters
+    (averaged gradients, same optimiser); rank 0 alone writes the checkpoints, figure and marker;
+    the checkpoint resumes on a single process at the same global step.
+    """
     run = tmp_path / "ddp"
-    cmd = [
-        sys.executable, str(ROOT / "train.py"), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-        "data=moons", "data.n=2048", "data.batch_size=64", "model=mlp", "model.hidden=32", "trainer.max_steps=6",
+    common = [
+        "data=moons", "data.n=2048", "data.batch_size=64", "model=mlp", "model.hidden=32",
         "callbacks.checkpoint.every_n_steps=3", "callbacks.loss_by_t.every_n_steps=3", f"run_dir={run}",
         "callbacks.samples.every_n_steps=0", "callbacks.samples.num_samples=64", "callbacks.samples.steps=5",
-        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "callbacks.extra=[ddp_probe:DDPProbe]",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(ROOT / "train.py"), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+           "trainer.max_steps=6", *common]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 6
-    assert ckpt["hyper_parameters"]["cfg"]["trainer"]["strategy"] == "ddp"
-    # Both processes ran (world size 2) and only rank 0 wrote the figure.
     assert "distributed_backend=gloo" in proc.stderr + proc.stdout
     assert "All distributed processes registered. Starting with 2 processes" in proc.stderr + proc.stdout
+
+    ranks = [json.loads((run / "probe" / f"rank{r}_from0.json").read_text()) for r in (0, 1)]
+    assert [p["world_size"] for p in ranks] == [2, 2] and [p["end_step"] for p in ranks] == [6, 6]
+    # Different data on the two ranks: at every step their batches share no example.
+    assert len(ranks[0]["batches"]) == len(ranks[1]["batches"]) == 6
+    for b0, b1 in zip(ranks[0]["batches"], ranks[1]["batches"]):
+        assert len(b0) == len(b1) == 64 and not set(b0) & set(b1)
+    # The parameters stayed identical across ranks, and training moved them.
+    assert ranks[0]["params_sha"] == ranks[1]["params_sha"]
+    assert ranks[0]["start_sha"] == ranks[1]["start_sha"] != ranks[0]["params_sha"]
+    # Rank 0 alone wrote: one file per checkpoint (no per-rank or versioned copies), one figure, one marker.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step_0000003.ckpt", "step_0000006.ckpt"]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 6 and ckpt["hyper_parameters"]["cfg"]["trainer"]["strategy"] == "ddp"
+    # The checkpoint holds those very weights (the trained ones; the EMA is stored beside them).
+    assert _digest(state_vector(ckpt["current_model_state"])) == ranks[0]["params_sha"]
     assert (run / "samples" / "latest.png").stat().st_size > 1000
+    assert json.loads((run / "finished.json").read_text())["global_step"] == 6
+
+    # Resume the DDP checkpoint on one process: it continues at step 6 and runs to 8.
+    cmd = [sys.executable, str(ROOT / "train.py"), "trainer=cpu", "trainer.max_steps=8", "resume=true", *common]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((run / "probe" / "rank0_from6.json").read_text())
+    assert one["world_size"] == 1 and one["start_step"] == 6 and one["end_step"] == 8 and len(one["batches"]) == 2
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 8
 
 
 # ---------------------------------------------------------------------------------- validation

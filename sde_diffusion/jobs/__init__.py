@@ -18,6 +18,33 @@ from __future__ import annotations
 from typing import Any, Dict, Mapping, Optional
 
 MODES = ("sample", "likelihood", "metrics", "plots")
+DEFAULT_RUNS_ROOT = "outputs/train"  # where `python train.py` writes score-model runs (conf/train.yaml run_dir)
+
+
+def with_default_checkpoint(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``cfg`` with ``ckpt`` set to the newest finished score-model run under ``cfg.runs_root`` when it names none.
+
+    Says which checkpoint it took on stdout (the job's first line). Classifier runs are never
+    taken: only runs whose ``finished.json`` says ``task: score``.
+    """
+    if cfg.get("ckpt") not in (None, "", "None"):
+        return cfg
+    from ..checkpoints import latest_finished_run
+
+    root = str(cfg.get("runs_root") or DEFAULT_RUNS_ROOT)
+    run_dir = latest_finished_run(root, task="score")
+    print(f"ckpt: {run_dir} (the newest finished training run under {root}; choose another with ckpt=<run dir or .ckpt>)", flush=True)
+    try:
+        from omegaconf import DictConfig, open_dict
+
+        if isinstance(cfg, DictConfig):
+            cfg = cfg.copy()
+            with open_dict(cfg):
+                cfg.ckpt = str(run_dir)
+            return cfg
+    except ImportError:  # pragma: no cover - hydra-core is a dependency
+        pass
+    return {**dict(cfg), "ckpt": str(run_dir)}
 
 
 def run(cfg: Mapping[str, Any], **kwargs: Any) -> Optional[Dict[str, Any]]:
@@ -31,6 +58,9 @@ def run(cfg: Mapping[str, Any], **kwargs: Any) -> Optional[Dict[str, Any]]:
     if isinstance(task, str) and task not in TASKS:
         hint = f" (task={task} is trained by train.py)" if task in ("score", "classifier") else ""
         raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}{hint}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    cfg = with_default_checkpoint(cfg)
     if mode == "sample":
         from .sampling import run_sample
 
@@ -50,4 +80,4 @@ def run(cfg: Mapping[str, Any], **kwargs: Any) -> Optional[Dict[str, Any]]:
     raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
 
 
-__all__ = ["MODES", "run"]
+__all__ = ["MODES", "DEFAULT_RUNS_ROOT", "with_default_checkpoint", "run"]

@@ -9,7 +9,6 @@ match; its other keys override the stored ones (e.g. ``data.root`` on another ma
 """
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,40 +16,10 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
+from ..checkpoints import CLASSIFIER_KIND, resolve_checkpoint_path, run_dir_of
 from ..config import build_datamodule, to_container
 
 CHECKED_GROUPS = ("sde", "model")
-
-
-def resolve_checkpoint_path(ckpt: Union[str, Path, None], key: str = "ckpt") -> Path:
-    """``ckpt`` as a checkpoint file: a ``.ckpt`` file itself, or for a training run directory its
-    ``checkpoints/last.ckpt`` (else the checkpoint with the highest step in ``checkpoints/``).
-    ``key`` is the option's name in error messages."""
-    if ckpt is None or str(ckpt).strip() in ("", "None", "???"):
-        raise ValueError(f"{key}=<path> is required: a .ckpt file or a training run directory (e.g. {key}=outputs/train/digits_vp/<date>)")
-    path = Path(str(ckpt)).expanduser()
-    if path.is_file():
-        return path
-    if not path.exists():
-        raise ValueError(f"{key}={ckpt} does not exist; give a .ckpt file or a training run directory")
-    for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
-        if candidate.is_file():
-            return candidate
-    found = sorted(list(path.glob("checkpoints/*.ckpt")) + list(path.glob("*.ckpt")), key=_step_of)
-    if not found:
-        raise ValueError(f"no checkpoint in {path} (looked for checkpoints/last.ckpt and *.ckpt)")
-    return found[-1]
-
-
-def _step_of(p: Path) -> tuple:
-    m = re.search(r"(\d+)", p.stem)
-    return (int(m.group(1)) if m else -1, p.stat().st_mtime)
-
-
-def run_dir_of(ckpt_path: Path) -> Path:
-    """The training run directory of a checkpoint (``<run>/checkpoints/x.ckpt`` → ``<run>``)."""
-    parent = ckpt_path.resolve().parent
-    return parent.parent if parent.name == "checkpoints" else parent
 
 
 def read_checkpoint_info(path: Path) -> Dict[str, Any]:
@@ -59,9 +28,7 @@ def read_checkpoint_info(path: Path) -> Dict[str, Any]:
         raw = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same explanation
         raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
-    from ..classifier import CHECKPOINT_KIND
-
-    if isinstance(raw, Mapping) and raw.get("kind") == CHECKPOINT_KIND:
+    if isinstance(raw, Mapping) and raw.get("kind") == CLASSIFIER_KIND:
         raise ValueError(
             f"{path} is a noisy-classifier checkpoint (python train.py task=classifier), not a score model: "
             "give a score model's run or .ckpt as ckpt=, and the classifier as guidance.classifier=<path>"
@@ -224,14 +191,14 @@ def load_guidance_classifier(
     :class:`~sde_diffusion.classifier.NoisyClassifier` is put on ``device``/``dtype`` in eval mode
     with frozen parameters (gradients with respect to x still flow).
     """
-    from ..classifier import CHECKPOINT_KIND, load_classifier
+    from ..classifier import load_classifier
 
     file = resolve_checkpoint_path(path, key="guidance.classifier")
     try:
         raw = torch.load(str(file), map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same explanation
         raise ValueError(f"cannot read classifier checkpoint {file}: {type(err).__name__}: {err}") from None
-    if not isinstance(raw, Mapping) or raw.get("kind") != CHECKPOINT_KIND:
+    if not isinstance(raw, Mapping) or raw.get("kind") != CLASSIFIER_KIND:
         raise ValueError(
             f"guidance.classifier={path}: {file} is not a noisy-classifier checkpoint (a score model's checkpoint "
             "goes to ckpt=); train a classifier with `python train.py task=classifier data=<the model's data>`"
