@@ -20,6 +20,9 @@ from sde_diffusion.data import cifar10 as cifar
 from sde_diffusion.data.digits import DigitsDataModule, digits_resource, load_digits
 from sde_diffusion.data.folder import FolderDataModule
 from sde_diffusion.data.toy2d import Toy2DDataModule
+from helpers import N_PER_BATCH, pixel as _pixel
+from helpers import fake_cifar_members as _fake_members
+from helpers import write_cifar_archive as _write_tar
 
 CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
 
@@ -203,43 +206,6 @@ def test_image_reference():
 
 
 # ====================================================================== CIFAR-10 (fake archive)
-N_PER_BATCH = 4
-
-
-def _pixel(n: int, c: int, h: int, w: int) -> int:
-    """The value the fake archive stores for image n, channel c, row h, column w."""
-    return (7 * n + 80 * c + 3 * h + 5 * w) % 256
-
-
-def _fake_batch(offset: int) -> bytes:
-    n = np.arange(offset, offset + N_PER_BATCH)[:, None]
-    k = np.arange(3072)[None, :]
-    c, h, w = k // 1024, (k % 1024) // 32, k % 32  # the documented row layout: R plane, G, B
-    data = _pixel(n, c, h, w).astype(np.uint8)
-    labels = [int(i % 10) for i in range(offset, offset + N_PER_BATCH)]
-    raw = pickle.dumps({b"batch_label": b"fake", b"labels": labels, b"data": data, b"filenames": [b"x"] * N_PER_BATCH}, protocol=2)
-    # The real files were written under numpy 1, which names numpy.core.multiarray.
-    return raw.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
-
-
-def _fake_members() -> dict:
-    names = list(cifar.TRAIN_BATCHES) + list(cifar.TEST_BATCHES)
-    members = {name: _fake_batch(i * N_PER_BATCH) for i, name in enumerate(names)}
-    members["batches.meta"] = pickle.dumps({b"label_names": [c.encode() for c in cifar.CLASSES]}, protocol=2)
-    return members
-
-
-def _write_tar(path: Path) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, payload in _fake_members().items():
-            info = tarfile.TarInfo(f"{cifar.EXTRACTED_DIR}/{name}")
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    path.write_bytes(buf.getvalue())
-    return buf.getvalue()
-
-
 @pytest.fixture(autouse=False)
 def no_network(monkeypatch):
     def refuse(*args, **kwargs):
@@ -404,8 +370,12 @@ def test_every_data_config_builds(tmp_path):
     assert {"toy2d", "swiss_roll", "moons", "8gaussians", "checkerboard", "gmm", "digits", "cifar10", "folder"} <= set(names)
     with initialize_config_dir(config_dir=str(CONF_DATA.parent), version_base="1.3"):
         for name in names:
-            overrides = [f"+data={name}"] + ([f"data.root={tmp_path}"] if name == "folder" else [])
-            cfg = dict(compose(overrides=overrides).data)
+            overrides = [f"data={name}"] + ([f"data.root={tmp_path}"] if name == "folder" else [])
+            full = compose("train", overrides=overrides, return_hydra_config=True)
+            # Each data set brings the network that suits it.
+            brought = {"digits": "unet_small", "cifar10": "ddpmpp_cifar10", "folder": "unet"}.get(name, "mlp")
+            assert full.hydra.runtime.choices.model == brought, name
+            cfg = dict(full.data)
             dm = DATASETS.build(cfg.pop("name"), **cfg)
             assert isinstance(dm.data_shape, tuple) and isinstance(dm.is_image, bool)
             if name in TOY_DATASETS:

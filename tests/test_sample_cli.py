@@ -232,8 +232,39 @@ def test_unknown_sampler_lists_the_choices(toy_run: Path) -> None:
 def test_guidance_needs_a_conditional_model(toy_run: Path) -> None:
     with pytest.raises(ValueError, match="class-conditional"):
         run(_sample_cfg(toy_run, "sampler=euler_maruyama", "guidance.scale=1.5"))
-    with pytest.raises(ValueError, match="ckpt=<path> is required"):
-        run(_compose("sample", ["sampler=euler_maruyama"]))
+
+
+
+def test_without_ckpt_a_missing_run_names_train_py(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"no finished score-model training run under .*`python train\.py`"):
+        run(_compose("sample", ["sampler=euler_maruyama", f"runs_root={tmp_path}"]))
+
+
+def test_without_ckpt_the_newest_finished_score_run_is_sampled(toy_run: Path, tmp_path: Path, capsys) -> None:
+    """Unfinished runs and classifier runs are passed over; the choice is the job's first output line."""
+    root = tmp_path / "outputs" / "train"
+    older = root / "moons_vp" / "older"
+    shutil.copytree(toy_run, older)
+    newer = root / "moons_vp" / "newer"
+    shutil.copytree(toy_run, newer)
+    marker = json.loads((newer / "finished.json").read_text())
+    assert marker["task"] == "score" and marker["global_step"] == 3
+    (newer / "finished.json").write_text(json.dumps({**marker, "finished_at": marker["finished_at"] + 10}))
+    (older / "finished.json").write_text(json.dumps({**marker, "finished_at": marker["finished_at"] - 10}))
+    # Newer still, but killed (no marker) or a classifier: neither is taken.
+    killed = root / "moons_vp" / "killed"
+    shutil.copytree(toy_run, killed)
+    (killed / "finished.json").unlink()
+    clf = tmp_path / "outputs" / "train" / "clf"
+    shutil.copytree(toy_run, clf)
+    (clf / "finished.json").write_text(json.dumps({**marker, "task": "classifier", "finished_at": marker["finished_at"] + 99}))
+    capsys.readouterr()
+    report = run(_compose("sample", ["sampler=euler_maruyama", "n=3", "batch_size=3", "steps=2", "progress=false",
+                                     f"runs_root={root}", f"out={tmp_path / 'out'}"]))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"ckpt: {newer} ")
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["checkpoint"]["path"] == str((newer / "checkpoints" / "last.ckpt").resolve())
+    assert report["output_dir"] == str(tmp_path / "out")
 
 
 # ---------------------------------------------------------------------------------- tasks

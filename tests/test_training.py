@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, List
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -317,7 +318,7 @@ def test_cli_reports_a_bad_image_size(tmp_path: Path) -> None:
 def test_configs_compose() -> None:
     default = to_container(compose(["run_dir=unused"]))
     assert default["data"]["name"] == "digits" and default["model"]["name"] == "unet"
-    assert default["trainer"]["accelerator"] == "cpu"
+    assert default["trainer"]["accelerator"] == "auto"  # the GPU when present, else the CPU
     paper = compose(["sde=vp", "data=cifar10", "model=ddpmpp_cifar10", "trainer=gpu"])
     expect = {
         ("data", "batch_size"): 128, ("optim", "lr"): 2e-4, ("optim", "warmup_steps"): 5000,
@@ -342,3 +343,100 @@ def test_compile_switch_keeps_checkpoint_keys(tmp_path: Path) -> None:
     assert len(rec.losses) == 4 and all(math.isfinite(v) for v in rec.losses)
     state = torch.load(res.last_checkpoint, map_location="cpu", weights_only=False)["current_model_state"]
     assert set(state) == {f"net.{k}" for k in res.module.net.state_dict()}
+
+
+# ---------------------------------------------------------------------------------- figure budget
+class _Clocked:
+    """A stand-in LightningModule whose score costs ``per_sample`` seconds per sample on a fake clock."""
+
+    def __init__(self, clock: list, per_sample: float) -> None:
+        from sde_diffusion.sdes import VPSDE
+
+        self.net = torch.nn.Linear(1, 1)
+        self.ema = None
+        self.sde = VPSDE()
+        self.data_shape = (3, 4, 4)
+        self.calls: list = []
+
+        def score(x, t):
+            self.calls.append(x.shape[0])
+            clock[0] += per_sample * x.shape[0]
+            return torch.zeros_like(x)
+
+        self.score_fn = lambda use_ema=False: score
+
+
+@pytest.mark.parametrize(
+    "budget, want",
+    [
+        (None, (64, 1000)),   # no budget: as configured
+        (100.0, (64, 1000)),  # 64 x 1000 x 1 ms = 64 s fits
+        (8.0, (8, 1000)),     # fewer samples first ...
+        (2.0, (4, 500)),      # ... down to 4, then fewer steps
+        (0.001, (4, 10)),     # never below 4 samples x 10 steps
+    ],
+)
+def test_sample_figure_fits_its_time_budget(monkeypatch, tmp_path: Path, budget, want) -> None:
+    from sde_diffusion import callbacks
+
+    clock = [0.0]
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])
+    module = _Clocked(clock, per_sample=1e-3)
+    cb = callbacks.SampleFigures(tmp_path, num_samples=64, steps=1000, max_seconds=budget)
+    if budget is not None and want != (64, 1000):
+        with pytest.warns(UserWarning, match=r"64 samples x 1000 steps would take about 64 s"):
+            got = cb.within_budget(module)
+    else:
+        got = cb.within_budget(module)
+    assert got == want
+    assert module.calls == ([] if budget is None else [64])  # one timed evaluation at the figure's batch
+    with pytest.raises(ValueError, match="max_seconds must be positive"):
+        callbacks.SampleFigures(tmp_path, max_seconds=0)
+
+
+# ---------------------------------------------------------------------------------- the card's commands
+def test_card_command_without_cifar_archive_says_where_to_put_it(tmp_path: Path) -> None:
+    root = tmp_path / "nothing"
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "sde=vp", "data=cifar10", f"data.root={root}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert "cifar-10-python.tar.gz" in proc.stderr and str(root.resolve()) in proc.stderr, proc.stderr[-2000:]
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+def test_card_commands_train_cifar10_from_an_archive_then_sample(tmp_path: Path) -> None:
+    """`python train.py sde=vp data=cifar10` (the paper's 62M-parameter DDPM++) on a CIFAR-format
+    archive written here, then `python sample.py sampler=pc` on what it wrote (~3 min on 2 cores)."""
+    from sde_diffusion.data import cifar10 as cifar
+    from helpers import write_cifar_archive
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_cifar_archive(data / cifar.ARCHIVE_NAME, n_per_batch=4)
+    env = dict(os.environ)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "sde=vp", "data=cifar10", f"data.root={data}", "trainer.max_steps=2",
+         "data.batch_size=2", "callbacks.samples.max_seconds=5", "trainer.enable_progress_bar=false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=1800, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = (tmp_path / "outputs" / "train" / "cifar10_vp").iterdir()
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False, mmap=True)
+    assert ckpt["global_step"] == 2 and tuple(ckpt["hyper_parameters"]["data_shape"]) == (3, 32, 32)
+    assert ckpt["hyper_parameters"]["cfg"]["model"]["ch"] == 128  # the data set brought DDPM++ cont.
+    assert sum(v.numel() for v in ckpt["current_model_state"].values()) > 60_000_000
+    del ckpt
+    assert (run / "samples" / "latest.png").stat().st_size > 1000
+    assert "drawing 4 samples" in proc.stderr  # the figure kept to its time budget
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), "sampler=pc", "steps=2", "n=2", "batch_size=2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=1800, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[0].startswith(f"ckpt: {Path('outputs/train/cifar10_vp') / run.name}")
+    (out,) = (run / "samples").glob("sample-pc-*")
+    assert {"samples.npz", "samples.png", "run.json"} <= {p.name for p in out.iterdir()}
+    with np.load(out / "samples.npz") as z:
+        assert z["samples"].shape == (2, 32, 32, 3) and z["samples"].dtype == np.uint8

@@ -15,10 +15,28 @@ plots       every figure of a run (samples, paths, losses)       :mod:`.figures`
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 MODES = ("sample", "likelihood", "metrics", "plots")
 DEFAULT_RUNS_ROOT = "outputs/train"  # where `python train.py` writes score-model runs (conf/train.yaml run_dir)
+
+
+def drop_implied_model(cfg: Any, overrides: Sequence[str]) -> Any:
+    """``cfg`` without the ``model`` group unless the command line named it (``model=…`` or ``model.<key>=…``).
+
+    A data config brings its network (``conf/data/<name>.yaml`` overrides ``model``), so
+    ``sample.py data=digits`` would otherwise ask the checkpoint for that network's *default*
+    settings; in sample.py the groups are checks of what the user asked for, nothing more.
+    """
+    keys = {str(o).split("=", 1)[0].lstrip("+~") for o in overrides}
+    if cfg.get("model") is None or any(k == "model" or k.startswith("model.") for k in keys):
+        return cfg
+    from omegaconf import open_dict
+
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.model = None
+    return cfg
 
 
 def with_default_checkpoint(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -80,4 +98,4 @@ def run(cfg: Mapping[str, Any], **kwargs: Any) -> Optional[Dict[str, Any]]:
     raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
 
 
-__all__ = ["MODES", "DEFAULT_RUNS_ROOT", "with_default_checkpoint", "run"]
+__all__ = ["MODES", "DEFAULT_RUNS_ROOT", "drop_implied_model", "with_default_checkpoint", "run"]

@@ -58,10 +58,11 @@ class UNet(ScoreNet):
         data_shape: ``(C, H, W)``.
         num_classes: number of classes for label conditioning (null label = ``num_classes``), or ``None``.
         ch: base channel count.
-        ch_mult: channel multiplier per level; ``len(ch_mult) − 1`` downsamplings.
+        ch_mult: channel multiplier per level; ``len(ch_mult) − 1`` downsamplings (``None``: sized to
+            the image by :func:`unet_layout`).
         num_res_blocks: residual blocks per level on the way down (one more on the way up).
         attn_resolutions: level resolutions (``min(H, W) / 2^i``) that get self-attention; each must
-            exist for this image size.
+            exist for this image size (``None``: :func:`unet_layout`'s choice).
         dropout: dropout probability inside the residual blocks.
         embedding_type: ``"sinusoidal"`` (DDPM++) or ``"fourier"`` (NCSN++).
         embedding_scale: sinusoidal time factor / Fourier frequency std (``None``: 1000 / 16).
@@ -78,9 +79,9 @@ class UNet(ScoreNet):
         data_shape: Sequence[int],
         num_classes: Optional[int] = None,
         ch: int = 64,
-        ch_mult: Sequence[int] = (1, 2, 2),
+        ch_mult: Optional[Sequence[int]] = (1, 2, 2),
         num_res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (),
+        attn_resolutions: Optional[Sequence[int]] = (),
         dropout: float = 0.1,
         embedding_type: str = "sinusoidal",
         embedding_scale: Optional[float] = None,
@@ -203,20 +204,50 @@ class UNet(ScoreNet):
 
 
 
+def unet_layout(data_shape: Sequence[int]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """``(ch_mult, attn_resolutions)`` sized to an image: levels halve the resolution down to 4×4
+    (or as far as the size divides by 2), channels ``[1, 2, 2, …]``; self-attention at 16×16 when
+    that level exists (as DDPM and DDPM++ at 32×32), else at the coarsest level of a small image.
+
+    E.g. 8×8 → ``(1, 2), (4,)``; 32×32 → ``(1, 2, 2, 2), (16,)``; 64×64 → ``(1, 2, 2, 2, 2), (16,)``.
+    """
+    shape = tuple(int(s) for s in data_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"UNet takes images with data_shape (C, H, W); got {shape}. For vectors use model=mlp.")
+    _, height, width = shape
+    levels = 1
+    while min(height, width) // 2**levels >= 4 and height % 2**levels == 0 and width % 2**levels == 0:
+        levels += 1
+    ch_mult = (1,) + (2,) * (levels - 1)
+    resolutions = [min(height, width) // 2**i for i in range(levels)]
+    if 16 in resolutions:
+        attn = (16,)
+    elif resolutions[-1] < 16:
+        attn = (resolutions[-1],)
+    else:
+        attn = ()
+    return ch_mult, attn
+
+
 def check_unet_args(
     data_shape: Sequence[int],
     ch: int,
-    ch_mult: Sequence[int],
+    ch_mult: Optional[Sequence[int]],
     num_res_blocks: int,
-    attn_resolutions: Sequence[int],
+    attn_resolutions: Optional[Sequence[int]],
     dropout: float,
 ) -> Tuple[Tuple[int, ...], Tuple[int, ...], List[int]]:
     """Validate the U-Net family's size arguments (shared by the U-Net and its encoder-only classifier).
 
+    ``ch_mult=None`` / ``attn_resolutions=None`` take :func:`unet_layout`'s choice for the image.
     Returns ``(ch_mult, attn_resolutions, resolutions)``: the first two as int tuples and the
     spatial resolution of every level. Raises ``ValueError`` naming the offending argument.
     """
-    ch_mult = tuple(int(m) for m in ch_mult)
+    auto_mult, auto_attn = unet_layout(data_shape)
+    ch_mult = auto_mult if ch_mult is None else tuple(int(m) for m in ch_mult)
+    if attn_resolutions is None:
+        resolutions = [min(int(data_shape[1]), int(data_shape[2])) // 2**i for i in range(len(ch_mult))]
+        attn_resolutions = tuple(r for r in auto_attn if r in resolutions) or (resolutions[-1],)
     attn_resolutions = tuple(int(r) for r in attn_resolutions)
     if ch < 1 or not ch_mult or min(ch_mult) < 1 or num_res_blocks < 1:
         raise ValueError(
@@ -233,9 +264,10 @@ def check_unet_args(
         raise ValueError(
             f"attn_resolutions {list(unknown)} match no level of this U-Net: with image size "
             f"{height}x{width} and ch_mult={list(ch_mult)} the level resolutions are {resolutions}; "
-            "pick attn_resolutions among them"
+            "pick attn_resolutions among them, or use a network built for this size: model=unet (levels and "
+            "attention sized to the image), model=ddpmpp_cifar10 (32x32), model=unet_small (8x8)"
         )
     return ch_mult, attn_resolutions, resolutions
 
 
-__all__ = ["UNet", "check_unet_args"]
+__all__ = ["UNet", "check_unet_args", "unet_layout"]
