@@ -16,11 +16,15 @@ the score's divergence is computed numerically:
 * ``divergence="exact"``: ∇·s = Σ_i ∂s_i/∂x_i from D vector-Jacobian products with the unit vectors
   (batched through ``is_grads_batched`` when the score function supports ``vmap``, else one at a
   time). Cost ∝ D; fine for small D.
+* ``divergence="auto"`` (default): ``"exact"`` for D ≤ ``EXACT_MAX_DIM`` (16), otherwise
+  ``"hutchinson"`` (:func:`resolve_divergence`); with Rademacher probes (the default ``noise``).
 * ``divergence="hutchinson"``: the Hutchinson–Skilling estimate vᵀ(∂s/∂x)v with E[vvᵀ] = I,
   v Gaussian or Rademacher, averaged over ``n_probes``. The probes are drawn *once* and held fixed
   over the whole integration, so the estimate is vᵀMv with M = ∫(∂f̃/∂x)dt along the trajectory:
   unbiased for ∫∇·f̃, with variance 2‖M_sym‖_F²/n_probes (Gaussian) or
-  2(‖M_sym‖_F² − Σ_i M_ii²)/n_probes (Rademacher), M_sym = (M + Mᵀ)/2.
+  2(‖M_sym‖_F² − Σ_i M_ii²)/n_probes (Rademacher), M_sym = (M + Mᵀ)/2. Each probe's integral is
+  carried separately, so with ``n_probes ≥ 2`` the result also holds the estimator's standard
+  error per example (the spread over probes / √n_probes).
 
 What is returned is log p_eps(x), the density of the model's marginal at the start time ``eps``
 (``sde.eps`` by default), *not* of p_0: the score is singular at t = 0. ``x`` must be given in the
@@ -29,10 +33,11 @@ density in that range to bits per dimension of discrete data.
 
 Usage::
 
-    res = log_likelihood(sde, score_fn, x)                       # exact trace, adaptive dopri5
+    res = log_likelihood(sde, score_fn, x)                       # auto trace (exact for D <= 16), dopri5
     res.logp                                                     # [B] nats
-    res = log_likelihood(sde, score_fn, x, divergence="hutchinson", noise="rademacher",
+    res = log_likelihood(sde, score_fn, x, divergence="hutchinson", n_probes=2,
                          generator=torch.Generator().manual_seed(0))
+    res.logp_stderr                                              # [B] the estimator's standard error
     bpd = bits_per_dim(res.logp, x.shape[1:], scale=2.0)         # 8-bit images in [-1, 1]
 """
 from __future__ import annotations
@@ -47,7 +52,10 @@ from torch import Tensor
 from .ode import odeint_dopri5, odeint_fixed, odeint_scipy
 from .sdes.base import SDE, ScoreFn, broadcast_to_x
 
-DIVERGENCES = ("exact", "hutchinson")
+DIVERGENCES = ("auto", "exact", "hutchinson")
+# divergence="auto": the exact trace costs D vector-Jacobian products per evaluation, Hutchinson's
+# estimate n_probes; up to this many dimensions the exact trace is the better buy.
+EXACT_MAX_DIM = 16
 NOISES = ("gaussian", "rademacher")
 FIXED_SOLVERS = ("euler", "heun", "rk4")
 SOLVERS = ("dopri5", "scipy") + FIXED_SOLVERS
@@ -65,6 +73,10 @@ class LikelihoodResult:
         nfe: number of batched evaluations of the augmented ODE right-hand side; each is one score
             evaluation with autograd plus D (exact) or ``n_probes`` (Hutchinson) vector-Jacobian
             products.
+        divergence: the divergence actually used (``"exact"`` or ``"hutchinson"``; ``"auto"`` resolved).
+        delta_logp_probes: ``[B, n_probes]`` each probe's estimate of ``delta_logp`` (Hutchinson), else None.
+        logp_stderr: ``[B]`` the estimator's standard error of ``logp`` (Hutchinson with n_probes ≥ 2:
+            std over probes / √n_probes); 0 for the exact trace; None when it cannot be estimated.
     """
 
     logp: Tensor
@@ -72,6 +84,18 @@ class LikelihoodResult:
     delta_logp: Tensor
     z: Tensor
     nfe: int
+    divergence: str = "exact"
+    delta_logp_probes: Optional[Tensor] = None
+    logp_stderr: Optional[Tensor] = None
+
+
+def resolve_divergence(divergence: str, dim: int) -> str:
+    """``"auto"`` → ``"exact"`` when ``dim`` ≤ :data:`EXACT_MAX_DIM`, else ``"hutchinson"``; others unchanged."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of: {', '.join(DIVERGENCES)}")
+    if divergence != "auto":
+        return divergence
+    return "exact" if dim <= EXACT_MAX_DIM else "hutchinson"
 
 
 # ---------------------------------------------------------------------- divergence of the score
@@ -107,13 +131,13 @@ def _exact_divergence_loop(s: Tensor, x: Tensor) -> Tensor:
 
 
 def _hutchinson_divergence(s: Tensor, x: Tensor, probes: Tensor) -> Tensor:
-    """mean_k v_kᵀ(∂s/∂x)v_k for probes ``[K, B, ...]``."""
-    est = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    for v in probes:
+    """v_kᵀ(∂s/∂x)v_k for probes ``[K, B, ...]``, one column per probe: ``[B, K]``."""
+    est = torch.zeros(x.shape[0], probes.shape[0], dtype=x.dtype, device=x.device)
+    for k, v in enumerate(probes):
         (vjp,) = torch.autograd.grad(s, x, v, retain_graph=True, allow_unused=True)
         if vjp is not None:
-            est = est + (vjp * v).reshape(x.shape[0], -1).sum(1)
-    return est / probes.shape[0]
+            est[:, k] = (vjp * v).reshape(x.shape[0], -1).sum(1)
+    return est
 
 
 def _draw_probes(
@@ -134,8 +158,8 @@ def log_likelihood(
     x: Tensor,
     *,
     eps: Optional[float] = None,
-    divergence: str = "exact",
-    noise: str = "gaussian",
+    divergence: str = "auto",
+    noise: str = "rademacher",
     n_probes: int = 1,
     solver: str = "dopri5",
     rtol: float = 1e-5,
@@ -145,6 +169,7 @@ def log_likelihood(
     prior_logp: Optional[Callable[[Tensor], Tensor]] = None,
     exact_chunk: int = 64,
     generator: Optional[torch.Generator] = None,
+    progress: Optional[Callable[[float], None]] = None,
 ) -> LikelihoodResult:
     """log p_eps(x) through the probability-flow ODE (see the module docstring for the formula).
 
@@ -154,8 +179,9 @@ def log_likelihood(
             this function runs under ``torch.no_grad()``; it must be differentiable in x.
         x: ``[B, ...]`` data in the model's range.
         eps: start time (default ``sde.eps``); the result is the density of p_eps.
-        divergence: ``"exact"`` (D vector-Jacobian products per evaluation) or ``"hutchinson"``.
-        noise: Hutchinson probe distribution, ``"gaussian"`` or ``"rademacher"``.
+        divergence: ``"auto"`` (exact for D ≤ 16, else Hutchinson), ``"exact"`` (D vector-Jacobian
+            products per evaluation) or ``"hutchinson"``.
+        noise: Hutchinson probe distribution, ``"rademacher"`` (lower variance) or ``"gaussian"``.
         n_probes: Hutchinson probes per sample, averaged; drawn once from ``generator``.
         solver: ``"dopri5"`` (adaptive, per-sample steps), ``"scipy"`` (``solve_ivp`` with
             ``scipy_method``), or a fixed-step method ``"euler"``, ``"heun"``, ``"rk4"`` on a uniform
@@ -165,6 +191,8 @@ def log_likelihood(
             Pass the true marginal at T to separate the integration error from the prior mismatch.
         exact_chunk: unit vectors per vmapped backward pass for the exact divergence.
         generator: source of the Hutchinson probes.
+        progress: called at every evaluation with the fraction of [eps, T] that the slowest sample
+            has integrated (for progress bars and ETAs).
 
     Returns:
         :class:`LikelihoodResult` with ``logp``, ``prior_logp``, ``delta_logp`` (all ``[B]``, nats,
@@ -193,7 +221,9 @@ def log_likelihood(
 
     shape = x.shape
     B, D = shape[0], x[0].numel()
+    divergence = resolve_divergence(divergence, D)
     probes = _draw_probes(n_probes, shape, noise, x, generator) if divergence == "hutchinson" else None
+    K = 1 if probes is None else n_probes  # one log-density column per probe
     use_vmap = True
 
     def score_divergence(xx: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -222,18 +252,24 @@ def log_likelihood(
                         use_vmap = False
                 if div is None:
                     div = _exact_divergence_loop(s, xg)
+                div = div[:, None]
         return s.detach(), div.detach()
 
+    span = sde.T - t0
+
     def augmented(y: Tensor, t: Tensor) -> Tensor:
+        if progress is not None:
+            progress(min(1.0, max(0.0, (float(torch.as_tensor(t).min()) - t0) / span)))
         xx = y[:, :D].reshape(shape)
         s, div_s = score_divergence(xx, t)
         f = sde.drift_coeff(t).to(y.dtype)
         g2 = sde.diffusion(t).to(y.dtype) ** 2
         dx = broadcast_to_x(f, xx) * xx - 0.5 * broadcast_to_x(g2, xx) * s
-        ddelta = D * f - 0.5 * g2 * div_s
-        return torch.cat([dx.reshape(B, D), ddelta.reshape(B, 1)], dim=1)
+        col = (lambda c: c.reshape(-1, 1)) if f.dim() else (lambda c: c)
+        ddelta = D * col(f) - 0.5 * col(g2) * div_s  # [B, K]
+        return torch.cat([dx.reshape(B, D), ddelta.expand(B, K)], dim=1)
 
-    y0 = torch.cat([x.detach().reshape(B, D), torch.zeros(B, 1, dtype=x.dtype, device=x.device)], dim=1)
+    y0 = torch.cat([x.detach().reshape(B, D), torch.zeros(B, K, dtype=x.dtype, device=x.device)], dim=1)
     if solver == "dopri5":
         res = odeint_dopri5(augmented, y0, t0, sde.T, rtol=rtol, atol=atol)
     elif solver == "scipy":
@@ -243,11 +279,20 @@ def log_likelihood(
         res = odeint_fixed(augmented, y0, ts, method=solver)
 
     z = res.y[:, :D].reshape(shape)
-    delta = res.y[:, D]
+    columns = res.y[:, D:]
+    delta = columns.mean(1)
     prior = (sde.prior_logp if prior_logp is None else prior_logp)(z).to(x.dtype)
     if prior.shape != (B,):
         raise ValueError(f"prior_logp must return shape [{B}], got {tuple(prior.shape)}")
-    return LikelihoodResult(logp=prior + delta, prior_logp=prior, delta_logp=delta, z=z, nfe=res.nfe)
+    if probes is None:
+        per_probe, stderr = None, torch.zeros_like(delta)
+    else:
+        per_probe = columns
+        stderr = columns.std(1) / math.sqrt(K) if K > 1 else None
+    if progress is not None:
+        progress(1.0)
+    return LikelihoodResult(logp=prior + delta, prior_logp=prior, delta_logp=delta, z=z, nfe=res.nfe,
+                            divergence=divergence, delta_logp_probes=per_probe, logp_stderr=stderr)
 
 
 # ---------------------------------------------------------------------- discrete data
@@ -321,4 +366,7 @@ def bits_per_dim(
     return -(logp + D * math.log(scale) - D * math.log(levels)) / (D * math.log(2.0))
 
 
-__all__ = ["LikelihoodResult", "log_likelihood", "bits_per_dim", "dequantize", "DIVERGENCES", "NOISES", "SOLVERS"]
+__all__ = [
+    "LikelihoodResult", "log_likelihood", "resolve_divergence", "bits_per_dim", "dequantize",
+    "DIVERGENCES", "EXACT_MAX_DIM", "NOISES", "SOLVERS",
+]

@@ -15,6 +15,7 @@ from sde_diffusion.likelihood import (
     bits_per_dim,
     dequantize,
     log_likelihood,
+    resolve_divergence,
 )
 from sde_diffusion.toy import GaussianMixture
 
@@ -305,3 +306,51 @@ def test_score_independent_of_x_has_zero_divergence():
     for divergence in ("exact", "hutchinson"):
         res = log_likelihood(sde, lambda xx, t: 0 * xx.detach() + w, x, divergence=divergence, solver="rk4", steps=10)
         assert torch.allclose(res.delta_logp, expected.expand(3))
+
+
+# ---------------------------------------------------------------------------------- auto divergence, standard error
+def test_auto_divergence_is_exact_up_to_16_dims_then_hutchinson():
+    sde = VPSDE()
+    for dim, want in ((2, "exact"), (16, "exact"), (17, "hutchinson"), (64, "hutchinson")):
+        gm = GaussianMixture.random(dim, 2, seed=3)
+        x = _data(gm, 4, seed=1)
+        kw = dict(solver="rk4", steps=4)
+        auto = log_likelihood(sde, gm.score_fn(sde), x, generator=torch.Generator().manual_seed(0), **kw)
+        assert auto.divergence == want and resolve_divergence("auto", dim) == want
+        same = log_likelihood(sde, gm.score_fn(sde), x, divergence=want, generator=torch.Generator().manual_seed(0), **kw)
+        assert torch.equal(auto.logp, same.logp)
+        if want == "exact":
+            assert torch.equal(auto.logp_stderr, torch.zeros(4, dtype=x.dtype)) and auto.delta_logp_probes is None
+        else:
+            assert auto.logp_stderr is None  # one probe: its error cannot be estimated from itself
+            assert auto.delta_logp_probes.shape == (4, 1)
+    with pytest.raises(ValueError, match="choose one of: auto, exact, hutchinson"):
+        resolve_divergence("trace", 3)
+
+
+def test_hutchinson_standard_error_matches_theory():
+    """With K probes per example, logp_stderr² estimates Var(one probe)/K, known in closed form here."""
+    gm = GaussianMixture.random(4, 1, seed=1, std_range=(0.3, 2.0))
+    sde = VPSDE()
+    B, K = 2000, 4
+    x = _data(gm, B, seed=9)
+    kw = dict(solver="rk4", steps=30)
+    exact = log_likelihood(sde, gm.score_fn(sde), x, divergence="exact", **kw)
+    est = log_likelihood(sde, gm.score_fn(sde), x, divergence="hutchinson", n_probes=K,
+                         generator=torch.Generator().manual_seed(5), **kw)
+    M = _score_part_log_jacobian(gm, sde)
+    var_one = 2 * ((M**2).sum() - (torch.diag(M) ** 2).sum())  # Rademacher, one probe
+    assert est.delta_logp_probes.shape == (B, K)
+    torch.testing.assert_close(est.delta_logp_probes.mean(1), est.delta_logp)
+    assert abs(float((est.logp_stderr**2).mean() * K / var_one) - 1) < 0.15
+    # The reported error describes the actual error: about 68 % of examples within one standard error.
+    inside = ((est.logp - exact.logp).abs() <= est.logp_stderr).double().mean()
+    assert 0.5 < float(inside) < 0.85
+
+
+def test_progress_reports_the_integrated_fraction(gm3):
+    sde = VPSDE()
+    seen = []
+    log_likelihood(sde, gm3.score_fn(sde), _data(gm3, 3, seed=2), solver="rk4", steps=5, progress=seen.append)
+    assert seen[0] == 0.0 and seen[-1] == 1.0 and all(a <= b for a, b in zip(seen, seen[1:]))
+    assert len(seen) == 4 * 5 + 1  # every rk4 stage, then done

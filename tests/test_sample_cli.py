@@ -337,12 +337,21 @@ def test_likelihood_mode_matches_log_likelihood(toy_run: Path, tmp_path: Path) -
     assert report["nll_nats"]["mean"] == pytest.approx(-z["logp"].mean())
     assert report["nfe"]["total"] == sum(report["nfe"]["per_batch"]) > 0
     assert json.loads((tmp_path / "likelihood.json").read_text())["bpd"] is None
+    # D = 2: the default `auto` takes the exact trace, so the estimator adds no error.
+    assert report["divergence"]["used"] == "exact" and not report["divergence"]["stochastic"]
+    assert report["divergence"]["estimator_stderr_per_example"] == 0.0 and (z["logp_stderr"] == 0).all()
 
 
 def test_likelihood_bits_per_dim_for_images(digits_run: Path, tmp_path: Path) -> None:
     report = run(_sample_cfg(digits_run, "mode=likelihood", "n=2", "batch_size=2", f"out={tmp_path}",
-                             "likelihood.divergence=hutchinson", "likelihood.solver=euler", "likelihood.steps=3"))
+                             "likelihood.solver=euler", "likelihood.steps=3"))
     z = _npz(tmp_path / "likelihood.npz")
+    # D = 64: the default `auto` estimates the trace (2 Rademacher probes) and reports its error.
+    div = report["divergence"]
+    assert div["used"] == "hutchinson" and div["stochastic"] and "D = 64" in div["rule"]
+    assert z["logp_stderr"].shape == (2,) and (z["logp_stderr"] > 0).all()
+    assert div["estimator_stderr_per_example"] == pytest.approx(z["logp_stderr"].mean())
+    assert div["estimator_stderr_of_mean"] == pytest.approx(np.sqrt((z["logp_stderr"] ** 2).sum()) / 2)
     # x = 2(k + U)/17 − 1: log-density of 17-level pixels = log p(x) + D log 2 − D log 17.
     expected = -(z["logp"] + 64 * math.log(2) - 64 * math.log(17)) / (64 * math.log(2))
     np.testing.assert_allclose(z["bpd"], expected, rtol=1e-5)

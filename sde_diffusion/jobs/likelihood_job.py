@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..config import to_container
-from ..likelihood import DIVERGENCES, NOISES, SOLVERS, bits_per_dim, dequantize, log_likelihood
+from ..likelihood import DIVERGENCES, EXACT_MAX_DIM, NOISES, SOLVERS, bits_per_dim, dequantize, log_likelihood, resolve_divergence
 from .checkpoint import load_model
 from .runtime import Runtime, make_runtime, resolve_dtype, sync, versions, write_json
 from .shards import ShardStore, batch_counts, batch_seed, fingerprint, rank_batches
@@ -41,9 +41,9 @@ def likelihood_options(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     """The ``likelihood`` group as keyword arguments of ``log_likelihood`` (checked)."""
     lk = dict(cfg.get("likelihood") or {})
     opts = {
-        "divergence": str(lk.get("divergence", "exact")),
-        "noise": str(lk.get("noise", "gaussian")),
-        "n_probes": int(lk.get("n_probes", 1)),
+        "divergence": str(lk.get("divergence", "auto")),
+        "noise": str(lk.get("noise", "rademacher")),
+        "n_probes": int(lk.get("n_probes", 2)),
         "solver": str(lk.get("solver", "dopri5")),
         "rtol": float(lk.get("rtol", 1e-5)),
         "atol": float(lk.get("atol", 1e-5)),
@@ -110,7 +110,9 @@ def run_likelihood(cfg: Mapping[str, Any], runtime: Optional[Runtime] = None, on
                 "split": split, "n": n, "batch_size": bs, "seed": seed, "dtype": str(cfg.get("dtype", "float32")),
                 "device_type": rt.device.type, **opts}
     fp = fingerprint(settings)
-    tag = f"{opts['divergence']}-{opts['solver']}-{split}-seed{seed}-{fp[:8]}"
+    dims = math.prod(model.data_shape)
+    used = resolve_divergence(opts["divergence"], dims)
+    tag = f"{used}-{opts['solver']}-{split}-seed{seed}-{fp[:8]}"
     out = Path(str(cfg["out"])).expanduser() if cfg.get("out") else model.run_dir / "likelihood" / tag
     store = ShardStore(out / "shards", fp, prefix="batch")
     if rt.is_main:
@@ -126,23 +128,33 @@ def run_likelihood(cfg: Mapping[str, Any], runtime: Optional[Runtime] = None, on
     if bool(cfg.get("progress", True)) and rt.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="likelihood", unit="batch", file=sys.stderr)
+        # Fractional batches: within a batch the bar follows the integration from eps to T, so the
+        # ETA appears long before the first (possibly many-minute) batch ends.
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"likelihood ({used} trace)", unit="batch",
+                   file=sys.stderr, bar_format="{l_bar}{bar}| {n:.2f}/{total} batches [{elapsed}<{remaining}]")
     try:
-        for b in todo:
+        for done, b in enumerate(todo):
+            base = len(mine) - len(todo) + done
+
+            def progress(frac: float, base: int = base) -> None:
+                if bar is not None and base + frac > bar.n:
+                    bar.update(base + frac - bar.n)
+
             gen = torch.Generator(device=rt.device).manual_seed(batch_seed(seed, "likelihood", b))
             chunk = data[b * bs : b * bs + counts[b]]
             x = model_input(chunk, dm, gen, dtype, rt.device) if images else chunk.to(device=rt.device, dtype=dtype)
             sync(rt.device)
             t0 = time.perf_counter()
-            res = log_likelihood(model.sde, score_fn, x, generator=gen, **opts)
+            res = log_likelihood(model.sde, score_fn, x, generator=gen, progress=progress, **opts)
             sync(rt.device)
             arrays = {"logp": res.logp, "prior_logp": res.prior_logp, "delta_logp": res.delta_logp}
+            if res.logp_stderr is not None:
+                arrays["logp_stderr"] = res.logp_stderr
             if images:
                 arrays["bpd"] = bits_per_dim(res.logp, model.data_shape, scale=scale, levels=int(dm.levels))
             arrays = {k: v.detach().double().cpu().numpy() for k, v in arrays.items()}
             store.write(b, arrays, counts[b], res.nfe, time.perf_counter() - t0)
-            if bar is not None:
-                bar.update(1)
+            progress(1.0)
             if on_batch_end is not None:
                 on_batch_end(b, arrays)
     finally:
@@ -154,7 +166,6 @@ def run_likelihood(cfg: Mapping[str, Any], runtime: Optional[Runtime] = None, on
 
     merged = store.merge(counts, out / "likelihood.npz")
     a = merged["arrays"]
-    dims = math.prod(model.data_shape)
     report = {
         "mode": "likelihood",
         "command": " ".join(sys.argv),
@@ -172,6 +183,18 @@ def run_likelihood(cfg: Mapping[str, Any], runtime: Optional[Runtime] = None, on
         "prior_logp": _stats(a["prior_logp"]),
         "finite": bool(np.isfinite(a["logp"]).all()),
         "settings": opts,
+        "divergence": {
+            "used": used,
+            "rule": f"likelihood.divergence=auto: the exact trace (D vector-Jacobian products per evaluation) for "
+                    f"D <= {EXACT_MAX_DIM}, else Hutchinson's estimate with likelihood.n_probes probes "
+                    f"(likelihood.noise); here D = {dims}",
+            "stochastic": used == "hutchinson",
+            # The spread over probes of each example's estimate, averaged and as the mean's error:
+            # the estimator's own share of nll_nats.stderr (which also holds the spread over examples).
+            "estimator_stderr_per_example": float(np.mean(a["logp_stderr"])) if "logp_stderr" in a else (0.0 if used == "exact" else None),
+            "estimator_stderr_of_mean": (float(np.sqrt(np.sum(a["logp_stderr"] ** 2)) / a["logp_stderr"].size)
+                                         if "logp_stderr" in a else (0.0 if used == "exact" else None)),
+        },
         "nfe": {"per_batch": merged["nfe"], "total": int(sum(merged["nfe"]))},
         "seconds": {"total": float(sum(merged["seconds"])), "per_batch": merged["seconds"],
                     "wall_this_run": time.perf_counter() - wall},
