@@ -17,6 +17,7 @@ from sde_diffusion.models import (
     build_model,
 )
 from sde_diffusion.models.layers import num_groups
+from sde_diffusion.models.unet import unet_layout
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 TINY_UNET = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
@@ -199,6 +200,29 @@ def test_bad_image_size_names_sizes_and_fix():
 def test_attention_resolution_must_exist():
     with pytest.raises(ValueError, match=r"level resolutions are \[8, 4\]"):
         build_model("unet", (1, 8, 8), **(TINY_UNET | dict(attn_resolutions=(16,))))
+    # The digits U-Net on CIFAR-sized images: the message names the networks built for the size.
+    with pytest.raises(ValueError, match=r"\[32, 16\].*model=unet \(levels and attention sized to the image\), model=ddpmpp_cifar10"):
+        build_model("unet", (3, 32, 32), **(TINY_UNET | dict(attn_resolutions=(4,))))
+
+
+@pytest.mark.parametrize(
+    "shape, mult, attn",
+    [
+        ((1, 8, 8), (1, 2), (4,)),
+        ((3, 16, 16), (1, 2, 2), (16,)),
+        ((3, 32, 32), (1, 2, 2, 2), (16,)),
+        ((3, 64, 64), (1, 2, 2, 2, 2), (16,)),
+        ((3, 24, 24), (1, 2, 2), (6,)),          # 24 → 12 → 6: stops before an odd size
+        ((1, 6, 6), (1,), (6,)),                 # too small to halve above 4×4: one level
+        ((3, 32, 64), (1, 2, 2, 2), (16,)),      # non-square: by the shorter side
+    ],
+)
+def test_unet_sized_to_the_image(shape, mult, attn):
+    assert unet_layout(shape) == (mult, attn)
+    net = build_model("unet", shape, ch=8, ch_mult=None, num_res_blocks=1, attn_resolutions=None, dropout=0.0)
+    assert (net.ch_mult, net.attn_resolutions) == (mult, attn)
+    x = torch.randn(2, *shape)
+    assert net(x, torch.rand(2)).shape == x.shape
 
 
 def test_wrong_data_shapes_raise():
