@@ -111,6 +111,41 @@ class GaussianMixture:
         w = 0.5 + torch.rand(k, generator=gen, dtype=torch.float64) if unequal_weights else torch.ones(k)
         return cls(w, means, covs)
 
+    @classmethod
+    def random_family(cls, seed: int) -> "GaussianMixture":
+        r"""One draw, fixed by ``seed``, from a family of exact-score test problems nobody tuned for.
+
+        The family (every choice independent, uniform on the stated scale):
+
+        * dimension D = round(2^u), u ~ U[1, 8] (log-uniform over 2…256);
+        * K ~ U{2, …, 12} modes with weights w_k ∝ e^{v_k}, v_k ~ U[0, log 50] (ratios up to 1:50);
+        * a scale per mode s_k, log-uniform over [0.03, 3] (scales spanning 1:100), and within
+          each mode stds s_k·e^{a}, a ~ U[−1, 1] per axis, on random rotated axes (full covariances);
+        * separation r, log-uniform over [0.5, 20] (overlapping → isolated): the means are
+          r·median(s)·√(2/D)·z_k with z_k ~ N(0, I_D), so pairwise distances are ≈ 2r·median(s).
+
+        Returns the mixture; its diameter (for a VE σ_max) is :meth:`diameter`.
+        """
+        gen = torch.Generator().manual_seed(int(seed))
+        u = lambda lo, hi: lo + (hi - lo) * float(torch.rand((), generator=gen, dtype=torch.float64))
+        dim = max(2, int(round(2 ** u(1.0, 8.0))))
+        k = int(torch.randint(2, 13, (), generator=gen))
+        w = torch.exp(math.log(50.0) * torch.rand(k, generator=gen, dtype=torch.float64))
+        scales = torch.exp(math.log(0.03) + math.log(100.0) * torch.rand(k, generator=gen, dtype=torch.float64))
+        aniso = torch.exp(2 * torch.rand(k, dim, generator=gen, dtype=torch.float64) - 1)
+        stds = scales[:, None] * aniso
+        q, _ = torch.linalg.qr(torch.randn(k, dim, dim, generator=gen, dtype=torch.float64))
+        covs = q @ torch.diag_embed(stds**2) @ q.transpose(1, 2)
+        covs = 0.5 * (covs + covs.transpose(1, 2))
+        sep = math.exp(u(math.log(0.5), math.log(20.0)))
+        means = sep * float(scales.median()) * torch.randn(k, dim, generator=gen, dtype=torch.float64) * math.sqrt(2.0 / dim)
+        return cls(w, means, covs)
+
+    def diameter(self) -> float:
+        """An upper estimate of the data's extent: largest distance between means plus 6 × the largest std."""
+        d = torch.cdist(self.means, self.means).max() if self.num_components > 1 else torch.tensor(0.0)
+        return float(d + 6.0 * self.eigvals.max().sqrt())
+
     # ------------------------------------------------------------------ basics
     @property
     def dim(self) -> int:
