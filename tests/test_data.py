@@ -380,3 +380,30 @@ def test_every_data_config_builds(tmp_path):
             assert isinstance(dm.data_shape, tuple) and isinstance(dm.is_image, bool)
             if name in TOY_DATASETS:
                 assert dm.dataset_name == name and dm.data_shape == (2,)
+
+
+def test_digits_upsampled_once_keep_their_17_levels():
+    from sde_diffusion.data.digits import load_digits, upsample_digits
+    from sde_diffusion.evaluation.digits_classifier import as_images
+
+    dm = DigitsDataModule(size=32, batch_size=16)
+    assert dm.data_shape == (1, 32, 32)
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 1, 32, 32) and y.shape == (16,)
+    levels = (x + 1) / 2 * 16  # model range [-1, 1] back to 0..16
+    torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-5)
+    images, _ = load_digits()
+    up = upsample_digits(images[:50], 32)
+    assert up.dtype == torch.uint8 and int(up.max()) <= 16
+    # Area-averaging the upsampled digit gives back a (bilinear-blurred) copy of the original:
+    # same layout (no transposition or shift), within ~1 of 16 levels on average.
+    back = torch.nn.functional.avg_pool2d(up[:, None].float(), 4)[:, 0]
+    orig = images[:50].float()
+    assert float((back - orig).abs().mean()) < 1.5
+    assert float(torch.corrcoef(torch.stack([back.flatten(), orig.flatten()]))[0, 1]) > 0.95
+    assert float(torch.corrcoef(torch.stack([back.flatten(), orig.transpose(1, 2).flatten()]))[0, 1]) < 0.8
+    assert as_images(x).shape == (16, 1, 8, 8)  # the digits classifier sees them at 8×8
+    assert torch.equal(upsample_digits(images[:3], 8), images[:3])
+    with pytest.raises(ValueError, match="data.size must be a multiple of 8"):
+        DigitsDataModule(size=12)

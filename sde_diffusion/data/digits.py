@@ -6,6 +6,10 @@ source checkout, an installed wheel or a zipped package, with no download and no
 
 Pixel scaling (17 levels): x₀₁ = v / 16, or (v + u) / 17 with ``uniform_dequantization``; the
 model range is 2 x₀₁ − 1 when ``centered``.
+
+``size`` > 8 upsamples every image once, when the splits are built: bilinear (align_corners=False)
+to ``size × size``, rounded back to the 17 integer levels, so the larger images are still discrete
+data with the same ``levels`` (bits/dim stay well defined) and sharper than pixel replication.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from typing import Any, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -31,6 +36,14 @@ def digits_resource() -> Any:
     for part in DIGITS_RESOURCE:
         res = res / part
     return res
+
+
+def upsample_digits(images: Tensor, size: int) -> Tensor:
+    """uint8 ``[N, 8, 8]`` (values 0..16) → uint8 ``[N, size, size]``, bilinear, rounded to the 17 levels."""
+    if size == images.shape[-1]:
+        return images
+    up = F.interpolate(images[:, None].to(torch.float32), size=(size, size), mode="bilinear", align_corners=False)
+    return up[:, 0].round_().clamp_(0, DIGITS_LEVELS - 1).to(torch.uint8)
 
 
 def load_digits() -> Tuple[Tensor, Tensor]:
@@ -51,9 +64,10 @@ def load_digits() -> Tuple[Tensor, Tensor]:
 
 
 class DigitsDataModule(ImageDataModule):
-    """8×8 digits as 1×8×8 images in model range, labels 0..9; a seeded train/val split.
+    """8×8 digits as 1×size×size images in model range, labels 0..9; a seeded train/val split.
 
     Args:
+        size: image side (8: the originals; a multiple of 8, e.g. 32, upsamples them once).
         centered: model range [−1, 1] (default) or [0, 1].
         uniform_dequantization: x₀₁ = (v + u)/17, u ~ U(0, 1), instead of v/16.
         random_flip: off by default (mirrored digits are not digits).
@@ -61,12 +75,12 @@ class DigitsDataModule(ImageDataModule):
         batch_size, num_workers, seed: see ``BaseDataModule``.
     """
 
-    data_shape = (1, 8, 8)
     num_classes = 10
     levels = DIGITS_LEVELS
 
     def __init__(
         self,
+        size: int = 8,
         batch_size: int = 128,
         num_workers: int = 0,
         seed: int = 0,
@@ -84,13 +98,17 @@ class DigitsDataModule(ImageDataModule):
             seed=seed,
             val_fraction=val_fraction,
         )
+        if int(size) != size or size < 8 or size % 8:
+            raise ValueError(f"data.size must be a multiple of 8 (8: the original digits, e.g. 32), got {size}")
+        self.size = int(size)
+        self.data_shape = (1, self.size, self.size)
 
     def _build_splits(self) -> Tuple[Dataset, Dataset]:
         images, labels = load_digits()
-        x = images[:, None]  # [N, 1, 8, 8]
+        x = upsample_digits(images, self.size)[:, None]  # [N, 1, size, size]
         tr, va = split_indices(x.shape[0], self.val_fraction, self.seed)
         return TensorPairDataset(x[tr], labels[tr]), TensorPairDataset(x[va], labels[va])
 
 
-__all__ = ["load_digits", "digits_resource", "DigitsDataModule", "DIGITS_LEVELS"]
+__all__ = ["load_digits", "upsample_digits", "digits_resource", "DigitsDataModule", "DIGITS_LEVELS"]
 

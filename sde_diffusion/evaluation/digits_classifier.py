@@ -57,8 +57,13 @@ def split_indices(n: int, seed: int = 0, test_fraction: float = 0.2) -> Tuple[Te
 
 
 def as_images(x: Union[Tensor, np.ndarray]) -> Tensor:
-    """Reshape ``[B, 1, 8, 8]``, ``[B, 8, 8]`` or ``[B, 64]`` to ``[B, 1, 8, 8]`` float32."""
+    """Reshape ``[B, 1, 8, 8]``, ``[B, 8, 8]`` or ``[B, 64]`` to ``[B, 1, 8, 8]`` float32.
+
+    Larger square digits ``[B, 1, 8k, 8k]`` (``data=digits data.size=8k``) are area-averaged to 8×8 first.
+    """
     t = torch.as_tensor(x)
+    if t.dim() == 4 and t.shape[1] == 1 and t.shape[2] == t.shape[3] and t.shape[2] > 8 and t.shape[2] % 8 == 0:
+        t = F.avg_pool2d(t.to(torch.float32), t.shape[2] // 8)
     if t.dim() < 2 or t[0].numel() != 64:
         raise ValueError(
             f"digits images must have shape [B, 1, 8, 8], [B, 8, 8] or [B, 64] in [-1, 1]; got {tuple(t.shape)}"
