@@ -1,4 +1,4 @@
-"""Train a score-based model or a noisy classifier: ``python train.py [task=score|classifier] [group=choice ...]
+"""Train a score-based model, a noisy classifier or an autoencoder: ``python train.py [task=score|classifier|autoencoder] [group=choice ...]
 [key=value ...]`` (conf/train.yaml; the tasks are in conf/task/)."""
 import hydra
 from omegaconf import DictConfig
@@ -14,7 +14,8 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(f"error: {err}") from None
     if result.trainer.is_global_zero:
         print(f"run directory: {result.output_dir}")
-        for label, name in (("samples", "samples/latest.png"), ("accuracy by t", "accuracy_by_t.json")):
+        for label, name in (("samples", "samples/latest.png"), ("accuracy by t", "accuracy_by_t.json"),
+                            ("reconstructions", "reconstructions/latest.png")):
             if (result.output_dir / name).is_file():
                 print(f"{label}: {result.output_dir / name}")
         print(f"checkpoint: {result.last_checkpoint}")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 CLASSIFIER_KIND = "noisy_classifier"  # the "kind" a classifier checkpoint carries; score models have none
+AUTOENCODER_KIND = "autoencoder"
 FINISHED = "finished.json"
 
 
@@ -114,6 +115,7 @@ def latest_finished_run(root: Union[str, Path], task: str = "score") -> Path:
 
 
 __all__ = [
+    "AUTOENCODER_KIND",
     "CLASSIFIER_KIND",
     "FINISHED",
     "resolve_checkpoint_path",

@@ -176,6 +176,12 @@ class BaseDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
 
+    def eval_loader(self, split: str = "train") -> DataLoader:
+        """The ``train`` or ``val`` split in order, without augmentation or shuffling (for statistics)."""
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        return self._loader(self.train_set if split == "train" else self.val_set, train=False)
+
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)
 

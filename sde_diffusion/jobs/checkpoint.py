@@ -16,7 +16,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
-from ..checkpoints import CLASSIFIER_KIND, resolve_checkpoint_path, run_dir_of
+from ..checkpoints import AUTOENCODER_KIND, CLASSIFIER_KIND, resolve_checkpoint_path, run_dir_of
 from ..config import build_datamodule, to_container
 
 CHECKED_GROUPS = ("sde", "model")
@@ -32,6 +32,11 @@ def read_checkpoint_info(path: Path) -> Dict[str, Any]:
         raise ValueError(
             f"{path} is a noisy-classifier checkpoint (python train.py task=classifier), not a score model: "
             "give a score model's run or .ckpt as ckpt=, and the classifier as guidance.classifier=<path>"
+        )
+    if isinstance(raw, Mapping) and raw.get("kind") == AUTOENCODER_KIND:
+        raise ValueError(
+            f"{path} is an autoencoder checkpoint (python train.py task=autoencoder): it encodes and decodes "
+            "images but draws no samples; give a score model's run or .ckpt as ckpt="
         )
     hp = raw.get("hyper_parameters") if isinstance(raw, Mapping) else None
     if not isinstance(hp, Mapping) or "cfg" not in hp or "data_shape" not in hp:

@@ -5,6 +5,7 @@ task           trains                                       function
 =============  ===========================================  ==============================================
 score          the score network (the default)              :func:`sde_diffusion.training.train`
 classifier     a time-dependent classifier p(y | x_t, t)    :func:`sde_diffusion.classifier.train_classifier`
+autoencoder    a KL-regularised autoencoder (first stage)   :func:`sde_diffusion.tasks.autoencoder.train_autoencoder`
 =============  ===========================================  ==============================================
 
 conf/task/ also holds the tasks of ``sample.py`` (:data:`~sde_diffusion.jobs.tasks.TASKS`); they
@@ -17,7 +18,7 @@ from typing import Any, Mapping, Optional, Union
 
 from .tasks import TASKS as SAMPLE_TASKS
 
-TRAIN_TASKS = ("score", "classifier")
+TRAIN_TASKS = ("score", "classifier", "autoencoder")
 
 
 def train_task_of(cfg: Mapping[str, Any]) -> str:
@@ -47,6 +48,10 @@ def run_training(cfg: Any, output_dir: Optional[Union[str, Path]] = None, **kwar
         from ..classifier import train_classifier
 
         return train_classifier(cfg, output_dir, **kwargs)
+    if task == "autoencoder":
+        from ..tasks.autoencoder import train_autoencoder
+
+        return train_autoencoder(cfg, output_dir, **kwargs)
     from ..training import train
 
     return train(cfg, output_dir, **kwargs)

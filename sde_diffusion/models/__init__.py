@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from ..registry import Registry
+from .autoencoder import KLAutoencoder, kl_to_standard_normal
 from .base import ScoreNet
 from .embeddings import GaussianFourierEmbedding, LabelEmbedding, SinusoidalEmbedding, TimeEmbedding
 from .mlp import MLP
@@ -28,6 +29,8 @@ def build_model(name: str, data_shape: Sequence[int], num_classes: Optional[int]
 
 
 __all__ = [
+    "KLAutoencoder",
+    "kl_to_standard_normal",
     "MODELS",
     "build_model",
     "ScoreNet",
