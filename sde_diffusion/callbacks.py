@@ -182,7 +182,8 @@ def draw_samples(
     seed: int,
     use_ema: bool = True,
 ) -> Tensor:
-    """``n`` samples ``[n, *data_shape]`` in model range from the module's (EMA) score."""
+    """``n`` samples ``[n, *data_shape]`` in model range from the module's (EMA) score (latent
+    models: sampled in latent space and decoded)."""
     from .samplers import sample
 
     device = next(pl_module.net.parameters()).device
@@ -191,10 +192,10 @@ def draw_samples(
     with eval_mode(net), torch.no_grad():
         score_fn = pl_module.score_fn(use_ema=use_ema and pl_module.ema is not None)
         result = sample(
-            pl_module.sde, score_fn, (n, *pl_module.data_shape), sampler=sampler, steps=steps,
+            pl_module.sde, score_fn, (n, *pl_module.model_shape), sampler=sampler, steps=steps,
             generator=gen, device=device, dtype=torch.float32, **dict(options),
         )
-    return result.samples
+        return pl_module.to_data(result.samples)
 
 
 class SampleFigures(Callback):
@@ -277,7 +278,7 @@ class SampleFigures(Callback):
         if self.max_seconds is None:
             return n, steps
         device = next(pl_module.net.parameters()).device
-        x = torch.zeros((n, *pl_module.data_shape), device=device)
+        x = torch.zeros((n, *pl_module.model_shape), device=device)
         t = torch.full((n,), 0.5 * pl_module.sde.T, device=device)
         net = pl_module.ema if self.use_ema and pl_module.ema is not None else pl_module.net
         with eval_mode(net), torch.no_grad():

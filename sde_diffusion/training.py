@@ -94,20 +94,49 @@ class ScoreDiffusion(L.LightningModule):
         num_classes: label count for a class-conditional network (``cfg.conditioning.class_labels``),
             else ``None``.
 
+        latent: what a latent checkpoint recorded about its autoencoder (its ``weights_sha256`` is
+            enforced); set when loading, not by hand.
+        latent_path: load the autoencoder from here instead of ``cfg.latent`` (a moved run).
+
     Attributes: ``sde``, ``net`` (trained weights), ``ema`` (EMA weights or ``None``),
-    ``prediction``, ``data_shape``, ``cfg``.
+    ``prediction``, ``data_shape`` (the data's), ``model_shape`` (what the score model sees: the
+    data's, or the latent shape with ``cfg.latent``), ``codec`` (the :class:`~sde_diffusion.latent.LatentCodec`
+    or ``None``), ``cfg``.
     """
 
-    def __init__(self, cfg: Mapping[str, Any], data_shape: Sequence[int], num_classes: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        cfg: Mapping[str, Any],
+        data_shape: Sequence[int],
+        num_classes: Optional[int] = None,
+        latent: Optional[Mapping[str, Any]] = None,
+        latent_path: Optional[str] = None,
+    ) -> None:
         super().__init__()
         cfg = to_container(cfg)
         self.save_hyperparameters(
-            {"cfg": cfg, "data_shape": [int(s) for s in data_shape], "num_classes": num_classes}
+            {"cfg": cfg, "data_shape": [int(s) for s in data_shape], "num_classes": num_classes, "latent": None}
         )
         self.cfg = cfg
         self.data_shape = tuple(int(s) for s in data_shape)
+        # Latent score model: the autoencoder stays outside the module tree (frozen, not in the
+        # optimiser, the EMA or state_dict); the checkpoint records which one (weights digest).
+        codec = None
+        source = latent_path or cfg.get("latent")
+        if source:
+            from .latent import load_latent_codec
+
+            codec = load_latent_codec(source, expect_sha256=(latent or {}).get("weights_sha256"))
+            if codec.data_shape != self.data_shape:
+                raise ValueError(
+                    f"latent={source}: the autoencoder was trained on images {codec.data_shape}, but the data "
+                    f"gives {self.data_shape}; use the data (and data.size) it was trained on"
+                )
+            self.hparams["latent"] = codec.info()
+        self.__dict__["codec"] = codec
+        self.model_shape = codec.latent_shape if codec is not None else self.data_shape
         self.sde = build_sde(cfg)
-        self.net = build_network(cfg, self.data_shape, num_classes)
+        self.net = build_network(cfg, self.model_shape, num_classes)
         self.loss_options = loss_options(cfg)
         self.prediction: str = self.loss_options["prediction"]
         _, self.label_dropout = conditioning(cfg)
@@ -163,6 +192,19 @@ class ScoreDiffusion(L.LightningModule):
                 net = ema
         return ScoreModel(net, self.sde, self.prediction, **cond)
 
+    # ------------------------------------------------------------------ data space ↔ model space
+    @property
+    def codec(self) -> Any:
+        return self.__dict__["codec"]
+
+    def to_model_space(self, x: Tensor) -> Tensor:
+        """Data ``[B, *data_shape]`` → what the score model sees: scaled latents, or ``x`` itself."""
+        return x if self.codec is None else self.codec.encode(x)
+
+    def to_data(self, u: Tensor) -> Tensor:
+        """Model-space samples → data ``[B, *data_shape]``: decoded latents, or ``u`` itself."""
+        return u if self.codec is None else self.codec.decode(u)
+
     # ------------------------------------------------------------------ loss
     def _labels(self, y: Optional[Tensor], dropout: float) -> Optional[Tensor]:
         """Labels for a conditional net, a share ``dropout`` replaced by the null label (for CFG)."""
@@ -181,7 +223,7 @@ class ScoreDiffusion(L.LightningModule):
         return self.global_rank if self._trainer is not None else 0
 
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Dict[str, Tensor]:
-        x, y = batch[0], (batch[1] if len(batch) > 1 else None)
+        x, y = self.to_model_space(batch[0]), (batch[1] if len(batch) > 1 else None)
         seed = step_seed(self.seed, "train", self.global_step, batch_idx, self._rank())
         with seeded(seed, x.device):
             terms = self.dsm_terms(x, y, self.label_dropout)
@@ -195,7 +237,7 @@ class ScoreDiffusion(L.LightningModule):
 
     def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
         # The same times and noise at every evaluation, so that val/loss curves are comparable.
-        x, y = batch[0], (batch[1] if len(batch) > 1 else None)
+        x, y = self.to_model_space(batch[0]), (batch[1] if len(batch) > 1 else None)
         with seeded(step_seed(self.seed, "val", batch_idx, self._rank()), x.device):
             terms = self.dsm_terms(x, y, 0.0)
         loss = terms.loss.mean()
@@ -229,9 +271,14 @@ class ScoreDiffusion(L.LightningModule):
         self.__dict__["_ema_net"] = None
 
 
-def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> ScoreDiffusion:
-    """Rebuild a :class:`ScoreDiffusion` from a checkpoint alone, in eval mode (``net`` and ``ema``)."""
-    module = ScoreDiffusion.load_from_checkpoint(str(path), map_location=map_location, weights_only=False)
+def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu", latent: Optional[str] = None) -> ScoreDiffusion:
+    """Rebuild a :class:`ScoreDiffusion` from a checkpoint alone, in eval mode (``net`` and ``ema``).
+
+    A latent model loads its autoencoder from the recorded path, or from ``latent`` (a moved
+    run); either must have the recorded weights.
+    """
+    extra = {"latent_path": latent} if latent else {}
+    module = ScoreDiffusion.load_from_checkpoint(str(path), map_location=map_location, weights_only=False, **extra)
     return module.eval()
 
 
@@ -309,9 +356,11 @@ def train(
     plain = to_container(with_run_dir(cfg, out))
     check_config(plain)
     ckpt_path = resolve_checkpoint(plain, out)
+    saved_latent = None
     if ckpt_path is not None:
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
         check_resume_compatible(plain, saved.get("hyper_parameters", {}).get("cfg", {}))
+        saved_latent = saved.get("hyper_parameters", {}).get("latent")
         del saved
     threads = (plain.get("trainer") or {}).get("num_threads")
     if threads:
@@ -324,7 +373,8 @@ def train(
     num_classes = getattr(dm, "num_classes", None) if class_labels else None
     if class_labels and num_classes is None:
         raise ValueError("conditioning.class_labels=true needs a labelled data set (data module num_classes is None)")
-    module = ScoreDiffusion(plain, dm.data_shape, num_classes)  # network shape errors surface here
+    # Network shape errors, and a latent= autoencoder other than the resumed run's, surface here.
+    module = ScoreDiffusion(plain, dm.data_shape, num_classes, latent=saved_latent)
     dm.setup("fit")  # missing data files surface here, before the Trainer starts
     out.mkdir(parents=True, exist_ok=True)
     callbacks = build_callbacks(plain, out) + list(extra_callbacks)

@@ -63,3 +63,16 @@ def write_cifar_archive(path: Path, n_per_batch: int = N_PER_BATCH) -> bytes:
     return buf.getvalue()
 
 
+
+
+def autoencoder_cfg(run_dir: Path, *extra: str):
+    """A tiny ``task=autoencoder`` config on 16×16 digits (f = 2, c = 2), composed from conf/."""
+    from hydra import compose, initialize_config_dir
+
+    over = QUIET_TRAINING + [
+        "task=autoencoder", "data=digits", "data.size=16", "data.batch_size=64", "autoencoder.ch=8",
+        "autoencoder.ch_mult=[1,2]", "autoencoder.latent_channels=2", "autoencoder.figures_every_n_steps=0",
+        "optim.warmup_steps=0", "optim.lr=3e-3", f"run_dir={run_dir}", *extra,
+    ]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=over)

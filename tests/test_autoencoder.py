@@ -1,9 +1,17 @@
 """The KL-regularised autoencoder: its KL term against torch.distributions, shapes for several f and c."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
+
+from helpers import CONF
+from helpers import autoencoder_cfg as _cfg
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 
 from sde_diffusion.models import KLAutoencoder, kl_to_standard_normal
 
@@ -45,34 +53,7 @@ def test_bad_sizes_are_refused():
         KLAutoencoder((2,))
 
 
-# ---------------------------------------------------------------------------------- task=autoencoder
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from hydra import compose as hydra_compose  # noqa: E402
-from hydra import initialize_config_dir  # noqa: E402
-
-from helpers import CONF, QUIET_TRAINING  # noqa: E402
-
-
-def _cfg(run_dir: Path, *extra: str):
-    over = QUIET_TRAINING + [
-        "task=autoencoder", "data=digits", "data.size=16", "data.batch_size=64", "autoencoder.ch=8",
-        "autoencoder.ch_mult=[1,2]", "autoencoder.latent_channels=2", "autoencoder.figures_every_n_steps=0",
-        "optim.warmup_steps=0", "optim.lr=3e-3", f"run_dir={run_dir}", *extra,
-    ]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose("train", overrides=over)
-
-
-@pytest.fixture(scope="module")
-def ae_run(tmp_path_factory) -> Path:
-    from sde_diffusion.jobs.train_tasks import run_training
-
-    torch.set_num_threads(1)
-    run = tmp_path_factory.mktemp("ae") / "run"
-    run_training(_cfg(run, "trainer.max_steps=120", "callbacks.checkpoint.every_n_steps=60"), run)
-    return run
+# ---------------------------------------------------------------------------------- task=autoencoder (the ae_run fixture: conftest)
 
 
 def test_autoencoder_run_learns_and_records_its_latent_scale(ae_run: Path) -> None:

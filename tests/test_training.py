@@ -355,7 +355,7 @@ class _Clocked:
         self.net = torch.nn.Linear(1, 1)
         self.ema = None
         self.sde = VPSDE()
-        self.data_shape = (3, 4, 4)
+        self.data_shape = self.model_shape = (3, 4, 4)
         self.calls: list = []
 
         def score(x, t):

@@ -113,6 +113,15 @@ class LoadedModel:
     def sde(self) -> Any:
         return self.module.sde
 
+    @property
+    def model_shape(self) -> tuple:
+        """What the score model samples: ``data_shape``, or the latent shape of a latent model."""
+        return tuple(self.module.model_shape)
+
+    @property
+    def is_latent(self) -> bool:
+        return self.module.codec is not None
+
     def score_model(self, use_ema: bool = True) -> Any:
         """s_θ(x, t, **cond) (a :class:`~sde_diffusion.score.ScoreModel`), EMA weights when asked and present."""
         if use_ema and not self.has_ema:
@@ -136,8 +145,9 @@ def load_model(
     path = resolve_checkpoint_path(ckpt)
     info = read_checkpoint_info(path)
     check_requested(info["cfg"], request or {}, path)
+    latent = (request or {}).get("latent")  # sample.py latent=<moved autoencoder run>
     try:
-        module = load_checkpoint(path, map_location="cpu")
+        module = load_checkpoint(path, map_location="cpu", latent=str(latent) if latent else None)
     except RuntimeError as err:
         first = "\n".join(str(err).strip().splitlines()[:4])
         raise ValueError(

@@ -104,13 +104,14 @@ def run_likelihood(cfg: Mapping[str, Any], runtime: Optional[Runtime] = None, on
     model = load_model(cfg.get("ckpt"), cfg, rt.device, dtype)
     ema = bool(cfg.get("ema", True))
     dm = model.build_datamodule(cfg)
-    images = is_discrete_images(dm)
+    latent = model.is_latent
+    images = is_discrete_images(dm) and not latent  # bits/dim are of pixels; a latent density is not one
     data = evaluation_examples(dm, n, split, seed)
     settings = {"ckpt": str(model.path.resolve()), "global_step": model.global_step, "ema": ema and model.has_ema,
                 "split": split, "n": n, "batch_size": bs, "seed": seed, "dtype": str(cfg.get("dtype", "float32")),
                 "device_type": rt.device.type, **opts}
     fp = fingerprint(settings)
-    dims = math.prod(model.data_shape)
+    dims = math.prod(model.model_shape)
     used = resolve_divergence(opts["divergence"], dims)
     tag = f"{used}-{opts['solver']}-{split}-seed{seed}-{fp[:8]}"
     out = Path(str(cfg["out"])).expanduser() if cfg.get("out") else model.run_dir / "likelihood" / tag
@@ -142,7 +143,13 @@ def run_likelihood(cfg: Mapping[str, Any], runtime: Optional[Runtime] = None, on
 
             gen = torch.Generator(device=rt.device).manual_seed(batch_seed(seed, "likelihood", b))
             chunk = data[b * bs : b * bs + counts[b]]
-            x = model_input(chunk, dm, gen, dtype, rt.device) if images else chunk.to(device=rt.device, dtype=dtype)
+            if is_discrete_images(dm):
+                x = model_input(chunk, dm, gen, dtype, rt.device)
+            else:
+                x = chunk.to(device=rt.device, dtype=dtype)
+            if latent:
+                with torch.no_grad():
+                    x = model.module.to_model_space(x)
             sync(rt.device)
             t0 = time.perf_counter()
             res = log_likelihood(model.sde, score_fn, x, generator=gen, progress=progress, **opts)
@@ -152,6 +159,8 @@ def run_likelihood(cfg: Mapping[str, Any], runtime: Optional[Runtime] = None, on
                 arrays["logp_stderr"] = res.logp_stderr
             if images:
                 arrays["bpd"] = bits_per_dim(res.logp, model.data_shape, scale=scale, levels=int(dm.levels))
+            if latent:
+                arrays["logp_z"] = res.logp + model.module.codec.log_det_scale
             arrays = {k: v.detach().double().cpu().numpy() for k, v in arrays.items()}
             store.write(b, arrays, counts[b], res.nfe, time.perf_counter() - t0)
             progress(1.0)
@@ -175,8 +184,13 @@ def run_likelihood(cfg: Mapping[str, Any], runtime: Optional[Runtime] = None, on
         "data": {"name": (model.train_cfg.get("data") or {}).get("name"), "split": split, "n": n,
                  "shape": list(model.data_shape), "levels": int(dm.levels) if images else None,
                  "dequantization": "uniform, (k + U)/levels" if images else None, "scale": scale},
-        "what": "NLL = -log p_eps(x) through the probability-flow ODE, in nats per example in model coordinates"
-                + ("; bpd per pixel of the discrete images under uniform dequantisation" if images else ""),
+        "what": ("latent NLL = -log p_eps(u) of the scaled latents u = c * mean(q(z | x)) through the probability-flow "
+                 "ODE, in nats per example (a latent density, not bits/dim of the images; -log p(z) of the unscaled "
+                 "latents is in nll_unscaled_latent_nats)") if latent else
+                ("NLL = -log p_eps(x) through the probability-flow ODE, in nats per example in model coordinates"
+                 + ("; bpd per pixel of the discrete images under uniform dequantisation" if images else "")),
+        "latent": model.module.codec.info() if latent else None,
+        "nll_unscaled_latent_nats": _stats(-a["logp_z"]) if latent else None,
         "nll_nats": _stats(-a["logp"]),
         "nll_nats_per_dim": _stats(-a["logp"] / dims),
         "bpd": _stats(a["bpd"]) if images else None,

@@ -185,6 +185,11 @@ class SamplingJob:
         self.sampler_obj = build_sampler(s.sampler, **s.options)
         self.sampler_obj.validate(self.model.sde)
         self._check_conditioning()
+        if self.model.is_latent and s.task != "sample":
+            raise ValueError(
+                f"task={s.task} conditions on observed pixels, but this is a latent score model (its score is over "
+                "autoencoder latents, where a pixel mask has no counterpart); inpaint with a pixel-space model"
+            )
         self.classifier = (
             load_guidance_classifier(s.classifier, self.model, s.label, self.runtime.device, self.dtype)
             if s.classifier is not None else None
@@ -292,7 +297,7 @@ class SamplingJob:
         s, dev = self.settings, self.runtime.device
         count = self.counts[batch]
         gen = torch.Generator(device=dev).manual_seed(batch_seed(s.seed, "sample", batch))
-        shape = (count, *self.model.data_shape)
+        shape = (count, *self.model.model_shape)
         labels = self.labels(batch)
         score_fn = self.score_for(labels)
         arrays: Dict[str, Any] = {}
@@ -313,6 +318,10 @@ class SamplingJob:
                 generator=gen, x_T=x_T, device=dev, dtype=self.dtype, hook=hook,
             )
         x = result.samples if finish is None else finish(result.samples)
+        if self.model.is_latent:
+            arrays["latents"] = x.float().cpu().numpy()
+            with torch.no_grad():
+                x = self.model.module.to_data(x)
         sync(dev)
         seconds = time.perf_counter() - t0
         arrays["samples"] = to_stored(x, self.dm)

@@ -1,0 +1,128 @@
+"""Latent score models: DSM on the scaled posterior means of a frozen autoencoder, sampling through
+its decoder, latent likelihoods, and the refusal of any other autoencoder."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from helpers import CONF, QUIET_TRAINING
+from sde_diffusion import sample
+from sde_diffusion.guidance import ClassifierFreeGuidance
+from sde_diffusion.jobs import run
+from sde_diffusion.jobs.checkpoint import load_model
+from sde_diffusion.latent import load_latent_codec, weights_digest
+from sde_diffusion.samplers import SAMPLERS
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _compose(name: str, overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def latent_run(ae_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A class-conditional score model on the latents of ``ae_run`` (3 steps)."""
+    from sde_diffusion.training import train
+
+    run_dir = tmp_path_factory.mktemp("latent") / "run"
+    cfg = _compose("train", QUIET_TRAINING + [
+        f"latent={ae_run}", "data=digits", "data.size=16", "data.batch_size=32", "model.ch=8", "trainer.max_steps=3",
+        "conditioning.class_labels=true", "model.zero_init=false", "optim.warmup_steps=0", f"run_dir={run_dir}",
+    ])
+    train(cfg, run_dir)
+    return run_dir
+
+
+def test_latent_run_records_its_autoencoder(ae_run: Path, latent_run: Path) -> None:
+    ckpt = torch.load(latent_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    info = ckpt["hyper_parameters"]["latent"]
+    codec = load_latent_codec(ae_run)
+    assert info["weights_sha256"] == codec.weights_sha256 == weights_digest(codec.autoencoder.state_dict())
+    assert info["latent_shape"] == [2, 8, 8] and info["data_shape"] == [1, 16, 16]
+    ae_ckpt = torch.load(ae_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert info["scale_factor"] == pytest.approx(ae_ckpt["latent"]["scale_factor"])
+    # The autoencoder is not part of the score checkpoint: only the score network's weights are.
+    assert all(k.startswith("net.") for k in ckpt["state_dict"])
+    model = load_model(latent_run)
+    assert model.is_latent and model.model_shape == (2, 8, 8) and model.data_shape == (1, 16, 16)
+    # The score model is trained on c · mean(q(z | x)): the codec's encoding.
+    x = model.build_datamodule({}).reference(4)
+    with torch.no_grad():
+        mean, _ = codec.autoencoder.encode(x)
+    torch.testing.assert_close(model.module.to_model_space(x), mean * info["scale_factor"])
+    assert model.module.codec.log_det_scale == pytest.approx(2 * 8 * 8 * math.log(info["scale_factor"]))
+
+
+def test_every_sampler_and_guidance_run_on_a_latent_model(latent_run: Path) -> None:
+    model = load_model(latent_run)
+    score = model.score_model(use_ema=True)
+    y = torch.arange(4) % 10
+    for name in SAMPLERS.names():
+        out = sample(model.sde, lambda x, t: score(x, t, y=y), (4, *model.model_shape), sampler=name, steps=2,
+                     generator=torch.Generator().manual_seed(0))
+        images = model.module.to_data(out.samples)
+        assert images.shape == (4, 1, 16, 16) and torch.isfinite(images).all(), name
+    cfg_score = ClassifierFreeGuidance(score, y=y, scale=2.0, null_label=model.num_classes)
+    out = sample(model.sde, cfg_score, (4, *model.model_shape), sampler="dpm_solver", steps=3,
+                 generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(model.module.to_data(out.samples)).all()
+
+
+def test_sample_py_decodes_latents_and_refuses_pixel_tasks(latent_run: Path, tmp_path: Path) -> None:
+    base = [f"ckpt={latent_run}", "progress=false", "sampler=euler_maruyama", "steps=2", "n=3", "batch_size=3"]
+    report = run(_compose("sample", base + [f"out={tmp_path / 's'}", "guidance.scale=1", "label=5"]))
+    with np.load(tmp_path / "s" / "samples.npz") as z:
+        assert z["samples"].shape == (3, 16, 16, 1) and z["samples"].dtype == np.uint8  # decoded images
+        latents = z["latents"]
+    assert latents.shape == (3, 2, 8, 8) and np.isfinite(latents).all()
+    assert report["shape"] is not None
+    with pytest.raises(ValueError, match="latent score model"):
+        run(_compose("sample", base + ["task=inpaint", f"out={tmp_path / 'i'}"]))
+
+
+def test_likelihood_of_a_latent_model_is_a_latent_density(latent_run: Path, tmp_path: Path) -> None:
+    report = run(_compose("sample", [f"ckpt={latent_run}", "progress=false", "mode=likelihood", "n=2", "batch_size=2",
+                                     "likelihood.solver=euler", "likelihood.steps=2", f"out={tmp_path}"]))
+    assert report["bpd"] is None and "latent" in report["what"] and report["latent"]["latent_shape"] == [2, 8, 8]
+    assert report["divergence"]["used"] == "hutchinson"  # D = 128 latent dimensions
+    with np.load(tmp_path / "likelihood.npz") as z:
+        shift = 128 * math.log(report["latent"]["scale_factor"])
+        np.testing.assert_allclose(z["logp_z"], z["logp"] + shift, rtol=1e-6)
+    assert report["nll_unscaled_latent_nats"]["mean"] == pytest.approx(report["nll_nats"]["mean"] - shift)
+
+
+def test_another_autoencoder_is_refused(ae_run: Path, latent_run: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(ae_run, other)
+    path = other / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    key = next(k for k in ckpt["state_dict"] if k.startswith("net.encoder"))
+    ckpt["state_dict"][key] = ckpt["state_dict"][key] + 1e-3
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match="is not the autoencoder this score model was trained with"):
+        load_model(latent_run, {"latent": str(other)})
+    # The right one, moved elsewhere, is accepted.
+    moved = tmp_path / "moved"
+    shutil.copytree(ae_run, moved)
+    assert load_model(latent_run, {"latent": str(moved)}).module.codec.path == (moved / "checkpoints" / "last.ckpt").resolve()
+    # Resuming the score run on another autoencoder is refused as well.
+    from sde_diffusion.training import train
+
+    copy = tmp_path / "resume"
+    shutil.copytree(latent_run, copy)
+    cfg = _compose("train", QUIET_TRAINING + [
+        f"latent={other}", "data=digits", "data.size=16", "data.batch_size=32", "model.ch=8", "trainer.max_steps=4",
+        "conditioning.class_labels=true", "model.zero_init=false", "optim.warmup_steps=0", f"run_dir={copy}", "resume=true",
+    ])
+    with pytest.raises(ValueError, match="is not the autoencoder"):
+        train(cfg, copy)
+    assert json.loads((latent_run / "finished.json").read_text())["task"] == "score"
