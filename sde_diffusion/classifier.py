@@ -66,7 +66,17 @@ from .models.mlp import ResidualMLPBlock
 from .models.unet import check_unet_args
 from .registry import Registry
 from .sdes.base import SDE, broadcast_to_x
-from .training import FitResult, LinearWarmup, build_trainer, find_ema, output_dir_for, seeded, step_seed, with_run_dir
+from .training import (
+    FitResult,
+    adamw_with_warmup,
+    build_trainer,
+    find_ema,
+    optimizer_settings,
+    output_dir_for,
+    seeded,
+    step_seed,
+    with_run_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -372,14 +382,7 @@ class NoisyClassifier(L.LightningModule):
         if not self.t_min < self.sde.T:
             raise ValueError(f"classifier.eps={self.t_min} must be below the SDE's T={self.sde.T}")
         self.seed = int(cfg.get("seed", 0))
-        optim = cfg.get("optim") or {}
-        self.optim_cfg = {
-            "lr": float(optim.get("lr", 1e-3)),
-            "betas": tuple(optim.get("betas", (0.9, 0.999))),
-            "eps": float(optim.get("eps", 1e-8)),
-            "weight_decay": float(optim.get("weight_decay", 0.0)),
-            "warmup_steps": int(optim.get("warmup_steps", 0)),
-        }
+        self.optim_cfg = optimizer_settings(cfg, default_lr=1e-3)
         self.edges = bucket_edges(self.t_min, float(self.sde.T), self.options.eval_buckets)
         self.bucket_names = [f"val/acc_t/{self.edges[i]:.2f}-{self.edges[i + 1]:.2f}" for i in range(len(self.edges) - 1)]
 
@@ -445,10 +448,7 @@ class NoisyClassifier(L.LightningModule):
         checkpoint["kind"] = CHECKPOINT_KIND
 
     def configure_optimizers(self) -> Dict[str, Any]:
-        o = self.optim_cfg
-        opt = torch.optim.AdamW(self.net.parameters(), lr=o["lr"], betas=o["betas"], eps=o["eps"], weight_decay=o["weight_decay"])
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, LinearWarmup(o["warmup_steps"]))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+        return adamw_with_warmup(self.net.parameters(), self.optim_cfg)
 
 
 # ---------------------------------------------------------------------------------- checkpoints

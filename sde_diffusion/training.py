@@ -66,6 +66,25 @@ class LinearWarmup:
         return min(1.0, (step + 1) / self.warmup_steps)
 
 
+def optimizer_settings(cfg: Mapping[str, Any], default_lr: float) -> Dict[str, Any]:
+    """``cfg.optim`` with defaults: lr, betas, eps, weight_decay, warmup_steps."""
+    optim = cfg.get("optim") or {}
+    return {
+        "lr": float(optim.get("lr", default_lr)),
+        "betas": tuple(optim.get("betas", (0.9, 0.999))),
+        "eps": float(optim.get("eps", 1e-8)),
+        "weight_decay": float(optim.get("weight_decay", 0.0)),
+        "warmup_steps": int(optim.get("warmup_steps", 0)),
+    }
+
+
+def adamw_with_warmup(params: Any, o: Mapping[str, Any]) -> Dict[str, Any]:
+    """AdamW with a per-step linear warm-up: what ``configure_optimizers`` returns, for every task."""
+    opt = torch.optim.AdamW(params, lr=o["lr"], betas=o["betas"], eps=o["eps"], weight_decay=o["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, LinearWarmup(o["warmup_steps"]))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+
 def step_seed(*parts: Any) -> int:
     """A 63-bit seed from any tuple of values (stable across processes and Python runs)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
@@ -142,14 +161,7 @@ class ScoreDiffusion(L.LightningModule):
         _, self.label_dropout = conditioning(cfg)
         self.num_classes = num_classes
         self.seed = int(cfg.get("seed", 0))
-        optim = cfg.get("optim") or {}
-        self.optim_cfg = {
-            "lr": float(optim.get("lr", 2e-4)),
-            "betas": tuple(optim.get("betas", (0.9, 0.999))),
-            "eps": float(optim.get("eps", 1e-8)),
-            "weight_decay": float(optim.get("weight_decay", 0.0)),
-            "warmup_steps": int(optim.get("warmup_steps", 0)),
-        }
+        self.optim_cfg = optimizer_settings(cfg, default_lr=2e-4)
         self.compile_net = bool(cfg.get("compile", False))
         # An EMA network outside training (after load_checkpoint): kept out of the module tree so
         # that state_dict keys, parameter counts and the EMA callback's copy are not affected.
@@ -246,12 +258,7 @@ class ScoreDiffusion(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Dict[str, Any]:
-        o = self.optim_cfg
-        opt = torch.optim.AdamW(
-            self.net.parameters(), lr=o["lr"], betas=o["betas"], eps=o["eps"], weight_decay=o["weight_decay"]
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, LinearWarmup(o["warmup_steps"]))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+        return adamw_with_warmup(self.net.parameters(), self.optim_cfg)
 
     def on_fit_start(self) -> None:
         # Compiled after the EMA callback has copied the module (in setup), so the copy stays eager;
@@ -404,6 +411,8 @@ def with_run_dir(cfg: Any, out: Path) -> Any:
 
 __all__ = [
     "EMA",
+    "optimizer_settings",
+    "adamw_with_warmup",
     "ScoreDiffusion",
     "LinearWarmup",
     "FitResult",

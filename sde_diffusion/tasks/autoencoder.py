@@ -28,7 +28,7 @@ from ..callbacks import build_callbacks, build_loggers, eval_mode, find_ema, sav
 from ..checkpoints import AUTOENCODER_KIND, mark_finished, resolve_checkpoint_path
 from ..config import check_config, resolve_checkpoint, to_container
 from ..models.autoencoder import KLAutoencoder, kl_to_standard_normal
-from ..training import FitResult, LinearWarmup, build_trainer, output_dir_for, seeded, step_seed, with_run_dir
+from ..training import FitResult, adamw_with_warmup, build_trainer, optimizer_settings, output_dir_for, seeded, step_seed, with_run_dir
 
 log = logging.getLogger(__name__)
 RECONSTRUCTIONS = ("l1", "l2")
@@ -86,14 +86,7 @@ class AutoencoderTask(L.LightningModule):
         self.options = AutoencoderOptions.from_config(cfg)
         self.net = self.options.network(self.data_shape)
         self.seed = int(cfg.get("seed", 0))
-        optim = cfg.get("optim") or {}
-        self.optim_cfg = {
-            "lr": float(optim.get("lr", 1e-3)),
-            "betas": tuple(optim.get("betas", (0.9, 0.999))),
-            "eps": float(optim.get("eps", 1e-8)),
-            "weight_decay": float(optim.get("weight_decay", 0.0)),
-            "warmup_steps": int(optim.get("warmup_steps", 0)),
-        }
+        self.optim_cfg = optimizer_settings(cfg, default_lr=1e-3)
         self.latent_std: Optional[float] = None
 
     @property
@@ -174,10 +167,7 @@ class AutoencoderTask(L.LightningModule):
         self.latent_std = (checkpoint.get("latent") or {}).get("std")
 
     def configure_optimizers(self) -> Dict[str, Any]:
-        o = self.optim_cfg
-        opt = torch.optim.AdamW(self.net.parameters(), lr=o["lr"], betas=o["betas"], eps=o["eps"], weight_decay=o["weight_decay"])
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, LinearWarmup(o["warmup_steps"]))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+        return adamw_with_warmup(self.net.parameters(), self.optim_cfg)
 
 
 class ReconstructionFigures(Callback):
