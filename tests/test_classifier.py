@@ -168,7 +168,7 @@ def test_train_task_group_dispatches_score_and_classifier(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("task", ["sample", "inpaint", "colorize"])
 def test_train_refuses_sampling_tasks(task: str) -> None:
-    with pytest.raises(ValueError, match=rf"cannot run task={task}: choose one of score, classifier.*python sample\.py"):
+    with pytest.raises(ValueError, match=rf"cannot run task={task}: choose one of autoencoder, classifier, score.*python sample\.py"):
         train_task_of({"task": task})
     assert train_task_of({}) == "score"
 
@@ -179,7 +179,7 @@ def test_train_py_refuses_a_sampling_task(tmp_path: Path) -> None:
         cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode != 0
-    assert "error: train.py cannot run task=sample: choose one of score, classifier" in proc.stderr, proc.stderr[-2000:]
+    assert "error: train.py cannot run task=sample: choose one of autoencoder, classifier, score" in proc.stderr, proc.stderr[-2000:]
     assert "python sample.py" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 

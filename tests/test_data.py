@@ -6,7 +6,6 @@ import io
 import math
 import os
 import pickle
-import tarfile
 import urllib.request
 from pathlib import Path
 

@@ -49,7 +49,8 @@ def import_graph() -> Dict[str, Set[str]]:
 
 def test_graph_sees_known_edges() -> None:
     g = import_graph()
-    assert "sde_diffusion.checkpoints" in g["sde_diffusion.classifier"]
+    assert "sde_diffusion.checkpoints" in g["sde_diffusion.tasks.classifier"]
+    assert "sde_diffusion.tasks.base" in g["sde_diffusion.tasks.score"]
     assert "sde_diffusion.callbacks" in g["sde_diffusion.training"]
 
 

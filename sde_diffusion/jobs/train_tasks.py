@@ -1,24 +1,28 @@
-"""The tasks of ``python train.py``: what ``task=<name>`` (conf/task/<name>.yaml) trains.
-
-=============  ===========================================  ==============================================
-task           trains                                       function
-=============  ===========================================  ==============================================
-score          the score network (the default)              :func:`sde_diffusion.training.train`
-classifier     a time-dependent classifier p(y | x_t, t)    :func:`sde_diffusion.classifier.train_classifier`
-autoencoder    a KL-regularised autoencoder (first stage)   :func:`sde_diffusion.tasks.autoencoder.train_autoencoder`
-=============  ===========================================  ==============================================
+"""The tasks of ``python train.py``: ``task=<name>`` runs ``sde_diffusion.tasks.<name>.train_task``
+(see :mod:`sde_diffusion.tasks`; the task list is discovered from that package).
 
 conf/task/ also holds the tasks of ``sample.py`` (:data:`~sde_diffusion.jobs.tasks.TASKS`); they
 are refused here with a pointer to sample.py.
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Tuple, Union
 
 from .tasks import TASKS as SAMPLE_TASKS
 
-TRAIN_TASKS = ("score", "classifier", "autoencoder")
+
+def _discover() -> Tuple[str, ...]:
+    """Every module of :mod:`sde_diffusion.tasks` but ``base``: a new task is one module (with a
+    ``train_task(cfg, output_dir, **kwargs)``) plus one ``conf/task/<name>.yaml``."""
+    from .. import tasks
+
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(tasks.__path__) if m.name != "base"))
+
+
+TRAIN_TASKS = _discover()
 
 
 def train_task_of(cfg: Mapping[str, Any]) -> str:
@@ -38,23 +42,13 @@ def train_task_of(cfg: Mapping[str, Any]) -> str:
 
 
 def run_training(cfg: Any, output_dir: Optional[Union[str, Path]] = None, **kwargs: Any) -> Any:
-    """Train what ``cfg.task`` names; returns that trainer's result
-    (:class:`~sde_diffusion.training.FitResult` or :class:`~sde_diffusion.classifier.ClassifierFitResult`).
+    """Train what ``cfg.task`` names with ``sde_diffusion.tasks.<task>.train_task``; returns its result
+    (a :class:`~sde_diffusion.tasks.base.FitResult`).
 
     ``kwargs`` (``extra_callbacks``, ``datamodule``) go to the training function.
     """
-    task = train_task_of(cfg)
-    if task == "classifier":
-        from ..classifier import train_classifier
-
-        return train_classifier(cfg, output_dir, **kwargs)
-    if task == "autoencoder":
-        from ..tasks.autoencoder import train_autoencoder
-
-        return train_autoencoder(cfg, output_dir, **kwargs)
-    from ..training import train
-
-    return train(cfg, output_dir, **kwargs)
+    module = importlib.import_module(f"sde_diffusion.tasks.{train_task_of(cfg)}")
+    return module.train_task(cfg, output_dir, **kwargs)
 
 
 __all__ = ["TRAIN_TASKS", "train_task_of", "run_training"]

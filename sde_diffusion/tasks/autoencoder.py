@@ -28,7 +28,7 @@ from ..callbacks import build_callbacks, build_loggers, eval_mode, find_ema, sav
 from ..checkpoints import AUTOENCODER_KIND, mark_finished, resolve_checkpoint_path
 from ..config import check_config, resolve_checkpoint, to_container
 from ..models.autoencoder import KLAutoencoder, kl_to_standard_normal
-from ..training import FitResult, adamw_with_warmup, build_trainer, optimizer_settings, output_dir_for, seeded, step_seed, with_run_dir
+from .base import FitResult, adamw_with_warmup, build_trainer, optimizer_settings, output_dir_for, seeded, step_seed, with_run_dir
 
 log = logging.getLogger(__name__)
 RECONSTRUCTIONS = ("l1", "l2")
@@ -271,4 +271,7 @@ def train_autoencoder(
     return FitResult(module=module, trainer=trainer, datamodule=dm, output_dir=out)
 
 
-__all__ = ["AutoencoderOptions", "AutoencoderTask", "ReconstructionFigures", "load_autoencoder", "train_autoencoder"]
+train_task = train_autoencoder  # what `python train.py task=<this module>` runs (jobs.train_tasks.run_training)
+
+
+__all__ = ["train_task", "AutoencoderOptions", "AutoencoderTask", "ReconstructionFigures", "load_autoencoder", "train_autoencoder"]

@@ -1,0 +1,306 @@
+r"""Training a score network by denoising score matching, with Lightning.
+
+:class:`ScoreDiffusion` owns the forward process ``sde``, the network ``net`` and the loss
+(:func:`~sde_diffusion.losses.dsm_terms`, options from ``cfg.loss``); it optimises with AdamW and a
+linear learning-rate warm-up. Gradient clipping (``trainer.gradient_clip_val``), mixed precision
+(``trainer.precision``), devices and DDP are the Trainer's. The exponential moving average of the
+weights is Lightning's :class:`~lightning.pytorch.callbacks.EMAWeightAveraging` (see :class:`EMA`);
+checkpoints hold the EMA weights in ``state_dict``, the trained weights in
+``current_model_state`` and the whole resolved config in ``hyper_parameters``, so a checkpoint
+alone rebuilds the SDE, the network and the data shape::
+
+    module = load_checkpoint("outputs/.../checkpoints/last.ckpt")   # net = trained, ema = EMA
+    score_fn = module.score_fn(use_ema=True)                        # s(x, t) = −ε_θ(x, t)/σ(t)
+    result = sample(module.sde, score_fn, (64, *module.data_shape), sampler="pc", steps=500)
+
+:func:`train` is what ``python train.py`` (``task=score``) runs: check the config, build data, model, callbacks,
+loggers and the Trainer, continue from a checkpoint if asked, fit.
+
+Reproducibility: every training step draws its times, noise, label dropout and network dropout
+from a generator seeded by ``(cfg.seed, global_step, batch_idx, rank)``, so a resumed run repeats
+the draws of an uninterrupted one and DDP processes draw independently.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from ..callbacks import build_callbacks, build_loggers, find_ema
+from ..checkpoints import mark_finished
+from ..config import (
+    build_network,
+    build_sde,
+    check_config,
+    check_resume_compatible,
+    conditioning,
+    loss_options,
+    resolve_checkpoint,
+    to_container,
+)
+from ..losses import DSMTerms, dsm_terms
+from ..score import ScoreModel
+from .base import FitResult, adamw_with_warmup, build_trainer, optimizer_settings, output_dir_for, seeded, step_seed, with_run_dir
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------- the module
+class ScoreDiffusion(L.LightningModule):
+    """DSM training of ``net`` for ``sde``, built from the composed config.
+
+    Args:
+        cfg: the whole training config (``conf/train.yaml`` composed); stored resolved in the
+            checkpoint's hyper-parameters.
+        data_shape: shape of one example, e.g. ``(1, 8, 8)`` (from the data module).
+        num_classes: label count for a class-conditional network (``cfg.conditioning.class_labels``),
+            else ``None``.
+
+        latent: what a latent checkpoint recorded about its autoencoder (its ``weights_sha256`` is
+            enforced); set when loading, not by hand.
+        latent_path: load the autoencoder from here instead of ``cfg.latent`` (a moved run).
+
+    Attributes: ``sde``, ``net`` (trained weights), ``ema`` (EMA weights or ``None``),
+    ``prediction``, ``data_shape`` (the data's), ``model_shape`` (what the score model sees: the
+    data's, or the latent shape with ``cfg.latent``), ``codec`` (the :class:`~sde_diffusion.latent.LatentCodec`
+    or ``None``), ``cfg``.
+    """
+
+    def __init__(
+        self,
+        cfg: Mapping[str, Any],
+        data_shape: Sequence[int],
+        num_classes: Optional[int] = None,
+        latent: Optional[Mapping[str, Any]] = None,
+        latent_path: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        cfg = to_container(cfg)
+        self.save_hyperparameters(
+            {"cfg": cfg, "data_shape": [int(s) for s in data_shape], "num_classes": num_classes, "latent": None}
+        )
+        self.cfg = cfg
+        self.data_shape = tuple(int(s) for s in data_shape)
+        # Latent score model: the autoencoder stays outside the module tree (frozen, not in the
+        # optimiser, the EMA or state_dict); the checkpoint records which one (weights digest).
+        codec = None
+        source = latent_path or cfg.get("latent")
+        if source:
+            from ..latent import load_latent_codec
+
+            codec = load_latent_codec(source, expect_sha256=(latent or {}).get("weights_sha256"))
+            if codec.data_shape != self.data_shape:
+                raise ValueError(
+                    f"latent={source}: the autoencoder was trained on images {codec.data_shape}, but the data "
+                    f"gives {self.data_shape}; use the data (and data.size) it was trained on"
+                )
+            self.hparams["latent"] = codec.info()
+        self.__dict__["codec"] = codec
+        self.model_shape = codec.latent_shape if codec is not None else self.data_shape
+        self.sde = build_sde(cfg)
+        self.net = build_network(cfg, self.model_shape, num_classes)
+        self.loss_options = loss_options(cfg)
+        self.prediction: str = self.loss_options["prediction"]
+        _, self.label_dropout = conditioning(cfg)
+        self.num_classes = num_classes
+        self.seed = int(cfg.get("seed", 0))
+        self.optim_cfg = optimizer_settings(cfg, default_lr=2e-4)
+        self.compile_net = bool(cfg.get("compile", False))
+        # An EMA network outside training (after load_checkpoint): kept out of the module tree so
+        # that state_dict keys, parameter counts and the EMA callback's copy are not affected.
+        self.__dict__["_ema_net"] = None
+        self.__dict__["_ema_state"] = None
+
+    # ------------------------------------------------------------------ EMA and score functions
+    @property
+    def ema(self) -> Optional[nn.Module]:
+        """The EMA network (eval mode): the EMA callback's during ``fit``, or the checkpoint's."""
+        cb = find_ema(self._trainer)
+        if cb is not None and cb.averaged_module is not None:
+            return cb.averaged_module.net.eval()
+        if self.__dict__["_ema_net"] is None and self.__dict__["_ema_state"] is not None:
+            ema_net = copy.deepcopy(self.net)
+            ema_net.load_state_dict(self.__dict__["_ema_state"])
+            self.__dict__["_ema_net"] = ema_net
+            self.__dict__["_ema_state"] = None
+        ema_net = self.__dict__["_ema_net"]
+        if ema_net is not None:
+            ref = next(self.net.parameters(), None)
+            if ref is not None:
+                ema_net.to(device=ref.device, dtype=ref.dtype)
+            ema_net.eval()
+        return ema_net
+
+    def score_fn(self, use_ema: bool = True, **cond: Any) -> ScoreModel:
+        """s_θ(x, t) as a callable ``(x [B, ...], t [B]) -> [B, ...]``; ``cond`` (e.g. ``y=labels``) goes to the net.
+
+        With ``use_ema`` the EMA weights are used (falling back to the trained weights, with a
+        warning, if the run had no EMA). Put the module in eval mode (``module.eval()``) before
+        sampling with the trained weights, so that dropout is off.
+        """
+        net = self.net
+        if use_ema:
+            ema = self.ema
+            if ema is None:
+                warnings.warn("no EMA weights (ema.enabled was false?): using the trained weights", stacklevel=2)
+            else:
+                net = ema
+        return ScoreModel(net, self.sde, self.prediction, **cond)
+
+    # ------------------------------------------------------------------ data space ↔ model space
+    @property
+    def codec(self) -> Any:
+        return self.__dict__["codec"]
+
+    def to_model_space(self, x: Tensor) -> Tensor:
+        """Data ``[B, *data_shape]`` → what the score model sees: scaled latents, or ``x`` itself."""
+        return x if self.codec is None else self.codec.encode(x)
+
+    def to_data(self, u: Tensor) -> Tensor:
+        """Model-space samples → data ``[B, *data_shape]``: decoded latents, or ``u`` itself."""
+        return u if self.codec is None else self.codec.decode(u)
+
+    # ------------------------------------------------------------------ loss
+    def _labels(self, y: Optional[Tensor], dropout: float) -> Optional[Tensor]:
+        """Labels for a conditional net, a share ``dropout`` replaced by the null label (for CFG)."""
+        if self.num_classes is None or y is None:
+            return None
+        if dropout > 0:
+            drop = torch.rand(y.shape, device=y.device) < dropout
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        return y
+
+    def dsm_terms(self, x: Tensor, y: Optional[Tensor] = None, label_dropout: float = 0.0) -> DSMTerms:
+        """Per-sample DSM terms of a batch with this module's loss options."""
+        return dsm_terms(self.sde, self.net, x, y=self._labels(y, label_dropout), **self.loss_options)
+
+    def _rank(self) -> int:
+        return self.global_rank if self._trainer is not None else 0
+
+    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Dict[str, Tensor]:
+        x, y = self.to_model_space(batch[0]), (batch[1] if len(batch) > 1 else None)
+        seed = step_seed(self.seed, "train", self.global_step, batch_idx, self._rank())
+        with seeded(seed, x.device):
+            terms = self.dsm_terms(x, y, self.label_dropout)
+        loss = terms.loss.mean()
+        # Lightning writes step metrics every log_every_n_steps; a self.log call costs ~1 ms, which
+        # is noticeable next to a small network's step, so only the steps that are written log.
+        every = max(1, int(getattr(self._trainer, "log_every_n_steps", 1) or 1))
+        if (self.global_step + 1) % every == 0:
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        return {"loss": loss, "t": terms.t.detach(), "eps_mse": terms.eps_mse.detach()}
+
+    def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        # The same times and noise at every evaluation, so that val/loss curves are comparable.
+        x, y = self.to_model_space(batch[0]), (batch[1] if len(batch) > 1 else None)
+        with seeded(step_seed(self.seed, "val", batch_idx, self._rank()), x.device):
+            terms = self.dsm_terms(x, y, 0.0)
+        loss = terms.loss.mean()
+        self.log("val/loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+        return loss
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Dict[str, Any]:
+        return adamw_with_warmup(self.net.parameters(), self.optim_cfg)
+
+    def on_fit_start(self) -> None:
+        # Compiled after the EMA callback has copied the module (in setup), so the copy stays eager;
+        # Module.compile keeps parameter names, so checkpoints do not change.
+        if self.compile_net and not getattr(self.net, "_compiled_call_impl", None):
+            self.net.compile()
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # Outside fit (load_from_checkpoint), give `net` the trained weights and keep the EMA
+        # weights for `ema`; during fit the EMA callback restores both itself.
+        if self._trainer is not None or "current_model_state" not in checkpoint:
+            return
+        ema_state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = checkpoint["current_model_state"]
+        self.__dict__["_ema_state"] = {k[len("net."):]: v for k, v in ema_state.items() if k.startswith("net.")}
+        self.__dict__["_ema_net"] = None
+
+
+def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu", latent: Optional[str] = None) -> ScoreDiffusion:
+    """Rebuild a :class:`ScoreDiffusion` from a checkpoint alone, in eval mode (``net`` and ``ema``).
+
+    A latent model loads its autoencoder from the recorded path, or from ``latent`` (a moved
+    run); either must have the recorded weights.
+    """
+    extra = {"latent_path": latent} if latent else {}
+    module = ScoreDiffusion.load_from_checkpoint(str(path), map_location=map_location, weights_only=False, **extra)
+    return module.eval()
+
+
+# ---------------------------------------------------------------------------------- fitting
+def train(
+    cfg: Any,
+    output_dir: Optional[Union[str, Path]] = None,
+    *,
+    extra_callbacks: Sequence[Any] = (),
+    datamodule: Any = None,
+) -> FitResult:
+    """Check ``cfg``, build everything, and fit; continue from a checkpoint if ``resume``/``ckpt_path`` say so.
+
+    Args:
+        cfg: the composed config (``DictConfig`` or dict).
+        output_dir: where checkpoints, logs and figures go (default: Hydra's run directory, else
+            ``cfg.run_dir``).
+        extra_callbacks: more Lightning callbacks (tests, benchmarks).
+        datamodule: use this data module instead of building ``cfg.data`` (tests).
+
+    Raises ValueError (or FileNotFoundError for missing data files) before the Trainer starts.
+    """
+    from ..config import build_datamodule
+
+    task = cfg.get("task")
+    if task not in (None, "score"):
+        raise ValueError(
+            f"training.train fits score models but the config says task={task}; "
+            "use sde_diffusion.jobs.train_tasks.run_training (what train.py calls) to train any task"
+        )
+    out = output_dir_for(cfg, output_dir)
+    plain = to_container(with_run_dir(cfg, out))
+    check_config(plain)
+    ckpt_path = resolve_checkpoint(plain, out)
+    saved_latent = None
+    if ckpt_path is not None:
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+        check_resume_compatible(plain, saved.get("hyper_parameters", {}).get("cfg", {}))
+        saved_latent = saved.get("hyper_parameters", {}).get("latent")
+        del saved
+    threads = (plain.get("trainer") or {}).get("num_threads")
+    if threads:
+        # One thread per process is the robust choice on a shared CPU: with more threads than
+        # free cores, OpenMP's spinning makes small convolutions many times slower.
+        torch.set_num_threads(int(threads))
+    L.seed_everything(int(plain.get("seed", 0)), workers=True, verbose=False)
+    dm = datamodule if datamodule is not None else build_datamodule(plain)
+    class_labels, _ = conditioning(plain)
+    num_classes = getattr(dm, "num_classes", None) if class_labels else None
+    if class_labels and num_classes is None:
+        raise ValueError("conditioning.class_labels=true needs a labelled data set (data module num_classes is None)")
+    # Network shape errors, and a latent= autoencoder other than the resumed run's, surface here.
+    module = ScoreDiffusion(plain, dm.data_shape, num_classes, latent=saved_latent)
+    dm.setup("fit")  # missing data files surface here, before the Trainer starts
+    out.mkdir(parents=True, exist_ok=True)
+    callbacks = build_callbacks(plain, out) + list(extra_callbacks)
+    trainer = build_trainer(plain, out, callbacks, build_loggers(plain, out))
+    if ckpt_path is not None:
+        log.info("continuing from %s", ckpt_path)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    if trainer.is_global_zero and not trainer.interrupted:
+        mark_finished(out, "score", trainer.global_step)
+    return FitResult(module=module, trainer=trainer, datamodule=dm, output_dir=out)
+
+
+train_task = train  # what `python train.py task=<this module>` runs (jobs.train_tasks.run_training)
+
+
+__all__ = ["train_task", "ScoreDiffusion", "load_checkpoint", "train"]
