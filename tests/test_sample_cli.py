@@ -416,3 +416,20 @@ def test_two_process_ddp_run_matches_single_process(toy_run: Path, tmp_path: Pat
     np.testing.assert_array_equal(_npz(tmp_path / "one/samples.npz")["samples"], _npz(tmp_path / "ddp/samples.npz")["samples"])
     assert json.loads((tmp_path / "ddp/run.json").read_text())["runtime"]["world_size"] == 2
     shutil.rmtree(tmp_path / "ddp", ignore_errors=True)
+
+
+def test_a_data_override_does_not_imply_a_model_check(digits_run: Path, tmp_path: Path) -> None:
+    """conf/data/digits.yaml brings model=unet_small; in sample.py only a model the user typed is checked."""
+    from sde_diffusion.jobs import drop_implied_model
+
+    implied = _sample_cfg(digits_run, "data=digits")
+    assert implied.model is not None  # Hydra composed the data set's default network ...
+    assert drop_implied_model(implied, ["data=digits"]).model is None  # ... which is not a request
+    typed = _sample_cfg(digits_run, "data=digits", "model.ch=16")
+    assert drop_implied_model(typed, ["data=digits", "model.ch=16"]).model.ch == 16
+    # The digits run has model.ch=8: sampling it with data=digits works, a typed model.ch=16 is refused.
+    run(drop_implied_model(_sample_cfg(digits_run, "data=digits", "sampler=euler_maruyama", "steps=2", "n=2",
+                                       "batch_size=2", f"out={tmp_path / 'ok'}"), ["data=digits"]))
+    with pytest.raises(ValueError, match="model.ch: checkpoint 8, requested 16"):
+        run(drop_implied_model(_sample_cfg(digits_run, "data=digits", "model.ch=16", "sampler=euler_maruyama",
+                                           "steps=2", "n=2", "batch_size=2"), ["model.ch=16"]))
