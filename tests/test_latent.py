@@ -87,6 +87,8 @@ def test_sample_py_decodes_latents_and_refuses_pixel_tasks(latent_run: Path, tmp
     assert report["shape"] is not None
     with pytest.raises(ValueError, match="latent score model"):
         run(_compose("sample", base + ["task=inpaint", f"out={tmp_path / 'i'}"]))
+    with pytest.raises(ValueError, match="guidance.classifier on a latent score model.*classifier-free"):
+        run(_compose("sample", base + [f"guidance.classifier={latent_run}", "label=3", f"out={tmp_path / 'c'}"]))
 
 
 def test_likelihood_of_a_latent_model_is_a_latent_density(latent_run: Path, tmp_path: Path) -> None:

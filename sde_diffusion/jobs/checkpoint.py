@@ -208,6 +208,12 @@ def load_guidance_classifier(
     """
     from ..classifier import load_classifier
 
+    if model.is_latent:
+        raise ValueError(
+            f"guidance.classifier on a latent score model ({model.path}): the guidance gradient must be taken "
+            "in the latent space the score lives in, and classifiers are trained on pixels; use classifier-free "
+            "guidance (a class-conditional latent model, guidance.scale=w) instead"
+        )
     file = resolve_checkpoint_path(path, key="guidance.classifier")
     try:
         raw = torch.load(str(file), map_location="cpu", weights_only=False, mmap=True)
