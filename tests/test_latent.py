@@ -128,3 +128,39 @@ def test_another_autoencoder_is_refused(ae_run: Path, latent_run: Path, tmp_path
     with pytest.raises(ValueError, match="is not the autoencoder"):
         train(cfg, copy)
     assert json.loads((latent_run / "finished.json").read_text())["task"] == "score"
+
+
+class _IdentityAutoencoder(torch.nn.Module):
+    """encode(x) = (x, 0), decode(z) = z: the latent path with nothing in between."""
+
+    def __init__(self, shape) -> None:
+        super().__init__()
+        self.data_shape = self.latent_shape = tuple(shape)
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # gives the codec a device and dtype to follow
+
+    def encode(self, x):
+        return x, torch.zeros_like(x)
+
+    def decode(self, z):
+        return z
+
+
+def test_identity_autoencoder_reduces_the_latent_path_to_the_pixel_path_bit_for_bit() -> None:
+    from sde_diffusion.latent import LatentCodec
+    from sde_diffusion.training import ScoreDiffusion
+
+    cfg = _compose("train", ["data=digits", "model.ch=8", "run_dir=unused"])
+    torch.manual_seed(0)
+    pixel = ScoreDiffusion(cfg, (1, 8, 8))
+    torch.manual_seed(0)
+    latent = ScoreDiffusion(cfg, (1, 8, 8))
+    latent.__dict__["codec"] = LatentCodec(_IdentityAutoencoder((1, 8, 8)), scale_factor=1.0)
+    x = torch.rand(16, 1, 8, 8) * 2 - 1
+    batch = (x, torch.arange(16) % 10)
+    with pytest.warns(UserWarning):  # self.log outside a Trainer
+        a, b = pixel.training_step(batch, 0), latent.training_step(batch, 0)
+    assert torch.equal(a["loss"], b["loss"]) and torch.equal(a["t"], b["t"])
+    for sampler in ("euler_maruyama", "dpm_solver"):
+        outs = [m.to_data(sample(m.sde, m.score_fn(use_ema=False), (4, *m.model_shape), sampler=sampler, steps=3,
+                                 generator=torch.Generator().manual_seed(2)).samples) for m in (pixel.eval(), latent.eval())]
+        assert torch.equal(outs[0], outs[1])
