@@ -28,7 +28,18 @@ from ..callbacks import build_callbacks, build_loggers, eval_mode, find_ema, sav
 from ..checkpoints import AUTOENCODER_KIND, mark_finished, resolve_checkpoint_path
 from ..config import check_config, resolve_checkpoint, to_container
 from ..models.autoencoder import KLAutoencoder, kl_to_standard_normal
-from .base import FitResult, adamw_with_warmup, build_trainer, optimizer_settings, output_dir_for, seeded, step_seed, with_run_dir
+from .base import (
+    NO_SCORE_CALLBACKS,
+    FitResult,
+    adamw_with_warmup,
+    build_trainer,
+    merge_config,
+    optimizer_settings,
+    output_dir_for,
+    seeded,
+    step_seed,
+    with_run_dir,
+)
 
 log = logging.getLogger(__name__)
 RECONSTRUCTIONS = ("l1", "l2")
@@ -222,9 +233,6 @@ def load_autoencoder(path: Union[str, Path], map_location: Any = "cpu") -> Autoe
     return module.eval()
 
 
-_FORCED = {"callbacks": {"samples": {"enabled": False}, "loss_by_t": {"every_n_steps": 0}}}
-
-
 def train_autoencoder(
     cfg: Any,
     output_dir: Optional[Union[str, Path]] = None,
@@ -240,9 +248,7 @@ def train_autoencoder(
     from ..config import build_datamodule
 
     out = output_dir_for(cfg, output_dir)
-    plain = to_container(with_run_dir(cfg, out))
-    plain["callbacks"] = {**(plain.get("callbacks") or {}), **{k: {**((plain.get("callbacks") or {}).get(k) or {}), **v}
-                                                              for k, v in _FORCED["callbacks"].items()}}
+    plain = merge_config(to_container(with_run_dir(cfg, out)), NO_SCORE_CALLBACKS)
     plain["task"] = "autoencoder"
     check_config(plain)
     opts = AutoencoderOptions.from_config(plain)

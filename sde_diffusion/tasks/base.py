@@ -108,6 +108,18 @@ def build_trainer(cfg: Mapping[str, Any], output_dir: Path, callbacks: List[Any]
         raise ValueError(f"bad trainer option: {err}") from None
 
 
+# Tasks other than the score model draw no sample figures and have no DSM loss per t.
+NO_SCORE_CALLBACKS = {"callbacks": {"samples": {"enabled": False}, "loss_by_t": {"every_n_steps": 0}}}
+
+
+def merge_config(base: Mapping[str, Any], over: Mapping[str, Any]) -> Dict[str, Any]:
+    """``base`` with ``over`` laid on top, nested mappings merged key by key (plain dicts)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge_config(out.get(k) or {}, v) if isinstance(v, Mapping) else v
+    return out
+
+
 def with_run_dir(cfg: Any, out: Path) -> Any:
     """``cfg`` with ``run_dir`` set to the actual output directory (resolving nothing else)."""
     try:
@@ -133,4 +145,6 @@ __all__ = [
     "output_dir_for",
     "build_trainer",
     "with_run_dir",
+    "merge_config",
+    "NO_SCORE_CALLBACKS",
 ]

@@ -63,9 +63,11 @@ from ..losses import uniform_draws
 from ..models.classifier import CLASSIFIERS, TimeClassifier
 from ..sdes.base import SDE, broadcast_to_x
 from .base import (
+    NO_SCORE_CALLBACKS,
     FitResult,
     adamw_with_warmup,
     build_trainer,
+    merge_config,
     optimizer_settings,
     output_dir_for,
     seeded,
@@ -334,16 +336,6 @@ class ClassifierFitResult(FitResult):
     accuracy: List[BucketAccuracy] = field(default_factory=list)
 
 
-_FORCED = {"callbacks": {"samples": {"enabled": False}, "loss_by_t": {"every_n_steps": 0}}}
-
-
-def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> Dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, Mapping) else v
-    return out
-
-
 def train_classifier(
     cfg: Any,
     output_dir: Optional[Union[str, Path]] = None,
@@ -364,7 +356,7 @@ def train_classifier(
     from ..config import build_datamodule
 
     out = output_dir_for(cfg, output_dir)
-    plain = _merge(to_container(with_run_dir(cfg, out)), _FORCED)
+    plain = merge_config(to_container(with_run_dir(cfg, out)), NO_SCORE_CALLBACKS)
     plain["task"] = "classifier"
     check_config(plain)
     ClassifierOptions.from_config(plain)
