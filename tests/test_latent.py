@@ -87,8 +87,103 @@ def test_sample_py_decodes_latents_and_refuses_pixel_tasks(latent_run: Path, tmp
     assert report["shape"] is not None
     with pytest.raises(ValueError, match="latent score model"):
         run(_compose("sample", base + ["task=inpaint", f"out={tmp_path / 'i'}"]))
-    with pytest.raises(ValueError, match="guidance.classifier on a latent score model.*classifier-free"):
+    with pytest.raises(ValueError, match="not a noisy-classifier checkpoint"):
         run(_compose("sample", base + [f"guidance.classifier={latent_run}", "label=3", f"out={tmp_path / 'c'}"]))
+
+
+# ---------------------------------------------------------------------------------- classifier guidance on latents
+@pytest.fixture(scope="module")
+def latent_classifier(ae_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A noisy classifier on the scaled latents of ``ae_run``, trained long enough to beat chance."""
+    from sde_diffusion.jobs.train_tasks import run_training
+
+    run_dir = tmp_path_factory.mktemp("latent_clf") / "run"
+    cfg = _compose("train", QUIET_TRAINING + [
+        "task=classifier", f"latent={ae_run}", "data=digits", "data.size=16", "data.batch_size=64", "model.ch=16",
+        "trainer.max_steps=150", "optim.warmup_steps=0", "classifier.eval_buckets=4", "classifier.eval_repeats=1",
+        f"run_dir={run_dir}",
+    ])
+    run_training(cfg, run_dir)
+    return run_dir
+
+
+def test_latent_classifier_learns_the_labels_from_latents(ae_run: Path, latent_classifier: Path) -> None:
+    from sde_diffusion.classifier import accuracy_by_time, load_classifier
+
+    ckpt = torch.load(latent_classifier / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    codec = load_latent_codec(ae_run)
+    assert ckpt["hyper_parameters"]["latent"]["weights_sha256"] == codec.weights_sha256
+    assert not any(k.startswith("codec") or "encoder" in k for k in ckpt["state_dict"])  # the autoencoder stays out
+    clf = load_classifier(latent_classifier)
+    assert clf.model_shape == (2, 8, 8) and clf.data_shape == (1, 16, 16)
+    with torch.no_grad():
+        assert clf(torch.zeros(3, 2, 8, 8), 0.5).shape == (3, 10)
+    with pytest.raises(ValueError):
+        clf(torch.zeros(3, 1, 16, 16), 0.5)  # pixels are not its input
+    # Held-out accuracy on encoded digits, recomputed independently of the training job's table:
+    # well above chance (10 %) at low noise, and near chance at t = T, where x_T forgets x_0.
+    from sde_diffusion.config import build_datamodule
+
+    dm = build_datamodule({"data": {**ckpt["hyper_parameters"]["cfg"]["data"], "batch_size": 256}})
+    dm.setup("fit")
+    batches = [(codec.encode(x), y) for x, y, *_ in dm.val_dataloader()]
+    rows = accuracy_by_time(clf, clf.sde, batches, num_buckets=5, repeats=1, generator=torch.Generator().manual_seed(0))
+    assert rows[0].accuracy > 0.5, rows
+    assert rows[-1].accuracy < rows[0].accuracy - 0.2, rows
+    table = json.loads((latent_classifier / "accuracy_by_t.json").read_text())["buckets"]
+    assert table[0]["accuracy"] > 0.5  # the job's own table was computed on latents too
+
+
+def test_classifier_guidance_on_a_latent_model(latent_run: Path, latent_classifier: Path, tmp_path: Path) -> None:
+    base = [f"ckpt={latent_run}", "progress=false", "sampler=euler_maruyama", "steps=2", "n=3", "batch_size=3"]
+    report = run(_compose("sample", base + [f"guidance.classifier={latent_classifier}", "label=3",
+                                            "guidance.classifier_scale=2", f"out={tmp_path / 'g'}"]))
+    assert report["shape"] is not None
+    with np.load(tmp_path / "g" / "samples.npz") as z:
+        assert z["samples"].shape == (3, 16, 16, 1) and z["latents"].shape == (3, 2, 8, 8)
+    # The guidance term is the latent classifier's gradient: log p(3 | u_t) rises along it.
+    from sde_diffusion.classifier import load_classifier
+    from sde_diffusion.guidance import ClassifierGuidance
+
+    model, clf = load_model(latent_run), load_classifier(latent_classifier)
+    u = torch.randn(8, 2, 8, 8)
+    t = torch.full((8,), 0.3)
+    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731 - the guidance term alone
+    grad = ClassifierGuidance(zero, clf, y=torch.full((8,), 3), scale=1.0)(u, t)
+    with torch.no_grad():
+        before = clf.log_prob(u, t)[:, 3]
+        after = clf.log_prob(u + 1e-2 * grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1), t)[:, 3]
+    assert (after > before).all()
+    assert model.is_latent
+
+    # A classifier on pixels, or on another autoencoder's latents, is refused before any weights load.
+    def doctored(name: str, edit) -> Path:
+        path = tmp_path / name / "last.ckpt"
+        path.parent.mkdir()
+        ckpt = torch.load(latent_classifier / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        edit(ckpt["hyper_parameters"])
+        torch.save(ckpt, path)
+        return path
+
+    pixel = doctored("pixel", lambda hp: hp.update(latent=None))
+    with pytest.raises(ValueError, match="works on autoencoder latents, but the classifier .* was trained on pixels.*latent="):
+        run(_compose("sample", base + [f"guidance.classifier={pixel}", "label=3", f"out={tmp_path / 'p'}"]))
+    other = doctored("other", lambda hp: hp.update(latent={**hp["latent"], "weights_sha256": "0" * 64}))
+    with pytest.raises(ValueError, match="latents of another autoencoder"):
+        run(_compose("sample", base + [f"guidance.classifier={other}", "label=3", f"out={tmp_path / 'o'}"]))
+
+
+def test_a_latent_classifier_is_refused_for_a_pixel_model(latent_classifier: Path) -> None:
+    from types import SimpleNamespace
+
+    from sde_diffusion.jobs.checkpoint import _check_same_space
+
+    clf_latent = torch.load(latent_classifier / "checkpoints" / "last.ckpt", map_location="cpu",
+                            weights_only=False)["hyper_parameters"]["latent"]
+    pixel_model = SimpleNamespace(is_latent=False, path=Path("pixel.ckpt"), module=SimpleNamespace(hparams={}))
+    with pytest.raises(ValueError, match="trained on autoencoder latents .* but the score model pixel.ckpt works on pixels"):
+        _check_same_space(clf_latent, pixel_model, Path("clf.ckpt"))
+    _check_same_space(None, pixel_model, Path("clf.ckpt"))  # pixels and pixels: accepted
 
 
 def test_likelihood_of_a_latent_model_is_a_latent_density(latent_run: Path, tmp_path: Path) -> None:

@@ -190,6 +190,31 @@ class LoadedClassifier:
     num_classes: int
 
 
+def _check_same_space(clf_latent: Optional[Mapping[str, Any]], model: "LoadedModel", file: Path) -> None:
+    """Guidance adds ∇ log p(y | x_t) to the score, so both must live in one space: pixels, or the
+    latents of one autoencoder (same weights digest)."""
+    model_latent = model.module.hparams.get("latent") if model.is_latent else None
+    if model_latent is None and clf_latent is None:
+        return
+    if model_latent is None:
+        raise ValueError(
+            f"the classifier {file} was trained on autoencoder latents (latent={clf_latent.get('path')}) but the score "
+            f"model {model.path} works on pixels; train the classifier without latent="
+        )
+    if clf_latent is None:
+        raise ValueError(
+            f"the score model {model.path} works on autoencoder latents, but the classifier {file} was trained on "
+            "pixels: the guidance gradient must be taken in the latent space the score lives in; train one with "
+            f"`python train.py task=classifier latent={model_latent.get('path')} data=<the model's data>`"
+        )
+    if clf_latent.get("weights_sha256") != model_latent.get("weights_sha256"):
+        raise ValueError(
+            f"the classifier {file} was trained on the latents of another autoencoder (weights digest "
+            f"{str(clf_latent.get('weights_sha256'))[:12]}…) than the score model {model.path} "
+            f"({str(model_latent.get('weights_sha256'))[:12]}…); train the classifier with the score model's latent="
+        )
+
+
 def load_guidance_classifier(
     path: Union[str, Path, None],
     model: LoadedModel,
@@ -201,19 +226,14 @@ def load_guidance_classifier(
 
     Checked before any weights are read, each failure a ValueError saying what differs: the file
     is a classifier checkpoint (not a score model), its SDE (every key of the ``sde`` group) and
-    data shape equal the score model's, a ``label`` in [0, num_classes) is given, and for a
+    data shape equal the score model's, both work in the same space (pixels, or the latents of the
+    same autoencoder by weights digest), a ``label`` in [0, num_classes) is given, and for a
     class-conditional score model the class counts agree. The
     :class:`~sde_diffusion.classifier.NoisyClassifier` is put on ``device``/``dtype`` in eval mode
     with frozen parameters (gradients with respect to x still flow).
     """
     from ..classifier import load_classifier
 
-    if model.is_latent:
-        raise ValueError(
-            f"guidance.classifier on a latent score model ({model.path}): the guidance gradient must be taken "
-            "in the latent space the score lives in, and classifiers are trained on pixels; use classifier-free "
-            "guidance (a class-conditional latent model, guidance.scale=w) instead"
-        )
     file = resolve_checkpoint_path(path, key="guidance.classifier")
     try:
         raw = torch.load(str(file), map_location="cpu", weights_only=False, mmap=True)
@@ -236,6 +256,7 @@ def load_guidance_classifier(
             f"the classifier {file} was trained with sde={_fmt(clf_sde)} but the score model {model.path} with "
             f"sde={_fmt(model_sde)} ({details}); train the classifier with the score model's SDE"
         )
+    _check_same_space(hp.get("latent"), model, file)
     clf_shape = tuple(int(s) for s in hp["data_shape"])
     if clf_shape != tuple(model.data_shape):
         raise ValueError(
@@ -254,7 +275,9 @@ def load_guidance_classifier(
             f"the classifier {file} has {num_classes} classes but the class-conditional score model has "
             f"{model.num_classes}; their labels cannot mean the same classes"
         )
-    clf = load_classifier(file, map_location="cpu").to(device=torch.device(device), dtype=dtype).eval()
+    # A latent classifier shares the score model's (verified) autoencoder, wherever it now lives.
+    codec_path = str(model.module.codec.path) if model.is_latent and model.module.codec.path is not None else None
+    clf = load_classifier(file, map_location="cpu", latent=codec_path).to(device=torch.device(device), dtype=dtype).eval()
     clf.requires_grad_(False)
     return LoadedClassifier(module=clf, path=file, global_step=global_step, num_classes=num_classes)
 

@@ -28,6 +28,7 @@ Training from the command line (the ``task`` config group selects this module)::
 
     python train.py task=classifier data=digits                 # U-Net encoder on 8×8 digits
     python train.py task=classifier data=gmm model=mlp          # residual MLP on a 2-D mixture
+    python train.py task=classifier latent=<autoencoder run> data=digits data.size=32  # on latents
 
 and in Python::
 
@@ -207,29 +208,61 @@ def format_accuracy_table(rows: Sequence[BucketAccuracy]) -> str:
 class NoisyClassifier(L.LightningModule):
     """Cross-entropy training of a time-dependent classifier on forward-perturbed data.
 
-    ``forward(x [B, *data_shape], t [B] or scalar) -> logits [B, num_classes]`` computes
+    ``forward(x [B, *model_shape], t [B] or scalar) -> logits [B, num_classes]`` computes
     ``net(c_in(t)·x, t)`` with c_in(t) = 1/√(m(t)² + σ(t)²), so the module plugs into
-    :class:`~sde_diffusion.guidance.ClassifierGuidance` directly.
+    :class:`~sde_diffusion.guidance.ClassifierGuidance` directly. ``model_shape`` is the data's
+    shape, or with ``cfg.latent`` the autoencoder's latent shape: a latent classifier perturbs and
+    classifies u = c·μ(x), the space a latent score model samples (and refuses any other autoencoder,
+    by its weights digest, like the score model).
 
     Args:
         cfg: the composed training config (``sde``, ``data``, ``model``, ``classifier``, ``optim``,
             ``seed``); stored resolved in the checkpoint.
         data_shape: shape of one example.
         num_classes: number of labels of the data set (≥ 2).
+        latent: what a latent checkpoint recorded about its autoencoder (enforced); set when loading.
+        latent_path: load the autoencoder from here instead of ``cfg.latent`` (a moved run).
 
-    Attributes: ``sde``, ``net``, ``num_classes``, ``data_shape``, ``options`` (:class:`ClassifierOptions`).
+    Attributes: ``sde``, ``net``, ``num_classes``, ``data_shape``, ``model_shape``, ``codec``,
+    ``options`` (:class:`ClassifierOptions`).
     """
 
-    def __init__(self, cfg: Mapping[str, Any], data_shape: Sequence[int], num_classes: int) -> None:
+    def __init__(
+        self,
+        cfg: Mapping[str, Any],
+        data_shape: Sequence[int],
+        num_classes: int,
+        latent: Optional[Mapping[str, Any]] = None,
+        latent_path: Optional[str] = None,
+    ) -> None:
         super().__init__()
         cfg = to_container(cfg)
-        self.save_hyperparameters({"cfg": cfg, "data_shape": [int(s) for s in data_shape], "num_classes": int(num_classes)})
+        self.save_hyperparameters(
+            {"cfg": cfg, "data_shape": [int(s) for s in data_shape], "num_classes": int(num_classes), "latent": None}
+        )
         self.cfg = cfg
         self.data_shape = tuple(int(s) for s in data_shape)
         self.num_classes = int(num_classes)
         self.options = ClassifierOptions.from_config(cfg)
+        # A latent classifier (cfg.latent): trained on the scaled latents a latent score model
+        # samples, so that its gradient is taken where that score lives. The autoencoder is frozen
+        # and kept out of the module tree, exactly as in ScoreDiffusion.
+        codec = None
+        source = latent_path or cfg.get("latent")
+        if source:
+            from ..latent import load_latent_codec
+
+            codec = load_latent_codec(source, expect_sha256=(latent or {}).get("weights_sha256"))
+            if codec.data_shape != self.data_shape:
+                raise ValueError(
+                    f"latent={source}: the autoencoder was trained on images {codec.data_shape}, but the data "
+                    f"gives {self.data_shape}; use the data (and data.size) it was trained on"
+                )
+            self.hparams["latent"] = codec.info()
+        self.__dict__["codec"] = codec
+        self.model_shape = codec.latent_shape if codec is not None else self.data_shape
         self.sde = build_sde(cfg)
-        self.net = build_classifier_network(cfg, self.data_shape, self.num_classes)
+        self.net = build_classifier_network(cfg, self.model_shape, self.num_classes)
         self.t_min = float(self.sde.eps if self.options.eps is None else self.options.eps)
         if not self.t_min < self.sde.T:
             raise ValueError(f"classifier.eps={self.t_min} must be below the SDE's T={self.sde.T}")
@@ -239,6 +272,15 @@ class NoisyClassifier(L.LightningModule):
         self.bucket_names = [f"val/acc_t/{self.edges[i]:.2f}-{self.edges[i + 1]:.2f}" for i in range(len(self.edges) - 1)]
 
     # ------------------------------------------------------------------ inference
+    @property
+    def codec(self) -> Any:
+        """The frozen :class:`~sde_diffusion.latent.LatentCodec` of a latent classifier, else ``None``."""
+        return self.__dict__["codec"]
+
+    def to_model_space(self, x: Tensor) -> Tensor:
+        """Data ``[B, *data_shape]`` → the classifier's input space: scaled latents, or ``x`` itself."""
+        return x if self.codec is None else self.codec.encode(x)
+
     def input_scale(self, t: Tensor) -> Tensor:
         """c_in(t) = 1/√(m(t)² + σ(t)²): ``[B]``."""
         return torch.rsqrt(self.sde.mean_coeff(t) ** 2 + self.sde.marginal_std(t) ** 2)
@@ -268,7 +310,7 @@ class NoisyClassifier(L.LightningModule):
         return self.global_rank if self._trainer is not None else 0
 
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
-        x, y = batch[0], batch[1]
+        x, y = self.to_model_space(batch[0]), batch[1]
         with seeded(step_seed(self.seed, "classifier", self.global_step, batch_idx, self._rank()), x.device):
             t = self.sample_times(x.shape[0], x.device, x.dtype)
             logits = self.perturbed_logits(x, t)
@@ -280,7 +322,7 @@ class NoisyClassifier(L.LightningModule):
 
     def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
         # Every example is scored once per t-bucket, with the same draws at every validation.
-        x, y = batch[0], batch[1]
+        x, y = self.to_model_space(batch[0]), batch[1]
         B = x.shape[0]
         losses, accs = [], []
         with seeded(step_seed(self.seed, "classifier-val", batch_idx, self._rank()), x.device):
@@ -304,11 +346,12 @@ class NoisyClassifier(L.LightningModule):
 
 
 # ---------------------------------------------------------------------------------- checkpoints
-def load_classifier(path: Union[str, Path], map_location: Any = "cpu") -> NoisyClassifier:
+def load_classifier(path: Union[str, Path], map_location: Any = "cpu", latent: Optional[str] = None) -> NoisyClassifier:
     """Rebuild a :class:`NoisyClassifier` (eval mode) from a checkpoint file or a run directory.
 
     A run directory means its ``checkpoints/last.ckpt``. If the run kept an EMA of the weights,
-    the checkpoint's (and so the returned) weights are the EMA's.
+    the checkpoint's (and so the returned) weights are the EMA's. A latent classifier loads its
+    autoencoder from the recorded path, or from ``latent`` (a moved copy of the same one).
     """
     file = resolve_checkpoint_path(path)
     ckpt = torch.load(str(file), map_location=map_location, weights_only=False)
@@ -320,7 +363,7 @@ def load_classifier(path: Union[str, Path], map_location: Any = "cpu") -> NoisyC
             "score-model checkpoints load with sde_diffusion.training.load_checkpoint (sample.py: ckpt=)"
         )
     hp = ckpt["hyper_parameters"]
-    module = NoisyClassifier(hp["cfg"], hp["data_shape"], hp["num_classes"])
+    module = NoisyClassifier(hp["cfg"], hp["data_shape"], hp["num_classes"], latent=hp.get("latent"), latent_path=latent)
     module.load_state_dict(ckpt["state_dict"])
     return module.eval()
 
@@ -361,6 +404,7 @@ def train_classifier(
     check_config(plain)
     ClassifierOptions.from_config(plain)
     ckpt_path = resolve_checkpoint(plain, out)
+    saved_latent = None
     if ckpt_path is not None:
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
         if saved.get("kind") != CHECKPOINT_KIND:
@@ -369,6 +413,7 @@ def train_classifier(
         check_resume_compatible(plain, saved_cfg)
         if classifier_network_config(plain) != classifier_network_config(saved_cfg):
             raise ValueError("the checkpoint's classifier network differs from the configured one (classifier.model)")
+        saved_latent = saved.get("hyper_parameters", {}).get("latent")
         del saved
     L.seed_everything(int(plain.get("seed", 0)), workers=True, verbose=False)
     dm = datamodule if datamodule is not None else build_datamodule(plain)
@@ -378,7 +423,8 @@ def train_classifier(
             f"task=classifier needs a labelled data set with >= 2 classes; data={group(plain, 'data')[0]} "
             f"has num_classes={num_classes} (use e.g. data=digits, data=gmm or data=moons)"
         )
-    module = NoisyClassifier(plain, dm.data_shape, int(num_classes))  # network shape errors surface here
+    # Network shape errors, and a latent= autoencoder other than the resumed run's, surface here.
+    module = NoisyClassifier(plain, dm.data_shape, int(num_classes), latent=saved_latent)
     dm.setup("fit")
     out.mkdir(parents=True, exist_ok=True)
     callbacks = build_callbacks(plain, out) + list(extra_callbacks)
@@ -391,7 +437,8 @@ def train_classifier(
     opts = module.options
     device = next(final.parameters()).device
     gen = torch.Generator(device=device).manual_seed(int(plain.get("seed", 0)) + 1)
-    rows = accuracy_by_time(final, final.sde, dm.val_dataloader(), opts.eval_buckets, module.t_min, opts.eval_repeats, gen)
+    held_out = ((module.to_model_space(b[0].to(device)), b[1]) for b in dm.val_dataloader())
+    rows = accuracy_by_time(final, final.sde, held_out, opts.eval_buckets, module.t_min, opts.eval_repeats, gen)
     if trainer.is_global_zero:
         _write_json(out / "accuracy_by_t.json", {"global_step": trainer.global_step, "buckets": [asdict(r) for r in rows]})
         log.info("held-out accuracy per t-bucket:\n%s", format_accuracy_table(rows))
