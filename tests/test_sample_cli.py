@@ -107,6 +107,33 @@ def test_vector_samples_match_direct_sampler_calls(toy_run: Path, tmp_path: Path
     assert Image.open(out / "samples.png").size == (800, 400)
 
 
+def test_default_sampler_is_the_measured_rule_and_is_recorded(toy_run: Path, tmp_path: Path, capsys) -> None:
+    from sde_diffusion.samplers.defaults import default_sampler
+
+    out = tmp_path / "auto"
+    cfg = _sample_cfg(toy_run, "steps=10", "n=6", "batch_size=6", f"out={out}")  # no sampler=
+    run(cfg)
+    model = load_model(toy_run, device="cpu")
+    choice = default_sampler(model.sde, 10)
+    rj = json.loads((out / "run.json").read_text())
+    assert rj["sampler"]["default_rule"] == json.loads(json.dumps(choice.as_dict()))
+    assert rj["sampler"]["name"] == choice.name and rj["sampler"]["steps"] == choice.steps
+    assert rj["nfe"]["total"] == 10  # the budget, exactly
+    assert f"sampler: {choice.describe()}" in capsys.readouterr().out
+    # Bit for bit what sample() with no sampler named gives.
+    gen = torch.Generator().manual_seed(batch_seed(0, "sample", 0))
+    with torch.no_grad():
+        ref = sample(model.sde, model.module.score_fn(use_ema=True), (6, 2), steps=10, generator=gen)
+    np.testing.assert_array_equal(_npz(out / "samples.npz")["samples"], ref.samples.numpy())
+    # sampler=pc stays the paper's predictor-corrector, untouched by the rule.
+    pc = _sample_cfg(toy_run, "sampler=pc", "steps=3", "n=2", "batch_size=2", f"out={tmp_path / 'pc'}")
+    run(pc)
+    rj = json.loads((tmp_path / "pc" / "run.json").read_text())
+    assert rj["sampler"]["name"] == "pc" and rj["sampler"]["default_rule"] is None
+    assert rj["sampler"]["options"]["predictor"] == "reverse_diffusion" and rj["sampler"]["options"]["corrector"] == "langevin"
+    assert rj["sampler"]["options"]["snr"] == 0.16 and rj["nfe"]["total"] == 6
+
+
 def test_image_samples_uint8_with_guidance(digits_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "g"
     cfg = _sample_cfg(digits_run, "sampler=pc", "n=6", "batch_size=3", "steps=3", "guidance.scale=2.0", "label=3", f"out={out}")

@@ -34,6 +34,7 @@ from torch import Tensor
 from ..config import sampler_settings, to_container
 from ..guidance import ClassifierFreeGuidance, ClassifierGuidance
 from ..samplers import build_sampler, sample
+from ..samplers.defaults import AUTO_SAMPLER, resolve_sampler
 from .checkpoint import LoadedModel, load_guidance_classifier, load_model
 from .runtime import Runtime, make_runtime, resolve_dtype, sync, versions, write_json
 from .shards import ShardStore, batch_counts, batch_seed, fingerprint, rank_batches
@@ -82,7 +83,11 @@ def parse_settings(cfg: Mapping[str, Any]) -> SampleSettings:
     if not isinstance(cfg.get("sampler"), Mapping):
         raise ValueError("no sampler: choose one with sampler=<name> (conf/sampler/)")
     name, steps, options = sampler_settings(cfg, cfg.get("steps"))
-    build_sampler(name, **options)  # unknown names and options fail here, listing the choices
+    if name == AUTO_SAMPLER:
+        # Resolved once the model's SDE is known; its options override the rule's choice.
+        build_sampler("dpm_solver", **options)
+    else:
+        build_sampler(name, **options)  # unknown names and options fail here, listing the choices
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     task = cfg.get("task", "sample")
@@ -182,6 +187,10 @@ class SamplingJob:
         self.dtype = resolve_dtype(s.dtype)
         self.model = model or load_model(self.cfg.get("ckpt"), self.cfg, self.runtime.device, self.dtype)
         self.dm = self.model.build_datamodule(self.cfg)
+        self.default_choice = None
+        if s.sampler == AUTO_SAMPLER:
+            s.sampler, s.steps, s.options, self.default_choice = resolve_sampler(self.model.sde, s.sampler, s.steps, s.options)
+            print(f"sampler: {self.default_choice.describe()}; name another with sampler=<name>", flush=True)
         self.sampler_obj = build_sampler(s.sampler, **s.options)
         self.sampler_obj.validate(self.model.sde)
         self._check_conditioning()
@@ -404,7 +413,8 @@ class SamplingJob:
                            "ema": s.ema and self.model.has_ema},
             "training": {k: self.model.train_cfg.get(k) for k in ("sde", "model", "data", "loss", "conditioning")},
             "sampler": {"name": s.sampler, "steps": s.steps, "options": s.options,
-                        "expected_nfe_per_batch": self.sampler_obj.expected_nfe(s.steps)},
+                        "expected_nfe_per_batch": self.sampler_obj.expected_nfe(s.steps),
+                        "default_rule": self.default_choice.as_dict() if self.default_choice is not None else None},
             "task": s.task,
             "guidance": self._guidance_report(),
             "n": s.n,

@@ -49,12 +49,14 @@ class SampleResult:
     """Samples ``[B, ...]``, the exact number of batched score evaluations, optional trajectory.
 
     ``trajectory[k]`` is the state at ``times[k]`` (starting with the prior sample at T).
+    ``choice`` is the :class:`~sde_diffusion.samplers.defaults.DefaultChoice` when no sampler was named.
     """
 
     samples: Tensor
     nfe: int
     trajectory: Optional[List[Tensor]] = None
     times: Optional[Tensor] = None
+    choice: Optional[Any] = None
 
 
 @dataclass
@@ -236,8 +238,8 @@ def sample(
     sde: SDE,
     score_fn: ScoreFn,
     shape: Sequence[int],
-    sampler: Union[str, Sampler] = "pc",
-    steps: int = 1000,
+    sampler: Union[str, Sampler, None] = None,
+    steps: int = 50,
     generator: Optional[torch.Generator] = None,
     x_T: Optional[Tensor] = None,
     device: Optional[Union[str, torch.device]] = None,
@@ -255,7 +257,11 @@ def sample(
         shape: ``[B, ...]`` of the samples.
         sampler: a registered name (see ``SAMPLERS.names()``) or a :class:`Sampler` instance;
             ``**options`` go to its constructor (e.g. ``corrector="langevin", snr=0.16``).
-        steps: number of steps (≥ 1); adaptive samplers ignore it.
+            ``None`` (or ``"auto"``): the configuration measured best for ``sde``'s family at a
+            budget of ``steps`` score evaluations (:func:`~sde_diffusion.samplers.defaults.default_sampler`;
+            ``**options`` override its options); ``result.choice`` says what was used.
+        steps: number of steps (≥ 1); adaptive samplers ignore it. With the default sampler: the
+            NFE budget.
         generator: source of all randomness (prior and per-step noise); same seed → same samples.
         x_T: start from this prior sample instead of drawing one.
         hook: ``hook(x, t) -> x`` applied after every step (used for inpainting).
@@ -263,7 +269,13 @@ def sample(
     Returns:
         :class:`SampleResult` with the samples, the exact NFE, and the trajectory if requested.
     """
-    if isinstance(sampler, str):
+    choice = None
+    if sampler is None or isinstance(sampler, str):
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be an integer ≥ 1, got {steps}")
+        from .defaults import resolve_sampler
+
+        sampler, steps, options, choice = resolve_sampler(sde, sampler, int(steps), dict(options))
         sampler = build_sampler(sampler, **options)
     elif options:
         raise ValueError(f"options {sorted(options)} given with a Sampler instance; set them on the instance")
@@ -288,7 +300,7 @@ def sample(
             x = hook(x, torch.zeros((), dtype=x.dtype, device=x.device))
         if traj is not None:
             traj.append(x)
-    return SampleResult(samples=x, nfe=counter.nfe, trajectory=traj, times=ts)
+    return SampleResult(samples=x, nfe=counter.nfe, trajectory=traj, times=ts, choice=choice)
 
 
 __all__ = [

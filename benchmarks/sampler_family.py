@@ -1,0 +1,324 @@
+r"""Samplers on problems nobody tuned for: random exact-score mixtures, our default against
+k-diffusion at its best.
+
+Problems are ``GaussianMixture.random_family(seed)`` (sde_diffusion/toy.py): dimension 2–256
+(log-uniform), 2–12 modes with weights up to 1:50, per-mode scales spanning 1:100 on random rotated
+anisotropic axes (full covariances), separation from overlapping to isolated. The seeds were fixed
+before any result was seen:
+
+* ``TUNING_SEEDS`` (0–11): the default rule (``sde_diffusion/samplers/defaults.py``) was chosen on these;
+* ``HELD_OUT_SEEDS`` (1000–1039): reported separately; nothing was chosen on them.
+
+SDEs: VP and sub-VP with the library defaults, VE with σ_min = 0.01 and σ_max = the mixture's
+diameter (``GaussianMixture.diameter``). NFE budgets 5, 10, 15, 20, 30, 50.
+
+Every run starts from the same exact draw of p_T (n = 1000 points) and uses the same noise seed.
+Metric: the *whitened moment KL* (nats): KL(w ‖ ŵ) plus, for each mode k with exact posterior
+responsibilities, Σ_j KL(N(μ̂_kj, v̂_kj) ‖ N(0, 1)) over the coordinates of the mode's own whitened
+eigenbasis. Unlike the full moment KL it stays finite when a mode holds fewer samples than
+dimensions (D up to 256 with n = 1000), and for a Gaussian mode it sees exactly the errors a
+linear-score integrator makes (per eigen-direction bias and spread). ``floor`` is its value on exact
+draws of p_0 (mean of 3).
+
+Peers (k-diffusion 0.1.x, fed the exact denoiser in EDM coordinates): euler, heun, lms, dpmpp_2m,
+dpmpp_2m_sde, dpmpp_3m_sde, each on its Karras schedule from σ̃(T) with σ_min ∈ {σ̃(sde.eps), 0.002,
+0.01, 0.05}, ρ ∈ {5, 7}, and the final step to σ = 0; per problem, SDE and budget the best of these
+48 settings is "k-diffusion at its best" (its step count is the largest whose NFE fits the budget).
+
+Ours: ``default`` is ``sample(..., sampler=None)`` (the documented rule); ``--candidates`` adds the
+configurations the rule was chosen from.
+
+Usage::
+
+    python benchmarks/sampler_family.py --seeds tuning --candidates --jobs 2 --out benchmarks/results/family_tuning.json
+    python benchmarks/sampler_family.py --seeds held-out --jobs 2 --out benchmarks/results/family_heldout.json
+    python benchmarks/sampler_family.py --report benchmarks/results/family_heldout.json [--write]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+from common import EDMDenoiser, MixtureEvaluator, marginal_sample, md_table, write_results_section  # noqa: E402
+from sde_diffusion import SubVPSDE, VESDE, VPSDE, sample  # noqa: E402
+from sde_diffusion.samplers.defaults import default_sampler  # noqa: E402
+from sde_diffusion.toy import GaussianMixture  # noqa: E402
+
+TUNING_SEEDS = tuple(range(0, 12))
+HELD_OUT_SEEDS = tuple(range(1000, 1040))
+NFES = (5, 10, 15, 20, 30, 50)
+SDES = ("vp", "subvp", "ve")
+N_SAMPLES = 1000
+PRIOR_SEED, NOISE_SEED, FLOOR_SEED = 4242, 777, 99
+KD_FUNCS = ("sample_euler", "sample_heun", "sample_lms", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde")
+KD_SIGMA_MINS = ("eps", 0.002, 0.01, 0.05)
+KD_RHOS = (5.0, 7.0)
+
+# The configurations the default rule was chosen from: (sampler, options). ``denoise`` spends one
+# NFE of the budget on the final Tweedie step.
+CANDIDATES: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    "dpm2": ("dpm_solver", {}),
+    "dpm3": ("dpm_solver", {"order": 3}),
+    "unipc2": ("dpm_solver", {"corrector": True}),
+    "unipc3": ("dpm_solver", {"order": 3, "corrector": True}),
+    "dpm2-karras-d": ("dpm_solver", {"grid": "karras", "denoise": True}),
+    "unipc2-karras-d": ("dpm_solver", {"corrector": True, "grid": "karras", "denoise": True}),
+    "unipc3-karras-d": ("dpm_solver", {"order": 3, "corrector": True, "grid": "karras", "denoise": True}),
+    "unipc2-logsnr-d": ("dpm_solver", {"corrector": True, "grid": "logsnr", "denoise": True}),
+    "unipc3-logsnr-d": ("dpm_solver", {"order": 3, "corrector": True, "grid": "logsnr", "denoise": True}),
+    "unipc2-karras-d-e5": ("dpm_solver", {"corrector": True, "grid": "karras", "denoise": True, "eps": 1e-5}),
+    "unipc3-karras-d-e5": ("dpm_solver", {"order": 3, "corrector": True, "grid": "karras", "denoise": True, "eps": 1e-5}),
+    "unipc2-logsnr-d-e5": ("dpm_solver", {"corrector": True, "grid": "logsnr", "denoise": True, "eps": 1e-5}),
+    "euler_maruyama": ("euler_maruyama", {}),
+    "dpm2-sde": ("dpm_solver", {"stochastic": True}),
+}
+
+
+# --------------------------------------------------------------------------------- problems
+def make_sde(name: str, mixture: GaussianMixture):
+    if name == "vp":
+        return VPSDE()
+    if name == "subvp":
+        return SubVPSDE()
+    if name == "ve":
+        return VESDE(sigma_min=0.01, sigma_max=mixture.diameter())
+    raise ValueError(f"unknown SDE {name!r}; choose one of {SDES}")
+
+
+def whitened_moment_kl(x: torch.Tensor, ev: MixtureEvaluator) -> float:
+    """The module's metric (``GaussianMixture.whitened_moment_kl``)."""
+    return ev.mixture.whitened_moment_kl(x)
+
+
+# --------------------------------------------------------------------------------- runs
+_KD: Dict[str, Any] = {}
+
+
+def kdiffusion():
+    if "mod" not in _KD:
+        from common import load_kdiffusion_sampling
+
+        _KD["mod"], _KD["status"] = load_kdiffusion_sampling()
+    return _KD["mod"]
+
+
+def kd_steps(fn: str, budget: int) -> Optional[int]:
+    from samplers import kd_steps_for
+
+    return kd_steps_for(fn, budget)
+
+
+def ours_steps(sampler_name: str, options: Dict[str, Any], budget: int) -> Optional[int]:
+    from sde_diffusion.samplers import build_sampler
+
+    s = build_sampler(sampler_name, **options)
+    per = s.nfe_per_step or 1
+    steps = (budget - int(s.denoise)) // per
+    return steps if steps >= 1 else None
+
+
+def run_case(task: Tuple[int, str, bool, bool]) -> List[Dict[str, Any]]:
+    """Every configuration at every budget on one (seed, SDE)."""
+    seed, sde_name, with_candidates, with_kd = task
+    torch.set_num_threads(1)
+    gm = GaussianMixture.random_family(seed)
+    sde = make_sde(sde_name, gm)
+    ev = MixtureEvaluator(gm, sde)
+    gen = torch.Generator().manual_seed(PRIOR_SEED + seed)
+    x_T = marginal_sample(gm, sde, N_SAMPLES, sde.T, gen, torch.float32)
+    rows: List[Dict[str, Any]] = []
+    base = {"seed": seed, "sde": sde_name, "dim": gm.dim, "modes": gm.num_components}
+    floors = [whitened_moment_kl(gm.sample(N_SAMPLES, torch.Generator().manual_seed(FLOOR_SEED + i)), ev) for i in range(3)]
+    rows.append({**base, "kind": "floor", "label": "floor", "nfe": 0, "budget": 0, "metric": statistics.mean(floors),
+                 "metric_sd": statistics.stdev(floors)})
+
+    def ours(label: str, name: Optional[str], options: Dict[str, Any], budget: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            if name is None:
+                choice = default_sampler(sde, budget)
+                name_, opts, steps = choice.name, choice.options, choice.steps
+            else:
+                name_, opts = name, options
+                steps = ours_steps(name, options, budget)
+                if steps is None:
+                    return
+            g = torch.Generator().manual_seed(NOISE_SEED)
+            out = sample(sde, ev.score, x_T.shape, sampler=name_, steps=steps, x_T=x_T, generator=g, **opts)
+            metric, nfe = whitened_moment_kl(out.samples, ev), out.nfe
+        except Exception as err:  # noqa: BLE001 - a failure is a result
+            metric, nfe = math.inf, budget
+            print(f"  {label} seed {seed} {sde_name} NFE {budget}: {type(err).__name__}: {err}", file=sys.stderr)
+        rows.append({**base, "kind": "ours", "label": label, "budget": budget, "nfe": nfe, "metric": metric,
+                     "seconds": time.perf_counter() - t0})
+
+    for budget in NFES:
+        ours("default", None, {}, budget)
+        if with_candidates:
+            for label, (name, options) in CANDIDATES.items():
+                ours(label, name, options, budget)
+    if with_kd and kdiffusion() is not None:
+        kd = kdiffusion()
+        ts = torch.tensor([sde.eps, sde.T], dtype=torch.float64)
+        st = (sde.marginal_std(ts) / sde.mean_coeff(ts)).tolist()
+        m_T = float(sde.mean_coeff(torch.tensor(sde.T, dtype=torch.float64)))
+        for fn in KD_FUNCS:
+            for budget in NFES:
+                n = kd_steps(fn, budget)
+                if n is None:
+                    continue
+                for smin in KD_SIGMA_MINS:
+                    s_min = st[0] if smin == "eps" else float(smin)
+                    for rho in KD_RHOS:
+                        sig = kd.get_sigmas_karras(n, s_min, st[1], rho=rho).to(torch.float32)
+                        den = EDMDenoiser(sde, ev.score)
+                        g = torch.Generator().manual_seed(NOISE_SEED)
+                        torch.manual_seed(NOISE_SEED)
+                        t0 = time.perf_counter()
+                        try:
+                            from samplers import _kd_call
+
+                            x0 = _kd_call(fn, den, x_T / m_T, sig, g)
+                            metric = whitened_moment_kl(x0, ev)
+                        except Exception as err:  # noqa: BLE001
+                            metric = math.inf
+                            print(f"  {fn} seed {seed} {sde_name}: {type(err).__name__}: {err}", file=sys.stderr)
+                        rows.append({**base, "kind": "kd", "label": f"{fn[7:]} σmin={smin} ρ={rho:g}", "budget": budget,
+                                     "nfe": den.nfe, "metric": metric, "seconds": time.perf_counter() - t0})
+    return rows
+
+
+# --------------------------------------------------------------------------------- report
+def geo_mean(v: Sequence[float]) -> float:
+    return math.exp(statistics.mean(math.log(x) for x in v))
+
+
+def ratios(rows: List[Dict[str, Any]], label: str) -> Dict[Tuple[str, int], List[Tuple[int, float, str]]]:
+    """(sde, budget) → [(seed, ours/best-kd, best kd label)]."""
+    best: Dict[Tuple[int, str, int], Tuple[float, str]] = {}
+    mine: Dict[Tuple[int, str, int], float] = {}
+    for r in rows:
+        key = (r["seed"], r["sde"], r["budget"])
+        if r["kind"] == "kd" and r["nfe"] <= r["budget"]:
+            if key not in best or r["metric"] < best[key][0]:
+                best[key] = (r["metric"], r["label"])
+        elif r["kind"] == "ours" and r["label"] == label:
+            mine[key] = r["metric"]
+    out: Dict[Tuple[str, int], List[Tuple[int, float, str]]] = {}
+    for key, m in mine.items():
+        if key in best:
+            b = best[key][0]
+            ratio = m / b if b > 0 else (1.0 if m == b else math.inf)
+            out.setdefault((key[1], key[2]), []).append((key[0], ratio, best[key][1]))
+    return out
+
+
+def summary_rows(rows: List[Dict[str, Any]], label: str) -> List[List[str]]:
+    table = []
+    rs = ratios(rows, label)
+    floors = {(r["seed"], r["sde"]): r["metric"] for r in rows if r["kind"] == "floor"}
+    mine = {(r["seed"], r["sde"], r["budget"]): r["metric"] for r in rows if r["kind"] == "ours" and r["label"] == label}
+    for sde in SDES:
+        for budget in NFES:
+            v = rs.get((sde, budget))
+            if not v:
+                continue
+            rr = [x[1] for x in v]
+            wins = sum(1 for x in rr if x <= 1.0)
+            finite = [x for x in rr if math.isfinite(x) and x > 0]
+            near_floor = [mine[(s, sde, budget)] <= 1.05 * floors[(s, sde)] for s, _, _ in v]
+            worst = max(v, key=lambda x: x[1])
+            table.append([sde, str(budget), f"{wins}/{len(rr)} ({100 * wins / len(rr):.0f} %)",
+                          f"{geo_mean(finite):.3f}" if finite else "–", f"{worst[1]:.2f} (seed {worst[0]})",
+                          f"{sum(near_floor)}/{len(near_floor)}"])
+    return table
+
+
+def candidate_table(rows: List[Dict[str, Any]]) -> Tuple[List[str], List[List[str]]]:
+    labels = sorted({r["label"] for r in rows if r["kind"] == "ours"})
+    header = ["config"] + [f"{s} {b}" for s in SDES for b in NFES]
+    body = []
+    for label in labels:
+        rs = ratios(rows, label)
+        line = [label]
+        for s in SDES:
+            for b in NFES:
+                v = [x[1] for x in rs.get((s, b), []) if math.isfinite(x[1]) and x[1] > 0]
+                line.append(f"{geo_mean(v):.2f}" if v else "–")
+        body.append(line)
+    return header, body
+
+
+def report(path: Path, write: bool) -> str:
+    data = json.loads(path.read_text())
+    rows = data["rows"]
+    header = ["SDE", "NFE", "wins vs best k-diffusion", "geo-mean ratio", "worst ratio", "≤ 1.05 × floor"]
+    text = [f"Seeds: {data['seeds_name']} ({len(data['seeds'])} problems). Command: `{data['command']}`.",
+            f"Wall time {data['wall_seconds'] / 60:.0f} min on {data['jobs']} processes.", "",
+            md_table(header, summary_rows(rows, "default"))]
+    if any(r["label"] != "default" for r in rows if r["kind"] == "ours"):
+        h, b = candidate_table(rows)
+        text += ["", "Geometric-mean ratio to the best k-diffusion setting, per configuration:", "", md_table(h, b)]
+    out = "\n".join(text)
+    print(out)
+    if write:
+        write_results_section(HERE / "RESULTS.md", f"## Random family: {data['seeds_name']} seeds", out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", choices=("tuning", "held-out"), default="held-out")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N seeds")
+    ap.add_argument("--sdes", default=",".join(SDES))
+    ap.add_argument("--candidates", action="store_true", help="also run the configurations the default was chosen from")
+    ap.add_argument("--no-kdiffusion", action="store_true")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--report", type=Path, default=None, help="print (and --write) the tables of a results file")
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+    if args.report:
+        report(args.report, args.write)
+        return
+    seeds = list(TUNING_SEEDS if args.seeds == "tuning" else HELD_OUT_SEEDS)[: args.limit]
+    sdes = [s for s in args.sdes.split(",") if s]
+    tasks = [(s, d, args.candidates, not args.no_kdiffusion) for s in seeds for d in sdes]
+    # Big problems first, so that the pool ends together.
+    tasks.sort(key=lambda t: -GaussianMixture.random_family(t[0]).dim)
+    t0 = time.time()
+    rows: List[Dict[str, Any]] = []
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            for i, part in enumerate(pool.map(run_case, tasks)):
+                rows += part
+                print(f"[{i + 1}/{len(tasks)}] {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    else:
+        for i, t in enumerate(tasks):
+            rows += run_case(t)
+            print(f"[{i + 1}/{len(tasks)}] {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    payload = {"seeds_name": args.seeds, "seeds": seeds, "sdes": sdes, "command": "python " + " ".join(sys.argv),
+               "jobs": args.jobs, "wall_seconds": time.time() - t0, "rows": rows}
+    out = args.out or HERE / "results" / f"family_{args.seeds}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, out)
+    report(out, args.write)
+
+
+if __name__ == "__main__":
+    main()

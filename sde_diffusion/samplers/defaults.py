@@ -1,0 +1,127 @@
+r"""The default sampler: the configuration measured best for an SDE family and an NFE budget.
+
+``sample(sde, score_fn, shape, steps=N)`` with no ``sampler`` (and ``python sample.py steps=N``
+with no ``sampler=``) calls :func:`default_sampler`, which maps (family of ``sde``, N) to one
+configuration through a fixed table, :data:`RULES`. It is a documented rule, not a per-problem
+search: it reads nothing but the SDE's family and the budget.
+
+* family: ``"ve"`` when the process keeps the signal (m(T) = 1: VE), ``"subvp"`` for sub-VP,
+  ``"vp"`` for any other process that scales the signal away (VP, cosine VP, a decaying
+  ``LinearSDE``);
+* budget N = score evaluations (NFE). The configuration spends exactly N: its step count is N
+  minus the final denoising step when it takes one.
+
+The table was chosen on the tuning seeds of ``benchmarks/sampler_family.py`` (random exact-score
+mixtures, 2–256 dimensions) by the geometric-mean ratio of the error to the best k-diffusion
+setting, and checked on held-out seeds (benchmarks/RESULTS.md, "Random family").
+
+Example::
+
+    choice = default_sampler(VPSDE(), 10)
+    choice.name, choice.options, choice.steps   # ('dpm_solver', {...}, 9)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Tuple
+
+import torch
+
+from ..sdes.base import SDE
+
+FAMILIES = ("vp", "subvp", "ve")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Use ``sampler`` with ``options`` for budgets ``nfe >= min_nfe`` (the rule with the largest
+    ``min_nfe`` not above the budget applies)."""
+
+    min_nfe: int
+    sampler: str
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+# (family) → rules by increasing min_nfe. Measured: benchmarks/sampler_family.py, tuning seeds.
+RULES: Dict[str, Tuple[Rule, ...]] = {
+    "vp": (Rule(1, "dpm_solver", {}),),
+    "subvp": (Rule(1, "dpm_solver", {}),),
+    "ve": (Rule(1, "dpm_solver", {}),),
+}
+
+
+@dataclass(frozen=True)
+class DefaultChoice:
+    """What the rule picked: registry ``name``, constructor ``options``, ``steps`` for the budget,
+    the ``family`` and ``nfe`` it was picked for."""
+
+    name: str
+    options: Dict[str, Any]
+    steps: int
+    family: str
+    nfe: int
+
+    def describe(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
+        return f"{self.name}({opts}) with {self.steps} steps = {self.nfe} NFE (default for {self.family} SDEs)"
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"sampler": self.name, "options": dict(self.options), "steps": self.steps, "family": self.family,
+                "nfe": self.nfe, "rule": "sde_diffusion.samplers.defaults.RULES"}
+
+
+def sde_family(sde: SDE) -> str:
+    """``"ve"`` if m(T) = 1, ``"subvp"`` for :class:`~sde_diffusion.sdes.SubVPSDE`, else ``"vp"``."""
+    from ..sdes import SubVPSDE
+
+    m_T = float(sde.mean_coeff(torch.tensor(sde.T, dtype=torch.float64)))
+    if m_T >= 1.0 - 1e-9:
+        return "ve"
+    return "subvp" if isinstance(sde, SubVPSDE) else "vp"
+
+
+def default_sampler(sde: SDE, nfe: int) -> DefaultChoice:
+    """The configuration of :data:`RULES` for ``sde``'s family and a budget of ``nfe`` score evaluations."""
+    if int(nfe) != nfe or nfe < 1:
+        raise ValueError(f"the NFE budget (steps) must be an integer ≥ 1, got {nfe}")
+    nfe = int(nfe)
+    family = sde_family(sde)
+    rule = [r for r in RULES[family] if r.min_nfe <= nfe][-1]
+    options = dict(rule.options)
+    denoise = bool(options.get("denoise", False))
+    if denoise and nfe < 2:
+        options["denoise"] = False  # one evaluation cannot pay for a step and a denoising step
+        denoise = False
+    return DefaultChoice(rule.sampler, options, nfe - int(denoise), family, nfe)
+
+
+AUTO_SAMPLER = "auto"
+
+
+def resolve_sampler(sde: SDE, name: Any, steps: int, options: Dict[str, Any]) -> Tuple[str, int, Dict[str, Any], Any]:
+    """``(name, steps, options, choice)``: a named sampler passes through (``choice`` None); ``None``
+    or ``"auto"`` becomes :func:`default_sampler` for the budget ``steps`` (NFE), with ``options``
+    overriding the chosen ones (e.g. ``eps=``) and ``choice`` the :class:`DefaultChoice`."""
+    if name is not None and name != AUTO_SAMPLER:
+        return name, steps, options, None
+    choice = default_sampler(sde, steps)
+    merged = {**choice.options, **options}
+    steps_ = choice.steps
+    if bool(merged.get("denoise", False)) != bool(choice.options.get("denoise", False)):
+        steps_ = choice.nfe - int(bool(merged.get("denoise", False)))  # keep the NFE budget
+    return choice.name, max(steps_, 1), merged, choice
+
+
+def rules_table() -> List[Tuple[str, str, str]]:
+    """(family, NFE range, configuration) rows for documentation."""
+    rows = []
+    for fam in FAMILIES:
+        rules = RULES[fam]
+        for i, r in enumerate(rules):
+            hi = f"–{rules[i + 1].min_nfe - 1}" if i + 1 < len(rules) else "+"
+            opts = ", ".join(f"{k}={v}" for k, v in r.options.items())
+            rows.append((fam, f"{r.min_nfe}{hi}", f"{r.sampler}({opts})"))
+    return rows
+
+
+__all__ = ["AUTO_SAMPLER", "resolve_sampler", "FAMILIES", "Rule", "RULES", "DefaultChoice", "sde_family", "default_sampler", "rules_table"]

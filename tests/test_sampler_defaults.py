@@ -1,0 +1,124 @@
+"""The default sampler (samplers/defaults.py): the rule maps every SDE family and budget to a
+registered configuration that spends exactly the budget, is near the best listed configuration on
+a fixed problem, and is what ``sample()`` and ``sample.py`` use when no sampler is named."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sde_diffusion import CosineVPSDE, GaussianMixture, SubVPSDE, VESDE, VPSDE, sample
+from sde_diffusion.samplers import SAMPLERS, build_sampler
+from sde_diffusion.samplers.defaults import RULES, default_sampler, resolve_sampler, rules_table, sde_family
+from sde_diffusion.sdes import LinearSDE
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SDES = {
+    "vp": VPSDE(),
+    "subvp": SubVPSDE(),
+    "ve": VESDE(sigma_min=0.01, sigma_max=20.0),
+    "cosine_vp": CosineVPSDE(),
+}
+
+
+def test_families() -> None:
+    assert [sde_family(SDES[k]) for k in ("vp", "subvp", "ve", "cosine_vp")] == ["vp", "subvp", "ve", "vp"]
+
+    class ConstantBeta(LinearSDE):
+        def f(self, t):
+            return -torch.ones_like(t)
+
+        def g(self, t):
+            return math.sqrt(2.0) * torch.ones_like(t)
+
+    assert sde_family(ConstantBeta()) == "vp"
+
+
+@pytest.mark.parametrize("sde_name", sorted(SDES))
+@pytest.mark.parametrize("nfe", [1, 2, 3, 5, 10, 15, 20, 30, 50, 100])
+def test_default_spends_exactly_the_budget(sde_name: str, nfe: int) -> None:
+    sde = SDES[sde_name]
+    gm = GaussianMixture.random_family(3)  # 2-D, 9 modes
+    out = sample(sde, gm.score_fn(sde), (8, gm.dim), steps=nfe, generator=torch.Generator().manual_seed(nfe))
+    assert out.nfe == nfe
+    assert torch.isfinite(out.samples).all()
+    choice = out.choice
+    assert choice is not None and choice.nfe == nfe and choice.family == sde_family(sde)
+    assert choice.name in SAMPLERS.names()
+    assert build_sampler(choice.name, **choice.options).expected_nfe(choice.steps) == nfe
+
+
+def test_every_rule_builds_and_the_table_is_ordered() -> None:
+    for fam, rules in RULES.items():
+        assert rules[0].min_nfe == 1, fam  # every budget is covered
+        assert [r.min_nfe for r in rules] == sorted({r.min_nfe for r in rules})
+        for r in rules:
+            build_sampler(r.sampler, **r.options)  # a bad option would raise here
+    assert {row[0] for row in rules_table()} == set(RULES)
+
+
+def test_a_named_sampler_is_untouched_and_options_override_the_choice() -> None:
+    sde = VPSDE()
+    assert resolve_sampler(sde, "pc", 1000, {"snr": 0.16}) == ("pc", 1000, {"snr": 0.16}, None)
+    name, steps, opts, choice = resolve_sampler(sde, None, 10, {"eps": 1e-3})
+    assert opts["eps"] == 1e-3 and choice.name == name
+    # Switching the denoising step on or off keeps the budget.
+    _, steps_d, opts_d, _ = resolve_sampler(sde, "auto", 10, {"denoise": True})
+    _, steps_n, opts_n, _ = resolve_sampler(sde, "auto", 10, {"denoise": False})
+    assert (steps_d, steps_n) == (9, 10)
+    with pytest.raises(ValueError, match="integer ≥ 1"):
+        default_sampler(sde, 0)
+    # sample(sampler=...) with a name still means that sampler, bit for bit.
+    gm = GaussianMixture.random_family(3)
+    a = sample(sde, gm.score_fn(sde), (8, 2), sampler="pc", steps=5, generator=torch.Generator().manual_seed(0))
+    b = sample(sde, gm.score_fn(sde), (8, 2), sampler=build_sampler("pc"), steps=5, generator=torch.Generator().manual_seed(0))
+    assert a.choice is None and torch.equal(a.samples, b.samples)
+
+
+# Configurations a user could pick by hand at 10 NFE (each spends exactly 10).
+LISTED = {
+    "dpm_solver": {},
+    "dpm_solver order=3": {"order": 3},
+    "unipc": {"corrector": True},
+    "unipc order=3": {"order": 3, "corrector": True},
+    "dpm_solver karras": {"grid": "karras"},
+    "dpm_solver logsnr": {"grid": "logsnr"},
+    "ddim": 10,
+    "edm_heun": 5,  # Heun: 2 evaluations per step, the last step Euler (9 NFE)
+}
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "ve"])
+def test_default_is_near_the_best_listed_configuration_at_10_nfe(sde_name: str) -> None:
+    # A fixed problem outside the benchmark's seeds: 11 unequal anisotropic modes in 3-D.
+    gm = GaussianMixture.random_family(5000)
+    sde = VPSDE() if sde_name == "vp" else VESDE(sigma_min=0.01, sigma_max=gm.diameter())
+    n = 4000
+    g = torch.Generator().manual_seed(1)
+    x_T = sde.prior_sample((n, gm.dim), generator=g) if sde_name == "vp" else None
+    if x_T is None:
+        # VE: the exact marginal at T (its prior N(0, σ_max²) ignores the data's spread).
+        x0 = gm.sample(n, torch.Generator().manual_seed(2), dtype=torch.float32)
+        t = torch.tensor(sde.T)
+        x_T = sde.mean_coeff(t) * x0 + sde.marginal_std(t) * torch.randn(n, gm.dim, generator=g)
+    score = gm.score_fn(sde)
+
+    def err(**kw) -> float:
+        out = sample(sde, score, x_T.shape, x_T=x_T, generator=torch.Generator().manual_seed(3), **kw)
+        assert out.nfe <= 10
+        return gm.whitened_moment_kl(out.samples)
+
+    listed = {}
+    for label, opts in LISTED.items():
+        if isinstance(opts, int):
+            listed[label] = err(sampler=label, steps=opts)
+        else:
+            listed[label] = err(sampler="dpm_solver", steps=10, **opts)
+    floor = gm.whitened_moment_kl(gm.sample(n, torch.Generator().manual_seed(4)))
+    best = min(listed.values())
+    default = err(steps=10)
+    assert math.isfinite(default)
+    # Within a factor 1.5 of the best listed configuration (above the floor of exact draws).
+    assert default - floor <= 1.5 * max(best - floor, 0.0) + 0.05 * floor, (default, listed, floor)
