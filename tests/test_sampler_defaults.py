@@ -122,3 +122,41 @@ def test_default_is_near_the_best_listed_configuration_at_10_nfe(sde_name: str) 
     assert math.isfinite(default)
     # Within a factor 1.5 of the best listed configuration (above the floor of exact draws).
     assert default - floor <= 1.5 * max(best - floor, 0.0) + 0.05 * floor, (default, listed, floor)
+
+
+@pytest.mark.parametrize("sde_name", sorted(SDES))
+def test_end_sigma_stops_at_that_noise_level(sde_name: str) -> None:
+    sde = SDES[sde_name]
+    for target in (1e-3, 0.01, 0.3):
+        s = build_sampler("dpm_solver", end_sigma=target)
+        t = torch.tensor(s.end_time(sde), dtype=torch.float64)
+        got = float(sde.marginal_std(t) / sde.mean_coeff(t))
+        if float(t) > sde.eps:
+            assert got == pytest.approx(target, rel=1e-6)
+        else:  # below what the process reaches at its smallest time: clipped there
+            assert target < got
+    with pytest.raises(ValueError, match="not both"):
+        build_sampler("dpm_solver", end_sigma=0.01, eps=1e-3)
+    with pytest.raises(ValueError, match="end_sigma must be a positive number"):
+        build_sampler("dpm_solver", end_sigma=0.0)
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "subvp", "ve"])
+def test_end_sigma_on_a_gaussian_gives_the_exact_marginal_there(sde_name: str) -> None:
+    # Data N(0, s² I): the probability-flow ODE maps p_T to p_t = N(0, (m² s² + σ²) I) exactly, so
+    # a converged solver stopped at σ/m = 0.3 must return that variance (Monte-Carlo tolerance).
+    s2 = 0.25
+    gm = GaussianMixture(torch.ones(1), torch.zeros(1, 2), s2 * torch.eye(2)[None])
+    sde = SDES[sde_name]
+    n = 20000
+    g = torch.Generator().manual_seed(0)
+    T = torch.tensor(sde.T, dtype=torch.float64)
+    x_T = (torch.randn(n, 2, generator=g, dtype=torch.float64)
+           * torch.sqrt(sde.mean_coeff(T) ** 2 * s2 + sde.marginal_std(T) ** 2))
+    out = sample(sde, gm.score_fn(sde), x_T.shape, sampler="dpm_solver", steps=40, x_T=x_T, end_sigma=0.3,
+                 dtype=torch.float64)
+    t = torch.tensor(build_sampler("dpm_solver", end_sigma=0.3).end_time(sde), dtype=torch.float64)
+    m = sde.mean_coeff(t)
+    expected = float(m**2 * s2 + (0.3 * m) ** 2)
+    var = float(out.samples.var(0).mean())
+    assert var == pytest.approx(expected, rel=4 * math.sqrt(2 / (2 * n)) + 1e-3)

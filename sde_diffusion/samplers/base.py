@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -108,16 +109,28 @@ class Sampler(abc.ABC):
     Args:
         eps: final time of the reverse process (default ``sde.sampling_eps``); must be in (0, T).
         denoise: after the last step, return Tweedie's x̂_0 = (x + σ² s(x, eps))/m (one more NFE).
+        end_sigma: stop where the noise-to-signal ratio σ(t)/m(t) equals this (instead of at a
+            time ``eps``): the same noise level on every process, whose times differ (VP's default
+            eps = 1e-3 is σ/m ≈ 0.01; sub-VP's is ≈ 1e-4). Clipped to [sde.eps, T).
     """
 
     #: batched score evaluations per step (for :meth:`expected_nfe`); 0 if it varies.
     nfe_per_step: int = 1
 
-    def __init__(self, eps: Optional[float] = None, denoise: bool = False) -> None:
+    def __init__(self, eps: Optional[float] = None, denoise: bool = False, end_sigma: Optional[float] = None) -> None:
+        if eps is not None and end_sigma is not None:
+            raise ValueError("give eps (a final time) or end_sigma (a final noise level σ/m), not both")
+        if end_sigma is not None and not (float(end_sigma) > 0 and math.isfinite(float(end_sigma))):
+            raise ValueError(f"end_sigma must be a positive number, got {end_sigma}")
         self.eps = eps
         self.denoise = bool(denoise)
+        self.end_sigma = None if end_sigma is None else float(end_sigma)
 
     def end_time(self, sde: SDE) -> float:
+        if self.end_sigma is not None:
+            lam = torch.tensor(-2.0 * math.log(self.end_sigma), dtype=torch.float64)
+            t = float(sde.t_from_log_snr(lam))
+            return min(max(t, float(sde.eps)), float(sde.T) * (1 - 1e-6))
         eps = sde.sampling_eps if self.eps is None else float(self.eps)
         if not 0 < eps < sde.T:
             raise ValueError(f"eps must lie in (0, T={sde.T}) for {type(self).__name__}, got eps={eps}")
@@ -168,8 +181,9 @@ class StepSampler(Sampler):
 
     default_grid: str = "uniform"
 
-    def __init__(self, grid: Optional[str] = None, rho: float = 7.0, eps: Optional[float] = None, denoise: bool = False) -> None:
-        super().__init__(eps=eps, denoise=denoise)
+    def __init__(self, grid: Optional[str] = None, rho: float = 7.0, eps: Optional[float] = None, denoise: bool = False,
+                 end_sigma: Optional[float] = None) -> None:
+        super().__init__(eps=eps, denoise=denoise, end_sigma=end_sigma)
         self.grid = grid or self.default_grid
         self.rho = float(rho)
 

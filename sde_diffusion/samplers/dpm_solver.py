@@ -85,6 +85,7 @@ class DPMSolverPP(StepSampler):
         corrector: apply the UniC corrector (UniPC); not with ``stochastic``.
         stochastic: the SDE variant (order 1 or 2 only).
         grid, rho: time grid (``auto``, ``logsnr``, ``karras``, ``uniform``, ``quadratic``).
+        eps / end_sigma: where to stop, as a time or as a noise level σ/m (see :class:`~.base.Sampler`).
     """
 
     default_grid = "auto"
@@ -99,8 +100,9 @@ class DPMSolverPP(StepSampler):
         rho: float = 7.0,
         eps: Optional[float] = None,
         denoise: bool = False,
+        end_sigma: Optional[float] = None,
     ) -> None:
-        super().__init__(grid=grid, rho=rho, eps=eps, denoise=denoise)
+        super().__init__(grid=grid, rho=rho, eps=eps, denoise=denoise, end_sigma=end_sigma)
         if order not in (1, 2, 3):
             raise ValueError(f"order must be 1, 2 or 3, got order={order}")
         if stochastic and order > 2:
