@@ -160,3 +160,10 @@ def test_end_sigma_on_a_gaussian_gives_the_exact_marginal_there(sde_name: str) -
     expected = float(m**2 * s2 + (0.3 * m) ** 2)
     var = float(out.samples.var(0).mean())
     assert var == pytest.approx(expected, rel=4 * math.sqrt(2 / (2 * n)) + 1e-3)
+
+
+def test_every_sampler_takes_end_sigma() -> None:
+    sde = SubVPSDE()
+    for name in SAMPLERS.names():
+        t = torch.tensor(build_sampler(name, end_sigma=0.02).end_time(sde), dtype=torch.float64)
+        assert float(sde.marginal_std(t) / sde.mean_coeff(t)) == pytest.approx(0.02, rel=1e-6), name

@@ -48,8 +48,9 @@ class DDIM(StepSampler):
         rho: float = 7.0,
         eps: Optional[float] = None,
         denoise: bool = False,
+        end_sigma: Optional[float] = None,
     ) -> None:
-        super().__init__(grid=grid, rho=rho, eps=eps, denoise=denoise)
+        super().__init__(grid=grid, rho=rho, eps=eps, denoise=denoise, end_sigma=end_sigma)
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: ancestral), got eta={eta}")
         self.eta = float(eta)

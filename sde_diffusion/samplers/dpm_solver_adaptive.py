@@ -101,8 +101,9 @@ class AdaptiveDPMSolverPP(Sampler):
         max_steps: int = 100_000,
         eps: Optional[float] = None,
         denoise: bool = False,
+        end_sigma: Optional[float] = None,
     ) -> None:
-        super().__init__(eps=eps, denoise=denoise)
+        super().__init__(eps=eps, denoise=denoise, end_sigma=end_sigma)
         if not (rtol > 0 and atol > 0):
             raise ValueError(f"rtol and atol must be positive, got rtol={rtol}, atol={atol}")
         if not h_init > 0:

@@ -59,8 +59,9 @@ class EDMHeun(StepSampler):
         rho: float = 7.0,
         eps: Optional[float] = None,
         denoise: bool = False,
+        end_sigma: Optional[float] = None,
     ) -> None:
-        super().__init__(grid=grid, rho=rho, eps=eps, denoise=denoise)
+        super().__init__(grid=grid, rho=rho, eps=eps, denoise=denoise, end_sigma=end_sigma)
         if S_churn < 0 or S_noise < 0:
             raise ValueError(f"S_churn and S_noise must be ≥ 0, got S_churn={S_churn}, S_noise={S_noise}")
         if not 0 <= S_tmin <= S_tmax:

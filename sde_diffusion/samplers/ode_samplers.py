@@ -128,8 +128,9 @@ class AdaptiveODE(Sampler):
 
     nfe_per_step = 0
 
-    def __init__(self, rtol: float = 1e-5, atol: float = 1e-5, eps: Optional[float] = None, denoise: bool = False) -> None:
-        super().__init__(eps=eps, denoise=denoise)
+    def __init__(self, rtol: float = 1e-5, atol: float = 1e-5, eps: Optional[float] = None, denoise: bool = False,
+                 end_sigma: Optional[float] = None) -> None:
+        super().__init__(eps=eps, denoise=denoise, end_sigma=end_sigma)
         self.rtol, self.atol = _check_tol(rtol, atol)
 
     def solve(self, sde: SDE, score_fn: ScoreFn, x: Tensor, t0: float, t1: float, record: bool) -> ODEResult:
@@ -178,8 +179,9 @@ class ODEDopri5(AdaptiveODE):
         max_steps: int = 100_000,
         eps: Optional[float] = None,
         denoise: bool = False,
+        end_sigma: Optional[float] = None,
     ) -> None:
-        super().__init__(rtol=rtol, atol=atol, eps=eps, denoise=denoise)
+        super().__init__(rtol=rtol, atol=atol, eps=eps, denoise=denoise, end_sigma=end_sigma)
         if int(max_steps) != max_steps or max_steps < 1:
             raise ValueError(f"max_steps must be an integer ≥ 1, got {max_steps}")
         self.max_steps = int(max_steps)
@@ -217,8 +219,9 @@ class ODEScipy(AdaptiveODE):
         atol: float = 1e-5,
         eps: Optional[float] = None,
         denoise: bool = False,
+        end_sigma: Optional[float] = None,
     ) -> None:
-        super().__init__(rtol=rtol, atol=atol, eps=eps, denoise=denoise)
+        super().__init__(rtol=rtol, atol=atol, eps=eps, denoise=denoise, end_sigma=end_sigma)
         if method not in SCIPY_METHODS:
             raise ValueError(f"unknown solve_ivp method {method!r}; choose one of: {', '.join(SCIPY_METHODS)}")
         self.method = method

@@ -52,8 +52,9 @@ class PredictorCorrector(StepSampler):
         rho: float = 7.0,
         eps: Optional[float] = None,
         denoise: bool = False,
+        end_sigma: Optional[float] = None,
     ) -> None:
-        super().__init__(grid=grid, rho=rho, eps=eps, denoise=denoise)
+        super().__init__(grid=grid, rho=rho, eps=eps, denoise=denoise, end_sigma=end_sigma)
         pred_cls = PREDICTORS.get(predictor)
         corr_cls = CORRECTORS.get(corrector)
         self.predictor_name, self.corrector_name = predictor, corrector

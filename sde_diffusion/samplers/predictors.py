@@ -42,8 +42,9 @@ class Predictor(StepSampler):
         eps: Optional[float] = None,
         denoise: bool = False,
         noise_free_final: bool = True,
+        end_sigma: Optional[float] = None,
     ) -> None:
-        super().__init__(grid=grid, rho=rho, eps=eps, denoise=denoise)
+        super().__init__(grid=grid, rho=rho, eps=eps, denoise=denoise, end_sigma=end_sigma)
         self.noise_free_final = bool(noise_free_final)
 
     @abc.abstractmethod

@@ -273,8 +273,9 @@ class TorchSDESampler(Sampler):
     NFE = steps (euler, milstein), 3·steps (srk), steps + 1 (reversible_heun); +1 with ``denoise``.
     """
 
-    def __init__(self, method: str = "euler", eps: Optional[float] = None, denoise: bool = False) -> None:
-        super().__init__(eps=eps, denoise=denoise)
+    def __init__(self, method: str = "euler", eps: Optional[float] = None, denoise: bool = False,
+                 end_sigma: Optional[float] = None) -> None:
+        super().__init__(eps=eps, denoise=denoise, end_sigma=end_sigma)
         if method not in TORCHSDE_METHODS:
             raise ValueError(f"unknown torchsde method {method!r}; choose one of: {', '.join(TORCHSDE_METHODS)}")
         self.method = method
