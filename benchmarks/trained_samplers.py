@@ -1,0 +1,146 @@
+r"""Samplers on trained networks: the default rule against the alternatives a user could pick.
+
+Exact scores judge the integrator; a trained score is imperfect, and there the ranking can change.
+This benchmark samples the two models ``make demo`` trains (``python -m sde_diffusion.demo``:
+8×8 digits, U-Net, 800 steps; 2-D moons, MLP, 1500 steps; both VP) at 10, 20 and 50 NFE with
+
+* ``default`` — ``sample()`` with no sampler named (samplers/defaults.py);
+* ``dpm_solver`` — DPM-Solver++(2M) at its config defaults;
+* ``unipc`` — the same with the UniC corrector (conf/sampler/unipc.yaml);
+* ``euler_maruyama 200`` — the stochastic reference at 200 NFE (the demo's sampler);
+
+over several seeds, and scores them against held-out data: digits-FD (Fréchet distance of the
+digits classifier's features, against all 1797 digits) for the digits, sliced W2 (256 projections)
+against fresh draws of the data distribution for the moons. The seed-to-seed spread is the noise
+against which "the default must not lose" is judged.
+
+Usage::
+
+    python -m sde_diffusion.demo --quiet                       # once: trains outputs/demo/{digits,toy}_run
+    python benchmarks/trained_samplers.py --seeds 3 --write    # → RESULTS.md, "Trained models"
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+from common import md_table, write_results_section  # noqa: E402
+from sde_diffusion import sample  # noqa: E402
+from sde_diffusion.config import sampler_settings  # noqa: E402
+from sde_diffusion.jobs.checkpoint import load_model  # noqa: E402
+
+NFES = (10, 20, 50)
+
+
+def sampler_cfg(name: str) -> Dict[str, Any]:
+    """The options of conf/sampler/<name>.yaml (what `sample.py sampler=<name>` uses)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("sample", overrides=[f"sampler={name}"])
+    _, _, options = sampler_settings(cfg)
+    return dict(options)
+
+
+def settings() -> List[Tuple[str, Optional[str], Dict[str, Any], Optional[int]]]:
+    """(label, sampler or None for the default, options, fixed NFE or None for the NFE grid)."""
+    return [
+        ("default", None, {}, None),
+        ("dpm_solver", "dpm_solver", sampler_cfg("dpm_solver"), None),
+        ("unipc", "dpm_solver", sampler_cfg("unipc"), None),
+        ("euler_maruyama 200", "euler_maruyama", sampler_cfg("euler_maruyama"), 200),
+    ]
+
+
+def draw(model: Any, n: int, name: Optional[str], options: Dict[str, Any], nfe: int, seed: int, batch: int) -> torch.Tensor:
+    score = model.score_model(use_ema=True)
+    out = []
+    for b, lo in enumerate(range(0, n, batch)):
+        k = min(batch, n - lo)
+        gen = torch.Generator().manual_seed(1000 * seed + b)
+        with torch.no_grad():
+            res = sample(model.sde, score, (k, *model.model_shape), sampler=name, steps=nfe, generator=gen, **options)
+        out.append(model.module.to_data(res.samples))
+    return torch.cat(out)
+
+
+def evaluate(label: str, model: Any, metric: Callable[[torch.Tensor], float], n: int, seeds: int, batch: int,
+             rows: List[Dict[str, Any]]) -> None:
+    for tag, name, options, fixed in settings():
+        for nfe in ([fixed] if fixed else NFES):
+            for seed in range(seeds):
+                t0 = time.perf_counter()
+                x = draw(model, n, name, options, nfe, seed, batch)
+                rows.append({"model": label, "setting": tag, "nfe": nfe, "seed": seed, "metric": metric(x),
+                             "seconds": time.perf_counter() - t0})
+                print(f"{label} {tag} NFE {nfe} seed {seed}: {rows[-1]['metric']:.4f}", file=sys.stderr, flush=True)
+
+
+def table(rows: List[Dict[str, Any]], label: str) -> str:
+    tags = [t for t, *_ in settings()]
+    header = ["setting"] + [f"NFE {n}" for n in NFES] + ["EM 200"]
+    body = []
+    for tag in tags:
+        line = [tag]
+        for nfe in list(NFES) + [200]:
+            v = [r["metric"] for r in rows if r["model"] == label and r["setting"] == tag and r["nfe"] == nfe]
+            line.append(f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}" if v else "–")
+        body.append(line)
+    return md_table(header, body)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--digits-run", type=Path, default=ROOT / "outputs" / "demo" / "digits_run")
+    ap.add_argument("--toy-run", type=Path, default=ROOT / "outputs" / "demo" / "toy_run")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--n-digits", type=int, default=500)
+    ap.add_argument("--n-toy", type=int, default=2000)
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    for run in (args.digits_run, args.toy_run):
+        if not (run / "checkpoints" / "last.ckpt").is_file():
+            sys.exit(f"{run} has no checkpoints/last.ckpt: train the demo models first (python -m sde_diffusion.demo --quiet)")
+    t0 = time.time()
+    rows: List[Dict[str, Any]] = []
+
+    from sde_diffusion.evaluation.digits_classifier import digits_fd, get_classifier
+
+    clf = get_classifier()
+    digits = load_model(args.digits_run)
+    evaluate("digits", digits, lambda x: digits_fd(x, classifier=clf), args.n_digits, args.seeds, 250, rows)
+
+    from sde_diffusion.metrics import sliced_wasserstein
+
+    toy = load_model(args.toy_run)
+    dm = toy.build_datamodule({})
+    truth = dm.reference(20000, torch.Generator().manual_seed(123))  # fresh draws, not training points
+    evaluate("moons", toy, lambda x: sliced_wasserstein(x, truth, generator=torch.Generator().manual_seed(0)),
+             args.n_toy, args.seeds, 2000, rows)
+
+    text = "\n".join([
+        f"Command: `python {' '.join(sys.argv)}`; {args.seeds} seeds (mean ± std across seeds), "
+        f"{time.time() - t0:.0f} s. Models: `python -m sde_diffusion.demo --quiet` (digits 800 steps, moons 1500 steps, VP).",
+        "", f"Digits, digits-FD of {args.n_digits} samples against the 1797 digits (lower is better):", "",
+        table(rows, "digits"), "",
+        f"Moons, sliced W2 of {args.n_toy} samples against {len(truth)} data points (lower is better):", "",
+        table(rows, "moons"),
+    ])
+    print(text)
+    if args.write:
+        write_results_section(HERE / "RESULTS.md", "## Trained models: the default sampler", text)
+
+
+if __name__ == "__main__":
+    main()
