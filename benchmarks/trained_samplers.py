@@ -4,9 +4,13 @@ Exact scores judge the integrator; a trained score is imperfect, and there the r
 This benchmark samples the two models ``make demo`` trains (``python -m sde_diffusion.demo``:
 8×8 digits, U-Net, 800 steps; 2-D moons, MLP, 1500 steps; both VP) at 10, 20 and 50 NFE with
 
-* ``default`` — ``sample()`` with no sampler named (samplers/defaults.py);
+* ``default`` — what ``python sample.py steps=N`` runs: the rule of samplers/defaults.py, and for
+  image data (not for the 2-D toy) the denoiser clamped to the data range (``clip_denoised=auto``);
 * ``dpm_solver`` — DPM-Solver++(2M) at its config defaults;
 * ``unipc`` — the same with the UniC corrector (conf/sampler/unipc.yaml);
+* ``dpm_solver_sde`` — DPM-Solver++(2M) SDE (conf/sampler/dpm_solver_sde.yaml);
+* ``dpm_solver + clip`` — DPM-Solver++(2M) with ``clip_denoised=true`` (images only; on the toy it is
+  plain dpm_solver);
 * ``euler_maruyama 200`` — the stochastic reference at 200 NFE (the demo's sampler);
 
 over several seeds, and scores them against held-out data: digits-FD (Fréchet distance of the
@@ -38,6 +42,7 @@ from common import md_table, write_results_section  # noqa: E402
 from sde_diffusion import sample  # noqa: E402
 from sde_diffusion.config import sampler_settings  # noqa: E402
 from sde_diffusion.jobs.checkpoint import load_model  # noqa: E402
+from sde_diffusion.score import DataRangeClip  # noqa: E402
 
 NFES = (10, 20, 50)
 
@@ -58,12 +63,17 @@ def settings() -> List[Tuple[str, Optional[str], Dict[str, Any], Optional[int]]]
         ("default", None, {}, None),
         ("dpm_solver", "dpm_solver", sampler_cfg("dpm_solver"), None),
         ("unipc", "dpm_solver", sampler_cfg("unipc"), None),
+        ("dpm_solver_sde", "dpm_solver", sampler_cfg("dpm_solver_sde"), None),
+        ("dpm_solver + clip", "dpm_solver", sampler_cfg("dpm_solver"), None),
         ("euler_maruyama 200", "euler_maruyama", sampler_cfg("euler_maruyama"), 200),
     ]
 
 
-def draw(model: Any, n: int, name: Optional[str], options: Dict[str, Any], nfe: int, seed: int, batch: int) -> torch.Tensor:
+def draw(model: Any, n: int, name: Optional[str], options: Dict[str, Any], nfe: int, seed: int, batch: int,
+         clip: Optional[Tuple[float, float]] = None) -> torch.Tensor:
     score = model.score_model(use_ema=True)
+    if clip is not None:
+        score = DataRangeClip(score, model.sde, *clip)
     out = []
     for b, lo in enumerate(range(0, n, batch)):
         k = min(batch, n - lo)
@@ -76,11 +86,15 @@ def draw(model: Any, n: int, name: Optional[str], options: Dict[str, Any], nfe: 
 
 def evaluate(label: str, model: Any, metric: Callable[[torch.Tensor], float], n: int, seeds: int, batch: int,
              rows: List[Dict[str, Any]]) -> None:
+    dm = model.build_datamodule({})
+    # As sample.py does (clip_denoised=auto): the default clamps x̂0 to the range of image data.
+    bounded = getattr(dm, "is_image", False) and not model.is_latent
+    clip = tuple(float(v) for v in dm.scaler(torch.tensor([0.0, 1.0]))) if bounded else None
     for tag, name, options, fixed in settings():
         for nfe in ([fixed] if fixed else NFES):
             for seed in range(seeds):
                 t0 = time.perf_counter()
-                x = draw(model, n, name, options, nfe, seed, batch)
+                x = draw(model, n, name, options, nfe, seed, batch, clip if (name is None or "clip" in tag) else None)
                 rows.append({"model": label, "setting": tag, "nfe": nfe, "seed": seed, "metric": metric(x),
                              "seconds": time.perf_counter() - t0})
                 print(f"{label} {tag} NFE {nfe} seed {seed}: {rows[-1]['metric']:.4f}", file=sys.stderr, flush=True)

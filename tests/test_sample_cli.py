@@ -132,6 +132,34 @@ def test_default_sampler_is_the_measured_rule_and_is_recorded(toy_run: Path, tmp
     assert rj["sampler"]["name"] == "pc" and rj["sampler"]["default_rule"] is None
     assert rj["sampler"]["options"]["predictor"] == "reverse_diffusion" and rj["sampler"]["options"]["corrector"] == "langevin"
     assert rj["sampler"]["options"]["snr"] == 0.16 and rj["nfe"]["total"] == 6
+    assert rj["sampler"]["clip_denoised"] is None  # vector data: never clamped
+
+
+def test_default_sampler_clamps_the_denoiser_for_images(digits_run: Path, tmp_path: Path) -> None:
+    from sde_diffusion.samplers.defaults import default_sampler
+    from sde_diffusion.score import DataRangeClip
+
+    run(_sample_cfg(digits_run, "steps=5", "n=3", "batch_size=3", "label=2", f"out={tmp_path / 'a'}", "figures=false"))
+    rj = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert rj["sampler"]["clip_denoised"] == [-1.0, 1.0]
+    model = load_model(digits_run, device="cpu")
+    choice = default_sampler(model.sde, 5)
+    gen = torch.Generator().manual_seed(batch_seed(0, "sample", 0))
+    cfg_score = ClassifierFreeGuidance(model.module.score_fn(use_ema=True), y=torch.full((3,), 2), scale=0.0, null_label=10)
+    with torch.no_grad():
+        ref = sample(model.sde, DataRangeClip(cfg_score, model.sde, -1.0, 1.0), (3, 1, 8, 8), sampler=choice.name,
+                     steps=choice.steps, generator=gen, **choice.options)
+    dm = model.build_datamodule({})
+    expected = torch.round(dm.inverse_scaler(ref.samples).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1)
+    np.testing.assert_array_equal(_npz(tmp_path / "a" / "samples.npz")["samples"], expected.numpy())
+    # A named sampler is not clamped unless asked; clip_denoised=true asks.
+    run(_sample_cfg(digits_run, "sampler=ddim", "steps=2", "n=2", "batch_size=2", f"out={tmp_path / 'b'}", "figures=false"))
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["sampler"]["clip_denoised"] is None
+    run(_sample_cfg(digits_run, "sampler=ddim", "steps=2", "n=2", "batch_size=2", "clip_denoised=true",
+                    f"out={tmp_path / 'c'}", "figures=false"))
+    assert json.loads((tmp_path / "c" / "run.json").read_text())["sampler"]["clip_denoised"] == [-1.0, 1.0]
+    with pytest.raises(ValueError, match="clip_denoised must be auto, true or false"):
+        run(_sample_cfg(digits_run, "clip_denoised=maybe", f"out={tmp_path / 'd'}"))
 
 
 def test_image_samples_uint8_with_guidance(digits_run: Path, tmp_path: Path) -> None:

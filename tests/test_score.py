@@ -208,3 +208,25 @@ def test_dtype_is_preserved(dtype: torch.dtype) -> None:
         ScoreModel(lambda xx, tt: xx * tt[:, None], VPSDE())(x, torch.tensor([0.2, 0.7], dtype=dtype)),
     ]
     assert all(o.dtype == dtype for o in outs), [o.dtype for o in outs]
+
+
+def test_data_range_clip_clamps_the_denoiser_and_nothing_else() -> None:
+    from sde_diffusion.score import DataRangeClip, x0_from_score
+    from sde_diffusion.sdes import VPSDE
+
+    sde = VPSDE()
+    t = torch.full((6,), 0.3, dtype=torch.float64)
+    m, s = sde.mean_coeff(t), sde.marginal_std(t)
+    x0_true = torch.tensor([[-3.0], [-1.0], [-0.2], [0.4], [1.0], [2.5]], dtype=torch.float64)
+    x = m[:, None] * 0.5 + torch.zeros(6, 1, dtype=torch.float64)
+
+    def score(x_, t_):  # a score whose denoiser returns x0_true exactly
+        return (m[:, None] * x0_true - x_) / s[:, None] ** 2
+
+    clipped = DataRangeClip(score, sde, -1.0, 1.0)(x, t)
+    x0 = x0_from_score(x, clipped, m, s)
+    torch.testing.assert_close(x0, x0_true.clamp(-1, 1), rtol=0, atol=1e-12)
+    inside = (x0_true.abs() <= 1).squeeze(1)
+    assert torch.equal(clipped[inside], score(x, t)[inside])  # untouched inside the range
+    with pytest.raises(ValueError, match="lo < hi"):
+        DataRangeClip(score, sde, 1.0, 1.0)

@@ -35,6 +35,7 @@ from ..config import sampler_settings, to_container
 from ..guidance import ClassifierFreeGuidance, ClassifierGuidance
 from ..samplers import build_sampler, sample
 from ..samplers.defaults import AUTO_SAMPLER, resolve_sampler
+from ..score import DataRangeClip
 from .checkpoint import LoadedModel, load_guidance_classifier, load_model
 from .runtime import Runtime, make_runtime, resolve_dtype, sync, versions, write_json
 from .shards import ShardStore, batch_counts, batch_seed, fingerprint, rank_batches
@@ -72,6 +73,7 @@ class SampleSettings:
     label: Optional[int]
     classifier: Optional[str]
     classifier_scale: float
+    clip_denoised: Any
     progress: bool
     resume: bool
     figures: bool
@@ -120,6 +122,9 @@ def parse_settings(cfg: Mapping[str, Any]) -> SampleSettings:
     if label is not None and (isinstance(label, bool) or not isinstance(label, int) or label < 0):
         raise ValueError(f"label must be a class index >= 0 or null, got {label!r}")
     resolve_dtype(str(cfg.get("dtype", "float32")))
+    clip_denoised = cfg.get("clip_denoised", "auto")
+    if clip_denoised not in ("auto", True, False):
+        raise ValueError(f"clip_denoised must be auto, true or false, got {clip_denoised!r}")
     seed = cfg.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
@@ -142,6 +147,7 @@ def parse_settings(cfg: Mapping[str, Any]) -> SampleSettings:
         label=label,
         classifier=classifier,
         classifier_scale=classifier_scale,
+        clip_denoised=clip_denoised,
         progress=bool(cfg.get("progress", True)),
         resume=bool(cfg.get("resume", True)),
         figures=bool(cfg.get("figures", True)),
@@ -193,6 +199,7 @@ class SamplingJob:
             print(f"sampler: {self.default_choice.describe()}; name another with sampler=<name>", flush=True)
         self.sampler_obj = build_sampler(s.sampler, **s.options)
         self.sampler_obj.validate(self.model.sde)
+        self.clip_range = self._clip_range()
         self._check_conditioning()
         if self.model.is_latent and s.task != "sample":
             raise ValueError(
@@ -213,6 +220,24 @@ class SamplingJob:
         self.store = ShardStore(self.out_dir / "shards", self.fingerprint)
         self._observed: Optional[Tensor] = None
         self._score = self.model.score_model(use_ema=s.ema)
+
+    def _clip_range(self) -> Optional[tuple]:
+        """The model-range bounds the data prediction is clamped to (``clip_denoised``), or None.
+
+        ``auto``: with the measured default sampler (no ``sampler=`` named) on pixel-space image
+        models (the data are bounded: the scaler's image of [0, 1]); not for vector data or latent
+        models, whose range is not bounded, and not for a named sampler (``sampler=pc`` stays the
+        paper's algorithm; ``clip_denoised=true`` adds it to any sampler).
+        """
+        mode = self.settings.clip_denoised
+        bounded = bool(getattr(self.dm, "is_image", False)) and not self.model.is_latent
+        if mode is False or (mode == "auto" and (not bounded or self.default_choice is None)):
+            return None
+        if not bounded:
+            raise ValueError("clip_denoised=true needs image data in pixel space (a bounded range); "
+                             "use clip_denoised=auto or false for vector data and latent models")
+        lo, hi = (float(v) for v in self.dm.scaler(torch.tensor([0.0, 1.0])))
+        return (lo, hi)
 
     # ------------------------------------------------------------------ checks and identity
     @property
@@ -251,6 +276,8 @@ class SamplingJob:
             "seed": s.seed, "batch_size": s.batch_size, "dtype": s.dtype, "device_type": self.runtime.device.type,
             "task": s.task, "label": s.label, "guidance_scale": s.guidance_scale if self.conditional else None,
         }
+        if self.clip_range is not None:
+            out["clip_denoised"] = list(self.clip_range)
         if self.classifier is not None:
             # Only present with a classifier, so that the identity of every other run stays as it was.
             out["classifier"] = {"path": str(self.classifier.path.resolve()), "global_step": self.classifier.global_step,
@@ -319,6 +346,8 @@ class SamplingJob:
             score_fn, hook, x_T, finish = cond.score_fn, cond.hook, cond.x_T, cond.finish
             arrays["observed"] = to_stored(x_obs, self.dm)
             arrays["masked"] = to_stored(cond.masked, self.dm)
+        if self.clip_range is not None:
+            score_fn = DataRangeClip(score_fn, self.model.sde, *self.clip_range)
         sync(dev)
         t0 = time.perf_counter()
         with torch.no_grad(), self.runtime.autocast():
@@ -414,7 +443,8 @@ class SamplingJob:
             "training": {k: self.model.train_cfg.get(k) for k in ("sde", "model", "data", "loss", "conditioning")},
             "sampler": {"name": s.sampler, "steps": s.steps, "options": s.options,
                         "expected_nfe_per_batch": self.sampler_obj.expected_nfe(s.steps),
-                        "default_rule": self.default_choice.as_dict() if self.default_choice is not None else None},
+                        "default_rule": self.default_choice.as_dict() if self.default_choice is not None else None,
+                        "clip_denoised": list(self.clip_range) if self.clip_range is not None else None},
             "task": s.task,
             "guidance": self._guidance_report(),
             "n": s.n,
