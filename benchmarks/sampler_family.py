@@ -295,8 +295,18 @@ def candidate_table(rows: List[Dict[str, Any]]) -> Tuple[List[str], List[List[st
     return header, body
 
 
+def load_results(path: Path) -> Dict[str, Any]:
+    """A results file (``.json`` or ``.json.gz``)."""
+    if path.suffix == ".gz":
+        import gzip
+
+        with gzip.open(path, "rt") as f:
+            return json.load(f)
+    return json.loads(path.read_text())
+
+
 def report(path: Path, write: bool) -> str:
-    data = json.loads(path.read_text())
+    data = load_results(path)
     rows = data["rows"]
     header = ["SDE", "NFE", "wins vs best k-diffusion", "geo-mean ratio", "worst ratio", "≤ 1.05 × floor"]
     text = [f"Seeds: {data['seeds_name']} ({len(data['seeds'])} problems). Command: `{data['command']}`.",
@@ -352,7 +362,7 @@ def main() -> None:
             rows += run_case(t)
             print(f"[{i + 1}/{len(tasks)}] {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     if reuse:
-        old = json.loads(args.reuse_peers.read_text())["rows"]
+        old = load_results(args.reuse_peers)["rows"]
         rows += [r for r in old if r["kind"] in ("kd", "kd_select") and r["seed"] in seeds and r["sde"] in sdes]
     payload = {"seeds_name": args.seeds, "seeds": seeds, "sdes": sdes, "command": "python " + " ".join(sys.argv),
                "jobs": args.jobs, "wall_seconds": time.time() - t0, "rows": rows}
