@@ -318,7 +318,8 @@ def report(path: Path, write: bool) -> str:
     out = "\n".join(text)
     print(out)
     if write:
-        write_results_section(HERE / "RESULTS.md", f"## Random family: {data['seeds_name']} seeds", out)
+        heading = f"## Random family: {data['seeds_name']} seeds"
+        write_results_section(HERE / "RESULTS.md", heading, f"{heading}\n\n{out}\n")
     return out
 
 

@@ -153,7 +153,8 @@ def main() -> None:
     ])
     print(text)
     if args.write:
-        write_results_section(HERE / "RESULTS.md", "## Trained models: the default sampler", text)
+        heading = "## Trained models: the default sampler"
+        write_results_section(HERE / "RESULTS.md", heading, f"{heading}\n\n{text}\n")
 
 
 if __name__ == "__main__":
