@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # The numerical modules again on torch's non-vectorised kernels (other roundings than AVX2/AVX-512):
 # a result that holds on only one set of roundings fails here.
 NUMERIC_TESTS := tests/test_sdes.py tests/test_samplers.py tests/test_fast_samplers.py tests/test_sampler_api.py \
-	tests/test_sampler_family.py tests/test_likelihood.py tests/test_ode.py tests/test_toy.py tests/test_score.py tests/test_losses.py
+	tests/test_sampler_family.py tests/test_sampler_defaults.py tests/test_likelihood.py tests/test_ode.py tests/test_toy.py tests/test_score.py tests/test_losses.py
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

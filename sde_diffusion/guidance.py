@@ -24,7 +24,7 @@ Usage::
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, Union
 
 import torch
 from torch import Tensor
