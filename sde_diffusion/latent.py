@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -113,4 +113,21 @@ def load_latent_codec(path: Union[str, Path], expect_sha256: Optional[str] = Non
     return LatentCodec(net, float(latent["scale_factor"]), path=file.resolve(), weights_sha256=digest)
 
 
-__all__ = ["LatentCodec", "load_latent_codec", "weights_digest"]
+def codec_for_task(
+    source: Optional[Union[str, Path]], data_shape: Sequence[int], recorded: Optional[Mapping[str, Any]] = None
+) -> Optional[LatentCodec]:
+    """The codec a training task works through: ``None`` without ``source`` (``cfg.latent`` or a
+    moved run), else the autoencoder there, refused when its weights are not the ``recorded`` ones
+    (what a checkpoint saved) or when it was trained on images of another shape than ``data_shape``."""
+    if not source:
+        return None
+    codec = load_latent_codec(source, expect_sha256=(recorded or {}).get("weights_sha256"))
+    if codec.data_shape != tuple(int(s) for s in data_shape):
+        raise ValueError(
+            f"latent={source}: the autoencoder was trained on images {codec.data_shape}, but the data "
+            f"gives {tuple(data_shape)}; use the data (and data.size) it was trained on"
+        )
+    return codec
+
+
+__all__ = ["LatentCodec", "codec_for_task", "load_latent_codec", "weights_digest"]

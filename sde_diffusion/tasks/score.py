@@ -89,17 +89,10 @@ class ScoreDiffusion(L.LightningModule):
         self.data_shape = tuple(int(s) for s in data_shape)
         # Latent score model: the autoencoder stays outside the module tree (frozen, not in the
         # optimiser, the EMA or state_dict); the checkpoint records which one (weights digest).
-        codec = None
-        source = latent_path or cfg.get("latent")
-        if source:
-            from ..latent import load_latent_codec
+        from ..latent import codec_for_task
 
-            codec = load_latent_codec(source, expect_sha256=(latent or {}).get("weights_sha256"))
-            if codec.data_shape != self.data_shape:
-                raise ValueError(
-                    f"latent={source}: the autoencoder was trained on images {codec.data_shape}, but the data "
-                    f"gives {self.data_shape}; use the data (and data.size) it was trained on"
-                )
+        codec = codec_for_task(latent_path or cfg.get("latent"), self.data_shape, latent)
+        if codec is not None:
             self.hparams["latent"] = codec.info()
         self.__dict__["codec"] = codec
         self.model_shape = codec.latent_shape if codec is not None else self.data_shape
