@@ -114,7 +114,7 @@ def test_default_sampler_is_the_measured_rule_and_is_recorded(toy_run: Path, tmp
     cfg = _sample_cfg(toy_run, "steps=10", "n=6", "batch_size=6", f"out={out}")  # no sampler=
     run(cfg)
     model = load_model(toy_run, device="cpu")
-    choice = default_sampler(model.sde, 10)
+    choice = default_sampler(model.sde, 10, score="learned")  # sample.py always samples a trained network
     rj = json.loads((out / "run.json").read_text())
     assert rj["sampler"]["default_rule"] == json.loads(json.dumps(choice.as_dict()))
     assert rj["sampler"]["name"] == choice.name and rj["sampler"]["steps"] == choice.steps
@@ -135,29 +135,31 @@ def test_default_sampler_is_the_measured_rule_and_is_recorded(toy_run: Path, tmp
     assert rj["sampler"]["clip_denoised"] is None  # vector data: never clamped
 
 
-def test_default_sampler_clamps_the_denoiser_for_images(digits_run: Path, tmp_path: Path) -> None:
-    from sde_diffusion.samplers.defaults import default_sampler
+def test_clip_denoised_clamps_the_denoiser_for_images(digits_run: Path, tmp_path: Path) -> None:
     from sde_diffusion.score import DataRangeClip
 
+    # The default for a trained network is stochastic: no clamp (auto clamps deterministic defaults).
     run(_sample_cfg(digits_run, "steps=5", "n=3", "batch_size=3", "label=2", f"out={tmp_path / 'a'}", "figures=false"))
     rj = json.loads((tmp_path / "a" / "run.json").read_text())
-    assert rj["sampler"]["clip_denoised"] == [-1.0, 1.0]
+    assert rj["sampler"]["default_rule"]["score"] == "learned" and rj["sampler"]["options"]["stochastic"] is True
+    assert rj["sampler"]["clip_denoised"] is None
+    # A named sampler is not clamped unless asked; clip_denoised=true asks, and is bit for bit DataRangeClip.
+    run(_sample_cfg(digits_run, "sampler=ddim", "steps=2", "n=2", "batch_size=2", f"out={tmp_path / 'b'}", "figures=false"))
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["sampler"]["clip_denoised"] is None
+    cfg = _sample_cfg(digits_run, "sampler=ddim", "steps=3", "n=3", "batch_size=3", "label=2", "clip_denoised=true",
+                      f"out={tmp_path / 'c'}", "figures=false")
+    _, _, options = sampler_settings(cfg)
+    run(cfg)
+    assert json.loads((tmp_path / "c" / "run.json").read_text())["sampler"]["clip_denoised"] == [-1.0, 1.0]
     model = load_model(digits_run, device="cpu")
-    choice = default_sampler(model.sde, 5)
     gen = torch.Generator().manual_seed(batch_seed(0, "sample", 0))
     cfg_score = ClassifierFreeGuidance(model.module.score_fn(use_ema=True), y=torch.full((3,), 2), scale=0.0, null_label=10)
     with torch.no_grad():
-        ref = sample(model.sde, DataRangeClip(cfg_score, model.sde, -1.0, 1.0), (3, 1, 8, 8), sampler=choice.name,
-                     steps=choice.steps, generator=gen, **choice.options)
+        ref = sample(model.sde, DataRangeClip(cfg_score, model.sde, -1.0, 1.0), (3, 1, 8, 8), sampler="ddim", steps=3,
+                     generator=gen, **options)
     dm = model.build_datamodule({})
     expected = torch.round(dm.inverse_scaler(ref.samples).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1)
-    np.testing.assert_array_equal(_npz(tmp_path / "a" / "samples.npz")["samples"], expected.numpy())
-    # A named sampler is not clamped unless asked; clip_denoised=true asks.
-    run(_sample_cfg(digits_run, "sampler=ddim", "steps=2", "n=2", "batch_size=2", f"out={tmp_path / 'b'}", "figures=false"))
-    assert json.loads((tmp_path / "b" / "run.json").read_text())["sampler"]["clip_denoised"] is None
-    run(_sample_cfg(digits_run, "sampler=ddim", "steps=2", "n=2", "batch_size=2", "clip_denoised=true",
-                    f"out={tmp_path / 'c'}", "figures=false"))
-    assert json.loads((tmp_path / "c" / "run.json").read_text())["sampler"]["clip_denoised"] == [-1.0, 1.0]
+    np.testing.assert_array_equal(_npz(tmp_path / "c" / "samples.npz")["samples"], expected.numpy())
     with pytest.raises(ValueError, match="clip_denoised must be auto, true or false"):
         run(_sample_cfg(digits_run, "clip_denoised=maybe", f"out={tmp_path / 'd'}"))
 

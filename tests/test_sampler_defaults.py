@@ -167,3 +167,32 @@ def test_every_sampler_takes_end_sigma() -> None:
     for name in SAMPLERS.names():
         t = torch.tensor(build_sampler(name, end_sigma=0.02).end_time(sde), dtype=torch.float64)
         assert float(sde.marginal_std(t) / sde.mean_coeff(t)) == pytest.approx(0.02, rel=1e-6), name
+
+
+
+def test_learned_scores_get_the_learned_rule() -> None:
+    from sde_diffusion.guidance import ClassifierFreeGuidance
+    from sde_diffusion.samplers.defaults import LEARNED_RULES, is_learned_score
+    from sde_diffusion.score import DataRangeClip, ScoreModel
+
+    sde = VPSDE()
+    net = torch.nn.Linear(2, 2)
+    gm = GaussianMixture.random_family(3)
+
+    def closure(x, t):
+        return net(x)
+
+    assert not is_learned_score(gm.score_fn(sde))  # analytic: the exact-score rule
+    assert is_learned_score(net) and is_learned_score(closure)
+    assert is_learned_score(DataRangeClip(closure, sde, -1.0, 1.0))
+    model = ScoreModel(torch.nn.Identity(), sde, "eps")
+    assert is_learned_score(ClassifierFreeGuidance(model, y=torch.zeros(2, dtype=torch.long), scale=1.0, null_label=3))
+    for nfe in (1, 10, 50):
+        choice = default_sampler(sde, nfe, score="learned")
+        rule = [r for r in LEARNED_RULES["vp"] if r.min_nfe <= nfe][-1]
+        assert (choice.name, choice.options, choice.score) == (rule.sampler, rule.options, "learned")
+    out = sample(sde, closure, (4, 2), steps=10, generator=torch.Generator().manual_seed(0))
+    assert out.choice.score == "learned" and out.nfe == 10
+    assert sample(sde, closure, (4, 2), steps=10, score_kind="exact").choice.score == "exact"
+    with pytest.raises(ValueError, match="score must be one of"):
+        default_sampler(sde, 10, score="other")

@@ -195,7 +195,8 @@ class SamplingJob:
         self.dm = self.model.build_datamodule(self.cfg)
         self.default_choice = None
         if s.sampler == AUTO_SAMPLER:
-            s.sampler, s.steps, s.options, self.default_choice = resolve_sampler(self.model.sde, s.sampler, s.steps, s.options)
+            s.sampler, s.steps, s.options, self.default_choice = resolve_sampler(
+                self.model.sde, s.sampler, s.steps, s.options, score="learned")  # always a trained network
             print(f"sampler: {self.default_choice.describe()}; name another with sampler=<name>", flush=True)
         self.sampler_obj = build_sampler(s.sampler, **s.options)
         self.sampler_obj.validate(self.model.sde)
@@ -224,14 +225,15 @@ class SamplingJob:
     def _clip_range(self) -> Optional[tuple]:
         """The model-range bounds the data prediction is clamped to (``clip_denoised``), or None.
 
-        ``auto``: with the measured default sampler (no ``sampler=`` named) on pixel-space image
+        ``auto``: with a deterministic default sampler (no ``sampler=`` named) on pixel-space image
         models (the data are bounded: the scaler's image of [0, 1]); not for vector data or latent
         models, whose range is not bounded, and not for a named sampler (``sampler=pc`` stays the
         paper's algorithm; ``clip_denoised=true`` adds it to any sampler).
         """
         mode = self.settings.clip_denoised
         bounded = bool(getattr(self.dm, "is_image", False)) and not self.model.is_latent
-        if mode is False or (mode == "auto" and (not bounded or self.default_choice is None)):
+        deterministic_default = self.default_choice is not None and not self.settings.options.get("stochastic", False)
+        if mode is False or (mode == "auto" and (not bounded or not deterministic_default)):
             return None
         if not bounded:
             raise ValueError("clip_denoised=true needs image data in pixel space (a bounded range); "

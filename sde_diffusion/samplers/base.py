@@ -261,6 +261,7 @@ def sample(
     return_trajectory: bool = False,
     progress: bool = False,
     hook: Optional[StepHook] = None,
+    score_kind: Optional[str] = None,
     **options: Any,
 ) -> SampleResult:
     """Draw samples by integrating the reverse-time dynamics of ``sde`` from T to eps.
@@ -274,6 +275,8 @@ def sample(
             ``None`` (or ``"auto"``): the configuration measured best for ``sde``'s family at a
             budget of ``steps`` score evaluations (:func:`~sde_diffusion.samplers.defaults.default_sampler`;
             ``**options`` override its options); ``result.choice`` says what was used.
+        score_kind: ``"exact"`` or ``"learned"`` picks the default's table; ``None`` detects a
+            trained network (an ``nn.Module``, or a wrapper or closure around one).
         steps: number of steps (≥ 1); adaptive samplers ignore it. With the default sampler: the
             NFE budget.
         generator: source of all randomness (prior and per-step noise); same seed → same samples.
@@ -287,9 +290,10 @@ def sample(
     if sampler is None or isinstance(sampler, str):
         if int(steps) != steps or steps < 1:
             raise ValueError(f"steps must be an integer ≥ 1, got {steps}")
-        from .defaults import resolve_sampler
+        from .defaults import is_learned_score, resolve_sampler
 
-        sampler, steps, options, choice = resolve_sampler(sde, sampler, int(steps), dict(options))
+        kind = score_kind or ("learned" if is_learned_score(score_fn) else "exact")
+        sampler, steps, options, choice = resolve_sampler(sde, sampler, int(steps), dict(options), kind)
         sampler = build_sampler(sampler, **options)
     elif options:
         raise ValueError(f"options {sorted(options)} given with a Sampler instance; set them on the instance")

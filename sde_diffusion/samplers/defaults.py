@@ -1,9 +1,11 @@
 r"""The default sampler: the configuration measured best for an SDE family and an NFE budget.
 
 ``sample(sde, score_fn, shape, steps=N)`` with no ``sampler`` (and ``python sample.py steps=N``
-with no ``sampler=``) calls :func:`default_sampler`, which maps (family of ``sde``, N) to one
-configuration through a fixed table, :data:`RULES`. It is a documented rule, not a per-problem
-search: it reads nothing but the SDE's family and the budget.
+with no ``sampler=``) calls :func:`default_sampler`, which maps (family of ``sde``, N, kind of
+score) to one configuration through a fixed table: :data:`RULES` for an exact (analytic) score,
+:data:`LEARNED_RULES` for a trained network (``sample.py`` always; ``sample()`` when the score is or
+wraps an ``nn.Module``, see :func:`is_learned_score`). It is a documented rule, not a per-problem
+search: it reads nothing but the SDE's family, the budget and whether the score is learned.
 
 * family: ``"ve"`` when the process keeps the signal (m(T) = 1: VE), ``"subvp"`` for sub-VP,
   ``"vp"`` for any other process that scales the signal away (VP, cosine VP, a decaying
@@ -60,6 +62,37 @@ _SHARED: Tuple[Rule, ...] = (
 )
 RULES: Dict[str, Tuple[Rule, ...]] = {"vp": _SHARED, "subvp": _SHARED, "ve": _SHARED}
 
+# For a trained network. Measured on the demo's networks (benchmarks/RESULTS.md, "Trained models"):
+# the probability-flow ODE of a learned score can be poor whatever the solver (on the moons model
+# every deterministic solver, converged or not, puts ~1.5 % of samples far outside the data),
+# while the stochastic DPM-Solver++(2M) SDE — whose injected noise corrects errors of the score,
+# as in EDM's stochastic sampler — matched Euler–Maruyama at 200 NFE from 20 NFE on, and tied
+# the exact-score rule (with the denoiser clamped) at 10 NFE on the digits.
+_LEARNED: Tuple[Rule, ...] = (Rule(1, "dpm_solver", {"order": 2, "stochastic": True}),)
+LEARNED_RULES: Dict[str, Tuple[Rule, ...]] = {"vp": _LEARNED, "subvp": _LEARNED, "ve": _LEARNED}
+SCORE_KINDS = ("exact", "learned")
+
+
+def is_learned_score(score_fn: Any, depth: int = 4) -> bool:
+    """Whether ``score_fn`` is (or wraps) a trained network: an ``nn.Module``, found directly, in a
+    wrapper's ``score_fn`` / ``cond_score`` / ``score`` attribute, or in a closure (``lambda x, t:
+    model(x, t, y=y)``), up to ``depth`` levels."""
+    if isinstance(score_fn, torch.nn.Module):
+        return True
+    if depth <= 0 or score_fn is None:
+        return False
+    inner = [getattr(score_fn, name, None) for name in ("score_fn", "cond_score", "score")]
+    inner += [c.cell_contents for c in (getattr(score_fn, "__closure__", None) or ()) if _filled(c)]
+    return any(is_learned_score(f, depth - 1) for f in inner if callable(f) and f is not score_fn)
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
 
 @dataclass(frozen=True)
 class DefaultChoice:
@@ -71,14 +104,17 @@ class DefaultChoice:
     steps: int
     family: str
     nfe: int
+    score: str = "exact"
 
     def describe(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
-        return f"{self.name}({opts}) with {self.steps} steps = {self.nfe} NFE (default for {self.family} SDEs)"
+        return (f"{self.name}({opts}) with {self.steps} steps = {self.nfe} NFE "
+                f"(default for {self.family} SDEs, {self.score} score)")
 
     def as_dict(self) -> Dict[str, Any]:
+        table = "RULES" if self.score == "exact" else "LEARNED_RULES"
         return {"sampler": self.name, "options": dict(self.options), "steps": self.steps, "family": self.family,
-                "nfe": self.nfe, "rule": "sde_diffusion.samplers.defaults.RULES"}
+                "nfe": self.nfe, "score": self.score, "rule": f"sde_diffusion.samplers.defaults.{table}"}
 
 
 def sde_family(sde: SDE) -> str:
@@ -91,31 +127,38 @@ def sde_family(sde: SDE) -> str:
     return "subvp" if isinstance(sde, SubVPSDE) else "vp"
 
 
-def default_sampler(sde: SDE, nfe: int) -> DefaultChoice:
-    """The configuration of :data:`RULES` for ``sde``'s family and a budget of ``nfe`` score evaluations."""
+def default_sampler(sde: SDE, nfe: int, score: str = "exact") -> DefaultChoice:
+    """The configuration for ``sde``'s family and a budget of ``nfe`` score evaluations: from
+    :data:`RULES` for an exact score (``score="exact"``), from :data:`LEARNED_RULES` for a trained
+    network (``score="learned"``)."""
     if int(nfe) != nfe or nfe < 1:
         raise ValueError(f"the NFE budget (steps) must be an integer ≥ 1, got {nfe}")
+    if score not in SCORE_KINDS:
+        raise ValueError(f"score must be one of {SCORE_KINDS}, got {score!r}")
     nfe = int(nfe)
     family = sde_family(sde)
-    rule = [r for r in RULES[family] if r.min_nfe <= nfe][-1]
+    table = RULES if score == "exact" else LEARNED_RULES
+    rule = [r for r in table[family] if r.min_nfe <= nfe][-1]
     options = dict(rule.options)
     denoise = bool(options.get("denoise", False))
     if denoise and nfe < 2:
         options["denoise"] = False  # one evaluation cannot pay for a step and a denoising step
         denoise = False
-    return DefaultChoice(rule.sampler, options, nfe - int(denoise), family, nfe)
+    return DefaultChoice(rule.sampler, options, nfe - int(denoise), family, nfe, score)
 
 
 AUTO_SAMPLER = "auto"
 
 
-def resolve_sampler(sde: SDE, name: Any, steps: int, options: Dict[str, Any]) -> Tuple[str, int, Dict[str, Any], Any]:
+def resolve_sampler(sde: SDE, name: Any, steps: int, options: Dict[str, Any],
+                    score: str = "exact") -> Tuple[str, int, Dict[str, Any], Any]:
     """``(name, steps, options, choice)``: a named sampler passes through (``choice`` None); ``None``
-    or ``"auto"`` becomes :func:`default_sampler` for the budget ``steps`` (NFE), with ``options``
-    overriding the chosen ones (e.g. ``eps=``) and ``choice`` the :class:`DefaultChoice`."""
+    or ``"auto"`` becomes :func:`default_sampler` for the budget ``steps`` (NFE) and the ``score``
+    kind, with ``options`` overriding the chosen ones (e.g. ``eps=``) and ``choice`` the
+    :class:`DefaultChoice`."""
     if name is not None and name != AUTO_SAMPLER:
         return name, steps, options, None
-    choice = default_sampler(sde, steps)
+    choice = default_sampler(sde, steps, score)
     merged = {**choice.options, **options}
     steps_ = choice.steps
     if bool(merged.get("denoise", False)) != bool(choice.options.get("denoise", False)):
@@ -123,11 +166,11 @@ def resolve_sampler(sde: SDE, name: Any, steps: int, options: Dict[str, Any]) ->
     return choice.name, max(steps_, 1), merged, choice
 
 
-def rules_table() -> List[Tuple[str, str, str]]:
+def rules_table(score: str = "exact") -> List[Tuple[str, str, str]]:
     """(family, NFE range, configuration) rows for documentation."""
     rows = []
     for fam in FAMILIES:
-        rules = RULES[fam]
+        rules = (RULES if score == "exact" else LEARNED_RULES)[fam]
         for i, r in enumerate(rules):
             hi = f"–{rules[i + 1].min_nfe - 1}" if i + 1 < len(rules) else "+"
             opts = ", ".join(f"{k}={v}" for k, v in r.options.items())
@@ -135,4 +178,4 @@ def rules_table() -> List[Tuple[str, str, str]]:
     return rows
 
 
-__all__ = ["AUTO_SAMPLER", "resolve_sampler", "FAMILIES", "Rule", "RULES", "DefaultChoice", "sde_family", "default_sampler", "rules_table"]
+__all__ = ["AUTO_SAMPLER", "LEARNED_RULES", "SCORE_KINDS", "is_learned_score", "resolve_sampler", "FAMILIES", "Rule", "RULES", "DefaultChoice", "sde_family", "default_sampler", "rules_table"]
