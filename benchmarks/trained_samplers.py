@@ -4,8 +4,10 @@ Exact scores judge the integrator; a trained score is imperfect, and there the r
 This benchmark samples the two models ``make demo`` trains (``python -m sde_diffusion.demo``:
 8×8 digits, U-Net, 800 steps; 2-D moons, MLP, 1500 steps; both VP) at 10, 20 and 50 NFE with
 
-* ``default`` — what ``python sample.py steps=N`` runs: the rule of samplers/defaults.py, and for
-  image data (not for the 2-D toy) the denoiser clamped to the data range (``clip_denoised=auto``);
+* ``default`` — what ``python sample.py steps=N`` runs: ``LEARNED_RULES`` of samplers/defaults.py
+  (with ``clip_denoised=auto``: no clamp, the rule is stochastic);
+* ``exact-score rule + clip`` — ``RULES`` (the exact-score table) with the denoiser clamped to the
+  data range for image data (not for the 2-D toy);
 * ``dpm_solver`` — DPM-Solver++(2M) at its config defaults;
 * ``unipc`` — the same with the UniC corrector (conf/sampler/unipc.yaml);
 * ``dpm_solver_sde`` — DPM-Solver++(2M) SDE (conf/sampler/dpm_solver_sde.yaml);
@@ -42,6 +44,7 @@ from common import md_table, write_results_section  # noqa: E402
 from sde_diffusion import sample  # noqa: E402
 from sde_diffusion.config import sampler_settings  # noqa: E402
 from sde_diffusion.jobs.checkpoint import load_model  # noqa: E402
+from sde_diffusion.samplers.defaults import default_sampler  # noqa: E402
 from sde_diffusion.score import DataRangeClip  # noqa: E402
 
 NFES = (10, 20, 50)
@@ -61,6 +64,7 @@ def settings() -> List[Tuple[str, Optional[str], Dict[str, Any], Optional[int]]]
     """(label, sampler or None for the default, options, fixed NFE or None for the NFE grid)."""
     return [
         ("default", None, {}, None),
+        ("exact-score rule + clip", "exact-rule", {}, None),
         ("dpm_solver", "dpm_solver", sampler_cfg("dpm_solver"), None),
         ("unipc", "dpm_solver", sampler_cfg("unipc"), None),
         ("dpm_solver_sde", "dpm_solver", sampler_cfg("dpm_solver_sde"), None),
@@ -72,6 +76,13 @@ def settings() -> List[Tuple[str, Optional[str], Dict[str, Any], Optional[int]]]
 def draw(model: Any, n: int, name: Optional[str], options: Dict[str, Any], nfe: int, seed: int, batch: int,
          clip: Optional[Tuple[float, float]] = None) -> torch.Tensor:
     score = model.score_model(use_ema=True)
+    steps = nfe
+    if name in (None, "exact-rule"):
+        # What sample.py runs with no sampler= (the learned-score rule), or the exact-score rule.
+        choice = default_sampler(model.sde, nfe, "learned" if name is None else "exact")
+        name, steps, options = choice.name, choice.steps, {**choice.options, **options}
+        if options.get("stochastic"):
+            clip = None  # clip_denoised=auto clamps deterministic defaults only
     if clip is not None:
         score = DataRangeClip(score, model.sde, *clip)
     out = []
@@ -79,7 +90,7 @@ def draw(model: Any, n: int, name: Optional[str], options: Dict[str, Any], nfe: 
         k = min(batch, n - lo)
         gen = torch.Generator().manual_seed(1000 * seed + b)
         with torch.no_grad():
-            res = sample(model.sde, score, (k, *model.model_shape), sampler=name, steps=nfe, generator=gen, **options)
+            res = sample(model.sde, score, (k, *model.model_shape), sampler=name, steps=steps, generator=gen, **options)
         out.append(model.module.to_data(res.samples))
     return torch.cat(out)
 
@@ -94,7 +105,7 @@ def evaluate(label: str, model: Any, metric: Callable[[torch.Tensor], float], n:
         for nfe in ([fixed] if fixed else NFES):
             for seed in range(seeds):
                 t0 = time.perf_counter()
-                x = draw(model, n, name, options, nfe, seed, batch, clip if (name is None or "clip" in tag) else None)
+                x = draw(model, n, name, options, nfe, seed, batch, clip if (name in (None, "exact-rule") or "clip" in tag) else None)
                 rows.append({"model": label, "setting": tag, "nfe": nfe, "seed": seed, "metric": metric(x),
                              "seconds": time.perf_counter() - t0})
                 print(f"{label} {tag} NFE {nfe} seed {seed}: {rows[-1]['metric']:.4f}", file=sys.stderr, flush=True)
