@@ -131,22 +131,41 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--n-digits", type=int, default=500)
     ap.add_argument("--n-toy", type=int, default=2000)
+    ap.add_argument("--held-out", nargs="*", default=[], metavar="LABEL=RUN",
+                    help="more 2-D networks, trained after the rule was chosen (sliced W2 tables)")
+    ap.add_argument("--only-held-out", action="store_true", help="skip the two demo networks")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    for run in (args.digits_run, args.toy_run):
+    held_out = [(spec.split("=", 1)[0], Path(spec.split("=", 1)[1])) for spec in args.held_out]
+    runs = [] if args.only_held_out else [args.digits_run, args.toy_run]
+    for run in runs + [r for _, r in held_out]:
         if not (run / "checkpoints" / "last.ckpt").is_file():
             sys.exit(f"{run} has no checkpoints/last.ckpt: train the demo models first (python -m sde_diffusion.demo --quiet)")
     t0 = time.time()
     rows: List[Dict[str, Any]] = []
+    from sde_diffusion.metrics import sliced_wasserstein
+
+    def vector_table(label: str, run: Path) -> str:
+        net = load_model(run)
+        data = net.build_datamodule({}).reference(20000, torch.Generator().manual_seed(123))
+        evaluate(label, net, lambda x: sliced_wasserstein(x, data, generator=torch.Generator().manual_seed(0)),
+                 args.n_toy, args.seeds, 2000, rows)
+        sde = (net.train_cfg.get("sde") or {}).get("name")
+        return (f"{label} ({sde}), sliced W2 of {args.n_toy} samples against {len(data)} data points:\n\n"
+                + table(rows, label))
+
+    if args.only_held_out:
+        parts = [vector_table(label, run) for label, run in held_out]
+        text = "\n\n".join([f"Command: `python {' '.join(sys.argv)}`; {args.seeds} seeds, {time.time() - t0:.0f} s."] + parts)
+        print(text)
+        return
 
     from sde_diffusion.evaluation.digits_classifier import digits_fd, get_classifier
 
     clf = get_classifier()
     digits = load_model(args.digits_run)
     evaluate("digits", digits, lambda x: digits_fd(x, classifier=clf), args.n_digits, args.seeds, 250, rows)
-
-    from sde_diffusion.metrics import sliced_wasserstein
 
     toy = load_model(args.toy_run)
     dm = toy.build_datamodule({})
