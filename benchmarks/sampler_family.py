@@ -117,11 +117,6 @@ def make_sde(name: str, mixture: GaussianMixture):
     raise ValueError(f"unknown SDE {name!r}; choose one of {SDES}")
 
 
-def whitened_moment_kl(x: torch.Tensor, ev: MixtureEvaluator) -> float:
-    """The module's metric (``GaussianMixture.whitened_moment_kl``)."""
-    return ev.mixture.whitened_moment_kl(x)
-
-
 # --------------------------------------------------------------------------------- runs
 _KD: Dict[str, Any] = {}
 
@@ -163,7 +158,7 @@ def run_case(task: Tuple[int, str, bool, bool]) -> List[Dict[str, Any]]:
     x_T = marginal_sample(gm, sde, N_SAMPLES, sde.T, torch.Generator().manual_seed(PRIOR_SEED + 500_000 + seed), torch.float32)
     rows: List[Dict[str, Any]] = []
     base = {"seed": seed, "sde": sde_name, "dim": gm.dim, "modes": gm.num_components}
-    floors = [whitened_moment_kl(gm.sample(N_SAMPLES, torch.Generator().manual_seed(FLOOR_SEED + i)), ev) for i in range(3)]
+    floors = [gm.whitened_moment_kl(gm.sample(N_SAMPLES, torch.Generator().manual_seed(FLOOR_SEED + i))) for i in range(3)]
     rows.append({**base, "kind": "floor", "label": "floor", "nfe": 0, "budget": 0, "metric": statistics.mean(floors),
                  "metric_sd": statistics.stdev(floors)})
 
@@ -180,7 +175,7 @@ def run_case(task: Tuple[int, str, bool, bool]) -> List[Dict[str, Any]]:
                     return
             g = torch.Generator().manual_seed(NOISE_SEED + 1)
             out = sample(sde, ev.score, x_T.shape, sampler=name_, steps=steps, x_T=x_T, generator=g, **opts)
-            metric, nfe = whitened_moment_kl(out.samples, ev), out.nfe
+            metric, nfe = gm.whitened_moment_kl(out.samples), out.nfe
         except Exception as err:  # noqa: BLE001 - a failure is a result
             metric, nfe = math.inf, budget
             print(f"  {label} seed {seed} {sde_name} NFE {budget}: {type(err).__name__}: {err}", file=sys.stderr)
@@ -206,7 +201,7 @@ def run_case(task: Tuple[int, str, bool, bool]) -> List[Dict[str, Any]]:
             torch.manual_seed(noise_seed)
             t0 = time.perf_counter()
             try:
-                metric = whitened_moment_kl(_kd_call(fn, den, start / m_T, sig, g), ev)
+                metric = gm.whitened_moment_kl(_kd_call(fn, den, start / m_T, sig, g))
             except Exception as err:  # noqa: BLE001
                 metric = math.inf
                 print(f"  {fn} seed {seed} {sde_name}: {type(err).__name__}: {err}", file=sys.stderr)

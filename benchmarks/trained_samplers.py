@@ -136,7 +136,6 @@ def main() -> None:
     ap.add_argument("--only-held-out", action="store_true", help="skip the two demo networks")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     held_out = [(spec.split("=", 1)[0], Path(spec.split("=", 1)[1])) for spec in args.held_out]
     runs = [] if args.only_held_out else [args.digits_run, args.toy_run]
     for run in runs + [r for _, r in held_out]:

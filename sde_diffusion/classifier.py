@@ -8,36 +8,10 @@
 from __future__ import annotations
 
 from .models.classifier import CLASSIFIERS, MLPClassifier, TimeClassifier, UNetEncoderClassifier
-from .tasks.classifier import (
-    CHECKPOINT_KIND,
-    BucketAccuracy,
-    ClassifierFitResult,
-    ClassifierOptions,
-    NoisyClassifier,
-    accuracy_by_time,
-    bucket_edges,
-    build_classifier_network,
-    classifier_network_config,
-    format_accuracy_table,
-    load_classifier,
-    train_classifier,
-)
+from .tasks import classifier as _task
+from .tasks.classifier import *  # noqa: F401,F403 - the task's public names (its __all__)
+from .tasks.classifier import CHECKPOINT_KIND
 
-__all__ = [
-    "CHECKPOINT_KIND",
-    "CLASSIFIERS",
-    "TimeClassifier",
-    "MLPClassifier",
-    "UNetEncoderClassifier",
-    "ClassifierOptions",
-    "classifier_network_config",
-    "build_classifier_network",
-    "BucketAccuracy",
-    "bucket_edges",
-    "accuracy_by_time",
-    "format_accuracy_table",
-    "NoisyClassifier",
-    "load_classifier",
-    "ClassifierFitResult",
-    "train_classifier",
+__all__ = ["CHECKPOINT_KIND", "CLASSIFIERS", "TimeClassifier", "MLPClassifier", "UNetEncoderClassifier"] + [
+    name for name in _task.__all__ if name != "train_task"
 ]

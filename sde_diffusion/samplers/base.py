@@ -286,10 +286,10 @@ def sample(
     Returns:
         :class:`SampleResult` with the samples, the exact NFE, and the trajectory if requested.
     """
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be an integer ≥ 1, got {steps}")
     choice = None
     if sampler is None or isinstance(sampler, str):
-        if int(steps) != steps or steps < 1:
-            raise ValueError(f"steps must be an integer ≥ 1, got {steps}")
         from .defaults import is_learned_score, resolve_sampler
 
         kind = score_kind or ("learned" if is_learned_score(score_fn) else "exact")
@@ -297,8 +297,6 @@ def sample(
         sampler = build_sampler(sampler, **options)
     elif options:
         raise ValueError(f"options {sorted(options)} given with a Sampler instance; set them on the instance")
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be an integer ≥ 1, got {steps}")
     sampler.validate(sde)
     if device is None and generator is not None:
         device = generator.device

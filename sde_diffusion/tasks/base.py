@@ -65,6 +65,38 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
+class LatentSpace:
+    """For a LightningModule that may work on autoencoder latents (``cfg.latent``): the frozen
+    :class:`~sde_diffusion.latent.LatentCodec` stays outside the module tree (not in the optimiser,
+    the EMA or ``state_dict``), and the checkpoint records which autoencoder (weights digest).
+
+    Call :meth:`attach_codec` in ``__init__`` after setting ``data_shape``; afterwards
+    ``model_shape`` is the latent shape (or ``data_shape``) and ``codec`` the codec (or ``None``).
+    """
+
+    def attach_codec(self, source: Optional[Union[str, Path]], recorded: Optional[Mapping[str, Any]] = None) -> None:
+        from ..latent import codec_for_task
+
+        codec = codec_for_task(source, self.data_shape, recorded)
+        if codec is not None:
+            self.hparams["latent"] = codec.info()
+        self.__dict__["codec"] = codec
+        self.model_shape = codec.latent_shape if codec is not None else self.data_shape
+
+    @property
+    def codec(self) -> Any:
+        """The frozen :class:`~sde_diffusion.latent.LatentCodec`, or ``None`` on pixels."""
+        return self.__dict__["codec"]
+
+    def to_model_space(self, x: Any) -> Any:
+        """Data ``[B, *data_shape]`` → the model's input space: scaled latents, or ``x`` itself."""
+        return x if self.codec is None else self.codec.encode(x)
+
+    def to_data(self, u: Any) -> Any:
+        """Model-space samples → data ``[B, *data_shape]``: decoded latents, or ``u`` itself."""
+        return u if self.codec is None else self.codec.decode(u)
+
+
 @dataclass
 class FitResult:
     """What :func:`train` leaves behind."""
@@ -142,6 +174,7 @@ __all__ = [
     "step_seed",
     "seeded",
     "FitResult",
+    "LatentSpace",
     "output_dir_for",
     "build_trainer",
     "with_run_dir",

@@ -66,6 +66,7 @@ from ..sdes.base import SDE, broadcast_to_x
 from .base import (
     NO_SCORE_CALLBACKS,
     FitResult,
+    LatentSpace,
     adamw_with_warmup,
     build_trainer,
     merge_config,
@@ -205,7 +206,7 @@ def format_accuracy_table(rows: Sequence[BucketAccuracy]) -> str:
 
 
 # ---------------------------------------------------------------------------------- the module
-class NoisyClassifier(L.LightningModule):
+class NoisyClassifier(LatentSpace, L.LightningModule):
     """Cross-entropy training of a time-dependent classifier on forward-perturbed data.
 
     ``forward(x [B, *model_shape], t [B] or scalar) -> logits [B, num_classes]`` computes
@@ -247,13 +248,7 @@ class NoisyClassifier(L.LightningModule):
         # A latent classifier (cfg.latent): trained on the scaled latents a latent score model
         # samples, so that its gradient is taken where that score lives. The autoencoder is frozen
         # and kept out of the module tree, exactly as in ScoreDiffusion.
-        from ..latent import codec_for_task
-
-        codec = codec_for_task(latent_path or cfg.get("latent"), self.data_shape, latent)
-        if codec is not None:
-            self.hparams["latent"] = codec.info()
-        self.__dict__["codec"] = codec
-        self.model_shape = codec.latent_shape if codec is not None else self.data_shape
+        self.attach_codec(latent_path or cfg.get("latent"), latent)
         self.sde = build_sde(cfg)
         self.net = build_classifier_network(cfg, self.model_shape, self.num_classes)
         self.t_min = float(self.sde.eps if self.options.eps is None else self.options.eps)
@@ -265,15 +260,6 @@ class NoisyClassifier(L.LightningModule):
         self.bucket_names = [f"val/acc_t/{self.edges[i]:.2f}-{self.edges[i + 1]:.2f}" for i in range(len(self.edges) - 1)]
 
     # ------------------------------------------------------------------ inference
-    @property
-    def codec(self) -> Any:
-        """The frozen :class:`~sde_diffusion.latent.LatentCodec` of a latent classifier, else ``None``."""
-        return self.__dict__["codec"]
-
-    def to_model_space(self, x: Tensor) -> Tensor:
-        """Data ``[B, *data_shape]`` → the classifier's input space: scaled latents, or ``x`` itself."""
-        return x if self.codec is None else self.codec.encode(x)
-
     def input_scale(self, t: Tensor) -> Tensor:
         """c_in(t) = 1/√(m(t)² + σ(t)²): ``[B]``."""
         return torch.rsqrt(self.sde.mean_coeff(t) ** 2 + self.sde.marginal_std(t) ** 2)

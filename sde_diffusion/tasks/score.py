@@ -46,13 +46,23 @@ from ..config import (
 )
 from ..losses import DSMTerms, dsm_terms
 from ..score import ScoreModel
-from .base import FitResult, adamw_with_warmup, build_trainer, optimizer_settings, output_dir_for, seeded, step_seed, with_run_dir
+from .base import (
+    FitResult,
+    LatentSpace,
+    adamw_with_warmup,
+    build_trainer,
+    optimizer_settings,
+    output_dir_for,
+    seeded,
+    step_seed,
+    with_run_dir,
+)
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------- the module
-class ScoreDiffusion(L.LightningModule):
+class ScoreDiffusion(LatentSpace, L.LightningModule):
     """DSM training of ``net`` for ``sde``, built from the composed config.
 
     Args:
@@ -89,13 +99,7 @@ class ScoreDiffusion(L.LightningModule):
         self.data_shape = tuple(int(s) for s in data_shape)
         # Latent score model: the autoencoder stays outside the module tree (frozen, not in the
         # optimiser, the EMA or state_dict); the checkpoint records which one (weights digest).
-        from ..latent import codec_for_task
-
-        codec = codec_for_task(latent_path or cfg.get("latent"), self.data_shape, latent)
-        if codec is not None:
-            self.hparams["latent"] = codec.info()
-        self.__dict__["codec"] = codec
-        self.model_shape = codec.latent_shape if codec is not None else self.data_shape
+        self.attach_codec(latent_path or cfg.get("latent"), latent)
         self.sde = build_sde(cfg)
         self.net = build_network(cfg, self.model_shape, num_classes)
         self.loss_options = loss_options(cfg)
@@ -145,19 +149,6 @@ class ScoreDiffusion(L.LightningModule):
             else:
                 net = ema
         return ScoreModel(net, self.sde, self.prediction, **cond)
-
-    # ------------------------------------------------------------------ data space ↔ model space
-    @property
-    def codec(self) -> Any:
-        return self.__dict__["codec"]
-
-    def to_model_space(self, x: Tensor) -> Tensor:
-        """Data ``[B, *data_shape]`` → what the score model sees: scaled latents, or ``x`` itself."""
-        return x if self.codec is None else self.codec.encode(x)
-
-    def to_data(self, u: Tensor) -> Tensor:
-        """Model-space samples → data ``[B, *data_shape]``: decoded latents, or ``u`` itself."""
-        return u if self.codec is None else self.codec.decode(u)
 
     # ------------------------------------------------------------------ loss
     def _labels(self, y: Optional[Tensor], dropout: float) -> Optional[Tensor]:
