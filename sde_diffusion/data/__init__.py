@@ -13,18 +13,13 @@ cifar10     local ``cifar-10-python.tar.gz`` / ``cifar-10-batches-py/``         
 folder      any folder of PNG/JPEG images                                       (C, S, S)
 ==========  ==================================================================  ===========
 """
-from ..registry import Registry
+from ..registry import DATASETS
 from .base import BaseDataModule, ImageDataModule
 from .cifar10 import CIFAR10DataModule
 from .digits import DigitsDataModule, load_digits
 from .folder import FolderDataModule
 from .toy2d import TOY_DATASETS, Toy2D, Toy2DDataModule, make_toy
 
-DATASETS: Registry = Registry("dataset")
-DATASETS.register("toy2d")(Toy2DDataModule)
-DATASETS.register("digits")(DigitsDataModule)
-DATASETS.register("cifar10")(CIFAR10DataModule)
-DATASETS.register("folder")(FolderDataModule)
 
 __all__ = [
     "DATASETS",

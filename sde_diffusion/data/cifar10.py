@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .base import ImageDataModule, TensorPairDataset
+from ..registry import DATASETS
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -203,6 +204,7 @@ def missing_archive_message(root: PathLike) -> str:
 
 
 # ---------------------------------------------------------------------- data module
+@DATASETS.register("cifar10")
 class CIFAR10DataModule(ImageDataModule):
     """CIFAR-10 as 3×32×32 images in model range; train = 50 000 images, val = the 10 000 test images.
 

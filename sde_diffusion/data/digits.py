@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .base import ImageDataModule, TensorPairDataset, split_indices
+from ..registry import DATASETS
 
 DIGITS_PACKAGE = "sde_diffusion.data"
 DIGITS_RESOURCE = ("assets", "digits.npz")
@@ -63,6 +64,7 @@ def load_digits() -> Tuple[Tensor, Tensor]:
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
+@DATASETS.register("digits")
 class DigitsDataModule(ImageDataModule):
     """8×8 digits as 1×size×size images in model range, labels 0..9; a seeded train/val split.
 

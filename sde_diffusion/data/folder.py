@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .base import ImageDataModule, split_indices
+from ..registry import DATASETS
 
 IMAGE_EXTENSIONS: Tuple[str, ...] = (".png", ".jpg", ".jpeg")
 
@@ -76,6 +77,7 @@ class ImageFileDataset(Dataset):
         return load_image(self.files[i], self.image_size, self.channels), 0
 
 
+@DATASETS.register("folder")
 class FolderDataModule(ImageDataModule):
     """Images from a folder tree as ``[channels, image_size, image_size]`` in model range.
 

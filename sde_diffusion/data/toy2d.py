@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from ..toy import GaussianMixture
 from .base import BaseDataModule, TensorPairDataset
 from .transforms import IdentityTransform
+from ..registry import DATASETS
 
 TOY_DATASETS: Tuple[str, ...] = ("swiss_roll", "moons", "8gaussians", "checkerboard", "gmm")
 
@@ -176,6 +177,7 @@ def make_toy(name: str, n: int, generator: Optional[torch.Generator] = None, **k
     return Toy2D(name, **kwargs).sample(n, generator)
 
 
+@DATASETS.register("toy2d")
 class Toy2DDataModule(BaseDataModule):
     """A 2-D toy set as a LightningDataModule; batches ``(x [B, 2], y [B])``.
 

@@ -7,16 +7,13 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from ..registry import Registry
+from ..registry import MODELS
 from .autoencoder import KLAutoencoder, kl_to_standard_normal
 from .base import ScoreNet
 from .embeddings import GaussianFourierEmbedding, LabelEmbedding, SinusoidalEmbedding, TimeEmbedding
 from .mlp import MLP
 from .unet import UNet
 
-MODELS: Registry = Registry("model")
-MODELS.register("mlp")(MLP)
-MODELS.register("unet")(UNet)
 
 
 def build_model(name: str, data_shape: Sequence[int], num_classes: Optional[int] = None, **kwargs: Any) -> ScoreNet:

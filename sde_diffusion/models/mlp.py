@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .base import ScoreNet, xavier_init_
 from .embeddings import LabelEmbedding, TimeEmbedding
+from ..registry import MODELS
 
 
 class ResidualMLPBlock(nn.Module):
@@ -42,6 +43,7 @@ class ResidualMLPBlock(nn.Module):
         return h + z
 
 
+@MODELS.register("mlp")
 class MLP(ScoreNet):
     """Residual MLP ``net(x [B, D], t [B], y [B] | None) -> [B, D]``.
 

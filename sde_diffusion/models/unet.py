@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from .base import ScoreNet
 from .embeddings import LabelEmbedding, TimeEmbedding
 from .layers import AttnBlock, Downsample, ResBlock, Upsample, conv3x3, group_norm
+from ..registry import MODELS
 
 
 class _DownLevel(nn.Module):
@@ -51,6 +52,7 @@ class _UpLevel(nn.Module):
         self.resample = resample
 
 
+@MODELS.register("unet")
 class UNet(ScoreNet):
     """DDPM++ U-Net ``net(x [B, C, H, W], t [B], y [B] | None) -> [B, C, H, W]``.
 

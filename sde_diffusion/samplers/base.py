@@ -33,13 +33,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..registry import Registry
+from ..registry import SAMPLERS
 from ..score import CountingScore, x0_from_score
 from ..sdes.base import SDE, ScoreFn, broadcast_to_x
 from .coeffs import GridCoeffs
 from .grids import time_grid
 
-SAMPLERS: Registry = Registry("sampler")
 
 # hook(x, t) -> x, applied after every step at the step's new time (e.g. inpainting's projection).
 StepHook = Callable[[Tensor, Tensor], Tensor]

@@ -1,15 +1,10 @@
 """Forward noise processes. ``SDES`` is the registry mirrored by ``conf/sde/``."""
-from ..registry import Registry
+from ..registry import SDES
 from .base import SDE, ReverseSDE, ScoreFn, broadcast_to_x
 from .linear import LinearSDE
 from .ve import VESDE
 from .vp import CosineVPSDE, SubVPSDE, VPSDE
 
-SDES: Registry = Registry("sde")
-SDES.register("vp")(VPSDE)
-SDES.register("subvp")(SubVPSDE)
-SDES.register("ve")(VESDE)
-SDES.register("cosine_vp")(CosineVPSDE)
 
 __all__ = [
     "SDE",

@@ -8,8 +8,10 @@ import torch
 from torch import Tensor
 
 from .base import SDE
+from ..registry import SDES
 
 
+@SDES.register("ve")
 class VESDE(SDE):
     r"""Variance-exploding SDE.
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import SDE
+from ..registry import SDES
 
 
 def one_minus_exp(log_a: Tensor) -> Tensor:
@@ -19,6 +20,7 @@ def one_minus_exp(log_a: Tensor) -> Tensor:
     return -torch.expm1(torch.clamp(log_a, max=0.0))
 
 
+@SDES.register("vp")
 class VPSDE(SDE):
     r"""Variance-preserving SDE (DDPM in the limit of many steps).
 
@@ -113,6 +115,7 @@ class VPSDE(SDE):
         return f"VPSDE(beta_min={self.beta_min}, beta_max={self.beta_max}, T={self.T})"
 
 
+@SDES.register("subvp")
 class SubVPSDE(VPSDE):
     r"""Sub-VP SDE: VP's drift with g(t)² = β(t)(1 − ᾱ(t)²); m = √ᾱ, σ = 1 − ᾱ; prior N(0, I)."""
 
@@ -142,6 +145,7 @@ class SubVPSDE(VPSDE):
         return f"SubVPSDE(beta_min={self.beta_min}, beta_max={self.beta_max}, T={self.T})"
 
 
+@SDES.register("cosine_vp")
 class CosineVPSDE(SDE):
     r"""VP SDE with the cosine schedule of Nichol & Dhariwal (2021).
 

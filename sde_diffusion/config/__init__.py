@@ -20,10 +20,10 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
-from .losses import REDUCTIONS, TIME_INPUTS, WEIGHTINGS
-from .registry import Registry
-from .score import PREDICTIONS
-from .sdes import SDE, SDES
+from ..losses import REDUCTIONS, TIME_INPUTS, WEIGHTINGS
+from ..registry import Registry
+from ..score import PREDICTIONS
+from ..sdes import SDE, SDES
 
 LOGGERS = ("csv", "tensorboard")
 GROUPS = ("sde", "data", "model", "trainer", "sampler")
@@ -79,9 +79,9 @@ def _build(registry: Registry, key: str, name: str, **kwargs: Any) -> Any:
 
 
 def _registries() -> Dict[str, Registry]:
-    from .data import DATASETS
-    from .models import MODELS
-    from .samplers import SAMPLERS
+    from ..data import DATASETS
+    from ..models import MODELS
+    from ..samplers import SAMPLERS
 
     return {"sde": SDES, "data": DATASETS, "model": MODELS, "sampler": SAMPLERS}
 
@@ -95,7 +95,7 @@ def build_sde(cfg: Mapping[str, Any]) -> SDE:
 
 def build_datamodule(cfg: Mapping[str, Any]) -> Any:
     """The ``LightningDataModule`` of ``cfg.data`` (not yet set up)."""
-    from .data import DATASETS
+    from ..data import DATASETS
 
     name, kwargs = group(cfg, "data")
     return _build(DATASETS, "data", name, **kwargs)
@@ -103,7 +103,7 @@ def build_datamodule(cfg: Mapping[str, Any]) -> Any:
 
 def build_network(cfg: Mapping[str, Any], data_shape: Sequence[int], num_classes: Optional[int] = None) -> nn.Module:
     """The score network of ``cfg.model`` for ``data_shape`` (raises ValueError on unfit shapes)."""
-    from .models import MODELS
+    from ..models import MODELS
 
     name, kwargs = group(cfg, "model")
     return _build(
