@@ -1,25 +1,40 @@
-"""Where training runs keep their checkpoints, and how a run says it has finished.
+"""The one place that opens a checkpoint: :func:`read` (what it holds, without building anything)
+and :func:`load` (the trained module), each checking the checkpoint's kind; plus where runs keep
+their checkpoints and how a run says it has finished.
 
-The low-level pieces every checkpoint reader shares (score models, classifiers, the sampling jobs),
-with no dependency on any of them:
+    info = read("outputs/train/digits_vp/<date>")          # run dir or .ckpt; CheckpointInfo
+    info.kind, info.global_step, info.data_shape            # 'score', 1000, (1, 8, 8)
+    module = load(info.path, kind="score")                  # ScoreDiffusion, eval mode
+    clf = load("outputs/classifier/...", kind="classifier") # NoisyClassifier
 
-* :func:`resolve_checkpoint_path` — ``ckpt=`` as a file: a ``.ckpt`` itself, or a run directory's
-  ``checkpoints/last.ckpt`` (else its highest-step checkpoint);
-* :func:`mark_finished` / :func:`latest_finished_run` — a run that completes its ``fit`` writes
-  ``<run>/finished.json`` (``{"task", "global_step", "checkpoint", "finished_at"}``) atomically;
-  ``python sample.py`` without ``ckpt=`` takes the newest finished run of a task under a root.
+Kinds are the training tasks' names (``sde_diffusion.registry.TASKS``: score, classifier,
+autoencoder); a checkpoint of another kind is refused with a message that says what it is and
+where it belongs. A run that completes its fit writes ``<run>/finished.json``
+(``{"task", "global_step", "checkpoint", "finished_at"}``); ``python sample.py`` without ``ckpt=``
+takes the newest finished score-model run under a root (:func:`latest_finished_run`).
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+from .io import write_json
 
 CLASSIFIER_KIND = "noisy_classifier"  # the "kind" a classifier checkpoint carries; score models have none
 AUTOENCODER_KIND = "autoencoder"
+#: the marker each kind of checkpoint stores under "kind" (score checkpoints store none)
+KIND_MARKERS = {"score": None, "classifier": CLASSIFIER_KIND, "autoencoder": AUTOENCODER_KIND}
+# What each kind is, and where it belongs, for the refusal messages.
+_WHAT = {
+    "score": "a score-model checkpoint (python train.py; sample.py ckpt=)",
+    "classifier": "a noisy-classifier checkpoint (python train.py task=classifier; sample.py guidance.classifier=)",
+    "autoencoder": "an autoencoder checkpoint (python train.py task=autoencoder; train.py latent=): it encodes "
+                   "and decodes images but draws no samples",
+}
 FINISHED = "finished.json"
 
 
@@ -48,6 +63,110 @@ def resolve_checkpoint_path(ckpt: Union[str, Path, None], key: str = "ckpt") -> 
     return found[-1]
 
 
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint holds, read without building a network.
+
+    ``cfg`` is the stored training config (a plain dict, as written; :attr:`train_config` parses
+    it), ``latent`` what a latent model recorded about its autoencoder (path, scale, weights digest).
+    """
+
+    path: Path
+    kind: str
+    cfg: Dict[str, Any]
+    data_shape: tuple
+    num_classes: Optional[int]
+    global_step: int
+    has_ema: bool
+    latent: Optional[Dict[str, Any]]
+    hparams: Dict[str, Any]
+
+    @property
+    def run_dir(self) -> Path:
+        return run_dir_of(self.path)
+
+    @property
+    def train_config(self) -> Any:
+        """The stored config as a :class:`~sde_diffusion.config.TrainConfig`."""
+        from .config import saved_train_config
+
+        return saved_train_config(self.cfg)
+
+
+def _kind_of(raw: Any) -> Optional[str]:
+    if not isinstance(raw, Mapping):
+        return None
+    marker = raw.get("kind")
+    for kind, mark in KIND_MARKERS.items():
+        if marker == mark:
+            return kind
+    return None
+
+
+def read(ckpt: Union[str, Path, None], kind: Optional[str] = None, key: str = "ckpt") -> CheckpointInfo:
+    """Open ``ckpt`` (a ``.ckpt`` or a run directory, see :func:`resolve_checkpoint_path`) and describe it.
+
+    With ``kind`` (score | classifier | autoencoder), a checkpoint of another kind is a ValueError
+    saying what it is and where it belongs; ``key`` names the option in messages.
+    """
+    import torch
+
+    path = resolve_checkpoint_path(ckpt, key=key)
+    try:
+        raw = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same explanation
+        raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+    found = _kind_of(raw)
+    hp = raw.get("hyper_parameters") if isinstance(raw, Mapping) else None
+    if found is None or not isinstance(hp, Mapping) or "cfg" not in hp or "data_shape" not in hp:
+        raise ValueError(f"{key}={ckpt}: {path} is not a checkpoint written by train.py (no hyper_parameters.cfg/data_shape)")
+    if kind is not None and found != kind:
+        raise ValueError(f"{key}={ckpt}: {path} is {_WHAT[found]}, not a {kind} checkpoint; {_WANT[kind]}")
+    from .config import to_plain
+
+    info = CheckpointInfo(
+        path=path,
+        kind=found,
+        cfg=to_plain(hp["cfg"]),
+        data_shape=tuple(int(s) for s in hp["data_shape"]),
+        num_classes=None if hp.get("num_classes") is None else int(hp["num_classes"]),
+        global_step=int(raw.get("global_step", -1)),
+        has_ema="current_model_state" in raw,
+        latent=to_plain(hp.get("latent")) if hp.get("latent") else None,
+        hparams=to_plain(dict(hp)),
+    )
+    del raw
+    return info
+
+
+_WANT = {
+    "score": "give a score model's run or .ckpt (python train.py) here",
+    "classifier": "train a classifier with `python train.py task=classifier data=<the model's data>`",
+    "autoencoder": "train one with `python train.py task=autoencoder`",
+}
+
+
+def load(ckpt: Union[str, Path, None], kind: str = "score", map_location: Any = "cpu", key: str = "ckpt",
+         **options: Any) -> Any:
+    """The trained LightningModule of ``ckpt`` (eval mode), after :func:`read` checked its kind.
+
+    ``options`` go to the task's loader (e.g. ``latent=<moved autoencoder run>`` for latent models).
+    A network that does not fit its stored config is a ValueError naming the config.
+    """
+    from .registry import TASKS
+
+    info = read(ckpt, kind=kind, key=key)
+    try:
+        module = TASKS.get(kind).load_module(info, map_location=map_location, **options)
+    except RuntimeError as err:
+        first = "\n".join(str(err).strip().splitlines()[:4])
+        raise ValueError(
+            f"checkpoint {info.path}: its weights do not fit the network its config describes "
+            f"(model={info.cfg.get('model')}, data_shape={info.data_shape}, num_classes={info.num_classes}): {first}"
+        ) from None
+    return module.eval()
+
+
 def run_dir_of(ckpt_path: Path) -> Path:
     """The training run directory of a checkpoint (``<run>/checkpoints/x.ckpt`` → ``<run>``)."""
     parent = ckpt_path.resolve().parent
@@ -63,11 +182,7 @@ def mark_finished(run_dir: Union[str, Path], task: str, global_step: int) -> Pat
         "checkpoint": "checkpoints/last.ckpt",
         "finished_at": time.time(),
     }
-    path = run_dir / FINISHED
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_json(run_dir / FINISHED, payload)
 
 
 def _read_marker(path: Path) -> Optional[Dict[str, Any]]:
@@ -115,6 +230,10 @@ def latest_finished_run(root: Union[str, Path], task: str = "score") -> Path:
 
 
 __all__ = [
+    "CheckpointInfo",
+    "read",
+    "load",
+    "KIND_MARKERS",
     "AUTOENCODER_KIND",
     "CLASSIFIER_KIND",
     "FINISHED",

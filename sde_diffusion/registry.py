@@ -125,5 +125,8 @@ SDES: Registry = Registry("sde", ["sde_diffusion.sdes"])
 MODELS: Registry = Registry("model", ["sde_diffusion.models"])
 DATASETS: Registry = Registry("dataset", ["sde_diffusion.data"])
 SAMPLERS: Registry = Registry("sampler", ["sde_diffusion.samplers"])
+TASKS: Registry = Registry("training task", ["sde_diffusion.tasks"])          # train.py task=<name>
+SAMPLE_TASKS: Registry = Registry("sampling task", ["sde_diffusion.jobs"])    # sample.py task=<name>
+MODES: Registry = Registry("mode", ["sde_diffusion.jobs"])                    # sample.py mode=<name>
 
-__all__ = ["Registry", "import_object", "SDES", "MODELS", "DATASETS", "SAMPLERS"]
+__all__ = ["Registry", "import_object", "SDES", "MODELS", "DATASETS", "SAMPLERS", "TASKS", "SAMPLE_TASKS", "MODES"]

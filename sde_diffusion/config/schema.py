@@ -1,0 +1,410 @@
+"""The typed configuration of ``train.py`` and ``sample.py``: every default of a run lives here.
+
+Hydra composes ``conf/train.yaml`` (or ``conf/sample.yaml``) on top of :class:`TrainConfig`
+(:class:`SampleConfig`), registered in Hydra's ConfigStore as ``train_schema`` (``sample_schema``),
+so a misspelt key or a value of the wrong type fails at composition. The entry point then calls
+:func:`~sde_diffusion.config.parse_train` once, which runs the cross-field checks in
+``__post_init__``; below the entry points code receives these objects, never a dict.
+
+The extension groups ``sde``, ``model``, ``data``, ``sampler`` and ``trainer`` stay open mappings
+``{name: <registered name>, **options}`` or ``{_target_: pkg.mod.Class, **options}``: their
+defaults live in the constructors of the classes they name (``conf/<group>/<name>.yaml`` lists
+them for the command line and must agree, see ``tests/test_config.py``), and
+:func:`~sde_diffusion.config.instantiate` builds them.
+
+This module imports nothing heavy (no torch), so the entry points can register it cheaply.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+# Choices checked here; the code that uses each value imports the same tuple.
+WEIGHTINGS = ("sigma2", "g2", "importance")
+PREDICTIONS = ("eps", "score", "x0", "v")
+REDUCTIONS = ("mean", "sum")
+TIME_INPUTS = ("i/N", "(i-1)/(N-1)")
+LOGGERS = ("csv", "tensorboard")
+RECONSTRUCTIONS = ("l1", "l2")
+DTYPES = ("float32", "float64")
+DIVERGENCES = ("auto", "exact", "hutchinson")
+PROBES = ("rademacher", "gaussian")
+ODE_SOLVERS = ("dopri5", "scipy", "euler", "heun", "rk4")
+LIKELIHOOD_SPLITS = ("val", "train", "reference")
+INPAINT_METHODS = ("replace", "tweedie")
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {key} {value!r}; choose one of: {', '.join(map(str, choices))}")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _int_at_least(key: str, value: Any, minimum: int) -> None:
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+             f"{key} must be an integer >= {minimum}, got {value!r}")
+
+
+def _finite_at_least(key: str, value: Any, minimum: float) -> None:
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= minimum,
+             f"{key} must be a finite number >= {minimum}, got {value!r}")
+
+
+# ================================================================================== training
+@dataclass
+class LossConfig:
+    """Denoising score matching (:func:`~sde_diffusion.losses.dsm_terms`)."""
+
+    weighting: str = "sigma2"        # sigma2 (eps-loss) | g2 (likelihood weighting) | importance (g2, t ~ g²/σ²)
+    prediction: str = "eps"          # eps | score | x0 | v: the network's target (the objective is the same)
+    reduction: str = "mean"          # mean | sum over data dimensions (the batch is always averaged)
+    stratified: bool = True          # low-discrepancy t across the batch
+    eps: Optional[float] = None      # smallest training time (None: sde.eps)
+    discrete_steps: Optional[int] = None  # N: DDPM's discrete-time loss (VP only); None: continuous t
+    time_input: str = "i/N"          # DDPM loss: network time of step i, i/N or (i-1)/(N-1) (times T)
+
+    def __post_init__(self) -> None:
+        _choice("loss.weighting", self.weighting, WEIGHTINGS)
+        _choice("loss.prediction", self.prediction, PREDICTIONS)
+        _choice("loss.reduction", self.reduction, REDUCTIONS)
+        _choice("loss.time_input", self.time_input, TIME_INPUTS)
+        if self.discrete_steps is not None:
+            _int_at_least("loss.discrete_steps", self.discrete_steps, 1)
+            _require(self.weighting == "sigma2", "loss.discrete_steps (the DDPM loss) needs loss.weighting=sigma2")
+        if self.eps is not None:
+            _require(float(self.eps) > 0, f"loss.eps must be positive (or null for sde.eps), got {self.eps}")
+
+    def options(self) -> Dict[str, Any]:
+        """Keyword arguments of :func:`~sde_diffusion.losses.dsm_terms`."""
+        return {"weighting": self.weighting, "prediction": self.prediction, "eps": self.eps,
+                "reduction": self.reduction, "stratified": self.stratified,
+                "discrete_steps": self.discrete_steps, "time_input": self.time_input}
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a linear learning-rate warm-up; gradient clipping is ``trainer.gradient_clip_val``."""
+
+    lr: float = 2.0e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1.0e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 5000
+
+    def __post_init__(self) -> None:
+        _require(float(self.lr) > 0, f"optim.lr must be positive, got {self.lr}")
+        _require(float(self.weight_decay) >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _int_at_least("optim.warmup_steps", self.warmup_steps, 0)
+        _require(len(self.betas) == 2 and all(0 <= float(b) < 1 for b in self.betas),
+                 f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
+
+
+@dataclass
+class EmaConfig:
+    """Exponential moving average of the weights (samples and checkpoints use it)."""
+
+    enabled: bool = True
+    decay: float = 0.9999
+    update_every_n_steps: int = 1
+    start_step: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.enabled:
+            _require(0.0 <= float(self.decay) < 1.0, f"ema.decay must lie in [0, 1), got {self.decay}")
+            _int_at_least("ema.update_every_n_steps", self.update_every_n_steps, 1)
+
+
+@dataclass
+class ConditioningConfig:
+    class_labels: bool = False       # train p(x | y) with the data set's labels
+    label_dropout: float = 0.1       # share of labels replaced by the null label (classifier-free guidance)
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= float(self.label_dropout) < 1.0,
+                 f"conditioning.label_dropout must lie in [0, 1), got {self.label_dropout}")
+
+
+@dataclass
+class CheckpointCallbackConfig:
+    every_n_steps: int = 5000        # plus <run_dir>/checkpoints/last.ckpt at every save and at the end
+    save_top_k: int = -1             # -1 keeps every step checkpoint, k keeps the newest k
+
+    def __post_init__(self) -> None:
+        _int_at_least("callbacks.checkpoint.every_n_steps", self.every_n_steps, 0)
+
+
+@dataclass
+class SamplesCallbackConfig:
+    """<run_dir>/samples/step_XXXXXXX.png and latest.png, drawn with the EMA weights."""
+
+    enabled: bool = True
+    every_n_steps: int = 5000        # 0: only at the end
+    num_samples: int = 64
+    steps: Optional[int] = None      # sampler steps (None: the sampler config's)
+    use_ema: bool = True
+    max_seconds: Optional[float] = 120.0  # one figure's budget: over it, fewer samples (>= 4), then fewer steps (>= 10)
+
+    def __post_init__(self) -> None:
+        _int_at_least("callbacks.samples.every_n_steps", self.every_n_steps, 0)
+        _int_at_least("callbacks.samples.num_samples", self.num_samples, 1)
+
+
+@dataclass
+class LossByTimeCallbackConfig:
+    every_n_steps: int = 100         # 0: off
+    num_buckets: int = 10
+
+    def __post_init__(self) -> None:
+        _int_at_least("callbacks.loss_by_t.every_n_steps", self.every_n_steps, 0)
+        _int_at_least("callbacks.loss_by_t.num_buckets", self.num_buckets, 1)
+
+
+@dataclass
+class CallbacksConfig:
+    checkpoint: CheckpointCallbackConfig = field(default_factory=CheckpointCallbackConfig)
+    samples: SamplesCallbackConfig = field(default_factory=SamplesCallbackConfig)
+    loss_by_t: LossByTimeCallbackConfig = field(default_factory=LossByTimeCallbackConfig)
+    progress_refresh_rate: int = 1
+    extra: List[str] = field(default_factory=list)  # more Lightning callbacks by import path, e.g. my_pkg.probes:GradNorm
+
+
+@dataclass
+class ClassifierConfig:
+    """``task=classifier``: a time-dependent classifier p(y | x_t, t) for classifier guidance."""
+
+    model: Dict[str, Any] = field(default_factory=dict)  # overrides of the model group for the classifier network
+    eps: Optional[float] = None      # smallest training time (None: sde.eps)
+    stratified: bool = True
+    label_smoothing: float = 0.0
+    eval_buckets: int = 10           # t-buckets of the held-out accuracy table
+    eval_repeats: int = 4            # noise draws per held-out example and bucket
+
+    def __post_init__(self) -> None:
+        if self.eps is not None:
+            _require(float(self.eps) > 0, f"classifier.eps must be positive (or null for sde.eps), got {self.eps}")
+        _require(0.0 <= float(self.label_smoothing) < 1.0,
+                 f"classifier.label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        _int_at_least("classifier.eval_buckets", self.eval_buckets, 1)
+        _int_at_least("classifier.eval_repeats", self.eval_repeats, 1)
+
+
+@dataclass
+class AutoencoderConfig:
+    """``task=autoencoder``: the KL autoencoder (f = 2^(len(ch_mult)−1)) and its objective."""
+
+    latent_channels: int = 4
+    ch: int = 16
+    ch_mult: List[int] = field(default_factory=lambda: [1, 2, 2])
+    num_res_blocks: int = 1
+    dropout: float = 0.0
+    beta: float = 1.0e-3             # weight of KL(q || N(0, I)) per data dimension
+    reconstruction: str = "l1"       # l1 | l2
+    scale_examples: int = 2048       # training examples that measure the latent scale
+    figures_every_n_steps: int = 500
+
+    def __post_init__(self) -> None:
+        _choice("autoencoder.reconstruction", self.reconstruction, RECONSTRUCTIONS)
+        _require(float(self.beta) >= 0, f"autoencoder.beta must be >= 0, got {self.beta}")
+        _int_at_least("autoencoder.scale_examples", self.scale_examples, 2)
+
+
+@dataclass
+class TrainConfig:
+    """``python train.py``: what to train (``task``), on what, and how.
+
+    Example::
+
+        cfg = parse_train({"sde": {"name": "vp"}, "data": {"name": "toy2d", "dataset": "moons"},
+                           "model": {"name": "mlp"}, "trainer": {"max_steps": 100}})
+        cfg.loss.weighting, cfg.optim.lr        # 'sigma2', 0.0002
+    """
+
+    # Extension groups: {name: <registered>, ...} or {_target_: pkg.mod.Class, ...} (conf/<group>/).
+    sde: Dict[str, Any] = field(default_factory=lambda: {"name": "vp", "_target_": None})
+    model: Dict[str, Any] = field(default_factory=lambda: {"name": "unet", "_target_": None})
+    data: Dict[str, Any] = field(default_factory=lambda: {"name": "digits", "_target_": None})
+    trainer: Dict[str, Any] = field(default_factory=dict)   # Lightning Trainer arguments (+ name, num_threads)
+    sampler: Dict[str, Any] = field(default_factory=lambda: {"name": "euler_maruyama", "_target_": None})  # in-training figures
+    task: str = "score"              # score | classifier | autoencoder (TASKS)
+    seed: int = 0                    # model initialisation and every training draw
+    run_dir: Optional[str] = None    # output directory; give it explicitly to be able to resume
+    resume: bool = False             # continue from <run_dir>/checkpoints/last.ckpt if it exists
+    ckpt_path: Optional[str] = None  # a .ckpt file to continue from, or `last`
+    latent: Optional[str] = None     # an autoencoder run: train on its scaled latents (LSGM / latent diffusion)
+    compile: bool = False            # torch.compile the network (checkpoints unchanged)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    logger: Any = "csv"              # csv | tensorboard | a list of them | null
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("sde", "model", "data"):
+            node = getattr(self, key)
+            _require(isinstance(node, dict) and (node.get("name") or node.get("_target_")),
+                     f"config group {key!r} needs a name (choose one with {key}=<name>, conf/{key}/) "
+                     f"or a _target_ (a class of your own: {key}._target_=my_pkg.module.Class)")
+        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool), f"seed must be an integer, got {self.seed!r}")
+        for name in self.loggers:
+            _choice("logger", name, LOGGERS)
+        if self.loss.discrete_steps is not None:
+            sde_name = self.sde.get("name")
+            _require(sde_name == "vp" and not self.sde.get("_target_"),
+                     f"loss.discrete_steps (the DDPM loss) needs sde=vp, got sde={sde_name}")
+
+    @property
+    def loggers(self) -> List[str]:
+        """The logger names (``logger`` may be a name, a list of names, or null)."""
+        if self.logger in (None, False):
+            return []
+        return [str(self.logger)] if isinstance(self.logger, str) else [str(n) for n in self.logger]
+
+
+# ================================================================================== sampling
+@dataclass
+class GuidanceConfig:
+    scale: float = 0.0               # classifier-free guidance w: (1 + w) eps(x, y) − w eps(x, null)
+    classifier: Optional[str] = None  # classifier guidance: a `train.py task=classifier` run or .ckpt
+    classifier_scale: float = 1.0    # w_c >= 0: score + w_c ∇x log p(label | x_t, t)
+
+    def __post_init__(self) -> None:
+        _finite_at_least("guidance.scale", self.scale, 0.0)
+        _finite_at_least("guidance.classifier_scale", self.classifier_scale, 0.0)
+        if self.classifier is not None and str(self.classifier).strip() in ("", "None"):
+            self.classifier = None
+        _require(self.classifier is not None or self.classifier_scale == 1.0,
+                 f"guidance.classifier_scale={self.classifier_scale} has no effect without guidance.classifier="
+                 "<classifier run or .ckpt> (for classifier-free guidance use guidance.scale)")
+
+
+@dataclass
+class InpaintConfig:
+    method: str = "replace"          # replace (projection after every step) | tweedie (conditional score)
+    fixed_noise: bool = False        # replace: one noise draw for the whole run
+    obs_std: float = 1.0e-3          # tweedie: observation noise std
+    mask_ratio: float = 0.5          # mask=random: share of pixels to generate
+
+    def __post_init__(self) -> None:
+        _choice("inpaint.method", self.method, INPAINT_METHODS)
+
+
+@dataclass
+class LikelihoodConfig:
+    split: str = "val"               # val | train | reference (vector data only)
+    divergence: str = "auto"         # auto (exact trace for D <= 16, else hutchinson) | exact | hutchinson
+    noise: str = "rademacher"        # hutchinson probes: rademacher | gaussian
+    n_probes: int = 2                # hutchinson probes per example (>= 2: a standard error is reported)
+    solver: str = "dopri5"           # dopri5 | scipy | euler | heun | rk4
+    rtol: float = 1.0e-5
+    atol: float = 1.0e-5
+    steps: int = 100                 # fixed-step solvers only
+    eps: Optional[float] = None      # start time (None: sde.eps)
+
+    def __post_init__(self) -> None:
+        _choice("likelihood.split", self.split, LIKELIHOOD_SPLITS)
+        _choice("likelihood.divergence", self.divergence, DIVERGENCES)
+        _choice("likelihood.noise", self.noise, PROBES)
+        _choice("likelihood.solver", self.solver, ODE_SOLVERS)
+        _int_at_least("likelihood.n_probes", self.n_probes, 1)
+        _int_at_least("likelihood.steps", self.steps, 1)
+        _require(float(self.rtol) > 0 and float(self.atol) > 0,
+                 f"likelihood.rtol and likelihood.atol must be positive, got {self.rtol}, {self.atol}")
+        if self.eps is not None:
+            _require(float(self.eps) > 0, f"likelihood.eps must be positive (or null for sde.eps), got {self.eps}")
+
+
+@dataclass
+class MetricsConfig:
+    num_reference: Optional[int] = None  # real examples to compare with (None: n)
+    projections: int = 256           # sliced Wasserstein directions
+    mmd_max: int = 2000              # MMD uses at most this many points per side (O(N²) memory)
+    fid_weights: Optional[str] = None  # Inception TorchScript file for FID (None: the default search)
+
+    def __post_init__(self) -> None:
+        if self.num_reference is not None:
+            _int_at_least("metrics.num_reference", self.num_reference, 1)
+        _int_at_least("metrics.projections", self.projections, 1)
+        _int_at_least("metrics.mmd_max", self.mmd_max, 2)
+
+
+@dataclass
+class PlotsConfig:
+    num_samples: int = 64            # samples in the sample figure (vectors: 2000 at least)
+    trajectories: int = 64           # particles in the 2-D trajectory figure
+    steps: int = 100                 # steps of the reverse SDE and PF ODE paths
+    strip: int = 8                   # time points in the denoising strip
+
+    def __post_init__(self) -> None:
+        for key in ("num_samples", "trajectories", "steps", "strip"):
+            _int_at_least(f"plots.{key}", getattr(self, key), 1)
+
+
+@dataclass
+class SampleConfig:
+    """``python sample.py``: sample from, and evaluate, a trained model.
+
+    The SDE, network and data set come from the checkpoint; ``sde``/``model``/``data`` given here
+    are checks against it (``data.*`` keys such as ``data.root`` override).
+    """
+
+    mode: str = "sample"             # sample | likelihood | metrics | plots (MODES)
+    task: str = "sample"             # sample | inpaint | colorize (SAMPLE_TASKS)
+    sampler: Dict[str, Any] = field(default_factory=lambda: {"name": "auto", "_target_": None})
+    sde: Optional[Dict[str, Any]] = None
+    model: Optional[Dict[str, Any]] = None
+    data: Optional[Dict[str, Any]] = None
+    trainer: Optional[Dict[str, Any]] = None  # None: this process on `device`; else Lightning Fabric
+    ckpt: Optional[str] = None       # a .ckpt or a training run directory; None: the newest finished run under runs_root
+    latent: Optional[str] = None     # latent models: load the autoencoder from here (it must have the recorded weights)
+    runs_root: str = "outputs/train"  # where `python train.py` writes its runs
+    out: Optional[str] = None        # output directory; None: under the run directory
+    n: int = 64                      # samples (likelihood: data examples)
+    batch_size: int = 64
+    steps: Optional[int] = None      # sampler steps; None: the sampler config's
+    seed: int = 0                    # batch b draws from a generator seeded by f(seed, b)
+    ema: bool = True                 # the EMA weights (falls back to the trained weights, with a warning)
+    device: str = "auto"             # auto | cpu | cuda | cuda:<k> (ignored with trainer)
+    dtype: str = "float32"           # float32 | float64
+    clip_denoised: Any = "auto"      # auto | true | false: clamp the denoiser's x0 to the data range
+    progress: bool = True
+    resume: bool = True              # reuse finished batches of an identical earlier run
+    figures: bool = True
+    keep_shards: bool = True
+    label: Optional[int] = None      # class of every sample (conditional models)
+    mask: str = "center"             # inpaint: left | right | top | bottom | center | random | <mask.npy>
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    inpaint: InpaintConfig = field(default_factory=InpaintConfig)
+    likelihood: LikelihoodConfig = field(default_factory=LikelihoodConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    plots: PlotsConfig = field(default_factory=PlotsConfig)
+
+    def __post_init__(self) -> None:
+        _int_at_least("n", self.n, 1)
+        _int_at_least("batch_size", self.batch_size, 1)
+        if self.steps is not None:
+            _int_at_least("steps", self.steps, 1)
+        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool), f"seed must be an integer, got {self.seed!r}")
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("clip_denoised", self.clip_denoised, ("auto", True, False))
+        if self.label is not None:
+            _int_at_least("label", self.label, 0)
+        _require(isinstance(self.sampler, dict) and (self.sampler.get("name") or self.sampler.get("_target_")),
+                 "no sampler: choose one with sampler=<name> (conf/sampler/)")
+        if self.ckpt is not None and str(self.ckpt).strip() in ("", "None"):
+            self.ckpt = None
+
+
+__all__ = [
+    "TrainConfig", "SampleConfig", "LossConfig", "OptimConfig", "EmaConfig", "ConditioningConfig",
+    "CallbacksConfig", "CheckpointCallbackConfig", "SamplesCallbackConfig", "LossByTimeCallbackConfig",
+    "ClassifierConfig", "AutoencoderConfig", "GuidanceConfig", "InpaintConfig", "LikelihoodConfig",
+    "MetricsConfig", "PlotsConfig", "WEIGHTINGS", "PREDICTIONS", "REDUCTIONS", "TIME_INPUTS", "LOGGERS",
+]
