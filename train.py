@@ -1,15 +1,21 @@
-"""Train a score-based model, a noisy classifier or an autoencoder: ``python train.py [task=score|classifier|autoencoder] [group=choice ...]
-[key=value ...]`` (conf/train.yaml; the tasks are in conf/task/)."""
+"""Train a score-based model, a noisy classifier or an autoencoder:
+``python train.py [task=score|classifier|autoencoder] [group=choice ...] [key=value ...]``
+(the schema: sde_diffusion/config/schema.py; the groups: conf/)."""
 import hydra
 from omegaconf import DictConfig
+
+from sde_diffusion.config import register_configs
+
+register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from sde_diffusion.jobs.train_tasks import run_training
+    from sde_diffusion.config import parse_train
+    from sde_diffusion.fit import fit
 
     try:
-        result = run_training(cfg)
+        result = fit(None, parse_train(cfg))
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
     if result.trainer.is_global_zero:

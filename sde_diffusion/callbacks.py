@@ -30,7 +30,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from .config import loggers_of, sampler_settings, tensorboard_available
+from .config import EmaConfig, TrainConfig, instantiate, to_plain
+from .config.schema import LossByTimeCallbackConfig, SamplesCallbackConfig
+from .registry import SDES
 
 
 
@@ -53,7 +55,8 @@ class EMA(EMAWeightAveraging):
     = trained weights, ``averaging_state`` = the update count.
     """
 
-    def __init__(self, decay: float = 0.999, update_every_n_steps: int = 1, update_starting_at_step: Optional[int] = None) -> None:
+    def __init__(self, decay: float = EmaConfig.decay, update_every_n_steps: int = EmaConfig.update_every_n_steps,
+                 update_starting_at_step: Optional[int] = EmaConfig.start_step) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
         super().__init__(
@@ -218,13 +221,13 @@ class SampleFigures(Callback):
     def __init__(
         self,
         out_dir: Path,
-        every_n_steps: int = 1000,
-        num_samples: int = 64,
+        every_n_steps: int = SamplesCallbackConfig.every_n_steps,
+        num_samples: int = SamplesCallbackConfig.num_samples,
         sampler: str = "euler_maruyama",
         steps: int = 200,
         options: Optional[Mapping[str, Any]] = None,
         seed: int = 0,
-        use_ema: bool = True,
+        use_ema: bool = SamplesCallbackConfig.use_ema,
         num_reference: int = 2000,
         max_seconds: Optional[float] = None,
     ) -> None:
@@ -320,7 +323,8 @@ class LossByTime(Callback):
     sums and counts stay on the device between logs, and are summed over processes at log time.
     """
 
-    def __init__(self, T: float, num_buckets: int = 10, every_n_steps: int = 100) -> None:
+    def __init__(self, T: float, num_buckets: int = LossByTimeCallbackConfig.num_buckets,
+                 every_n_steps: int = LossByTimeCallbackConfig.every_n_steps) -> None:
         if num_buckets < 1:
             raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
         self.T = float(T)
@@ -353,68 +357,54 @@ class LossByTime(Callback):
 
 
 # ---------------------------------------------------------------------------------- builders
-def build_callbacks(cfg: Mapping[str, Any], output_dir: Path) -> List[Callback]:
-    """EMA, checkpoints, sample figures, loss by t, LR monitor and progress bar from the config."""
-    from .config import build_sde
-
+def build_callbacks(cfg: TrainConfig, output_dir: Path, samples: bool = True) -> List[Callback]:
+    """EMA, checkpoints, LR monitor, user callbacks and progress bar from the config; with
+    ``samples`` (score models) also the sample figures and the loss per t."""
     output_dir = Path(output_dir)
-    cbs_cfg: Mapping[str, Any] = cfg.get("callbacks") or {}
+    cbs = cfg.callbacks
     callbacks: List[Callback] = []
-
-    ema = cfg.get("ema") or {}
-    if ema.get("enabled", True):
-        callbacks.append(
-            EMA(
-                decay=float(ema.get("decay", 0.999)),
-                update_every_n_steps=int(ema.get("update_every_n_steps", 1)),
-                update_starting_at_step=ema.get("start_step"),
-            )
-        )
-
-    ck = cbs_cfg.get("checkpoint") or {}
+    if cfg.ema.enabled:
+        callbacks.append(EMA(decay=float(cfg.ema.decay), update_every_n_steps=int(cfg.ema.update_every_n_steps),
+                             update_starting_at_step=cfg.ema.start_step))
     callbacks.append(
         ModelCheckpoint(
             dirpath=str(output_dir / "checkpoints"),
             filename="step_{step:07d}",
             auto_insert_metric_name=False,
-            every_n_train_steps=int(ck.get("every_n_steps", 1000)) or None,
-            save_top_k=int(ck.get("save_top_k", -1)),
+            every_n_train_steps=cbs.checkpoint.every_n_steps or None,
+            save_top_k=cbs.checkpoint.save_top_k,
             save_last=True,
             save_on_train_epoch_end=False,
             # A resumed run overwrites its own files (last.ckpt stays last.ckpt, not last-v1.ckpt).
             enable_version_counter=False,
         )
     )
-
-    sm = cbs_cfg.get("samples") or {}
-    if sm.get("enabled", True):
-        name, steps, options = sampler_settings(cfg, sm.get("steps"))
+    if samples and cbs.samples.enabled:
+        options = {k: v for k, v in to_plain(cfg.sampler).items() if k not in ("name", "steps")}
+        if options.get("_target_") is None:
+            options.pop("_target_", None)
+        steps = cbs.samples.steps if cbs.samples.steps is not None else cfg.sampler.get("steps") or 1000
         callbacks.append(
             SampleFigures(
                 output_dir / "samples",
-                every_n_steps=int(sm.get("every_n_steps", 1000)),
-                num_samples=int(sm.get("num_samples", 64)),
-                sampler=name,
-                steps=steps,
+                every_n_steps=cbs.samples.every_n_steps,
+                num_samples=cbs.samples.num_samples,
+                sampler=options.pop("_target_", None) or cfg.sampler.get("name"),
+                steps=int(steps),
                 options=options,
-                seed=int(cfg.get("seed", 0)) + 1,
-                use_ema=bool(sm.get("use_ema", True)),
-                max_seconds=sm.get("max_seconds"),
+                seed=cfg.seed + 1,
+                use_ema=cbs.samples.use_ema,
+                max_seconds=cbs.samples.max_seconds,
             )
         )
-
-    lt = cbs_cfg.get("loss_by_t") or {}
-    if int(lt.get("every_n_steps", 100)) > 0:
-        callbacks.append(
-            LossByTime(build_sde(cfg).T, num_buckets=int(lt.get("num_buckets", 10)), every_n_steps=int(lt.get("every_n_steps", 100)))
-        )
-
-    if loggers_of(cfg):
+    if samples and cbs.loss_by_t.every_n_steps > 0:
+        T = instantiate(cfg.sde, SDES, key="sde").T
+        callbacks.append(LossByTime(T, num_buckets=cbs.loss_by_t.num_buckets, every_n_steps=cbs.loss_by_t.every_n_steps))
+    if cfg.loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-    callbacks.extend(user_callback(spec, output_dir) for spec in (cbs_cfg.get("extra") or []))
-    trainer_cfg = cfg.get("trainer") or {}
-    if trainer_cfg.get("enable_progress_bar", True):
-        callbacks.append(TQDMProgressBar(refresh_rate=int(cbs_cfg.get("progress_refresh_rate", 1))))
+    callbacks.extend(user_callback(spec, output_dir) for spec in cbs.extra)
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(TQDMProgressBar(refresh_rate=int(cbs.progress_refresh_rate)))
     return callbacks
 
 
@@ -440,16 +430,22 @@ def user_callback(spec: str, output_dir: Path) -> Callback:
     return cb
 
 
-def build_loggers(cfg: Mapping[str, Any], output_dir: Path) -> List[Any]:
+def _tensorboard_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+
+def build_loggers(cfg: TrainConfig, output_dir: Path) -> List[Any]:
     """CSV and/or TensorBoard loggers writing under ``<output_dir>/logs`` (one version per (re)start)."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     loggers: List[Any] = []
-    for name in loggers_of(cfg):
+    for name in cfg.loggers:
         if name == "csv":
             loggers.append(CSVLogger(save_dir=str(output_dir), name="logs"))
         elif name == "tensorboard":
-            if not tensorboard_available():
+            if not _tensorboard_available():
                 raise ValueError("logger=tensorboard needs the tensorboard package: `pip install tensorboard`")
             loggers.append(TensorBoardLogger(save_dir=str(output_dir), name="tb"))
         else:

@@ -1,17 +1,13 @@
-"""Time-dependent ("noisy") classifiers for classifier guidance, from one import: the networks
-(:mod:`sde_diffusion.models.classifier`) and their training task (:mod:`sde_diffusion.tasks.classifier`,
-``python train.py task=classifier``)::
+"""Deprecated import path: the names live in :mod:`sde_diffusion.tasks.classifier` (the task) and
+:mod:`sde_diffusion.models.classifier` (the networks); ``load_classifier`` is also at the package
+root (``from sde_diffusion import load_classifier``)."""
+from ._deprecated import forwarder
 
-    from sde_diffusion.classifier import load_classifier
-    clf = load_classifier("outputs/classifier/digits_vp/<date>")   # run dir or .ckpt; eval mode
-"""
-from __future__ import annotations
-
-from .models.classifier import CLASSIFIERS, MLPClassifier, TimeClassifier, UNetEncoderClassifier
-from .tasks import classifier as _task
-from .tasks.classifier import *  # noqa: F401,F403 - the task's public names (its __all__)
-from .tasks.classifier import CHECKPOINT_KIND
-
-__all__ = ["CHECKPOINT_KIND", "CLASSIFIERS", "TimeClassifier", "MLPClassifier", "UNetEncoderClassifier"] + [
-    name for name in _task.__all__ if name != "train_task"
-]
+__getattr__ = forwarder(__name__, {
+    **{name: "sde_diffusion.models.classifier"
+       for name in ("CLASSIFIERS", "TimeClassifier", "MLPClassifier", "UNetEncoderClassifier")},
+    **{name: "sde_diffusion.tasks.classifier"
+       for name in ("CHECKPOINT_KIND", "ClassifierOptions", "ClassifierTask", "classifier_network_config",
+                    "build_classifier_network", "BucketAccuracy", "bucket_edges", "accuracy_by_time",
+                    "format_accuracy_table", "NoisyClassifier", "load_classifier", "train_classifier")},
+})

@@ -23,10 +23,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .checkpoints import AUTOENCODER_KIND, resolve_checkpoint_path
 from .models.autoencoder import KLAutoencoder
-
-NETWORK_KEYS = ("latent_channels", "ch", "ch_mult", "num_res_blocks", "dropout")
 
 
 def weights_digest(state: Mapping[str, Tensor]) -> str:
@@ -88,21 +85,13 @@ def load_latent_codec(path: Union[str, Path], expect_sha256: Optional[str] = Non
 
     With ``expect_sha256`` (what a latent score model recorded), a different autoencoder is refused.
     """
+    from .checkpoints import load, resolve_checkpoint_path
+
     file = resolve_checkpoint_path(path, key="latent")
-    raw = torch.load(str(file), map_location="cpu", weights_only=False)
-    if not isinstance(raw, Mapping) or raw.get("kind") != AUTOENCODER_KIND:
-        raise ValueError(
-            f"latent={path}: {file} is not an autoencoder checkpoint; train one with "
-            "`python train.py task=autoencoder data=<images>` and pass its run directory"
-        )
-    hp = raw["hyper_parameters"]
-    opts = dict(hp["cfg"].get("autoencoder") or {})
-    net = KLAutoencoder(hp["data_shape"], **{k: opts[k] for k in NETWORK_KEYS if k in opts})
-    state = {k[len("net."):]: v for k, v in raw["state_dict"].items() if k.startswith("net.")}
-    net.load_state_dict(state)
-    latent = raw.get("latent") or {}
-    if latent.get("scale_factor") is None:
+    module = load(file, kind="autoencoder", key="latent")
+    if module.scale_factor is None:
         raise ValueError(f"{file} records no latent scale (it was saved before any training data was seen)")
+    net = module.net
     digest = weights_digest(net.state_dict())
     if expect_sha256 is not None and digest != expect_sha256:
         raise ValueError(
@@ -110,7 +99,7 @@ def load_latent_codec(path: Union[str, Path], expect_sha256: Optional[str] = Non
             f"{digest[:12]}…, the checkpoint needs {expect_sha256[:12]}…; give that autoencoder's run "
             "(latent=<run dir or .ckpt>) or train a new score model on this one"
         )
-    return LatentCodec(net, float(latent["scale_factor"]), path=file.resolve(), weights_sha256=digest)
+    return LatentCodec(net, float(module.scale_factor), path=file.resolve(), weights_sha256=digest)
 
 
 def codec_for_task(

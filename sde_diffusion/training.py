@@ -1,40 +1,13 @@
-"""Training, from one import: the score task (:mod:`sde_diffusion.tasks.score`), the pieces every
-task shares (:mod:`sde_diffusion.tasks.base`) and the EMA (:mod:`sde_diffusion.callbacks`)::
+"""Deprecated import path: the names live in :mod:`sde_diffusion.tasks.score`, :mod:`sde_diffusion.fit`,
+:mod:`sde_diffusion.tasks.base` and :mod:`sde_diffusion.callbacks`; ``load_checkpoint`` and ``fit``
+are also at the package root (``from sde_diffusion import load_checkpoint``)."""
+from ._deprecated import forwarder
 
-    from sde_diffusion.training import load_checkpoint, train
-    module = load_checkpoint("outputs/.../checkpoints/last.ckpt")   # net = trained, ema = EMA
-    score_fn = module.score_fn(use_ema=True)                        # s(x, t) = −ε_θ(x, t)/σ(t)
-"""
-from __future__ import annotations
-
-from .callbacks import EMA, eval_mode, find_ema
-from .tasks.base import (
-    FitResult,
-    LinearWarmup,
-    adamw_with_warmup,
-    build_trainer,
-    optimizer_settings,
-    output_dir_for,
-    seeded,
-    step_seed,
-    with_run_dir,
-)
-from .tasks.score import ScoreDiffusion, load_checkpoint, train
-
-__all__ = [
-    "EMA",
-    "optimizer_settings",
-    "adamw_with_warmup",
-    "ScoreDiffusion",
-    "LinearWarmup",
-    "FitResult",
-    "load_checkpoint",
-    "build_trainer",
-    "output_dir_for",
-    "with_run_dir",
-    "train",
-    "find_ema",
-    "seeded",
-    "step_seed",
-    "eval_mode",
-]
+__getattr__ = forwarder(__name__, {
+    "ScoreDiffusion": "sde_diffusion.tasks.score", "load_checkpoint": "sde_diffusion.tasks.score",
+    "train": "sde_diffusion.tasks.score", "FitResult": "sde_diffusion.fit", "build_trainer": "sde_diffusion.fit",
+    "output_dir_for": "sde_diffusion.fit", "LinearWarmup": "sde_diffusion.tasks.base",
+    "adamw_with_warmup": "sde_diffusion.tasks.base", "seeded": "sde_diffusion.tasks.base",
+    "step_seed": "sde_diffusion.tasks.base", "EMA": "sde_diffusion.callbacks", "eval_mode": "sde_diffusion.callbacks",
+    "find_ema": "sde_diffusion.callbacks",
+})

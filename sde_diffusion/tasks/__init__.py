@@ -8,7 +8,13 @@ classifier     a time-dependent classifier p(y | x_t, t)    :mod:`.classifier`
 autoencoder    a KL-regularised autoencoder (first stage)   :mod:`.autoencoder`
 =============  ===========================================  ==============================
 
-Each module defines ``train_task(cfg, output_dir=None, *, extra_callbacks=(), datamodule=None)``;
-:mod:`.base` holds what they share (optimiser, seeded draws, Trainer builder, output directory).
-Networks live in :mod:`sde_diffusion.models`.
+Each module holds one LightningModule and one :class:`~sde_diffusion.fit.Task`, registered in
+``TASKS`` by a decorator; :func:`sde_diffusion.fit.fit` trains any of them and
+:func:`sde_diffusion.checkpoints.load` loads their checkpoints by the task's name. :mod:`.base`
+holds what the modules share (optimiser, seeded draws, the latent codec). Networks live in
+:mod:`sde_diffusion.models`.
 """
+from ..registry import TASKS
+from . import autoencoder, classifier, score  # noqa: F401  (each registers its task)
+
+__all__ = ["TASKS"]

@@ -15,89 +15,48 @@ posterior means below) go to ``<run>/reconstructions/``.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from ..callbacks import build_callbacks, build_loggers, eval_mode, find_ema, save_image_grid
-from ..checkpoints import AUTOENCODER_KIND, mark_finished, resolve_checkpoint_path
-from ..config import check_config, resolve_checkpoint, to_container
+from ..callbacks import eval_mode, find_ema, save_image_grid
+from ..checkpoints import AUTOENCODER_KIND, CheckpointInfo
+from ..config import AutoencoderConfig, TrainConfig, saved_train_config, to_plain
+from ..fit import FitResult, Task, fit
 from ..models.autoencoder import KLAutoencoder, kl_to_standard_normal
-from .base import (
-    NO_SCORE_CALLBACKS,
-    FitResult,
-    adamw_with_warmup,
-    build_trainer,
-    merge_config,
-    optimizer_settings,
-    output_dir_for,
-    seeded,
-    step_seed,
-    with_run_dir,
-)
+from ..registry import TASKS
+from .base import adamw_with_warmup, seeded, step_seed
 
 log = logging.getLogger(__name__)
-RECONSTRUCTIONS = ("l1", "l2")
+AutoencoderOptions = AutoencoderConfig  # ``cfg.autoencoder``: the schema section of this task
 
 
-@dataclass(frozen=True)
-class AutoencoderOptions:
-    """``cfg.autoencoder``: the network (latent channels c, ch, ch_mult → f = 2^(len−1), blocks,
-    dropout) and the objective (β, reconstruction), plus how many training examples set the scale."""
-
-    latent_channels: int = 4
-    ch: int = 32
-    ch_mult: Tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int = 1
-    dropout: float = 0.0
-    beta: float = 1e-3
-    reconstruction: str = "l1"
-    scale_examples: int = 2048
-    figures_every_n_steps: int = 500
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "AutoencoderOptions":
-        node = dict(to_container(cfg.get("autoencoder") or {}))
-        unknown = sorted(set(node) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown autoencoder option(s) {unknown}; accepted: {', '.join(cls.__dataclass_fields__)}")
-        if "ch_mult" in node:
-            node["ch_mult"] = tuple(int(m) for m in node["ch_mult"])
-        opts = cls(**node)
-        if opts.reconstruction not in RECONSTRUCTIONS:
-            raise ValueError(f"unknown autoencoder.reconstruction {opts.reconstruction!r}; choose one of: {', '.join(RECONSTRUCTIONS)}")
-        if not opts.beta >= 0:
-            raise ValueError(f"autoencoder.beta must be >= 0, got {opts.beta}")
-        if opts.scale_examples < 2:
-            raise ValueError(f"autoencoder.scale_examples must be >= 2, got {opts.scale_examples}")
-        return opts
-
-    def network(self, data_shape: Sequence[int]) -> KLAutoencoder:
-        return KLAutoencoder(data_shape, self.latent_channels, self.ch, self.ch_mult, self.num_res_blocks, self.dropout)
+def autoencoder_network(opts: AutoencoderConfig, data_shape: Sequence[int]) -> KLAutoencoder:
+    """The KL autoencoder ``opts`` describes, for images of ``data_shape``."""
+    return KLAutoencoder(data_shape, opts.latent_channels, opts.ch, tuple(int(m) for m in opts.ch_mult),
+                         opts.num_res_blocks, opts.dropout)
 
 
-class AutoencoderTask(L.LightningModule):
+class AutoencoderModule(L.LightningModule):
     """Trains :class:`~sde_diffusion.models.autoencoder.KLAutoencoder` (``self.net``) on ``cfg.data``.
 
     ``latent_std`` / ``scale_factor`` hold the latent scale once measured (every checkpoint
     measures it with the weights it stores).
     """
 
-    def __init__(self, cfg: Mapping[str, Any], data_shape: Sequence[int]) -> None:
+    def __init__(self, cfg: Union[TrainConfig, Mapping[str, Any]], data_shape: Sequence[int]) -> None:
         super().__init__()
-        cfg = to_container(cfg)
-        self.save_hyperparameters({"cfg": cfg, "data_shape": [int(s) for s in data_shape]})
+        cfg = cfg if isinstance(cfg, TrainConfig) else saved_train_config(cfg)
+        self.save_hyperparameters({"cfg": to_plain(cfg), "data_shape": [int(s) for s in data_shape]})
         self.cfg = cfg
         self.data_shape = tuple(int(s) for s in data_shape)
-        self.options = AutoencoderOptions.from_config(cfg)
-        self.net = self.options.network(self.data_shape)
-        self.seed = int(cfg.get("seed", 0))
-        self.optim_cfg = optimizer_settings(cfg, default_lr=1e-3)
+        self.options = cfg.autoencoder
+        self.net = autoencoder_network(self.options, self.data_shape)
+        self.seed = cfg.seed
         self.latent_std: Optional[float] = None
 
     @property
@@ -178,7 +137,7 @@ class AutoencoderTask(L.LightningModule):
         self.latent_std = (checkpoint.get("latent") or {}).get("std")
 
     def configure_optimizers(self) -> Dict[str, Any]:
-        return adamw_with_warmup(self.net.parameters(), self.optim_cfg)
+        return adamw_with_warmup(self.net.parameters(), self.cfg.optim)
 
 
 class ReconstructionFigures(Callback):
@@ -201,7 +160,7 @@ class ReconstructionFigures(Callback):
             self.write(trainer, pl_module)
 
     @torch.no_grad()
-    def write(self, trainer: "L.Trainer", pl_module: AutoencoderTask) -> Optional[Path]:
+    def write(self, trainer: "L.Trainer", pl_module: AutoencoderModule) -> Optional[Path]:
         self._last = trainer.global_step
         if not trainer.is_global_zero:
             return None
@@ -220,17 +179,38 @@ class ReconstructionFigures(Callback):
         return path
 
 
-def load_autoencoder(path: Union[str, Path], map_location: Any = "cpu") -> AutoencoderTask:
-    """An :class:`AutoencoderTask` (eval mode) from a ``task=autoencoder`` run directory or checkpoint."""
-    file = resolve_checkpoint_path(path)
-    ckpt = torch.load(str(file), map_location=map_location, weights_only=False)
-    if not isinstance(ckpt, Mapping) or ckpt.get("kind") != AUTOENCODER_KIND:
-        raise ValueError(f"{file} is not an autoencoder checkpoint (train one with `python train.py task=autoencoder`)")
-    hp = ckpt["hyper_parameters"]
-    module = AutoencoderTask(hp["cfg"], hp["data_shape"])
-    module.load_state_dict(ckpt["state_dict"])
-    module.on_load_checkpoint(ckpt)
-    return module.eval()
+def load_autoencoder(path: Union[str, Path], map_location: Any = "cpu") -> AutoencoderModule:
+    """The :class:`AutoencoderModule` (eval mode) of a ``task=autoencoder`` run directory or checkpoint;
+    same as ``checkpoints.load(path, kind="autoencoder")``."""
+    from ..checkpoints import load
+
+    return load(path, kind="autoencoder", map_location=map_location)
+
+
+@TASKS.register("autoencoder")
+class AutoencoderTask(Task):
+    """The first stage of a latent score model (``python train.py task=autoencoder``)."""
+
+    name = "autoencoder"
+
+    def check_data(self, cfg: TrainConfig, datamodule: Any) -> None:
+        if not getattr(datamodule, "is_image", False):
+            raise ValueError(f"task=autoencoder needs image data (data=digits, cifar10 or folder); "
+                             f"data={cfg.data.get('name')} is not")
+
+    def check_resume(self, cfg: TrainConfig, saved: CheckpointInfo) -> None:
+        if to_plain(saved.train_config.autoencoder) != to_plain(cfg.autoencoder):
+            raise ValueError("the checkpoint's autoencoder options differ from the configured ones (autoencoder.*); "
+                             "resume with the original settings or start a new run_dir")
+
+    def build_module(self, cfg: TrainConfig, datamodule: Any, resumed: Optional[CheckpointInfo]) -> AutoencoderModule:
+        return AutoencoderModule(cfg, datamodule.data_shape)  # size errors surface here
+
+    def callbacks(self, cfg: TrainConfig, output_dir: Path) -> List[Any]:
+        return [ReconstructionFigures(output_dir / "reconstructions", cfg.autoencoder.figures_every_n_steps)]
+
+    def load_module(self, info: CheckpointInfo, map_location: Any = "cpu") -> AutoencoderModule:
+        return AutoencoderModule.load_from_checkpoint(str(info.path), map_location=map_location, weights_only=False)
 
 
 def train_autoencoder(
@@ -240,44 +220,9 @@ def train_autoencoder(
     extra_callbacks: Sequence[Any] = (),
     datamodule: Any = None,
 ) -> FitResult:
-    """Check ``cfg``, build data, autoencoder and Trainer, and fit (resume with ``resume``/``ckpt_path``).
-
-    The same output directory rules, checkpoints, loggers, EMA and Trainer options as
-    :func:`sde_diffusion.training.train`; sample figures and the per-t loss do not apply.
-    """
-    from ..config import build_datamodule
-
-    out = output_dir_for(cfg, output_dir)
-    plain = merge_config(to_container(with_run_dir(cfg, out)), NO_SCORE_CALLBACKS)
-    plain["task"] = "autoencoder"
-    check_config(plain)
-    opts = AutoencoderOptions.from_config(plain)
-    ckpt_path = resolve_checkpoint(plain, out)
-    if ckpt_path is not None:
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-        if saved.get("kind") != AUTOENCODER_KIND:
-            raise ValueError(f"{ckpt_path} is not an autoencoder checkpoint; it cannot be continued with task=autoencoder")
-        saved_cfg = saved.get("hyper_parameters", {}).get("cfg", {})
-        if asdict(AutoencoderOptions.from_config(saved_cfg)) != asdict(opts):
-            raise ValueError("the checkpoint's autoencoder options differ from the configured ones (autoencoder.*); "
-                             "resume with the original settings or start a new run_dir")
-        del saved
-    L.seed_everything(int(plain.get("seed", 0)), workers=True, verbose=False)
-    dm = datamodule if datamodule is not None else build_datamodule(plain)
-    if not getattr(dm, "is_image", False):
-        raise ValueError(f"task=autoencoder needs image data (data=digits, cifar10 or folder); data={plain['data']['name']} is not")
-    module = AutoencoderTask(plain, dm.data_shape)  # size errors surface here
-    dm.setup("fit")
-    out.mkdir(parents=True, exist_ok=True)
-    callbacks: List[Any] = build_callbacks(plain, out) + [ReconstructionFigures(out / "reconstructions", opts.figures_every_n_steps)]
-    trainer = build_trainer(plain, out, callbacks + list(extra_callbacks), build_loggers(plain, out))
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    if trainer.is_global_zero and not trainer.interrupted:
-        mark_finished(out, "autoencoder", trainer.global_step)
-    return FitResult(module=module, trainer=trainer, datamodule=dm, output_dir=out)
+    """Fit an autoencoder: :func:`sde_diffusion.fit.fit` with :class:`AutoencoderTask`."""
+    return fit(AutoencoderTask(), cfg, output_dir, extra_callbacks=extra_callbacks, datamodule=datamodule)
 
 
-train_task = train_autoencoder  # what `python train.py task=<this module>` runs (jobs.train_tasks.run_training)
-
-
-__all__ = ["train_task", "AutoencoderOptions", "AutoencoderTask", "ReconstructionFigures", "load_autoencoder", "train_autoencoder"]
+__all__ = ["AutoencoderOptions", "AutoencoderModule", "AutoencoderTask", "autoencoder_network", "ReconstructionFigures",
+           "load_autoencoder", "train_autoencoder"]

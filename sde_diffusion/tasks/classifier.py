@@ -32,8 +32,8 @@ Training from the command line (the ``task`` config group selects this module)::
 
 and in Python::
 
-    result = train_classifier(cfg, "outputs/clf")               # cfg composed from conf/train.yaml
-    clf = load_classifier("outputs/clf")                        # run dir or .ckpt; eval mode
+    result = fit("classifier", cfg, "outputs/clf")              # cfg: a TrainConfig (task=classifier)
+    clf = load("outputs/clf", kind="classifier")                # run dir or .ckpt; eval mode
     guided = ClassifierGuidance(score_fn, clf, y=3, scale=1.0)  # clf(x, t) -> logits [B, C]
 
 A checkpoint stores the whole config (``sde``, ``data``, ``model``, ``classifier``), the data shape
@@ -44,10 +44,8 @@ written at the end of training to ``<run dir>/accuracy_by_t.json``.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -56,81 +54,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..callbacks import build_callbacks, build_loggers, find_ema
+from ..callbacks import find_ema
 from ..checkpoints import CLASSIFIER_KIND as CHECKPOINT_KIND
-from ..checkpoints import mark_finished, resolve_checkpoint_path
-from ..config import build_sde, check_config, check_resume_compatible, group, resolve_checkpoint, to_container
+from ..checkpoints import CheckpointInfo
+from ..config import ClassifierConfig, TrainConfig, instantiate, saved_train_config, to_plain
+from ..fit import FitResult, Task, fit
+from ..io import write_json
 from ..losses import uniform_draws
 from ..models.classifier import CLASSIFIERS, TimeClassifier
+from ..registry import SDES, TASKS
 from ..sdes.base import SDE, broadcast_to_x
-from .base import (
-    NO_SCORE_CALLBACKS,
-    FitResult,
-    LatentSpace,
-    adamw_with_warmup,
-    build_trainer,
-    merge_config,
-    optimizer_settings,
-    output_dir_for,
-    seeded,
-    step_seed,
-    with_run_dir,
-)
+from .base import LatentSpace, adamw_with_warmup, seeded, step_seed
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------- config
-@dataclass
-class ClassifierOptions:
-    """``cfg.classifier``: what is trained and how it is evaluated.
-
-    Attributes:
-        model: overrides of the ``model`` group for the classifier network (e.g. ``{ch: 16}``);
-            the network is ``CLASSIFIERS[name]`` with the merged kwargs.
-        eps: smallest training time (``None``: ``sde.eps``); t ~ U(eps, T).
-        stratified: low-discrepancy draw of the batch's times.
-        label_smoothing: cross-entropy label smoothing in [0, 1).
-        eval_buckets: number of equal t-buckets of [eps, T] for the held-out accuracy.
-        eval_repeats: noise draws per held-out example and bucket in the final accuracy table.
-    """
-
-    model: Dict[str, Any] = field(default_factory=dict)
-    eps: Optional[float] = None
-    stratified: bool = True
-    label_smoothing: float = 0.0
-    eval_buckets: int = 10
-    eval_repeats: int = 4
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "ClassifierOptions":
-        node = to_container(cfg.get("classifier") or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(node) - known)
-        if unknown:
-            raise ValueError(f"unknown classifier option(s) {unknown}; accepted: {', '.join(sorted(known))}")
-        opts = cls(**node)
-        opts.model = dict(opts.model or {})
-        if opts.eps is not None and not float(opts.eps) > 0:
-            raise ValueError(f"classifier.eps must be positive (or null for sde.eps), got {opts.eps}")
-        if not 0.0 <= float(opts.label_smoothing) < 1.0:
-            raise ValueError(f"classifier.label_smoothing must lie in [0, 1), got {opts.label_smoothing}")
-        for key in ("eval_buckets", "eval_repeats"):
-            v = getattr(opts, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"classifier.{key} must be an integer >= 1, got {v!r}")
-        return opts
+ClassifierOptions = ClassifierConfig  # ``cfg.classifier``: the schema section of this task
 
 
-def classifier_network_config(cfg: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
+def classifier_network_config(cfg: TrainConfig) -> Tuple[str, Dict[str, Any]]:
     """``(name, kwargs)`` of the classifier network: the ``model`` group merged with ``classifier.model``."""
-    name, kwargs = group(cfg, "model")
-    overrides = dict(ClassifierOptions.from_config(cfg).model)
-    name = str(overrides.pop("name", name))
+    kwargs = {k: v for k, v in to_plain(cfg.model).items() if k not in ("name", "_target_")}
+    overrides = dict(to_plain(cfg.classifier.model))
+    name = str(overrides.pop("name", cfg.model.get("name")))
     return name, {**kwargs, **overrides}
 
 
-def build_classifier_network(cfg: Mapping[str, Any], data_shape: Sequence[int], num_classes: int) -> TimeClassifier:
+def build_classifier_network(cfg: TrainConfig, data_shape: Sequence[int], num_classes: int) -> TimeClassifier:
     """The classifier network of ``cfg`` for ``data_shape`` and ``num_classes`` (ValueError on bad options)."""
     name, kwargs = classifier_network_config(cfg)
     factory = CLASSIFIERS.get(name)  # unknown names: ValueError listing the choices
@@ -230,32 +181,31 @@ class NoisyClassifier(LatentSpace, L.LightningModule):
 
     def __init__(
         self,
-        cfg: Mapping[str, Any],
+        cfg: Union[TrainConfig, Mapping[str, Any]],
         data_shape: Sequence[int],
         num_classes: int,
         latent: Optional[Mapping[str, Any]] = None,
         latent_path: Optional[str] = None,
     ) -> None:
         super().__init__()
-        cfg = to_container(cfg)
+        cfg = cfg if isinstance(cfg, TrainConfig) else saved_train_config(cfg)
         self.save_hyperparameters(
-            {"cfg": cfg, "data_shape": [int(s) for s in data_shape], "num_classes": int(num_classes), "latent": None}
+            {"cfg": to_plain(cfg), "data_shape": [int(s) for s in data_shape], "num_classes": int(num_classes), "latent": None}
         )
         self.cfg = cfg
         self.data_shape = tuple(int(s) for s in data_shape)
         self.num_classes = int(num_classes)
-        self.options = ClassifierOptions.from_config(cfg)
+        self.options = cfg.classifier
         # A latent classifier (cfg.latent): trained on the scaled latents a latent score model
         # samples, so that its gradient is taken where that score lives. The autoencoder is frozen
         # and kept out of the module tree, exactly as in ScoreDiffusion.
-        self.attach_codec(latent_path or cfg.get("latent"), latent)
-        self.sde = build_sde(cfg)
+        self.attach_codec(latent_path or cfg.latent, latent)
+        self.sde = instantiate(cfg.sde, SDES, key="sde")
         self.net = build_classifier_network(cfg, self.model_shape, self.num_classes)
         self.t_min = float(self.sde.eps if self.options.eps is None else self.options.eps)
         if not self.t_min < self.sde.T:
             raise ValueError(f"classifier.eps={self.t_min} must be below the SDE's T={self.sde.T}")
-        self.seed = int(cfg.get("seed", 0))
-        self.optim_cfg = optimizer_settings(cfg, default_lr=1e-3)
+        self.seed = cfg.seed
         self.edges = bucket_edges(self.t_min, float(self.sde.T), self.options.eval_buckets)
         self.bucket_names = [f"val/acc_t/{self.edges[i]:.2f}-{self.edges[i + 1]:.2f}" for i in range(len(self.edges) - 1)]
 
@@ -321,41 +271,67 @@ class NoisyClassifier(LatentSpace, L.LightningModule):
         checkpoint["kind"] = CHECKPOINT_KIND
 
     def configure_optimizers(self) -> Dict[str, Any]:
-        return adamw_with_warmup(self.net.parameters(), self.optim_cfg)
+        return adamw_with_warmup(self.net.parameters(), self.cfg.optim)
 
 
-# ---------------------------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------------------------- the task
 def load_classifier(path: Union[str, Path], map_location: Any = "cpu", latent: Optional[str] = None) -> NoisyClassifier:
-    """Rebuild a :class:`NoisyClassifier` (eval mode) from a checkpoint file or a run directory.
+    """The :class:`NoisyClassifier` (eval mode) of a run directory or checkpoint; same as
+    ``checkpoints.load(path, kind="classifier")``. If the run kept an EMA of the weights, the
+    checkpoint's (and so the returned) weights are the EMA's. A latent classifier loads its
+    autoencoder from the recorded path, or from ``latent`` (a moved copy of the same one)."""
+    from ..checkpoints import load
 
-    A run directory means its ``checkpoints/last.ckpt``. If the run kept an EMA of the weights,
-    the checkpoint's (and so the returned) weights are the EMA's. A latent classifier loads its
-    autoencoder from the recorded path, or from ``latent`` (a moved copy of the same one).
+    return load(path, kind="classifier", map_location=map_location, latent=latent)
+
+
+@TASKS.register("classifier")
+class ClassifierTask(Task):
+    """A time-dependent classifier for classifier guidance (``python train.py task=classifier``).
+
+    After fitting, the held-out accuracy per t-bucket is logged and written to
+    ``<run dir>/accuracy_by_t.json``; the result carries ``classifier`` (what the last checkpoint
+    holds: the EMA copy when the run kept one) and ``accuracy``.
     """
-    file = resolve_checkpoint_path(path)
-    ckpt = torch.load(str(file), map_location=map_location, weights_only=False)
-    if not isinstance(ckpt, Mapping) or ckpt.get("kind") != CHECKPOINT_KIND:
-        score_model = isinstance(ckpt, Mapping) and "cfg" in (ckpt.get("hyper_parameters") or {})
-        what = "a score-model checkpoint, not a noisy-classifier checkpoint" if score_model else "not a noisy-classifier checkpoint"
-        raise ValueError(
-            f"{file} is {what} (train a classifier with `python train.py task=classifier ...`); "
-            "score-model checkpoints load with sde_diffusion.training.load_checkpoint (sample.py: ckpt=)"
-        )
-    hp = ckpt["hyper_parameters"]
-    module = NoisyClassifier(hp["cfg"], hp["data_shape"], hp["num_classes"], latent=hp.get("latent"), latent_path=latent)
-    module.load_state_dict(ckpt["state_dict"])
-    return module.eval()
 
+    name = "classifier"
 
-# ---------------------------------------------------------------------------------- fitting
-@dataclass
-class ClassifierFitResult(FitResult):
-    """What :func:`train_classifier` leaves behind; ``classifier`` is what the last checkpoint holds
-    (the EMA copy when the run kept one, else ``module``), in eval mode; ``accuracy`` its
-    held-out accuracy per t-bucket."""
+    def check_data(self, cfg: TrainConfig, datamodule: Any) -> None:
+        num_classes = getattr(datamodule, "num_classes", None)
+        if num_classes is None or num_classes < 2:
+            raise ValueError(
+                f"task=classifier needs a labelled data set with >= 2 classes; data={cfg.data.get('name')} "
+                f"has num_classes={num_classes} (use e.g. data=digits, data=gmm or data=moons)"
+            )
 
-    classifier: Optional[NoisyClassifier] = None
-    accuracy: List[BucketAccuracy] = field(default_factory=list)
+    def check_resume(self, cfg: TrainConfig, saved: CheckpointInfo) -> None:
+        super().check_resume(cfg, saved)
+        if classifier_network_config(cfg) != classifier_network_config(saved.train_config):
+            raise ValueError("the checkpoint's classifier network differs from the configured one (classifier.model)")
+
+    def build_module(self, cfg: TrainConfig, datamodule: Any, resumed: Optional[CheckpointInfo]) -> NoisyClassifier:
+        # A latent= autoencoder other than the resumed run's is refused here.
+        return NoisyClassifier(cfg, datamodule.data_shape, int(datamodule.num_classes),
+                               latent=resumed.latent if resumed else None)
+
+    def load_module(self, info: CheckpointInfo, map_location: Any = "cpu", latent: Optional[str] = None) -> NoisyClassifier:
+        extra = {"latent_path": str(latent)} if latent else {}
+        return NoisyClassifier.load_from_checkpoint(str(info.path), map_location=map_location, weights_only=False, **extra)
+
+    def after_fit(self, cfg: TrainConfig, result: FitResult) -> None:
+        module, trainer, out = result.module, result.trainer, result.output_dir
+        ema = find_ema(trainer)
+        final: NoisyClassifier = ema.averaged_module if ema is not None and ema.averaged_module is not None else module
+        final.eval()
+        opts = module.options
+        device = next(final.parameters()).device
+        gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        held_out = ((module.to_model_space(b[0].to(device)), b[1]) for b in result.datamodule.val_dataloader())
+        rows = accuracy_by_time(final, final.sde, held_out, opts.eval_buckets, module.t_min, opts.eval_repeats, gen)
+        if trainer.is_global_zero:
+            write_json(out / "accuracy_by_t.json", {"global_step": trainer.global_step, "buckets": [asdict(r) for r in rows]})
+            log.info("held-out accuracy per t-bucket:\n%s", format_accuracy_table(rows))
+        result.extras.update(classifier=final, accuracy=rows)
 
 
 def train_classifier(
@@ -364,80 +340,14 @@ def train_classifier(
     *,
     extra_callbacks: Sequence[Any] = (),
     datamodule: Any = None,
-) -> ClassifierFitResult:
-    """Check ``cfg``, build data, classifier and Trainer, fit, and report held-out accuracy per t-bucket.
-
-    Mirrors :func:`sde_diffusion.training.train`: the same output directory rules (argument, Hydra's
-    run directory, ``cfg.run_dir``), checkpoints (``<out>/checkpoints``, ``last.ckpt``), loggers,
-    EMA, resume (``resume`` / ``ckpt_path``) and Trainer options. Sample figures and the per-t
-    DSM loss do not apply and are switched off. Afterwards the held-out accuracy per t-bucket is
-    logged and written to ``<out>/accuracy_by_t.json``.
-
-    Raises ValueError before the Trainer starts for a bad config or an unlabelled data set.
-    """
-    from ..config import build_datamodule
-
-    out = output_dir_for(cfg, output_dir)
-    plain = merge_config(to_container(with_run_dir(cfg, out)), NO_SCORE_CALLBACKS)
-    plain["task"] = "classifier"
-    check_config(plain)
-    ClassifierOptions.from_config(plain)
-    ckpt_path = resolve_checkpoint(plain, out)
-    saved_latent = None
-    if ckpt_path is not None:
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-        if saved.get("kind") != CHECKPOINT_KIND:
-            raise ValueError(f"{ckpt_path} is not a noisy-classifier checkpoint; it cannot be continued with task=classifier")
-        saved_cfg = saved.get("hyper_parameters", {}).get("cfg", {})
-        check_resume_compatible(plain, saved_cfg)
-        if classifier_network_config(plain) != classifier_network_config(saved_cfg):
-            raise ValueError("the checkpoint's classifier network differs from the configured one (classifier.model)")
-        saved_latent = saved.get("hyper_parameters", {}).get("latent")
-        del saved
-    L.seed_everything(int(plain.get("seed", 0)), workers=True, verbose=False)
-    dm = datamodule if datamodule is not None else build_datamodule(plain)
-    num_classes = getattr(dm, "num_classes", None)
-    if num_classes is None or num_classes < 2:
-        raise ValueError(
-            f"task=classifier needs a labelled data set with >= 2 classes; data={group(plain, 'data')[0]} "
-            f"has num_classes={num_classes} (use e.g. data=digits, data=gmm or data=moons)"
-        )
-    # Network shape errors, and a latent= autoencoder other than the resumed run's, surface here.
-    module = NoisyClassifier(plain, dm.data_shape, int(num_classes), latent=saved_latent)
-    dm.setup("fit")
-    out.mkdir(parents=True, exist_ok=True)
-    callbacks = build_callbacks(plain, out) + list(extra_callbacks)
-    trainer = build_trainer(plain, out, callbacks, build_loggers(plain, out))
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-
-    ema = find_ema(trainer)
-    final: NoisyClassifier = ema.averaged_module if ema is not None and ema.averaged_module is not None else module
-    final.eval()
-    opts = module.options
-    device = next(final.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(int(plain.get("seed", 0)) + 1)
-    held_out = ((module.to_model_space(b[0].to(device)), b[1]) for b in dm.val_dataloader())
-    rows = accuracy_by_time(final, final.sde, held_out, opts.eval_buckets, module.t_min, opts.eval_repeats, gen)
-    if trainer.is_global_zero:
-        _write_json(out / "accuracy_by_t.json", {"global_step": trainer.global_step, "buckets": [asdict(r) for r in rows]})
-        log.info("held-out accuracy per t-bucket:\n%s", format_accuracy_table(rows))
-        if not trainer.interrupted:
-            mark_finished(out, "classifier", trainer.global_step)
-    return ClassifierFitResult(module=module, trainer=trainer, datamodule=dm, output_dir=out, classifier=final, accuracy=rows)
-
-
-def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
-train_task = train_classifier  # what `python train.py task=<this module>` runs (jobs.train_tasks.run_training)
+) -> FitResult:
+    """Fit a noisy classifier: :func:`sde_diffusion.fit.fit` with :class:`ClassifierTask`."""
+    return fit(ClassifierTask(), cfg, output_dir, extra_callbacks=extra_callbacks, datamodule=datamodule)
 
 
 __all__ = [
-    "train_task",
     "ClassifierOptions",
+    "ClassifierTask",
     "classifier_network_config",
     "build_classifier_network",
     "BucketAccuracy",
@@ -446,6 +356,5 @@ __all__ = [
     "format_accuracy_table",
     "NoisyClassifier",
     "load_classifier",
-    "ClassifierFitResult",
     "train_classifier",
 ]

@@ -13,8 +13,7 @@ alone rebuilds the SDE, the network and the data shape::
     score_fn = module.score_fn(use_ema=True)                        # s(x, t) = −ε_θ(x, t)/σ(t)
     result = sample(module.sde, score_fn, (64, *module.data_shape), sampler="pc", steps=500)
 
-:func:`train` is what ``python train.py`` (``task=score``) runs: check the config, build data, model, callbacks,
-loggers and the Trainer, continue from a checkpoint if asked, fit.
+:class:`ScoreTask` is what ``python train.py`` (``task=score``) fits with :func:`sde_diffusion.fit.fit`.
 
 Reproducibility: every training step draws its times, noise, label dropout and network dropout
 from a generator seeded by ``(cfg.seed, global_step, batch_idx, rank)``, so a resumed run repeats
@@ -32,31 +31,14 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from ..callbacks import build_callbacks, build_loggers, find_ema
-from ..checkpoints import mark_finished
-from ..config import (
-    build_network,
-    build_sde,
-    check_config,
-    check_resume_compatible,
-    conditioning,
-    loss_options,
-    resolve_checkpoint,
-    to_container,
-)
+from ..callbacks import find_ema
+from ..checkpoints import CheckpointInfo
+from ..config import TrainConfig, instantiate, saved_train_config, to_plain
+from ..fit import FitResult, Task, fit
 from ..losses import DSMTerms, dsm_terms
+from ..registry import MODELS, SDES, TASKS
 from ..score import ScoreModel
-from .base import (
-    FitResult,
-    LatentSpace,
-    adamw_with_warmup,
-    build_trainer,
-    optimizer_settings,
-    output_dir_for,
-    seeded,
-    step_seed,
-    with_run_dir,
-)
+from .base import LatentSpace, adamw_with_warmup, seeded, step_seed
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +48,8 @@ class ScoreDiffusion(LatentSpace, L.LightningModule):
     """DSM training of ``net`` for ``sde``, built from the composed config.
 
     Args:
-        cfg: the whole training config (``conf/train.yaml`` composed); stored resolved in the
-            checkpoint's hyper-parameters.
+        cfg: the training config (a :class:`~sde_diffusion.config.TrainConfig`, or the plain dict a
+            checkpoint stores); stored as a plain dict in the checkpoint's hyper-parameters.
         data_shape: shape of one example, e.g. ``(1, 8, 8)`` (from the data module).
         num_classes: label count for a class-conditional network (``cfg.conditioning.class_labels``),
             else ``None``.
@@ -84,31 +66,30 @@ class ScoreDiffusion(LatentSpace, L.LightningModule):
 
     def __init__(
         self,
-        cfg: Mapping[str, Any],
+        cfg: Union[TrainConfig, Mapping[str, Any]],
         data_shape: Sequence[int],
         num_classes: Optional[int] = None,
         latent: Optional[Mapping[str, Any]] = None,
         latent_path: Optional[str] = None,
     ) -> None:
         super().__init__()
-        cfg = to_container(cfg)
+        cfg = cfg if isinstance(cfg, TrainConfig) else saved_train_config(cfg)
         self.save_hyperparameters(
-            {"cfg": cfg, "data_shape": [int(s) for s in data_shape], "num_classes": num_classes, "latent": None}
+            {"cfg": to_plain(cfg), "data_shape": [int(s) for s in data_shape], "num_classes": num_classes, "latent": None}
         )
         self.cfg = cfg
         self.data_shape = tuple(int(s) for s in data_shape)
         # Latent score model: the autoencoder stays outside the module tree (frozen, not in the
         # optimiser, the EMA or state_dict); the checkpoint records which one (weights digest).
-        self.attach_codec(latent_path or cfg.get("latent"), latent)
-        self.sde = build_sde(cfg)
-        self.net = build_network(cfg, self.model_shape, num_classes)
-        self.loss_options = loss_options(cfg)
-        self.prediction: str = self.loss_options["prediction"]
-        _, self.label_dropout = conditioning(cfg)
+        self.attach_codec(latent_path or cfg.latent, latent)
+        self.sde = instantiate(cfg.sde, SDES, key="sde")
+        self.net = instantiate(cfg.model, MODELS, key="model", data_shape=self.model_shape, num_classes=num_classes)
+        self.loss_options = cfg.loss.options()
+        self.prediction: str = cfg.loss.prediction
+        self.label_dropout = float(cfg.conditioning.label_dropout)
         self.num_classes = num_classes
-        self.seed = int(cfg.get("seed", 0))
-        self.optim_cfg = optimizer_settings(cfg, default_lr=2e-4)
-        self.compile_net = bool(cfg.get("compile", False))
+        self.seed = cfg.seed
+        self.compile_net = bool(cfg.compile)
         # An EMA network outside training (after load_checkpoint): kept out of the module tree so
         # that state_dict keys, parameter counts and the EMA callback's copy are not affected.
         self.__dict__["_ema_net"] = None
@@ -191,7 +172,7 @@ class ScoreDiffusion(LatentSpace, L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Dict[str, Any]:
-        return adamw_with_warmup(self.net.parameters(), self.optim_cfg)
+        return adamw_with_warmup(self.net.parameters(), self.cfg.optim)
 
     def on_fit_start(self) -> None:
         # Compiled after the EMA callback has copied the module (in setup), so the copy stays eager;
@@ -212,17 +193,37 @@ class ScoreDiffusion(LatentSpace, L.LightningModule):
 
 
 def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu", latent: Optional[str] = None) -> ScoreDiffusion:
-    """Rebuild a :class:`ScoreDiffusion` from a checkpoint alone, in eval mode (``net`` and ``ema``).
+    """The :class:`ScoreDiffusion` of a run directory or checkpoint, in eval mode (``net`` and ``ema``).
 
-    A latent model loads its autoencoder from the recorded path, or from ``latent`` (a moved
-    run); either must have the recorded weights.
+    A latent model loads its autoencoder from the recorded path, or from ``latent`` (a moved run);
+    either must have the recorded weights. Same as ``checkpoints.load(path, kind="score")``.
     """
-    extra = {"latent_path": latent} if latent else {}
-    module = ScoreDiffusion.load_from_checkpoint(str(path), map_location=map_location, weights_only=False, **extra)
-    return module.eval()
+    from ..checkpoints import load
+
+    return load(path, kind="score", map_location=map_location, latent=latent)
 
 
-# ---------------------------------------------------------------------------------- fitting
+@TASKS.register("score")
+class ScoreTask(Task):
+    """Denoising score matching of a score network (``python train.py``, the default task)."""
+
+    name = "score"
+    draws_samples = True
+
+    def check_data(self, cfg: TrainConfig, datamodule: Any) -> None:
+        if cfg.conditioning.class_labels and getattr(datamodule, "num_classes", None) is None:
+            raise ValueError("conditioning.class_labels=true needs a labelled data set (data module num_classes is None)")
+
+    def build_module(self, cfg: TrainConfig, datamodule: Any, resumed: Optional[CheckpointInfo]) -> ScoreDiffusion:
+        num_classes = getattr(datamodule, "num_classes", None) if cfg.conditioning.class_labels else None
+        # A latent= autoencoder other than the resumed run's is refused here.
+        return ScoreDiffusion(cfg, datamodule.data_shape, num_classes, latent=resumed.latent if resumed else None)
+
+    def load_module(self, info: CheckpointInfo, map_location: Any = "cpu", latent: Optional[str] = None) -> ScoreDiffusion:
+        extra = {"latent_path": str(latent)} if latent else {}
+        return ScoreDiffusion.load_from_checkpoint(str(info.path), map_location=map_location, weights_only=False, **extra)
+
+
 def train(
     cfg: Any,
     output_dir: Optional[Union[str, Path]] = None,
@@ -230,61 +231,8 @@ def train(
     extra_callbacks: Sequence[Any] = (),
     datamodule: Any = None,
 ) -> FitResult:
-    """Check ``cfg``, build everything, and fit; continue from a checkpoint if ``resume``/``ckpt_path`` say so.
-
-    Args:
-        cfg: the composed config (``DictConfig`` or dict).
-        output_dir: where checkpoints, logs and figures go (default: Hydra's run directory, else
-            ``cfg.run_dir``).
-        extra_callbacks: more Lightning callbacks (tests, benchmarks).
-        datamodule: use this data module instead of building ``cfg.data`` (tests).
-
-    Raises ValueError (or FileNotFoundError for missing data files) before the Trainer starts.
-    """
-    from ..config import build_datamodule
-
-    task = cfg.get("task")
-    if task not in (None, "score"):
-        raise ValueError(
-            f"training.train fits score models but the config says task={task}; "
-            "use sde_diffusion.jobs.train_tasks.run_training (what train.py calls) to train any task"
-        )
-    out = output_dir_for(cfg, output_dir)
-    plain = to_container(with_run_dir(cfg, out))
-    check_config(plain)
-    ckpt_path = resolve_checkpoint(plain, out)
-    saved_latent = None
-    if ckpt_path is not None:
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-        check_resume_compatible(plain, saved.get("hyper_parameters", {}).get("cfg", {}))
-        saved_latent = saved.get("hyper_parameters", {}).get("latent")
-        del saved
-    threads = (plain.get("trainer") or {}).get("num_threads")
-    if threads:
-        # One thread per process is the robust choice on a shared CPU: with more threads than
-        # free cores, OpenMP's spinning makes small convolutions many times slower.
-        torch.set_num_threads(int(threads))
-    L.seed_everything(int(plain.get("seed", 0)), workers=True, verbose=False)
-    dm = datamodule if datamodule is not None else build_datamodule(plain)
-    class_labels, _ = conditioning(plain)
-    num_classes = getattr(dm, "num_classes", None) if class_labels else None
-    if class_labels and num_classes is None:
-        raise ValueError("conditioning.class_labels=true needs a labelled data set (data module num_classes is None)")
-    # Network shape errors, and a latent= autoencoder other than the resumed run's, surface here.
-    module = ScoreDiffusion(plain, dm.data_shape, num_classes, latent=saved_latent)
-    dm.setup("fit")  # missing data files surface here, before the Trainer starts
-    out.mkdir(parents=True, exist_ok=True)
-    callbacks = build_callbacks(plain, out) + list(extra_callbacks)
-    trainer = build_trainer(plain, out, callbacks, build_loggers(plain, out))
-    if ckpt_path is not None:
-        log.info("continuing from %s", ckpt_path)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    if trainer.is_global_zero and not trainer.interrupted:
-        mark_finished(out, "score", trainer.global_step)
-    return FitResult(module=module, trainer=trainer, datamodule=dm, output_dir=out)
+    """Fit a score model: :func:`sde_diffusion.fit.fit` with :class:`ScoreTask` (see there)."""
+    return fit(ScoreTask(), cfg, output_dir, extra_callbacks=extra_callbacks, datamodule=datamodule)
 
 
-train_task = train  # what `python train.py task=<this module>` runs (jobs.train_tasks.run_training)
-
-
-__all__ = ["train_task", "ScoreDiffusion", "load_checkpoint", "train"]
+__all__ = ["ScoreDiffusion", "ScoreTask", "load_checkpoint", "train"]

@@ -1,0 +1,227 @@
+r"""The one training driver: :func:`fit` runs any :class:`Task` on a typed :class:`~sde_diffusion.config.TrainConfig`.
+
+A task says what is trained; everything around it is shared: the output directory, resuming
+(``resume=true`` / ``ckpt_path``, refusing a checkpoint of another kind or another process,
+network or data), seeding, the data module, callbacks (checkpoints, EMA, loggers, progress), the
+Trainer, and the ``finished.json`` marker that ``sample.py`` looks for.
+
+A new training task is one class in one module (plus ``conf/task/<name>.yaml`` for a command-line
+name), e.g.::
+
+    @TASKS.register("denoiser")
+    class DenoiserTask(Task):
+        def build_module(self, cfg, datamodule, resumed):
+            return MyLightningModule(cfg, datamodule.data_shape)
+
+        def load_module(self, info, map_location="cpu", **options):
+            return MyLightningModule.load_from_checkpoint(str(info.path), map_location=map_location)
+
+    result = fit(DenoiserTask(), parse_train({... "task": "denoiser"}))
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Union
+
+import lightning as L
+import torch
+
+from .checkpoints import CheckpointInfo, mark_finished, read
+from .config import TrainConfig, instantiate, parse_train, to_plain
+from .registry import DATASETS, TASKS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` leaves behind; ``extras`` holds what the task's :meth:`Task.after_fit` adds
+    (e.g. the classifier's accuracy table)."""
+
+    module: Any
+    trainer: "L.Trainer"
+    datamodule: Any
+    output_dir: Path
+    extras: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.output_dir / "checkpoints" / "last.ckpt"
+
+    def __getattr__(self, name: str) -> Any:
+        # result.classifier, result.accuracy, ...: what after_fit stored
+        extras = self.__dict__.get("extras") or {}
+        if name in extras:
+            return extras[name]
+        raise AttributeError(name)
+
+
+class Task:
+    """What :func:`fit` needs to know about one kind of training.
+
+    ``name`` is the registry name, the ``task=`` value and the checkpoint kind
+    (:func:`sde_diffusion.checkpoints.load`). Subclasses implement :meth:`build_module` and
+    :meth:`load_module`; the other hooks have defaults.
+    """
+
+    name: ClassVar[str] = ""
+    #: the in-training sample figures and loss-per-t curves of a score model apply
+    draws_samples: ClassVar[bool] = False
+
+    def check_data(self, cfg: TrainConfig, datamodule: Any) -> None:
+        """Refuse a data set the task cannot use (before the network is built)."""
+
+    def build_module(self, cfg: TrainConfig, datamodule: Any, resumed: Optional[CheckpointInfo]) -> "L.LightningModule":
+        """The LightningModule to fit; ``resumed`` describes the checkpoint being continued (or None)."""
+        raise NotImplementedError
+
+    def check_resume(self, cfg: TrainConfig, saved: CheckpointInfo) -> None:
+        """Refuse to continue ``saved`` with ``cfg`` when they train different things.
+
+        The default compares the process, the network and the data set.
+        """
+        have = saved.train_config
+        for key in ("sde", "model"):
+            if _options(getattr(cfg, key)) != _options(getattr(have, key)):
+                raise ValueError(
+                    f"the checkpoint was trained with {key}={saved.cfg.get(key)} but the config asks for "
+                    f"{key}={getattr(cfg, key)}; resume with the original settings or start a new run_dir"
+                )
+        if cfg.data.get("name") != have.data.get("name"):
+            raise ValueError(f"the checkpoint was trained on data={have.data.get('name')}, not data={cfg.data.get('name')}")
+
+    def callbacks(self, cfg: TrainConfig, output_dir: Path) -> List[Any]:
+        """Callbacks of this task besides the shared ones."""
+        return []
+
+    def after_fit(self, cfg: TrainConfig, result: FitResult) -> None:
+        """Runs after ``trainer.fit`` on every rank (before the run is marked finished)."""
+
+    def load_module(self, info: CheckpointInfo, map_location: Any = "cpu", **options: Any) -> "L.LightningModule":
+        """The trained module of checkpoint ``info`` (called by :func:`sde_diffusion.checkpoints.load`)."""
+        raise NotImplementedError
+
+
+def _options(node: Dict[str, Any]) -> Dict[str, Any]:
+    # A stored group node of an older version has no _target_ key; None and absent are the same.
+    return {k: v for k, v in to_plain(node).items() if not (k == "_target_" and v is None)}
+
+
+def output_dir_for(cfg: TrainConfig, output_dir: Optional[Union[str, Path]] = None) -> Path:
+    """Where a run writes: ``output_dir`` if given, else Hydra's run directory, else ``cfg.run_dir``."""
+    if output_dir is not None:
+        return Path(output_dir)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return Path(HydraConfig.get().runtime.output_dir)
+    except ImportError:  # pragma: no cover
+        pass
+    if not cfg.run_dir:
+        raise ValueError("no output directory: pass output_dir=... or set run_dir in the config")
+    return Path(str(cfg.run_dir))
+
+
+def resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:
+    """The checkpoint a run continues from, or None for a fresh start.
+
+    * ``ckpt_path=<file>``: that file; ``ckpt_path=last``: ``<run_dir>/checkpoints/last.ckpt``, which must exist;
+    * ``resume=true``: ``<run_dir>/checkpoints/last.ckpt`` if it exists, else a fresh start (so the
+      same command can be re-issued after every interruption).
+
+    A fresh start in a directory that already holds checkpoints is refused, so that two runs are
+    never mixed in one directory.
+    """
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    if cfg.ckpt_path == "last":
+        if not last.is_file():
+            raise ValueError(f"ckpt_path=last but {last} does not exist; set run_dir=<the run's directory> to resume it")
+        return last
+    if cfg.ckpt_path is not None:
+        path = Path(str(cfg.ckpt_path)).expanduser()
+        if not path.is_file():
+            raise ValueError(f"ckpt_path={cfg.ckpt_path} does not exist; give an existing .ckpt file, 'last', or null")
+        return path
+    if cfg.resume and last.is_file():
+        return last
+    existing = sorted((Path(run_dir) / "checkpoints").glob("*.ckpt"))
+    if existing:
+        raise ValueError(
+            f"{Path(run_dir) / 'checkpoints'} already holds checkpoints ({', '.join(p.name for p in existing[:3])}"
+            f"{', ...' if len(existing) > 3 else ''}) of an earlier run: continue it with resume=true "
+            "(or ckpt_path=<file>), or give a new run_dir"
+        )
+    return None
+
+
+def build_trainer(cfg: TrainConfig, output_dir: Path, callbacks: List[Any], loggers: List[Any]) -> "L.Trainer":
+    """A Trainer from ``cfg.trainer``: its keys are Trainer arguments, except ``name`` (dropped) and
+    ``num_threads`` (torch's intra-op CPU threads, applied by :func:`fit`)."""
+    kwargs = {k: v for k, v in to_plain(cfg.trainer).items() if k not in ("name", "num_threads")}
+    try:
+        return L.Trainer(default_root_dir=str(output_dir), callbacks=callbacks, logger=loggers or False, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"bad trainer option: {err}") from None
+
+
+def fit(
+    task: Union[Task, str, None],
+    cfg: Any,
+    output_dir: Optional[Union[str, Path]] = None,
+    *,
+    extra_callbacks: Sequence[Any] = (),
+    datamodule: Any = None,
+) -> FitResult:
+    """Train ``task`` (a :class:`Task`, its registered name, or None for ``cfg.task``) as ``cfg`` says.
+
+    Args:
+        cfg: a :class:`~sde_diffusion.config.TrainConfig` (or anything :func:`parse_train` takes).
+        output_dir: where checkpoints, logs and figures go (default: Hydra's run directory, else ``cfg.run_dir``).
+        extra_callbacks: more Lightning callbacks (tests, benchmarks).
+        datamodule: use this data module instead of building ``cfg.data`` (tests).
+
+    Every problem of the config, the data or a checkpoint to continue is a ValueError (a missing
+    data file a FileNotFoundError) raised before the Trainer starts.
+    """
+    from .callbacks import build_callbacks, build_loggers
+
+    cfg = parse_train(cfg)
+    if task is None or isinstance(task, str):
+        task = TASKS.get(task or cfg.task)()
+    if cfg.task != task.name:
+        cfg.task = task.name
+    out = output_dir_for(cfg, output_dir)
+    cfg.run_dir = str(out)
+    ckpt_path = resume_checkpoint(cfg, out)
+    resumed = None
+    if ckpt_path is not None:
+        resumed = read(ckpt_path, kind=task.name, key="ckpt_path")
+        task.check_resume(cfg, resumed)
+    threads = cfg.trainer.get("num_threads")
+    if threads:
+        # One thread per process is the robust choice on a shared CPU: with more threads than
+        # free cores, OpenMP's spinning makes small convolutions many times slower.
+        torch.set_num_threads(int(threads))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = datamodule if datamodule is not None else instantiate(cfg.data, DATASETS, key="data")
+    task.check_data(cfg, dm)
+    module = task.build_module(cfg, dm, resumed)  # network shape errors surface here
+    dm.setup("fit")  # missing data files surface here, before the Trainer starts
+    out.mkdir(parents=True, exist_ok=True)
+    callbacks = (build_callbacks(cfg, out, samples=task.draws_samples) + task.callbacks(cfg, out)
+                 + list(extra_callbacks))
+    trainer = build_trainer(cfg, out, callbacks, build_loggers(cfg, out))
+    if ckpt_path is not None:
+        log.info("continuing from %s", ckpt_path)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path is not None else None)
+    result = FitResult(module=module, trainer=trainer, datamodule=dm, output_dir=out)
+    task.after_fit(cfg, result)
+    if trainer.is_global_zero and not trainer.interrupted:
+        mark_finished(out, task.name, trainer.global_step)
+    return result
+
+
+__all__ = ["Task", "FitResult", "fit", "output_dir_for", "resume_checkpoint", "build_trainer"]
