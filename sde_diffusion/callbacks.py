@@ -430,7 +430,7 @@ def user_callback(spec: str, output_dir: Path) -> Callback:
     return cb
 
 
-def _tensorboard_available() -> bool:
+def tensorboard_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
@@ -445,7 +445,7 @@ def build_loggers(cfg: TrainConfig, output_dir: Path) -> List[Any]:
         if name == "csv":
             loggers.append(CSVLogger(save_dir=str(output_dir), name="logs"))
         elif name == "tensorboard":
-            if not _tensorboard_available():
+            if not tensorboard_available():
                 raise ValueError("logger=tensorboard needs the tensorboard package: `pip install tensorboard`")
             loggers.append(TensorBoardLogger(save_dir=str(output_dir), name="tb"))
         else:
@@ -458,6 +458,7 @@ __all__ = [
     "LossByTime",
     "build_callbacks",
     "build_loggers",
+    "tensorboard_available",
     "draw_samples",
     "image_grid",
     "save_image_grid",

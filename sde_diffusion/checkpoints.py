@@ -121,7 +121,7 @@ def read(ckpt: Union[str, Path, None], kind: Optional[str] = None, key: str = "c
     if found is None or not isinstance(hp, Mapping) or "cfg" not in hp or "data_shape" not in hp:
         raise ValueError(f"{key}={ckpt}: {path} is not a checkpoint written by train.py (no hyper_parameters.cfg/data_shape)")
     if kind is not None and found != kind:
-        raise ValueError(f"{key}={ckpt}: {path} is {_WHAT[found]}, not a {kind} checkpoint; {_WANT[kind]}")
+        raise ValueError(f"{key}={ckpt}: {path} is {_WHAT[found]}, not {_NOUN[kind]}; {_WANT[kind]}")
     from .config import to_plain
 
     info = CheckpointInfo(
@@ -139,6 +139,8 @@ def read(ckpt: Union[str, Path, None], kind: Optional[str] = None, key: str = "c
     return info
 
 
+_NOUN = {"score": "a score-model checkpoint", "classifier": "a noisy-classifier checkpoint",
+         "autoencoder": "an autoencoder checkpoint"}
 _WANT = {
     "score": "give a score model's run or .ckpt (python train.py) here",
     "classifier": "train a classifier with `python train.py task=classifier data=<the model's data>`",
@@ -157,7 +159,7 @@ def load(ckpt: Union[str, Path, None], kind: str = "score", map_location: Any = 
 
     info = read(ckpt, kind=kind, key=key)
     try:
-        module = TASKS.get(kind).load_module(info, map_location=map_location, **options)
+        module = TASKS.get(kind)().load_module(info, map_location=map_location, **options)
     except RuntimeError as err:
         first = "\n".join(str(err).strip().splitlines()[:4])
         raise ValueError(

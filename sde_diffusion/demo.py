@@ -1,7 +1,7 @@
 """``python -m sde_diffusion.demo`` (``make demo``): train briefly on the embedded digits, sample a grid.
 
 Runs the same code path as ``python train.py`` (the Hydra config in ``conf/`` and
-:func:`sde_diffusion.training.train`), then draws samples with a registered sampler from the EMA
+:func:`sde_diffusion.fit.fit`), then draws samples with a registered sampler from the EMA
 weights, and does the same for a 2-D toy set. Writes to ``outputs/demo/``:
 
 * ``digits_samples.png`` — a grid of generated 8×8 digits (beside ``digits_data.png``, real ones);
@@ -45,7 +45,7 @@ def _sample(module: Any, n: int, sampler: str, steps: int, seed: int) -> torch.T
 
 def run_digits(out: Path, steps: int, sampler: str, sample_steps: int, quiet: bool) -> Path:
     from .callbacks import save_image_grid
-    from .training import train
+    from .fit import fit
 
     cfg = compose(
         [
@@ -55,7 +55,7 @@ def run_digits(out: Path, steps: int, sampler: str, sample_steps: int, quiet: bo
             f"trainer.enable_progress_bar={'false' if quiet else 'true'}", "trainer.enable_model_summary=false",
         ]
     )
-    result = train(cfg, _fresh(out / "digits_run"))
+    result = fit(None, cfg, _fresh(out / "digits_run"))
     module = result.module.eval()
     x = _sample(module, 64, sampler, sample_steps, seed=0)
     dm = result.datamodule
@@ -85,7 +85,7 @@ def _report_fd(x: torch.Tensor) -> None:
 
 def run_toy(out: Path, steps: int, sampler: str, sample_steps: int, quiet: bool) -> Path:
     from .callbacks import save_scatter
-    from .training import train
+    from .fit import fit
 
     cfg = compose(
         [
@@ -95,7 +95,7 @@ def run_toy(out: Path, steps: int, sampler: str, sample_steps: int, quiet: bool)
             f"trainer.enable_progress_bar={'false' if quiet else 'true'}", "trainer.enable_model_summary=false",
         ]
     )
-    result = train(cfg, _fresh(out / "toy_run"))
+    result = fit(None, cfg, _fresh(out / "toy_run"))
     x = _sample(result.module.eval(), 2000, sampler, sample_steps, seed=0)
     return save_scatter(x, result.datamodule.reference(2000), out / "toy_scatter.png", title=f"moons: {steps} training steps, {sampler}")
 

@@ -192,7 +192,8 @@ def fit(
     if task is None or isinstance(task, str):
         task = TASKS.get(task or cfg.task)()
     if cfg.task != task.name:
-        cfg.task = task.name
+        raise ValueError(f"{type(task).__name__} fits task={task.name} but the config says task={cfg.task}; "
+                         "fit(None, cfg) trains what the config names (as train.py does)")
     out = output_dir_for(cfg, output_dir)
     cfg.run_dir = str(out)
     ckpt_path = resume_checkpoint(cfg, out)

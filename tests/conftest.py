@@ -50,11 +50,11 @@ def ae_run(tmp_path_factory: pytest.TempPathFactory):
     """A `task=autoencoder` run on 16×16 digits, 120 steps (checkpoints at 60 and 120)."""
     from helpers import autoencoder_cfg
 
-    from sde_diffusion.jobs.train_tasks import run_training
+    from sde_diffusion.fit import fit
 
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("ae") / "run"
-    run_training(autoencoder_cfg(run, "trainer.max_steps=120", "callbacks.checkpoint.every_n_steps=60"), run)
+    fit(None, autoencoder_cfg(run, "trainer.max_steps=120", "callbacks.checkpoint.every_n_steps=60"), run)
     torch.set_num_threads(old)
     return run

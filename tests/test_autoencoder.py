@@ -58,7 +58,8 @@ def test_bad_sizes_are_refused():
 
 def test_autoencoder_run_learns_and_records_its_latent_scale(ae_run: Path) -> None:
     from sde_diffusion.data.digits import DigitsDataModule
-    from sde_diffusion.tasks.autoencoder import AutoencoderOptions, load_autoencoder
+    from sde_diffusion.config import parse_train
+    from sde_diffusion.tasks.autoencoder import autoencoder_network, load_autoencoder
 
     ckpt = torch.load(ae_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["kind"] == "autoencoder" and ckpt["global_step"] == 120
@@ -75,7 +76,7 @@ def test_autoencoder_run_learns_and_records_its_latent_scale(ae_run: Path) -> No
     assert ckpt["latent"]["scale_factor"] == pytest.approx(1 / ckpt["latent"]["std"])
     # It learned: the decoded posterior means are far closer to the data than the untrained network's.
     x = next(iter(dm.eval_loader("val")))[0][:200]
-    fresh = AutoencoderOptions.from_config(ae.cfg).network((1, 16, 16))
+    fresh = autoencoder_network(parse_train(ae.cfg).autoencoder, (1, 16, 16))
     with torch.no_grad():
         err = (ae.net.decode(ae.net.encode(x)[0]) - x).abs().mean()
         err0 = (fresh.decode(fresh.encode(x)[0]) - x).abs().mean()
@@ -85,15 +86,15 @@ def test_autoencoder_run_learns_and_records_its_latent_scale(ae_run: Path) -> No
 def test_autoencoder_resumes_and_refuses_other_options(ae_run: Path, tmp_path: Path) -> None:
     import shutil
 
-    from sde_diffusion.jobs.train_tasks import run_training
+    from sde_diffusion.fit import fit
 
     run = tmp_path / "copy"
     shutil.copytree(ae_run, run)
-    res = run_training(_cfg(run, "trainer.max_steps=130", "resume=true"), run)
+    res = fit(None, _cfg(run, "trainer.max_steps=130", "resume=true"), run)
     assert res.trainer.global_step == 130
     assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 130
     with pytest.raises(ValueError, match="autoencoder options differ"):
-        run_training(_cfg(run, "trainer.max_steps=140", "resume=true", "autoencoder.beta=0.5"), run)
+        fit(None, _cfg(run, "trainer.max_steps=140", "resume=true", "autoencoder.beta=0.5"), run)
 
 
 def test_sample_py_refuses_an_autoencoder_checkpoint(ae_run: Path) -> None:

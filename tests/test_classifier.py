@@ -16,24 +16,22 @@ import torch
 import numpy as np
 
 from sde_diffusion import sample
-from sde_diffusion.classifier import (
+from sde_diffusion.config import parse_train, sampler_settings, to_plain
+from sde_diffusion.fit import fit
+from sde_diffusion.models.classifier import MLPClassifier, UNetEncoderClassifier
+from sde_diffusion.tasks.classifier import (
     CHECKPOINT_KIND,
-    ClassifierFitResult,
-    ClassifierOptions,
-    MLPClassifier,
+    ClassifierTask,
     NoisyClassifier,
-    UNetEncoderClassifier,
     build_classifier_network,
     load_classifier,
     train_classifier,
 )
-from sde_diffusion.config import sampler_settings, to_container
 from sde_diffusion.guidance import ClassifierGuidance
 from sde_diffusion.jobs import run
 from sde_diffusion.jobs.checkpoint import load_model
 from sde_diffusion.jobs.shards import batch_seed
-from sde_diffusion.jobs.train_tasks import run_training, train_task_of
-from sde_diffusion.training import train
+from sde_diffusion.tasks.score import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -113,7 +111,7 @@ def test_networks_reject_bad_input() -> None:
 def test_input_scale_is_the_inverse_std_of_x_t() -> None:
     # c_in(t) = 1/sqrt(m² + σ²): exactly 1 for VP (m² + σ² = ᾱ + 1 − ᾱ); → 1/σ_max at T for VE.
     cfg = compose(["data=gmm", "model=mlp"])
-    base = {key: to_container(cfg[key]) for key in ("data", "model", "classifier")}
+    base = {key: to_plain(cfg[key]) for key in ("data", "model", "classifier")}
     t = torch.tensor([1e-3, 0.3, 0.7, 1.0], dtype=torch.float64)
     vp = NoisyClassifier({**base, "sde": {"name": "vp", "beta_min": 0.1, "beta_max": 20.0}}, (2,), 8).double()
     torch.testing.assert_close(vp.input_scale(t), torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-12)
@@ -125,19 +123,19 @@ def test_input_scale_is_the_inverse_std_of_x_t() -> None:
 def test_config_builds_the_encoder_of_the_model_group() -> None:
     cfg = compose(["data=digits"])
     assert cfg.task == "classifier"
-    assert cfg.callbacks.samples.enabled is False and cfg.ema.enabled is False
-    net = build_classifier_network(cfg, (1, 8, 8), 10)
+    assert ClassifierTask.draws_samples is False and cfg.ema.enabled is False
+    net = build_classifier_network(parse_train(cfg), (1, 8, 8), 10)
     assert isinstance(net, UNetEncoderClassifier) and net.conv_in.out_channels == cfg.model.ch
-    small = build_classifier_network(compose(["data=digits", "+classifier.model.ch=8"]), (1, 8, 8), 10)
+    small = build_classifier_network(parse_train(compose(["data=digits", "+classifier.model.ch=8"])), (1, 8, 8), 10)
     assert small.conv_in.out_channels == 8
-    mlp = build_classifier_network(compose(["data=gmm", "model=mlp"]), (2,), 8)
+    mlp = build_classifier_network(parse_train(compose(["data=gmm", "model=mlp"])), (2,), 8)
     assert isinstance(mlp, MLPClassifier) and mlp.head.out_features == 8
-    with pytest.raises(ValueError, match="unknown classifier option.*accepted: eps"):
-        ClassifierOptions.from_config(compose(["+classifier.foo=1"]))
+    with pytest.raises(ValueError, match="foo"):  # the schema refuses unknown keys
+        parse_train(compose(["+classifier.foo=1"]))
     with pytest.raises(ValueError, match="bad option for classifier 'unet'"):
-        build_classifier_network(compose(["data=digits", "+classifier.model.width=3"]), (1, 8, 8), 10)
+        build_classifier_network(parse_train(compose(["data=digits", "+classifier.model.width=3"])), (1, 8, 8), 10)
     with pytest.raises(ValueError, match="classifier.eval_buckets"):
-        ClassifierOptions.from_config(compose(["classifier.eval_buckets=0"]))
+        parse_train(compose(["classifier.eval_buckets=0"]))
 
 
 # ---------------------------------------------------------------------------------- train.py tasks
@@ -151,26 +149,26 @@ def test_train_task_group_dispatches_score_and_classifier(tmp_path: Path) -> Non
     # `python train.py` (no task) trains the score network; `task=classifier` needs no `+`.
     score_cfg = compose_config("train", TINY_MOONS + ["callbacks.samples.enabled=false", "trainer.limit_val_batches=0"])
     assert score_cfg.task == "score"
-    score = run_training(score_cfg, tmp_path / "score")
-    assert not isinstance(score, ClassifierFitResult) and score.trainer.global_step == 2
+    score = fit(None, score_cfg, tmp_path / "score")
+    assert "accuracy" not in score.extras and score.trainer.global_step == 2
     assert "kind" not in torch.load(score.last_checkpoint, map_location="cpu", weights_only=False)
 
     clf_cfg = compose(TINY_MOONS + ["trainer.val_check_interval=2", "classifier.eval_buckets=2", "classifier.eval_repeats=1"])
     assert clf_cfg.task == "classifier" and clf_cfg.optim.lr == 1.0e-3  # conf/task/classifier.yaml applied
-    clf = run_training(clf_cfg, tmp_path / "clf")
-    assert isinstance(clf, ClassifierFitResult) and clf.trainer.global_step == 2
+    clf = fit(None, clf_cfg, tmp_path / "clf")
+    assert isinstance(clf.classifier, NoisyClassifier) and clf.trainer.global_step == 2
     assert torch.load(clf.last_checkpoint, map_location="cpu", weights_only=False)["kind"] == CHECKPOINT_KIND
     assert len(json.loads((tmp_path / "clf" / "accuracy_by_t.json").read_text())["buckets"]) == 2
     # the score trainer itself refuses a classifier config instead of fitting a score model with it
-    with pytest.raises(ValueError, match="task=classifier.*run_training"):
+    with pytest.raises(ValueError, match=r"fits task=score but the config says task=classifier.*fit\(None, cfg\)"):
         train(clf_cfg, tmp_path / "clf2")
 
 
 @pytest.mark.parametrize("task", ["sample", "inpaint", "colorize"])
 def test_train_refuses_sampling_tasks(task: str) -> None:
     with pytest.raises(ValueError, match=rf"cannot run task={task}: choose one of autoencoder, classifier, score.*python sample\.py"):
-        train_task_of({"task": task})
-    assert train_task_of({}) == "score"
+        parse_train({**to_plain(compose_config("train", ["run_dir=x"])), "task": task})
+    assert parse_train(compose_config("train", ["run_dir=x"])).task == "score"
 
 
 def test_train_py_refuses_a_sampling_task(tmp_path: Path) -> None:
@@ -306,7 +304,7 @@ def test_run_writes_accuracy_by_t_and_a_loadable_checkpoint(gmm_run: Any) -> Non
 
     loaded = load_classifier(out)  # a run directory: its checkpoints/last.ckpt
     assert loaded.num_classes == 8 and loaded.data_shape == (2,) and not loaded.training
-    assert to_container(loaded.cfg)["model"]["hidden"] == 64 and loaded.cfg["data"]["dataset"] == "gmm"
+    assert loaded.cfg.model["hidden"] == 64 and loaded.cfg.data["dataset"] == "gmm"
     x, t = torch.randn(16, 2), torch.rand(16)
     with torch.no_grad():
         ref = gmm_run.classifier(x, t)
@@ -347,7 +345,7 @@ def gmm_score_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_training(compose_config("train", over), out)
+        fit(None, compose_config("train", over), out)
     finally:
         torch.set_num_threads(old)
     return out

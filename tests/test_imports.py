@@ -51,7 +51,7 @@ def test_graph_sees_known_edges() -> None:
     g = import_graph()
     assert "sde_diffusion.checkpoints" in g["sde_diffusion.tasks.classifier"]
     assert "sde_diffusion.tasks.base" in g["sde_diffusion.tasks.score"]
-    assert "sde_diffusion.callbacks" in g["sde_diffusion.training"]
+    assert "sde_diffusion.fit" in g["sde_diffusion.tasks.score"]
 
 
 def test_no_two_modules_import_each_other() -> None:

@@ -31,7 +31,7 @@ def _compose(name: str, overrides):
 @pytest.fixture(scope="module")
 def latent_run(ae_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A class-conditional score model on the latents of ``ae_run`` (3 steps)."""
-    from sde_diffusion.training import train
+    from sde_diffusion.tasks.score import train
 
     run_dir = tmp_path_factory.mktemp("latent") / "run"
     cfg = _compose("train", QUIET_TRAINING + [
@@ -95,7 +95,7 @@ def test_sample_py_decodes_latents_and_refuses_pixel_tasks(latent_run: Path, tmp
 @pytest.fixture(scope="module")
 def latent_classifier(ae_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A noisy classifier on the scaled latents of ``ae_run``, trained long enough to beat chance."""
-    from sde_diffusion.jobs.train_tasks import run_training
+    from sde_diffusion.fit import fit
 
     run_dir = tmp_path_factory.mktemp("latent_clf") / "run"
     cfg = _compose("train", QUIET_TRAINING + [
@@ -103,12 +103,12 @@ def latent_classifier(ae_run: Path, tmp_path_factory: pytest.TempPathFactory) ->
         "trainer.max_steps=150", "optim.warmup_steps=0", "classifier.eval_buckets=4", "classifier.eval_repeats=1",
         f"run_dir={run_dir}",
     ])
-    run_training(cfg, run_dir)
+    fit(None, cfg, run_dir)
     return run_dir
 
 
 def test_latent_classifier_learns_the_labels_from_latents(ae_run: Path, latent_classifier: Path) -> None:
-    from sde_diffusion.classifier import accuracy_by_time, load_classifier
+    from sde_diffusion.tasks.classifier import accuracy_by_time, load_classifier
 
     ckpt = torch.load(latent_classifier / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     codec = load_latent_codec(ae_run)
@@ -122,9 +122,10 @@ def test_latent_classifier_learns_the_labels_from_latents(ae_run: Path, latent_c
         clf(torch.zeros(3, 1, 16, 16), 0.5)  # pixels are not its input
     # Held-out accuracy on encoded digits, recomputed independently of the training job's table:
     # well above chance (10 %) at low noise, and near chance at t = T, where x_T forgets x_0.
-    from sde_diffusion.config import build_datamodule
+    from sde_diffusion.config import instantiate
+    from sde_diffusion.registry import DATASETS
 
-    dm = build_datamodule({"data": {**ckpt["hyper_parameters"]["cfg"]["data"], "batch_size": 256}})
+    dm = instantiate({**ckpt["hyper_parameters"]["cfg"]["data"], "batch_size": 256}, DATASETS, key="data")
     dm.setup("fit")
     batches = [(codec.encode(x), y) for x, y, *_ in dm.val_dataloader()]
     rows = accuracy_by_time(clf, clf.sde, batches, num_buckets=5, repeats=1, generator=torch.Generator().manual_seed(0))
@@ -142,7 +143,7 @@ def test_classifier_guidance_on_a_latent_model(latent_run: Path, latent_classifi
     with np.load(tmp_path / "g" / "samples.npz") as z:
         assert z["samples"].shape == (3, 16, 16, 1) and z["latents"].shape == (3, 2, 8, 8)
     # The guidance term is the latent classifier's gradient: log p(3 | u_t) rises along it.
-    from sde_diffusion.classifier import load_classifier
+    from sde_diffusion.tasks.classifier import load_classifier
     from sde_diffusion.guidance import ClassifierGuidance
 
     model, clf = load_model(latent_run), load_classifier(latent_classifier)
@@ -212,7 +213,7 @@ def test_another_autoencoder_is_refused(ae_run: Path, latent_run: Path, tmp_path
     shutil.copytree(ae_run, moved)
     assert load_model(latent_run, {"latent": str(moved)}).module.codec.path == (moved / "checkpoints" / "last.ckpt").resolve()
     # Resuming the score run on another autoencoder is refused as well.
-    from sde_diffusion.training import train
+    from sde_diffusion.tasks.score import train
 
     copy = tmp_path / "resume"
     shutil.copytree(latent_run, copy)
@@ -242,7 +243,7 @@ class _IdentityAutoencoder(torch.nn.Module):
 
 def test_identity_autoencoder_reduces_the_latent_path_to_the_pixel_path_bit_for_bit() -> None:
     from sde_diffusion.latent import LatentCodec
-    from sde_diffusion.training import ScoreDiffusion
+    from sde_diffusion.tasks.score import ScoreDiffusion
 
     cfg = _compose("train", ["data=digits", "model.ch=8", "run_dir=unused"])
     torch.manual_seed(0)

@@ -16,10 +16,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Sampler
 
-from sde_diffusion.config import build_datamodule, tensorboard_available, to_container
+from sde_diffusion.callbacks import tensorboard_available
+from sde_diffusion.config import instantiate, to_plain
 from sde_diffusion.metrics import sliced_wasserstein
+from sde_diffusion.registry import DATASETS
 from sde_diffusion.samplers import sample
-from sde_diffusion.training import LinearWarmup, load_checkpoint, train
+from sde_diffusion.tasks.base import LinearWarmup
+from sde_diffusion.tasks.score import load_checkpoint, train
 
 from ddp_probe import _digest, state_vector
 from helpers import CONF, ROOT
@@ -125,7 +128,7 @@ def resumable_datamodule(cfg: Any) -> Any:
     """
     from sde_diffusion.data.base import BatchCollate
 
-    dm = build_datamodule({"data": to_container(cfg.data)})
+    dm = instantiate(to_plain(cfg.data), DATASETS, key="data")
     loader = dm.train_dataloader()
     samplers = [getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
     if not any(hasattr(s, "set_epoch") for s in samplers):
@@ -316,7 +319,7 @@ def test_cli_reports_a_bad_image_size(tmp_path: Path) -> None:
 
 
 def test_configs_compose() -> None:
-    default = to_container(compose(["run_dir=unused"]))
+    default = to_plain(compose(["run_dir=unused"]))
     assert default["data"]["name"] == "digits" and default["model"]["name"] == "unet"
     assert default["trainer"]["accelerator"] == "auto"  # the GPU when present, else the CPU
     paper = compose(["sde=vp", "data=cifar10", "model=ddpmpp_cifar10", "trainer=gpu"])
@@ -329,7 +332,7 @@ def test_configs_compose() -> None:
         assert paper[a][b] == v, (a, b)
     preset = compose(["experiment=cifar10_vp"])
     for key in ("sde", "data", "model", "trainer", "optim", "ema"):
-        assert to_container(preset[key]) == to_container(paper[key])
+        assert to_plain(preset[key]) == to_plain(paper[key])
     for sde in ("vp", "subvp", "ve", "cosine_vp"):
         assert compose([f"sde={sde}"]).sde.name == sde
 

@@ -40,12 +40,19 @@ SCHEMAS = {"train_schema": TrainConfig, "sample_schema": SampleConfig}
 
 
 def register_configs() -> None:
-    """Register the schemas in Hydra's ConfigStore (the entry scripts call this before composing)."""
+    """Register the schemas in Hydra's ConfigStore, so that ``conf/*.yaml`` can compose on them.
+
+    Done when this package is imported (a user composing ``conf/train.yaml`` with Hydra's compose
+    API needs nothing else); calling it again is harmless.
+    """
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
     for name, node in SCHEMAS.items():
         cs.store(name=name, node=node)
+
+
+register_configs()
 
 
 def to_plain(cfg: Any) -> Any:
@@ -66,6 +73,24 @@ def to_plain(cfg: Any) -> Any:
     return cfg
 
 
+def _without_unresolvable_run_dir(cfg: Any) -> Any:
+    """``cfg`` with ``run_dir`` unset when it interpolates Hydra's run state (``${hydra:...}``) and
+    none exists: a config composed with Hydra's compose API, whose caller gives the directory."""
+    from omegaconf import DictConfig, OmegaConf, open_dict
+    from omegaconf.errors import InterpolationResolutionError
+
+    if not isinstance(cfg, DictConfig) or "run_dir" not in cfg:
+        return cfg
+    try:
+        cfg.run_dir  # noqa: B018 - resolves it
+        return cfg
+    except InterpolationResolutionError:
+        cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+        with open_dict(cfg):
+            cfg.run_dir = None
+        return cfg
+
+
 def _parse(schema: Type[C], cfg: Any, what: str) -> C:
     if isinstance(cfg, schema):
         return cfg
@@ -73,10 +98,11 @@ def _parse(schema: Type[C], cfg: Any, what: str) -> C:
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), to_plain(cfg))
+        merged = OmegaConf.merge(OmegaConf.structured(schema), to_plain(_without_unresolvable_run_dir(cfg)))
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
-        raise ValueError(f"bad {what} config: {str(err).splitlines()[0]}") from None
+        key = getattr(err, "full_key", None)
+        raise ValueError(f"bad {what} config{f' at {key}' if key else ''}: {str(err).splitlines()[0]}") from None
 
 
 def parse_train(cfg: Any) -> TrainConfig:
@@ -85,7 +111,10 @@ def parse_train(cfg: Any) -> TrainConfig:
     Runs every check of the schema, and checks the task name against the training tasks' registry.
     """
     parsed = _parse(TrainConfig, cfg, "training")
-    from ..registry import SAMPLE_TASKS, TASKS
+    from ..registry import DATASETS, MODELS, SAMPLE_TASKS, SAMPLERS, SDES, TASKS
+
+    for key, registry in (("sde", SDES), ("data", DATASETS), ("model", MODELS), ("sampler", SAMPLERS)):
+        check_group(getattr(parsed, key), registry, key, allow=("auto",) if key == "sampler" else ())
 
     if parsed.task not in TASKS:
         hint = (f"; task={parsed.task} is a sampling task: run `python sample.py ckpt=<run> task={parsed.task}`"
@@ -133,6 +162,15 @@ def saved_train_config(saved: Mapping[str, Any]) -> TrainConfig:
 
 
 # ---------------------------------------------------------------------------------- objects
+def check_group(node: Mapping[str, Any], registry: Any, key: str, allow: tuple = ()) -> None:
+    """Refuse a group that names no registered entry (listing the choices) or an unimportable ``_target_``."""
+    target, name = node.get("_target_"), node.get("name")
+    if target:
+        registry.resolve(str(target))
+    elif name not in registry and name not in allow:
+        raise ValueError(f"unknown {key} {name!r}; choose one of: {', '.join(registry.names())}")
+
+
 def group_name(node: Mapping[str, Any]) -> str:
     """What a group node names: its ``_target_`` import path if set, else its registered ``name``."""
     return str(node.get("_target_") or node.get("name"))
@@ -182,7 +220,8 @@ def instantiate(node: Mapping[str, Any], registry: Any, key: Optional[str] = Non
                 options = {k: v for k, v in options.items() if k not in dropped}
         label = str(target)
     elif name:
-        factory = registry.get(str(name))  # unknown names: ValueError listing the choices
+        check_group(node, registry, key)
+        factory = registry.get(str(name))
         label = str(name)
     else:
         raise ValueError(f"config group {key!r} needs a name ({key}=<name>, conf/{key}/) or a {key}._target_=<import path>")
@@ -196,7 +235,7 @@ def instantiate(node: Mapping[str, Any], registry: Any, key: Optional[str] = Non
 
 __all__ = [
     "SCHEMAS", "register_configs", "to_plain", "parse_train", "parse_sample", "saved_train_config",
-    "group_name", "instantiate",
+    "check_group", "group_name", "instantiate",
     "TrainConfig", "SampleConfig", "LossConfig", "OptimConfig", "EmaConfig", "ConditioningConfig",
     "CallbacksConfig", "ClassifierConfig", "AutoencoderConfig", "GuidanceConfig", "InpaintConfig",
     "LikelihoodConfig", "MetricsConfig", "PlotsConfig",

@@ -61,6 +61,8 @@ def group(cfg: Mapping[str, Any], key: str) -> Tuple[str, Dict[str, Any]]:
     if not isinstance(node, Mapping):
         raise ValueError(f"config group {key!r} is missing; choose one with {key}=<name> (conf/{key}/)")
     kwargs = to_container(node)
+    if kwargs.get("_target_", "") is None:
+        kwargs.pop("_target_")
     name = kwargs.pop("name", None)
     if not isinstance(name, str) or not name:
         raise ValueError(f"config group {key!r} needs a 'name:' key naming the {key} to build")

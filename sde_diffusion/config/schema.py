@@ -271,9 +271,10 @@ class TrainConfig:
 # ================================================================================== sampling
 @dataclass
 class GuidanceConfig:
-    scale: float = 0.0               # classifier-free guidance w: (1 + w) eps(x, y) − w eps(x, null)
-    classifier: Optional[str] = None  # classifier guidance: a `train.py task=classifier` run or .ckpt
-    classifier_scale: float = 1.0    # w_c >= 0: score + w_c ∇x log p(label | x_t, t)
+    scale: float = 0.0               # classifier-free guidance w: (1 + w) eps(x, y) − w eps(x, null) (conditional models)
+    classifier: Optional[str] = None  # classifier guidance: a `train.py task=classifier` run or .ckpt (same SDE and data shape)
+    classifier_scale: float = 1.0    # w_c >= 0: score + w_c ∇x log p(label | x_t, t); with a conditional model it is
+                                     # added to the classifier-free guided score (both guidances at once)
 
     def __post_init__(self) -> None:
         _finite_at_least("guidance.scale", self.scale, 0.0)
@@ -281,27 +282,33 @@ class GuidanceConfig:
         if self.classifier is not None and str(self.classifier).strip() in ("", "None"):
             self.classifier = None
         _require(self.classifier is not None or self.classifier_scale == 1.0,
-                 f"guidance.classifier_scale={self.classifier_scale} has no effect without guidance.classifier="
+                 f"guidance.classifier_scale={self.classifier_scale:g} has no effect without guidance.classifier="
                  "<classifier run or .ckpt> (for classifier-free guidance use guidance.scale)")
 
 
 @dataclass
 class InpaintConfig:
+    """``task=inpaint|colorize``: how the observed part conditions the samples."""
+
     method: str = "replace"          # replace (projection after every step) | tweedie (conditional score)
-    fixed_noise: bool = False        # replace: one noise draw for the whole run
+    fixed_noise: bool = False        # replace: one noise draw for the whole run (deterministic with ODE samplers)
     obs_std: float = 1.0e-3          # tweedie: observation noise std
     mask_ratio: float = 0.5          # mask=random: share of pixels to generate
 
     def __post_init__(self) -> None:
         _choice("inpaint.method", self.method, INPAINT_METHODS)
+        _require(isinstance(self.obs_std, (int, float)) and float(self.obs_std) > 0,
+                 f"inpaint.obs_std must be positive, got {self.obs_std!r}")
 
 
 @dataclass
 class LikelihoodConfig:
-    split: str = "val"               # val | train | reference (vector data only)
+    """``mode=likelihood``: −log p(x) through the probability-flow ODE (:func:`~sde_diffusion.likelihood.log_likelihood`)."""
+
+    split: str = "val"               # val | train (held-out / training examples) | reference (vector data only)
     divergence: str = "auto"         # auto (exact trace for D <= 16, else hutchinson) | exact | hutchinson
     noise: str = "rademacher"        # hutchinson probes: rademacher | gaussian
-    n_probes: int = 2                # hutchinson probes per example (>= 2: a standard error is reported)
+    n_probes: int = 2                # hutchinson probes per example (>= 2: the estimator's standard error is reported)
     solver: str = "dopri5"           # dopri5 | scipy | euler | heun | rk4
     rtol: float = 1.0e-5
     atol: float = 1.0e-5
@@ -320,13 +327,21 @@ class LikelihoodConfig:
         if self.eps is not None:
             _require(float(self.eps) > 0, f"likelihood.eps must be positive (or null for sde.eps), got {self.eps}")
 
+    def options(self) -> Dict[str, Any]:
+        """Keyword arguments of :func:`~sde_diffusion.likelihood.log_likelihood` (all but ``split``)."""
+        return {"divergence": self.divergence, "noise": self.noise, "n_probes": int(self.n_probes),
+                "solver": self.solver, "rtol": float(self.rtol), "atol": float(self.atol), "steps": int(self.steps),
+                "eps": None if self.eps is None else float(self.eps)}
+
 
 @dataclass
 class MetricsConfig:
+    """``mode=metrics``: sample, then compare with real data (vectors: SW and MMD; digits: digits-FD; images: FID)."""
+
     num_reference: Optional[int] = None  # real examples to compare with (None: n)
     projections: int = 256           # sliced Wasserstein directions
     mmd_max: int = 2000              # MMD uses at most this many points per side (O(N²) memory)
-    fid_weights: Optional[str] = None  # Inception TorchScript file for FID (None: the default search)
+    fid_weights: Optional[str] = None  # Inception TorchScript file for FID (None: the default search, evaluation/inception.py)
 
     def __post_init__(self) -> None:
         if self.num_reference is not None:
@@ -337,9 +352,11 @@ class MetricsConfig:
 
 @dataclass
 class PlotsConfig:
+    """``mode=plots``: every figure of a run, in ``<run dir>/plots``."""
+
     num_samples: int = 64            # samples in the sample figure (vectors: 2000 at least)
     trajectories: int = 64           # particles in the 2-D trajectory figure
-    steps: int = 100                 # steps of the reverse SDE and PF ODE paths
+    steps: int = 100                 # steps of the reverse SDE (euler_maruyama) and PF ODE (ode_heun) paths
     strip: int = 8                   # time points in the denoising strip
 
     def __post_init__(self) -> None:
@@ -347,39 +364,62 @@ class PlotsConfig:
             _int_at_least(f"plots.{key}", getattr(self, key), 1)
 
 
+#: the keys of a sampler group node that are not constructor options of the sampler
+SAMPLER_GROUP_KEYS = ("name", "_target_", "steps")
+#: sampler steps when neither ``steps`` nor the sampler group gives any
+DEFAULT_SAMPLER_STEPS = 1000
+
+
 @dataclass
 class SampleConfig:
     """``python sample.py``: sample from, and evaluate, a trained model.
 
     The SDE, network and data set come from the checkpoint; ``sde``/``model``/``data`` given here
-    are checks against it (``data.*`` keys such as ``data.root`` override).
+    are checks against it (a value that differs from the checkpoint's is an error naming both;
+    ``data.*`` keys such as ``data.root`` override). ``task`` is a plain value (``task=inpaint``),
+    not train.py's config group ``conf/task/``.
+
+    Example::
+
+        cfg = parse_sample({"ckpt": "outputs/train/digits_vp/<date>", "sampler": {"name": "pc", "steps": 500}})
+        cfg.sampler_name, cfg.sampler_steps, cfg.sampler_options   # 'pc', 500, {}
     """
 
     mode: str = "sample"             # sample | likelihood | metrics | plots (MODES)
     task: str = "sample"             # sample | inpaint | colorize (SAMPLE_TASKS)
+    # The sampler: {name: <registered>, steps: <int>, **options}; name auto = the measured default for
+    # a trained network, the SDE and the NFE budget `steps` (conf/sampler/<name>.yaml).
     sampler: Dict[str, Any] = field(default_factory=lambda: {"name": "auto", "_target_": None})
-    sde: Optional[Dict[str, Any]] = None
-    model: Optional[Dict[str, Any]] = None
-    data: Optional[Dict[str, Any]] = None
-    trainer: Optional[Dict[str, Any]] = None  # None: this process on `device`; else Lightning Fabric
-    ckpt: Optional[str] = None       # a .ckpt or a training run directory; None: the newest finished run under runs_root
-    latent: Optional[str] = None     # latent models: load the autoencoder from here (it must have the recorded weights)
-    runs_root: str = "outputs/train"  # where `python train.py` writes its runs
-    out: Optional[str] = None        # output directory; None: under the run directory
-    n: int = 64                      # samples (likelihood: data examples)
+    sde: Optional[Dict[str, Any]] = None     # a check: every key given must equal the checkpoint's
+    model: Optional[Dict[str, Any]] = None   # a check (only when named on the command line: a data group brings one)
+    data: Optional[Dict[str, Any]] = None    # the name is a check; other keys (data.root) override the checkpoint's
+    trainer: Optional[Dict[str, Any]] = None  # None: this process on `device`; cpu | gpu | ddp: Lightning Fabric
+    ckpt: Optional[str] = None       # a .ckpt or a training run directory (its checkpoints/last.ckpt);
+                                     # None: the newest finished score-model run under runs_root
+    latent: Optional[str] = None     # latent models: load the autoencoder from here instead of the recorded path
+                                     # (it must have the recorded weights)
+    runs_root: str = "outputs/train"  # where `python train.py` writes its runs (searched when ckpt is None)
+    out: Optional[str] = None        # output directory; None: <run dir>/samples/<task>-<sampler>-<steps>steps-seed<seed>-<hash>
+                                     # (likelihood: <run dir>/likelihood/<...>, plots: <run dir>/plots)
+    n: int = 64                      # number of samples (likelihood: number of data examples)
     batch_size: int = 64
-    steps: Optional[int] = None      # sampler steps; None: the sampler config's
-    seed: int = 0                    # batch b draws from a generator seeded by f(seed, b)
-    ema: bool = True                 # the EMA weights (falls back to the trained weights, with a warning)
-    device: str = "auto"             # auto | cpu | cuda | cuda:<k> (ignored with trainer)
+    steps: Optional[int] = None      # sampler steps; None: the sampler group's `steps`
+    seed: int = 0                    # batch b draws from a generator seeded by f(seed, b): same seed, same samples
+    ema: bool = True                 # the EMA weights (falls back to the trained weights, with a warning, if none)
+    device: str = "auto"             # auto | cpu | cuda | cuda:<k> (ignored when trainer is set)
     dtype: str = "float32"           # float32 | float64
-    clip_denoised: Any = "auto"      # auto | true | false: clamp the denoiser's x0 to the data range
-    progress: bool = True
-    resume: bool = True              # reuse finished batches of an identical earlier run
-    figures: bool = True
-    keep_shards: bool = True
-    label: Optional[int] = None      # class of every sample (conditional models)
-    mask: str = "center"             # inpaint: left | right | top | bottom | center | random | <mask.npy>
+    # Clamp the denoiser's x0 estimate to the data range at every step (static thresholding):
+    # auto = with a deterministic default sampler on pixel-space image models; never for vectors or
+    # latents (unbounded); true: with any sampler | false.
+    clip_denoised: Any = "auto"
+    progress: bool = True            # progress bar on stderr
+    resume: bool = True              # reuse finished batches of an identical earlier run; false: start over
+    figures: bool = True             # samples.png (grid or scatter) and triptych.png
+    keep_shards: bool = True         # keep shards/ after the merge (needed to extend or resume later)
+    label: Optional[int] = None      # class of every sample (conditional models: None = 0, 1, ..., K-1, 0, ...;
+                                     # required with guidance.classifier)
+    mask: str = "center"             # inpaint: region to generate: left | right | top | bottom | center | random,
+                                     # or a .npy file holding the mask itself (1 = observed, 0 = generate)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     inpaint: InpaintConfig = field(default_factory=InpaintConfig)
     likelihood: LikelihoodConfig = field(default_factory=LikelihoodConfig)
@@ -393,13 +433,36 @@ class SampleConfig:
             _int_at_least("steps", self.steps, 1)
         _require(isinstance(self.seed, int) and not isinstance(self.seed, bool), f"seed must be an integer, got {self.seed!r}")
         _choice("dtype", self.dtype, DTYPES)
-        _choice("clip_denoised", self.clip_denoised, ("auto", True, False))
+        _require(isinstance(self.clip_denoised, bool) or self.clip_denoised == "auto",
+                 f"clip_denoised must be auto, true or false, got {self.clip_denoised!r}")
         if self.label is not None:
-            _int_at_least("label", self.label, 0)
-        _require(isinstance(self.sampler, dict) and (self.sampler.get("name") or self.sampler.get("_target_")),
+            _require(isinstance(self.label, int) and not isinstance(self.label, bool) and self.label >= 0,
+                     f"label must be a class index >= 0 or null, got {self.label!r}")
+        _require(isinstance(self.sampler, dict) and bool(self.sampler.get("name") or self.sampler.get("_target_")),
                  "no sampler: choose one with sampler=<name> (conf/sampler/)")
-        if self.ckpt is not None and str(self.ckpt).strip() in ("", "None"):
-            self.ckpt = None
+        _int_at_least("sampler.steps", self.sampler_steps, 1)
+        for key in ("ckpt", "latent", "out"):
+            value = getattr(self, key)
+            if value is not None and str(value).strip() in ("", "None"):
+                setattr(self, key, None)
+
+    @property
+    def sampler_name(self) -> str:
+        """The sampler the group names: its ``_target_`` import path, else its registered name (``auto``: the default rule)."""
+        return str(self.sampler.get("_target_") or self.sampler.get("name"))
+
+    @property
+    def sampler_steps(self) -> int:
+        """``steps`` if given, else the sampler group's ``steps``, else 1000."""
+        if self.steps is not None:
+            return self.steps
+        steps = self.sampler.get("steps")
+        return DEFAULT_SAMPLER_STEPS if steps is None else steps
+
+    @property
+    def sampler_options(self) -> Dict[str, Any]:
+        """The sampler's constructor options: the group without ``name``, ``_target_`` and ``steps``."""
+        return {k: v for k, v in self.sampler.items() if k not in SAMPLER_GROUP_KEYS}
 
 
 __all__ = [

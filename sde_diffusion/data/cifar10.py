@@ -228,7 +228,7 @@ class CIFAR10DataModule(ImageDataModule):
         root: Optional[PathLike] = None,
         download: bool = False,
         batch_size: int = 128,
-        num_workers: int = 0,
+        num_workers: int = 2,
         seed: int = 0,
         random_flip: bool = True,
         centered: bool = True,

@@ -101,7 +101,7 @@ class FolderDataModule(ImageDataModule):
         channels: int = 3,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         batch_size: int = 64,
-        num_workers: int = 0,
+        num_workers: int = 2,
         seed: int = 0,
         val_fraction: float = 0.05,
         random_flip: bool = False,

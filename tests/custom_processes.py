@@ -1,0 +1,18 @@
+"""A process defined outside the package, as a user would: selected with ``sde._target_=custom_processes.ConstantBetaSDE``."""
+import torch
+
+from sde_diffusion import LinearSDE
+
+
+class ConstantBetaSDE(LinearSDE):
+    """dx = −½β x dt + √β dw with a constant β: m(t) = e^{−βt/2}, σ(t)² = 1 − e^{−βt}."""
+
+    def __init__(self, beta: float = 5.0, **kw) -> None:
+        super().__init__(**kw)
+        self.beta = float(beta)
+
+    def f(self, t: torch.Tensor) -> torch.Tensor:
+        return -0.5 * self.beta * torch.ones_like(t)
+
+    def g(self, t: torch.Tensor) -> torch.Tensor:
+        return self.beta ** 0.5 * torch.ones_like(t)
