@@ -189,10 +189,13 @@ def fit(
     from .callbacks import build_callbacks, build_loggers
 
     cfg = parse_train(cfg)
-    if task is None or isinstance(task, str):
-        task = TASKS.get(task or cfg.task)()
-    if cfg.task != task.name:
-        raise ValueError(f"{type(task).__name__} fits task={task.name} but the config says task={cfg.task}; "
+    if task is None:
+        task = instantiate(cfg.task, TASKS, key="task")
+    elif isinstance(task, str):
+        task = TASKS.resolve(task)()
+    configured = cfg.task.get("_target_")
+    if (TASKS.resolve(configured).name if configured else cfg.task.get("name")) != task.name:
+        raise ValueError(f"{type(task).__name__} fits task={task.name} but the config says task={cfg.task_name}; "
                          "fit(None, cfg) trains what the config names (as train.py does)")
     out = output_dir_for(cfg, output_dir)
     cfg.run_dir = str(out)

@@ -16,3 +16,16 @@ class ConstantBetaSDE(LinearSDE):
 
     def g(self, t: torch.Tensor) -> torch.Tensor:
         return self.beta ** 0.5 * torch.ones_like(t)
+
+
+from sde_diffusion.tasks.score import ScoreTask  # noqa: E402
+
+
+class MarkedScoreTask(ScoreTask):
+    """The score task plus one thing of the user's own after fitting: ``task._target_=custom_processes.MarkedScoreTask``."""
+
+    def __init__(self, marker: str = "user-task") -> None:
+        self.marker = marker
+
+    def after_fit(self, cfg, result) -> None:
+        (result.output_dir / "marker.txt").write_text(f"{self.marker} {result.trainer.global_step}")

@@ -122,7 +122,7 @@ def test_input_scale_is_the_inverse_std_of_x_t() -> None:
 # ---------------------------------------------------------------------------------- config
 def test_config_builds_the_encoder_of_the_model_group() -> None:
     cfg = compose(["data=digits"])
-    assert cfg.task == "classifier"
+    assert cfg.task.name == "classifier"
     assert ClassifierTask.draws_samples is False and cfg.ema.enabled is False
     net = build_classifier_network(parse_train(cfg), (1, 8, 8), 10)
     assert isinstance(net, UNetEncoderClassifier) and net.conv_in.out_channels == cfg.model.ch
@@ -148,13 +148,13 @@ TINY_MOONS = QUIET + [
 def test_train_task_group_dispatches_score_and_classifier(tmp_path: Path) -> None:
     # `python train.py` (no task) trains the score network; `task=classifier` needs no `+`.
     score_cfg = compose_config("train", TINY_MOONS + ["callbacks.samples.enabled=false", "trainer.limit_val_batches=0"])
-    assert score_cfg.task == "score"
+    assert score_cfg.task.name == "score"
     score = fit(None, score_cfg, tmp_path / "score")
     assert "accuracy" not in score.extras and score.trainer.global_step == 2
     assert "kind" not in torch.load(score.last_checkpoint, map_location="cpu", weights_only=False)
 
     clf_cfg = compose(TINY_MOONS + ["trainer.val_check_interval=2", "classifier.eval_buckets=2", "classifier.eval_repeats=1"])
-    assert clf_cfg.task == "classifier" and clf_cfg.optim.lr == 1.0e-3  # conf/task/classifier.yaml applied
+    assert clf_cfg.task.name == "classifier" and clf_cfg.optim.lr == 1.0e-3  # conf/task/classifier.yaml applied
     clf = fit(None, clf_cfg, tmp_path / "clf")
     assert isinstance(clf.classifier, NoisyClassifier) and clf.trainer.global_step == 2
     assert torch.load(clf.last_checkpoint, map_location="cpu", weights_only=False)["kind"] == CHECKPOINT_KIND
@@ -168,7 +168,7 @@ def test_train_task_group_dispatches_score_and_classifier(tmp_path: Path) -> Non
 def test_train_refuses_sampling_tasks(task: str) -> None:
     with pytest.raises(ValueError, match=rf"cannot run task={task}: choose one of autoencoder, classifier, score.*python sample\.py"):
         parse_train({**to_plain(compose_config("train", ["run_dir=x"])), "task": task})
-    assert parse_train(compose_config("train", ["run_dir=x"])).task == "score"
+    assert parse_train(compose_config("train", ["run_dir=x"])).task_name == "score"
 
 
 def test_train_py_refuses_a_sampling_task(tmp_path: Path) -> None:

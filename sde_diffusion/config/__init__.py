@@ -94,11 +94,14 @@ def _without_unresolvable_run_dir(cfg: Any) -> Any:
 def _parse(schema: Type[C], cfg: Any, what: str) -> C:
     if isinstance(cfg, schema):
         return cfg
+    plain = to_plain(_without_unresolvable_run_dir(cfg))
+    if schema is TrainConfig and isinstance(plain.get("task"), str):
+        plain["task"] = {"name": plain["task"]}  # configs of earlier versions: task: <name>
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), to_plain(_without_unresolvable_run_dir(cfg)))
+        merged = OmegaConf.merge(OmegaConf.structured(schema), plain)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
@@ -113,13 +116,13 @@ def parse_train(cfg: Any) -> TrainConfig:
     parsed = _parse(TrainConfig, cfg, "training")
     from ..registry import DATASETS, MODELS, SAMPLE_TASKS, SAMPLERS, SDES, TASKS
 
-    for key, registry in (("sde", SDES), ("data", DATASETS), ("model", MODELS), ("sampler", SAMPLERS)):
+    name = parsed.task.get("name")
+    if not parsed.task.get("_target_") and name not in TASKS:
+        hint = (f"; task={name} is a sampling task: run `python sample.py ckpt=<run> task={name}`"
+                if name in SAMPLE_TASKS else "")
+        raise ValueError(f"train.py cannot run task={name}: choose one of {', '.join(TASKS.names())}{hint}")
+    for key, registry in (("task", TASKS), ("sde", SDES), ("data", DATASETS), ("model", MODELS), ("sampler", SAMPLERS)):
         check_group(getattr(parsed, key), registry, key, allow=("auto",) if key == "sampler" else ())
-
-    if parsed.task not in TASKS:
-        hint = (f"; task={parsed.task} is a sampling task: run `python sample.py ckpt=<run> task={parsed.task}`"
-                if parsed.task in SAMPLE_TASKS else "")
-        raise ValueError(f"train.py cannot run task={parsed.task}: choose one of {', '.join(TASKS.names())}{hint}")
     return parsed
 
 

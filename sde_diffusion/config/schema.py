@@ -230,7 +230,7 @@ class TrainConfig:
     data: Dict[str, Any] = field(default_factory=lambda: {"name": "digits", "_target_": None})
     trainer: Dict[str, Any] = field(default_factory=dict)   # Lightning Trainer arguments (+ name, num_threads)
     sampler: Dict[str, Any] = field(default_factory=lambda: {"name": "euler_maruyama", "_target_": None})  # in-training figures
-    task: str = "score"              # score | classifier | autoencoder (TASKS)
+    task: Dict[str, Any] = field(default_factory=lambda: {"name": "score", "_target_": None})  # TASKS: score | classifier | autoencoder
     seed: int = 0                    # model initialisation and every training draw
     run_dir: Optional[str] = None    # output directory; give it explicitly to be able to resume
     resume: bool = False             # continue from <run_dir>/checkpoints/last.ckpt if it exists
@@ -247,7 +247,7 @@ class TrainConfig:
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
 
     def __post_init__(self) -> None:
-        for key in ("sde", "model", "data"):
+        for key in ("sde", "model", "data", "task"):
             node = getattr(self, key)
             _require(isinstance(node, dict) and (node.get("name") or node.get("_target_")),
                      f"config group {key!r} needs a name (choose one with {key}=<name>, conf/{key}/) "
@@ -259,6 +259,11 @@ class TrainConfig:
             sde_name = self.sde.get("name")
             _require(sde_name == "vp" and not self.sde.get("_target_"),
                      f"loss.discrete_steps (the DDPM loss) needs sde=vp, got sde={sde_name}")
+
+    @property
+    def task_name(self) -> str:
+        """The registered name, or the import path, of the training task."""
+        return str(self.task.get("_target_") or self.task.get("name"))
 
     @property
     def loggers(self) -> List[str]:
