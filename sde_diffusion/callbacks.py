@@ -56,7 +56,7 @@ class EMA(EMAWeightAveraging):
     """
 
     def __init__(self, decay: float = EmaConfig.decay, update_every_n_steps: int = EmaConfig.update_every_n_steps,
-                 update_starting_at_step: Optional[int] = EmaConfig.start_step) -> None:
+                 update_starting_at_step: Optional[int] = EmaConfig.start_step, warmup: bool = EmaConfig.warmup) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
         super().__init__(
@@ -67,8 +67,9 @@ class EMA(EMAWeightAveraging):
         kwargs = getattr(self, "_kwargs", None)
         if isinstance(kwargs, dict) and "avg_fn" in kwargs:
             kwargs["avg_fn"] = None
-            kwargs["multi_avg_fn"] = get_ema_multi_avg_fn(decay)
+            kwargs["multi_avg_fn"] = ema_update_fn(decay, warmup)
         self.decay = float(decay)
+        self.warmup = bool(warmup)
 
     @property
     def averaged_module(self) -> Optional[nn.Module]:
@@ -78,6 +79,28 @@ class EMA(EMAWeightAveraging):
 
     def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         return None
+
+
+def ema_decay_at(decay: float, n: int, warmup: bool) -> float:
+    """The decay of the ``n``-th average (n ≥ 1 updates before it): ``decay``, or with ``warmup``
+    the reference code's ramp min(decay, (1 + n)/(10 + n)), which lets the average forget the
+    random initialisation within the first few hundred steps instead of ~1/(1 − decay) of them."""
+    return min(float(decay), (1.0 + n) / (10.0 + n)) if warmup else float(decay)
+
+
+def ema_update_fn(decay: float, warmup: bool = False) -> Any:
+    """AveragedModel's ``multi_avg_fn``: w_ema ← d·w_ema + (1 − d)·w over all tensors at once, with
+    d = :func:`ema_decay_at` (the average's update count comes from AveragedModel, so a resumed
+    run continues the ramp)."""
+    if not warmup:
+        return get_ema_multi_avg_fn(decay)
+
+    @torch.no_grad()
+    def update(ema_params: List[Tensor], params: List[Tensor], num_averaged: Tensor) -> None:
+        d = ema_decay_at(decay, int(num_averaged), True)
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+
+    return update
 
 
 def find_ema(trainer: Optional["L.Trainer"]) -> Optional[EMA]:
@@ -365,7 +388,7 @@ def build_callbacks(cfg: TrainConfig, output_dir: Path, samples: bool = True) ->
     callbacks: List[Callback] = []
     if cfg.ema.enabled:
         callbacks.append(EMA(decay=float(cfg.ema.decay), update_every_n_steps=int(cfg.ema.update_every_n_steps),
-                             update_starting_at_step=cfg.ema.start_step))
+                             update_starting_at_step=cfg.ema.start_step, warmup=cfg.ema.warmup))
     callbacks.append(
         ModelCheckpoint(
             dirpath=str(output_dir / "checkpoints"),

@@ -106,12 +106,17 @@ class OptimConfig:
 
 @dataclass
 class EmaConfig:
-    """Exponential moving average of the weights (samples and checkpoints use it)."""
+    """Exponential moving average of the weights (samples and checkpoints use it).
+
+    w_ema ← d·w_ema + (1 − d)·w after every ``update_every_n_steps`` optimiser steps, with d = decay,
+    or with ``warmup`` d = min(decay, (1 + n)/(10 + n)) at the n-th update (score_sde's ramp).
+    """
 
     enabled: bool = True
     decay: float = 0.9999
     update_every_n_steps: int = 1
     start_step: Optional[int] = None
+    warmup: bool = False
 
     def __post_init__(self) -> None:
         if self.enabled:
