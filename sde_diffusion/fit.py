@@ -21,6 +21,7 @@ name), e.g.::
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Union
@@ -220,7 +221,15 @@ def fit(
     trainer = build_trainer(cfg, out, callbacks, build_loggers(cfg, out))
     if ckpt_path is not None:
         log.info("continuing from %s", ckpt_path)
-    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path is not None else None)
+    with warnings.catch_warnings():
+        # Runs are measured in steps across epochs (max_epochs=-1): Lightning logs every
+        # log_every_n_steps optimiser steps whatever the epoch length, so its warning about epochs
+        # shorter than the logging interval does not apply.
+        warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
+        # Lightning 2.6's batch flattening constructs torch's deprecated LeafSpec on every step
+        # (lightning/pytorch/utilities/_pytree.py); nothing here can change that but the warning.
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated")
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path is not None else None)
     result = FitResult(module=module, trainer=trainer, datamodule=dm, output_dir=out)
     task.after_fit(cfg, result)
     if trainer.is_global_zero and not trainer.interrupted:
