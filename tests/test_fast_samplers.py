@@ -23,6 +23,7 @@ from sde_diffusion import GaussianMixture
 from sde_diffusion.ode import odeint_dopri5
 from sde_diffusion.samplers import build_sampler, sample
 from sde_diffusion.samplers.base import SamplingContext
+from sde_diffusion.samplers.coeffs import GridCoeffs
 from sde_diffusion.samplers.ddim import DDIM
 from sde_diffusion.samplers.dpm_solver import exp_quadrature_weights
 from sde_diffusion.sdes import SDE, CosineVPSDE, LinearSDE, SubVPSDE, VESDE, VPSDE
@@ -154,8 +155,8 @@ def test_ddim_step_is_the_posterior_sample(sde_name: str, eta: float) -> None:
 
     n = 40000
     x_t = (sde.mean_coeff(t) * x0 + 0.8 * sde.marginal_std(t) * torch.tensor([1.0, -2.0], dtype=F64)).expand(n, 2)
-    ctx = SamplingContext(sde, point_mass_score, torch.Generator().manual_seed(0), steps=2)
-    x_s = DDIM(eta=eta).step(x_t, t, s, ctx)
+    ctx = SamplingContext(sde, point_mass_score, torch.Generator().manual_seed(0))
+    x_s = DDIM(eta=eta).step(x_t, 0, GridCoeffs.build(sde, (t, s)), ctx)
 
     a, b = sde.transition_coeffs(s, t)  # x_t | x_s ~ N(a x_s, b²)
     m_s, sig_s = sde.mean_coeff(s), sde.marginal_std(s)

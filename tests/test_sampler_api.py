@@ -9,6 +9,7 @@ import torch
 from sde_diffusion import GaussianMixture
 from sde_diffusion.samplers import CORRECTORS, PREDICTORS, SAMPLERS, build_sampler, sample
 from sde_diffusion.samplers.base import SamplingContext
+from sde_diffusion.samplers.coeffs import GridCoeffs
 from sde_diffusion.samplers.grids import GRIDS
 from sde_diffusion.samplers.ode_samplers import ODEDopri5, ODEHeun, ODERK4, ODEScipy
 from sde_diffusion.sdes import SubVPSDE, VESDE, VPSDE
@@ -32,8 +33,14 @@ def gaussian_score(mu: float, s2: float, sde):
     return fn
 
 
-def ctx_for(sde, score_fn, seed: int = 0, steps: int = 5, index: int = 0) -> SamplingContext:
-    return SamplingContext(sde, score_fn, torch.Generator().manual_seed(seed), steps, index=index)
+def ctx_for(sde, score_fn, seed: int = 0) -> SamplingContext:
+    return SamplingContext(sde, score_fn, torch.Generator().manual_seed(seed))
+
+
+def one_step(sde, t_cur: torch.Tensor, t_next: torch.Tensor) -> GridCoeffs:
+    """The coefficient table of a single step from t_cur to t_next (interval 0), as a step called
+    outside a run takes it."""
+    return GridCoeffs.build(sde, (t_cur, t_next))
 
 
 # ---------------------------------------------------------------------------------- predictors
@@ -58,9 +65,9 @@ def test_ancestral_is_ddpm_posterior_for_vp() -> None:
     mean = ab_s.sqrt() * beta / (1 - ab_t) * x0 + alpha.sqrt() * (1 - ab_s) / (1 - ab_t) * x
     std = torch.sqrt((1 - ab_s) / (1 - ab_t) * beta)
     pred = PREDICTORS.get("ancestral")()
-    got_mean = pred.predict(x, t, s, ctx_for(sde, score_fn), noise=False)
+    got_mean = pred.predict(x, 0, one_step(sde, t, s), ctx_for(sde, score_fn), noise=False)
     torch.testing.assert_close(got_mean, mean, rtol=1e-10, atol=1e-12)
-    got = pred.predict(x, t, s, ctx_for(sde, score_fn, seed=3), noise=True)
+    got = pred.predict(x, 0, one_step(sde, t, s), ctx_for(sde, score_fn, seed=3), noise=True)
     z = torch.randn(5, 3, generator=torch.Generator().manual_seed(3), dtype=F64)
     torch.testing.assert_close(got, mean + std * z, rtol=1e-10, atol=1e-12)
 
@@ -73,7 +80,7 @@ def test_ancestral_is_smld_step_for_ve() -> None:
     st2, ss2 = sde.marginal_std(t) ** 2, sde.marginal_std(s) ** 2
     mean = x + (st2 - ss2) * score_fn(x, t.expand(4))
     std = torch.sqrt(ss2 * (st2 - ss2) / st2)
-    got = PREDICTORS.get("ancestral")().predict(x, t, s, ctx_for(sde, score_fn, seed=2))
+    got = PREDICTORS.get("ancestral")().predict(x, 0, one_step(sde, t, s), ctx_for(sde, score_fn, seed=2))
     z = torch.randn(4, 2, generator=torch.Generator().manual_seed(2), dtype=F64)
     torch.testing.assert_close(got, mean + std * z, rtol=1e-10, atol=1e-12)
 
@@ -87,7 +94,7 @@ def test_reverse_diffusion_is_ddpm_discretisation_for_vp() -> None:
     beta = 1 - torch.exp(sde.log_alpha_bar(t) - sde.log_alpha_bar(s))
     z = torch.randn(6, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
     expected = (2 - torch.sqrt(1 - beta)) * x + beta * score_fn(x, t.expand(6)) + beta.sqrt() * z
-    got = PREDICTORS.get("reverse_diffusion")().predict(x, t, s, ctx_for(sde, score_fn, seed=5))
+    got = PREDICTORS.get("reverse_diffusion")().predict(x, 0, one_step(sde, t, s), ctx_for(sde, score_fn, seed=5))
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -168,7 +175,7 @@ def test_langevin_step_size_matches_snr_rule() -> None:
             expected_mean = x + delta[:, None] * s
             expected = expected_mean + torch.sqrt(2 * delta)[:, None] * z
             corr = CORRECTORS.get("langevin")(snr=0.2, n_steps=1, snr_norm=norm)
-            got, got_mean = corr.correct(x, t, t_next, ctx_for(sde, score_fn, seed=1))
+            got, got_mean = corr.correct(x, 0, one_step(sde, t, t_next), ctx_for(sde, score_fn, seed=1))
             torch.testing.assert_close(got_mean, expected_mean, rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
@@ -183,7 +190,7 @@ def test_annealed_langevin_stationary_variance() -> None:
     delta = 2 * (r * float(sde.marginal_std(t))) ** 2  # α = 1 on VE
     corr = CORRECTORS.get("annealed_langevin")(snr=r, n_steps=60)
     x0 = math.sqrt(v) * torch.randn(20000, 1, generator=torch.Generator().manual_seed(0), dtype=F64)
-    x, _ = corr.correct(x0, t, t - 0.01, ctx_for(sde, score_fn, seed=1))
+    x, _ = corr.correct(x0, 0, one_step(sde, t, t - 0.01), ctx_for(sde, score_fn, seed=1))
     target = v / (1 - delta / (2 * v))
     assert abs(float(x.var()) - target) < 5 * target * math.sqrt(2 / 20000)
     assert abs(target - v) > 10 * target * math.sqrt(2 / 20000)  # the test can see the ULA bias
@@ -389,19 +396,26 @@ def test_grid_coeffs_match_the_sde(sde) -> None:
     assert [float(t) for t in grid.times] == ts.tolist()
 
 
-def test_step_table_uses_the_run_table_only_for_its_own_times() -> None:
-    from sde_diffusion.samplers.coeffs import GridCoeffs
-
+@pytest.mark.parametrize("name", ["euler_maruyama", "ancestral", "ddim", "dpm_solver", "edm_heun", "ode_rk4", "dpm_solver_2s"])
+def test_a_step_outside_the_loop_takes_its_own_two_point_table(name: str) -> None:
+    """Interval i of a run's table and the two-point table of the same two times hold the same
+    numbers, and the last step (after begin) on either gives the same state (for dpm_solver: at
+    order 1 on both, below 15 steps)."""
     sde = VPSDE()
     ts = torch.tensor([1.0, 0.5, 0.1], dtype=F64)
     grid = GridCoeffs.build(sde, ts)
-    ctx = SamplingContext(sde, lambda x, t: -x, None, steps=2, index=1, grid=grid)
-    got, i = ctx.step_table(grid.times[1], grid.times[2])
-    assert got is grid and i == 1
-    # Equal values but other tensors (a custom loop): a fresh two-point table, same numbers.
-    other, j = ctx.step_table(torch.tensor(0.5, dtype=F64), torch.tensor(0.1, dtype=F64))
-    assert other is not grid and j == 0
-    assert other.m == grid.m[1:] and other.sigma == grid.sigma[1:]
+    two = one_step(sde, grid.times[1], grid.times[2])
+    assert two.steps == 1 and grid.steps == 2
+    assert two.m == grid.m[1:] and two.sigma == grid.sigma[1:] and two.lam == grid.lam[1:]
+    assert two.f == grid.f[1:] and two.g2 == grid.g2[1:] and two.a == grid.a[1:] and two.b == grid.b[1:]
+    sampler = build_sampler(name)
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    out = []
+    for table, i in ((grid, 1), (two, 0)):  # the last step of each table
+        ctx = ctx_for(sde, gaussian_score(0.3, 0.5, sde), seed=4)
+        sampler.begin(x, table, ctx)
+        out.append(sampler.step(x, i, table, ctx))
+    torch.testing.assert_close(out[0], out[1], rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("name", ["ancestral", "euler_maruyama", "reverse_diffusion", "pc", "ddim", "dpm_solver",
@@ -437,4 +451,171 @@ def test_auto_grid_is_karras_for_ve_and_logsnr_for_vp_types() -> None:
     ts = time_grid(ve, 10, "auto", dtype=F64)
     root = ve.marginal_std(ts) ** (1 / 7)
     assert torch.allclose(root[1:] - root[:-1], (root[-1] - root[0]) / 10 * torch.ones(10, dtype=F64), rtol=1e-8, atol=0)
-    assert build_sampler("dpm_solver").grid == "auto" and build_sampler("dpm_solver_2s").grid == "auto"
+    assert build_sampler("dpm_solver").end.grid == "auto" and build_sampler("dpm_solver_2s").end.grid == "auto"
+
+
+# ---------------------------------------------------------------------------------- the end point
+def test_end_point_flat_keys_and_object_build_the_same_sampler() -> None:
+    from sde_diffusion.samplers import EndPoint
+
+    sde = VPSDE()
+    fn = gaussian_score(0.2, 0.4, sde)
+    end = EndPoint(grid="logsnr", end_sigma=0.02, denoise=True)
+    flat = build_sampler("dpm_solver", order=3, grid="logsnr", end_sigma=0.02, denoise=True)
+    whole = build_sampler("dpm_solver", order=3, end=end)
+    assert flat.end == whole.end == end and repr(flat) == repr(whole)
+    runs = [sample(sde, fn, (8, 2), sampler=s, steps=6, generator=torch.Generator().manual_seed(0)) for s in (flat, whole)]
+    assert torch.equal(runs[0].samples, runs[1].samples) and runs[0].nfe == runs[1].nfe == 7
+    # sample(..., eps=...) and sample(..., end=EndPoint(...)) are the same run too.
+    a = sample(sde, fn, (8, 2), sampler="pc", steps=4, eps=1e-2, generator=torch.Generator().manual_seed(1))
+    b = sample(sde, fn, (8, 2), sampler="pc", steps=4, end=EndPoint(eps=1e-2), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a.samples, b.samples) and float(a.times[-1]) == pytest.approx(1e-2)
+
+
+def test_each_sampler_keeps_its_default_grid() -> None:
+    from sde_diffusion.samplers import EndPoint
+
+    expected = {"ddim": "uniform", "pc": "uniform", "edm_heun": "karras", "dpm_solver": "auto", "dpm_solver_2s": "auto"}
+    for name, kind in expected.items():
+        assert build_sampler(name).end.grid == kind
+        assert build_sampler(name, end=EndPoint(eps=1e-2)).end.grid == kind  # None in the object: the default
+        assert build_sampler(name, grid="quadratic").end.grid == "quadratic"
+    for name in ("ode_dopri5", "ode_scipy", "torchsde", "dpm_solver_adaptive"):
+        assert build_sampler(name).end.grid is None
+        assert "grid" not in SAMPLERS.get(name).option_defaults()
+        with pytest.raises(ValueError, match="chooses its own times"):
+            build_sampler(name, grid="karras")
+
+
+def test_end_point_validates_when_built() -> None:
+    from sde_diffusion.samplers import EndPoint
+
+    for bad, match in [({"eps": 1e-3, "end_sigma": 0.1}, "not both"), ({"end_sigma": 0.0}, "end_sigma"),
+                       ({"end_sigma": float("nan")}, "end_sigma"), ({"eps": -1.0}, "eps"), ({"rho": 0.0}, "rho"),
+                       ({"grid": "cubic"}, "cubic.*karras.*auto")]:
+        with pytest.raises(ValueError, match=match):
+            EndPoint(**bad)
+        with pytest.raises(ValueError, match=match):
+            build_sampler("ddim", **bad)
+    with pytest.raises(ValueError, match="not both"):
+        build_sampler("ddim", end=EndPoint(), eps=1e-3)
+    # The final time depends on the SDE: checked against it.
+    with pytest.raises(ValueError, match="eps must lie in"):
+        EndPoint(eps=2.0).end_time(VPSDE())
+    end = EndPoint(eps=1e-2, rho=3)
+    assert end.rho == 3.0 and isinstance(end.rho, float) and end.end_time(VPSDE()) == 1e-2
+    torch.testing.assert_close(end.times(VPSDE(), 4, dtype=F64),
+                               torch.tensor([1.0, 0.7525, 0.505, 0.2575, 0.01], dtype=F64), rtol=0, atol=1e-15)
+
+
+def test_option_defaults_list_own_and_end_point_options() -> None:
+    assert list(SAMPLERS.get("ddim").option_defaults()) == ["eta", "grid", "rho", "eps", "end_sigma", "denoise"]
+    assert SAMPLERS.get("dpm_solver").option_defaults()["grid"] == "auto"
+    assert list(SAMPLERS.get("torchsde").option_defaults()) == ["method", "eps", "end_sigma", "denoise"]
+    with pytest.raises(ValueError, match="accepted options: eta, grid, rho, eps, end_sigma, denoise"):
+        build_sampler("ddim", not_an_option=1)
+
+
+# ---------------------------------------------------------------------------------- time-grid registry
+def test_a_registered_grid_kind_works_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sde_diffusion.samplers.grids import time_grid
+
+    monkeypatch.setattr(GRIDS, "_entries", dict(GRIDS._entries))  # the registration ends with this test
+    assert list(GRIDS) == ["karras", "logsnr", "quadratic", "uniform"] and "auto" not in GRIDS
+
+    @GRIDS.register("cosine")
+    def cosine(sde, u: torch.Tensor, eps: float, rho: float) -> torch.Tensor:
+        return eps + (sde.T - eps) * 0.5 * (1 + torch.cos(math.pi * u))
+
+    sde = VPSDE()
+    ts = time_grid(sde, 8, "cosine", dtype=F64)
+    assert ts[0] == sde.T and float(ts[-1]) == pytest.approx(sde.sampling_eps) and bool((ts[1:] < ts[:-1]).all())
+    res = sample(sde, gaussian_score(0.0, 1.0, sde), (4, 2), sampler="ddim", steps=8, grid="cosine", dtype=F64,
+                 return_trajectory=True)
+    assert torch.equal(res.times, ts) and res.nfe == 8
+    with pytest.raises(ValueError, match="unknown time grid 'cubic'; choose one of: cosine, karras.*auto"):
+        time_grid(sde, 8, "cubic")
+
+
+# ---------------------------------------------------------------------------------- make_sampler
+def test_make_sampler_resolves_names_and_the_default_in_one_place() -> None:
+    from sde_diffusion.samplers import make_sampler
+    from sde_diffusion.samplers.defaults import default_sampler
+
+    sde = VPSDE()
+    sampler, steps, choice = make_sampler(sde, "pc", 7, {"snr": 0.2, "eps": 1e-2})
+    assert isinstance(sampler, SAMPLERS.get("pc")) and steps == 7 and choice is None
+    assert sampler.corrector.snr == 0.2 and sampler.end.eps == 1e-2
+    for name in (None, "auto"):
+        sampler, steps, choice = make_sampler(sde, name, 10, {}, "exact")
+        assert choice == default_sampler(sde, 10) and steps == choice.steps
+        assert repr(sampler) == repr(build_sampler(choice.name, **choice.options))
+    # Options override the rule's; a denoising step keeps the NFE budget.
+    sampler, steps, choice = make_sampler(sde, None, 10, {"end_sigma": None, "eps": 1e-3, "denoise": True})
+    assert sampler.end.eps == 1e-3 and sampler.end.end_sigma is None and steps == 9
+    assert sampler.expected_nfe(steps) == 10
+    learned = make_sampler(sde, None, 10, {}, "learned")[2]
+    assert learned.score == "learned"
+    with pytest.raises(ValueError, match="unknown sampler 'nope'; choose one of: ancestral"):
+        make_sampler(sde, "nope", 5, {})
+    with pytest.raises(ValueError, match="accepted options: predictor, corrector"):
+        make_sampler(sde, "pc", 5, {"order": 2})
+    with pytest.raises(ValueError, match="eps must lie in"):
+        make_sampler(sde, "ddim", 5, {"eps": 2.0})  # checked against the SDE
+    with pytest.raises(ValueError, match="steps"):
+        make_sampler(sde, "ddim", 0, {})
+
+
+def test_sample_uses_make_sampler() -> None:
+    from sde_diffusion.samplers import make_sampler
+
+    sde = VESDE(sigma_max=5.0)
+    fn = gaussian_score(0.0, 1.0, sde)
+    for name, opts in ((None, {}), ("dpm_solver", {"grid": "logsnr", "end_sigma": 0.01})):
+        sampler, steps, choice = make_sampler(sde, name, 12, opts)
+        a = sample(sde, fn, (8, 2), sampler=name, steps=12, generator=torch.Generator().manual_seed(0), **opts)
+        b = sample(sde, fn, (8, 2), sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(a.samples, b.samples) and a.nfe == b.nfe and a.choice == choice
+
+
+# ---------------------------------------------------------------------------------- a user's sampler
+def test_a_user_step_sampler_runs_through_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A StepSampler written outside the package, registered by decorator, is a full sampler: options
+    of its own beside the end-point keys, sample() by name, NFE, denoising, trajectories, hooks."""
+    from sde_diffusion.samplers import StepSampler
+
+    monkeypatch.setattr(SAMPLERS, "_entries", dict(SAMPLERS._entries))  # the registration ends with this test
+
+    @SAMPLERS.register("pf_euler")
+    class PFEuler(StepSampler):
+        """Euler's method on the probability-flow ODE, the score scaled by ``scale``."""
+
+        def __init__(self, scale: float = 1.0, **end):
+            super().__init__(**end)
+            self.scale = scale
+
+        def step(self, x, i, grid, ctx):
+            dt = grid.t[i + 1] - grid.t[i]
+            s = ctx.score(x, grid.times[i])
+            return x + (grid.f[i] * x - 0.5 * self.scale * grid.g2[i] * s) * dt
+
+    assert "pf_euler" in SAMPLERS
+    assert list(PFEuler.option_defaults()) == ["scale", "grid", "rho", "eps", "end_sigma", "denoise"]
+    sde = VPSDE()
+    mu, s2 = 0.8, 0.3
+    fn = gaussian_score(mu, s2, sde)
+    x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    res = sample(sde, fn, x_T.shape, sampler="pf_euler", steps=400, x_T=x_T, dtype=F64, return_trajectory=True)
+    assert res.nfe == 400 and len(res.trajectory) == 401 and res.times.shape == (401,)
+    # 1st order: within ~1/N of the exact flow (gaussian_flow from the exact x0 of x_T).
+    tT = torch.tensor(sde.T, dtype=F64)
+    m_T, s_T = sde.mean_coeff(tT), sde.marginal_std(tT)
+    x0 = mu + (x_T - m_T * mu) * math.sqrt(s2) / torch.sqrt(m_T**2 * s2 + s_T**2)
+    assert float((res.samples - gaussian_flow(x0, mu, s2, sde, sde.sampling_eps)).abs().max()) < 1e-2
+    # End-point keys and own options pass through sample(); denoising and hooks come from the base.
+    res = sample(sde, fn, (4, 2), sampler="pf_euler", steps=5, scale=0.5, grid="logsnr", end_sigma=0.05,
+                 denoise=True, hook=lambda x, t: x.clamp(-3, 3), return_trajectory=True, dtype=F64)
+    assert res.nfe == 6 and len(res.trajectory) == 7
+    assert float(res.times[-1]) == pytest.approx(build_sampler("pf_euler", end_sigma=0.05).end.end_time(sde))
+    with pytest.raises(ValueError, match="accepted options: scale, grid"):
+        build_sampler("pf_euler", order=2)

@@ -129,7 +129,7 @@ def test_end_sigma_stops_at_that_noise_level(sde_name: str) -> None:
     sde = SDES[sde_name]
     for target in (1e-3, 0.01, 0.3):
         s = build_sampler("dpm_solver", end_sigma=target)
-        t = torch.tensor(s.end_time(sde), dtype=torch.float64)
+        t = torch.tensor(s.end.end_time(sde), dtype=torch.float64)
         got = float(sde.marginal_std(t) / sde.mean_coeff(t))
         if float(t) > sde.eps:
             assert got == pytest.approx(target, rel=1e-6)
@@ -155,7 +155,7 @@ def test_end_sigma_on_a_gaussian_gives_the_exact_marginal_there(sde_name: str) -
            * torch.sqrt(sde.mean_coeff(T) ** 2 * s2 + sde.marginal_std(T) ** 2))
     out = sample(sde, gm.score_fn(sde), x_T.shape, sampler="dpm_solver", steps=40, x_T=x_T, end_sigma=0.3,
                  dtype=torch.float64)
-    t = torch.tensor(build_sampler("dpm_solver", end_sigma=0.3).end_time(sde), dtype=torch.float64)
+    t = torch.tensor(build_sampler("dpm_solver", end_sigma=0.3).end.end_time(sde), dtype=torch.float64)
     m = sde.mean_coeff(t)
     expected = float(m**2 * s2 + (0.3 * m) ** 2)
     var = float(out.samples.var(0).mean())
@@ -165,7 +165,7 @@ def test_end_sigma_on_a_gaussian_gives_the_exact_marginal_there(sde_name: str) -
 def test_every_sampler_takes_end_sigma() -> None:
     sde = SubVPSDE()
     for name in SAMPLERS.names():
-        t = torch.tensor(build_sampler(name, end_sigma=0.02).end_time(sde), dtype=torch.float64)
+        t = torch.tensor(build_sampler(name, end_sigma=0.02).end.end_time(sde), dtype=torch.float64)
         assert float(sde.marginal_std(t) / sde.mean_coeff(t)) == pytest.approx(0.02, rel=1e-6), name
 
 

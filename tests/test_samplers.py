@@ -12,7 +12,6 @@ full grid runs with ``-m slow``.
 from __future__ import annotations
 
 import functools
-import inspect
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -114,8 +113,7 @@ def mode_frequencies(gm: GaussianMixture, x: Tensor) -> Tensor:
 
 
 def sampler_options(name: str) -> Dict[str, Any]:
-    cls = SAMPLERS.get(name)
-    params = inspect.signature(cls.__init__).parameters
+    params = SAMPLERS.get(name).option_defaults()
     return {k: v for k, v in ADAPTIVE_OPTIONS.items() if k in params and build_sampler(name).expected_nfe(1) is None}
 
 
@@ -313,8 +311,7 @@ def test_unknown_sampler_lists_choices() -> None:
 
 # ---------------------------------------------------------------------------------- configs
 def _defaults(name: str) -> Dict[str, Any]:
-    sig = inspect.signature(SAMPLERS.get(name).__init__)
-    return {k: p.default for k, p in sig.parameters.items() if k != "self" and p.default is not inspect.Parameter.empty}
+    return SAMPLERS.get(name).option_defaults()
 
 
 @pytest.mark.parametrize("name", ALL_NAMES)

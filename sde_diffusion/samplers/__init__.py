@@ -1,10 +1,12 @@
 """Reverse-time samplers behind one :func:`sample` API. ``SAMPLERS`` is mirrored by ``conf/sampler/``.
 
-Importing this package registers every built-in sampler.
+Importing this package registers every built-in sampler (and every built-in time grid in
+``GRIDS``). :func:`make_sampler` turns a name (or None for the measured default) and options into
+a checked sampler; the contract for writing one is in :mod:`.base`.
 """
-from .base import SAMPLERS, SampleResult, Sampler, SamplingContext, StepSampler, build_sampler, sample
+from .base import SAMPLERS, SampleResult, Sampler, SamplingContext, StepSampler, build_sampler, make_sampler, sample
 from .coeffs import GridCoeffs, Level
-from .grids import GRIDS, auto_grid, time_grid
+from .grids import GRIDS, EndPoint, auto_grid, time_grid
 from .predictors import PREDICTORS, Ancestral, EulerMaruyama, Predictor, ReverseDiffusion
 from .correctors import CORRECTORS, AnnealedLangevin, Corrector, LangevinCorrector
 from .pc import PredictorCorrector
@@ -22,7 +24,9 @@ __all__ = [
     "SamplingContext",
     "StepSampler",
     "build_sampler",
+    "make_sampler",
     "sample",
+    "EndPoint",
     "GRIDS",
     "auto_grid",
     "time_grid",

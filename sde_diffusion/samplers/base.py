@@ -1,20 +1,29 @@
-r"""The sampler contract, the shared time loop and the one entry point :func:`sample`.
+r"""The sampler contract, the shared time loop and the entry points :func:`sample` and :func:`make_sampler`.
 
 A sampler sees an :class:`~sde_diffusion.sdes.SDE` and a ``score_fn(x [B, ...], t [B]) -> [B, ...]``,
-nothing more. Most samplers are *step samplers*: they implement one reverse step from ``t_cur`` to
-``t_next`` (``t_next < t_cur``) and inherit the loop, the time grid, the progress bar, trajectory
-recording, the per-step hook and the optional final denoising step::
+nothing more. Most samplers are *step samplers*: they implement one reverse step over interval
+``i`` of the run's coefficient table ``grid`` (:class:`~.coeffs.GridCoeffs`), from
+``grid.times[i]`` down to ``grid.times[i + 1]``, and inherit the loop, the time grid, the progress
+bar, trajectory recording, the per-step hook and the optional final denoising step. Euler's method
+on the probability-flow ODE dx = [f(t) x − ½ g(t)² s(x, t)] dt is::
 
-    @SAMPLERS.register("my_sampler")
-    class MySampler(StepSampler):
-        nfe_per_step = 1
-        def step(self, x, t_cur, t_next, ctx):
-            grid, i = ctx.step_table(t_cur, t_next)  # the run's coefficients, as floats
-            s = ctx.score(x, t_cur)
-            return torch.add(x, s, alpha=grid.sigma[i] ** 2 - grid.sigma[i + 1] ** 2)
+    @SAMPLERS.register("pf_euler")
+    class PFEuler(StepSampler):
+        def step(self, x, i, grid, ctx):
+            dt = grid.t[i + 1] - grid.t[i]  # < 0: reverse time
+            s = ctx.score(x, grid.times[i])
+            return x + (grid.f[i] * x - 0.5 * grid.g2[i] * s) * dt
 
-plus ``conf/sampler/my_sampler.yaml``. Samplers that manage their own time (adaptive ODE
-solvers, torchsde) override :meth:`Sampler.run` instead.
+plus ``conf/sampler/pf_euler.yaml``. It takes the end-point options every sampler shares
+(``grid``, ``rho``, ``eps``, ``end_sigma``, ``denoise``: :class:`~.grids.EndPoint`) from the base
+class; a sampler with options of its own declares only those and passes the rest through::
+
+    def __init__(self, churn: float = 0.0, **end):
+        super().__init__(**end)
+        self.churn = churn
+
+Samplers that manage their own time (adaptive ODE solvers, torchsde) override :meth:`Sampler.run`
+instead.
 
 Usage::
 
@@ -26,18 +35,18 @@ from __future__ import annotations
 
 import abc
 import inspect
-import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ..registry import SAMPLERS
 from ..score import CountingScore, x0_from_score
-from ..sdes.base import SDE, ScoreFn, broadcast_to_x
+from ..sdes.base import SDE, ScoreFn
 from .coeffs import GridCoeffs
-from .grids import time_grid
+from .defaults import DefaultChoice, is_learned_score, resolve_sampler
+from .grids import EndPoint
 
 
 # hook(x, t) -> x, applied after every step at the step's new time (e.g. inpainting's projection).
@@ -56,36 +65,20 @@ class SampleResult:
     nfe: int
     trajectory: Optional[List[Tensor]] = None
     times: Optional[Tensor] = None
-    choice: Optional[Any] = None
+    choice: Optional[DefaultChoice] = None
 
 
 @dataclass
 class SamplingContext:
-    """Everything a step may need besides x: the process, the score, randomness, loop position.
+    """What a step needs besides x and its coefficients: the process, the score, randomness, memory.
 
-    ``grid`` is the run's coefficient table (:class:`~.coeffs.GridCoeffs`, built once by
-    :meth:`StepSampler.run`); steps read their coefficients from it through :meth:`step_table`.
+    ``state`` is per-run memory (e.g. a multistep history), filled by :meth:`StepSampler.begin`.
     """
 
     sde: SDE
     score_fn: ScoreFn
-    generator: Optional[torch.Generator]
-    steps: int
-    index: int = 0
-    state: Dict[str, Any] = field(default_factory=dict)  # per-run memory, e.g. multistep history
-    grid: Optional[GridCoeffs] = None
-
-    def step_table(self, t_cur: Tensor, t_next: Tensor) -> tuple[GridCoeffs, int]:
-        """(table, i) with the coefficients of ``t_cur`` at ``i`` and of ``t_next`` at ``i + 1``.
-
-        Inside a run these are the run's table and ``index`` (the loop hands out the table's own
-        time tensors, recognised by identity, so the lookup costs no tensor op); a step called
-        with other times (directly, or from a custom loop) gets a two-point table built for them.
-        """
-        grid, i = self.grid, self.index
-        if grid is not None and i + 1 < len(grid.times) and grid.times[i] is t_cur and grid.times[i + 1] is t_next:
-            return grid, i
-        return GridCoeffs.build(self.sde, (t_cur, t_next)), 0
+    generator: Optional[torch.Generator] = None
+    state: Dict[str, Any] = field(default_factory=dict)
 
     def score(self, x: Tensor, t: Tensor) -> Tensor:
         """s(x, t) with a scalar ``t`` broadcast to ``[B]``."""
@@ -97,47 +90,80 @@ class SamplingContext:
         """z ~ N(0, I) of ``like``'s shape, drawn from the run's generator."""
         return torch.randn(like.shape, generator=self.generator, device=like.device, dtype=like.dtype)
 
-    def coeffs(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-        """(m(t), σ(t)) shaped to broadcast against ``like``."""
-        return broadcast_to_x(self.sde.mean_coeff(t), like), broadcast_to_x(self.sde.marginal_std(t), like)
+
+_END_KEYS = tuple(f.name for f in fields(EndPoint))
+_GRID_KEYS = ("grid", "rho")
 
 
 class Sampler(abc.ABC):
-    """Base of all samplers.
+    """Base of all samplers; it owns the end point ``self.end`` (:class:`~.grids.EndPoint`).
 
     Args:
-        eps: final time of the reverse process (default ``sde.sampling_eps``); must be in (0, T).
-        denoise: after the last step, return Tweedie's x̂_0 = (x + σ² s(x, eps))/m (one more NFE).
-        end_sigma: stop where the noise-to-signal ratio σ(t)/m(t) equals this (instead of at a
-            time ``eps``): the same noise level on every process, whose times differ (VP's default
-            eps = 1e-3 is σ/m ≈ 0.01; sub-VP's is ≈ 1e-4). Clipped to [sde.eps, T).
+        end: the end-point options as one object, or else
+        grid, rho, eps, end_sigma, denoise: its fields as flat keys (None: the field's default;
+            ``grid`` None: the class's :attr:`default_grid`). A sampler without a grid
+            (``default_grid = None``) takes no ``grid`` or ``rho``.
     """
 
     #: batched score evaluations per step (for :meth:`expected_nfe`); 0 if it varies.
     nfe_per_step: int = 1
+    #: the grid kind when none is given; None for a sampler that chooses its own times.
+    default_grid: Optional[str] = None
 
-    def __init__(self, eps: Optional[float] = None, denoise: bool = False, end_sigma: Optional[float] = None) -> None:
-        if eps is not None and end_sigma is not None:
-            raise ValueError("give eps (a final time) or end_sigma (a final noise level σ/m), not both")
-        if end_sigma is not None and not (float(end_sigma) > 0 and math.isfinite(float(end_sigma))):
-            raise ValueError(f"end_sigma must be a positive number, got {end_sigma}")
-        self.eps = eps
-        self.denoise = bool(denoise)
-        self.end_sigma = None if end_sigma is None else float(end_sigma)
+    def __init__(
+        self,
+        end: Optional[EndPoint] = None,
+        *,
+        grid: Optional[str] = None,
+        rho: Optional[float] = None,
+        eps: Optional[float] = None,
+        end_sigma: Optional[float] = None,
+        denoise: Optional[bool] = None,
+    ) -> None:
+        given = {k: v for k, v in zip(_END_KEYS, (grid, rho, eps, end_sigma, denoise)) if v is not None}
+        if end is not None and given:
+            raise ValueError(f"give end=EndPoint(...) or the keys {', '.join(given)}, not both")
+        end = EndPoint(**given) if end is None else end
+        if self.default_grid is None:
+            if end.grid is not None or "rho" in given:
+                raise ValueError(f"{type(self).__name__} chooses its own times; it takes no grid or rho")
+        elif end.grid is None:
+            end = replace(end, grid=self.default_grid)
+        self.end = end
 
-    def end_time(self, sde: SDE) -> float:
-        if self.end_sigma is not None:
-            lam = torch.tensor(-2.0 * math.log(self.end_sigma), dtype=torch.float64)
-            t = float(sde.t_from_log_snr(lam))
-            return min(max(t, float(sde.eps)), float(sde.T) * (1 - 1e-6))
-        eps = sde.sampling_eps if self.eps is None else float(self.eps)
-        if not 0 < eps < sde.T:
-            raise ValueError(f"eps must lie in (0, T={sde.T}) for {type(self).__name__}, got eps={eps}")
-        return eps
+    @classmethod
+    def _end_keys(cls) -> Tuple[str, ...]:
+        """The end-point keys the class takes: all, or all but grid and rho without a grid."""
+        return _END_KEYS if cls.default_grid is not None else tuple(k for k in _END_KEYS if k not in _GRID_KEYS)
+
+    @classmethod
+    def option_defaults(cls) -> Dict[str, Any]:
+        """Every option the constructor takes, with its default: the class's own options (following
+        ``**end`` up the class hierarchy), then the end-point keys it accepts."""
+        out: Dict[str, Any] = {}
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            if klass is Sampler:
+                defaults = {f.name: f.default for f in fields(EndPoint)}
+                out.update({k: cls.default_grid if k == "grid" else defaults[k] for k in cls._end_keys()})
+                break
+            params = list(inspect.signature(init).parameters.values())[1:]
+            out.update({p.name: p.default for p in params
+                        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in out})
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                break  # the end-point keys are not passed on
+        return out
+
+    @property
+    def denoise(self) -> bool:
+        """Whether a final Tweedie step x̂_0 follows the last step (``self.end.denoise``)."""
+        return self.end.denoise
 
     def validate(self, sde: SDE) -> None:
         """Raise ValueError if this sampler cannot run on ``sde`` (called before sampling)."""
-        self.end_time(sde)
+        self.end.end_time(sde)
 
     def refuse_hook(self, hook: Optional[StepHook], why: str, instead: str) -> None:
         """Raise if a per-step hook was given to a sampler without fixed steps to apply it after."""
@@ -149,7 +175,7 @@ class Sampler(abc.ABC):
         """Score evaluations for ``steps`` steps, or None when adaptive."""
         if not self.nfe_per_step:
             return None
-        return self.nfe_per_step * steps + int(self.denoise)
+        return self.nfe_per_step * steps + int(self.end.denoise)
 
     @abc.abstractmethod
     def run(
@@ -162,43 +188,44 @@ class Sampler(abc.ABC):
         progress: bool = False,
         record: bool = False,
         hook: Optional[StepHook] = None,
-    ) -> tuple[Tensor, Optional[List[Tensor]], Optional[Tensor]]:
-        """Integrate from the prior sample ``x`` at T to eps; return (x, trajectory, times)."""
+    ) -> Tuple[Tensor, Optional[List[Tensor]], Optional[Tensor]]:
+        """Integrate from the prior sample ``x`` ``[B, ...]`` at T to the end time; return
+        (x ``[B, ...]``, trajectory or None, times ``[K]`` of the trajectory or None)."""
+
+    def end_repr(self) -> str:
+        """The end-point keys this sampler takes, as ``key=value, ...`` (for ``repr``)."""
+        return ", ".join(f"{k}={getattr(self.end, k)!r}" for k in self._end_keys())
 
     def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({opts})"
+        own = [f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "end"]
+        return f"{type(self).__name__}({', '.join([*own, self.end_repr()])})"
 
 
 class StepSampler(Sampler):
     """A sampler made of one reverse step per grid interval; subclasses implement :meth:`step`.
 
-    Args:
-        grid: time grid kind (``uniform``, ``karras``, ``logsnr``, ``quadratic``, ``auto``; see grids.py).
-        rho: ρ of the ``karras`` grid.
+    The run builds the grid ``self.end.times(...)`` (kind ``grid``, default :attr:`default_grid`:
+    ``uniform``, ``karras``, ``logsnr``, ``quadratic``, ``auto`` or a kind registered in
+    :data:`~.grids.GRIDS`) and its coefficient table once, calls :meth:`begin` and then
+    ``step(x, i, grid, ctx)`` for i = 0 … steps − 1.
     """
 
-    default_grid: str = "uniform"
+    default_grid: Optional[str] = "uniform"
 
-    def __init__(self, grid: Optional[str] = None, rho: float = 7.0, eps: Optional[float] = None, denoise: bool = False,
-                 end_sigma: Optional[float] = None) -> None:
-        super().__init__(eps=eps, denoise=denoise, end_sigma=end_sigma)
-        self.grid = grid or self.default_grid
-        self.rho = float(rho)
-
-    def time_grid(self, sde: SDE, steps: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-        return time_grid(sde, steps, self.grid, eps=self.end_time(sde), rho=self.rho, device=device, dtype=dtype)
-
-    def begin(self, x: Tensor, ts: Tensor, ctx: SamplingContext) -> Tensor:
-        """Called once before the first step (e.g. to reset multistep memory)."""
+    def begin(self, x: Tensor, grid: GridCoeffs, ctx: SamplingContext) -> Tensor:
+        """Called once per table before its first step (e.g. to reset multistep memory or tabulate
+        extra times in ``ctx.state``); a step called outside :meth:`run` needs it first."""
         return x
 
     @abc.abstractmethod
-    def step(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext) -> Tensor:
-        """Advance x from ``t_cur`` to ``t_next < t_cur`` (0-dim tensors).
+    def step(self, x: Tensor, i: int, grid: GridCoeffs, ctx: SamplingContext) -> Tensor:
+        """Advance x ``[B, ...]`` from ``grid.times[i]`` to ``grid.times[i + 1]`` (earlier); return ``[B, ...]``.
 
-        Coefficients come from ``ctx.step_table(t_cur, t_next)``. x may be recorded in the
-        trajectory, so it must not be modified in place (tensors the step allocates may be).
+        ``grid`` holds every coefficient of the run as floats (``m``, ``sigma``, ``lam``, ``f``,
+        ``g2`` per time, ``a``, ``b`` per interval, ``levels``); ``i == grid.steps - 1`` is the
+        last step. Outside a run, the table of two times is ``GridCoeffs.build(sde, (t_cur,
+        t_next))`` with ``i = 0``. x may be recorded in the trajectory, so it must not be modified
+        in place (tensors the step allocates may be).
         """
 
     def run(
@@ -211,19 +238,17 @@ class StepSampler(Sampler):
         progress: bool = False,
         record: bool = False,
         hook: Optional[StepHook] = None,
-    ) -> tuple[Tensor, Optional[List[Tensor]], Optional[Tensor]]:
-        ts = self.time_grid(sde, steps, x.device, x.dtype)
+    ) -> Tuple[Tensor, Optional[List[Tensor]], Optional[Tensor]]:
+        ts = self.end.times(sde, steps, x.device, x.dtype)
         # All coefficients of the run at once; the steps then only read floats.
         grid = GridCoeffs.build(sde, ts)
-        ctx = SamplingContext(sde, score_fn, generator, steps, grid=grid)
-        x = self.begin(x, ts, ctx)
+        ctx = SamplingContext(sde, score_fn, generator)
+        x = self.begin(x, grid, ctx)
         traj = [x] if record else None
-        times = grid.times
         for i in _progress(range(steps), progress, type(self).__name__):
-            ctx.index = i
-            x = self.step(x, times[i], times[i + 1], ctx)
+            x = self.step(x, i, grid, ctx)
             if hook is not None:
-                x = hook(x, times[i + 1])
+                x = hook(x, grid.times[i + 1])
             if traj is not None:
                 traj.append(x)
         return x, traj, ts
@@ -237,14 +262,54 @@ def _progress(it: Sequence[int], enabled: bool, desc: str):
     return tqdm(it, desc=desc, leave=False)
 
 
+def _check_steps(steps: Any) -> int:
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be an integer ≥ 1, got {steps}")
+    return int(steps)
+
+
 def build_sampler(name: str, **options: Any) -> Sampler:
     """Instantiate a registered sampler; unknown names or options fail with the accepted ones."""
     cls = SAMPLERS.get(name)
     try:
         return cls(**options)
     except TypeError as err:
-        params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-        raise ValueError(f"bad option for sampler {name!r}: {err}; accepted options: {', '.join(params)}") from None
+        raise ValueError(
+            f"bad option for sampler {name!r}: {err}; accepted options: {', '.join(cls.option_defaults())}"
+        ) from None
+
+
+def make_sampler(
+    sde: SDE,
+    name: Optional[str],
+    steps: int,
+    options: Optional[Mapping[str, Any]] = None,
+    score_kind: str = "exact",
+) -> Tuple[Sampler, int, Optional[DefaultChoice]]:
+    """The sampler a run on ``sde`` uses, built and checked: the one place a name becomes a sampler.
+
+    Args:
+        sde: the forward process (the default depends on its family; the sampler is validated on it).
+        name: a registered sampler, or None / ``"auto"`` for the measured default
+            (:func:`~.defaults.default_sampler`) at a budget of ``steps`` score evaluations.
+        steps: the step count (≥ 1) of a named sampler; the NFE budget of the default.
+        options: constructor options (flat end-point keys included); with the default they
+            override the rule's options (e.g. ``eps=1e-3``).
+        score_kind: ``"exact"`` or ``"learned"``: which table the default comes from.
+
+    Returns:
+        ``(sampler, steps, choice)``: ``steps`` to run (the default's step count for the budget,
+        one less when it adds a denoising step), ``choice`` the
+        :class:`~.defaults.DefaultChoice` or None for a named sampler.
+
+    Raises:
+        ValueError: bad ``steps``, an unknown name (listing the registered ones) or option
+        (listing the accepted ones), or a sampler that cannot run on ``sde``.
+    """
+    name, steps, opts, choice = resolve_sampler(sde, name, _check_steps(steps), dict(options or {}), score_kind)
+    sampler = build_sampler(name, **opts)
+    sampler.validate(sde)
+    return sampler, steps, choice
 
 
 def sample(
@@ -270,10 +335,11 @@ def sample(
         score_fn: s(x [B, ...], t [B]) ≈ ∇ log p_t(x).
         shape: ``[B, ...]`` of the samples.
         sampler: a registered name (see ``SAMPLERS.names()``) or a :class:`Sampler` instance;
-            ``**options`` go to its constructor (e.g. ``corrector="langevin", snr=0.16``).
+            ``**options`` go to its constructor (e.g. ``corrector="langevin", snr=0.16``, or the
+            end point ``eps=1e-3``, ``end_sigma=0.01``, ``grid="logsnr"``, ``denoise=True``).
             ``None`` (or ``"auto"``): the configuration measured best for ``sde``'s family at a
-            budget of ``steps`` score evaluations (:func:`~sde_diffusion.samplers.defaults.default_sampler`;
-            ``**options`` override its options); ``result.choice`` says what was used.
+            budget of ``steps`` score evaluations (:func:`make_sampler`; ``**options`` override
+            its options); ``result.choice`` says what was used.
         score_kind: ``"exact"`` or ``"learned"`` picks the default's table; ``None`` detects a
             trained network (an ``nn.Module``, or a wrapper or closure around one).
         steps: number of steps (≥ 1); adaptive samplers ignore it. With the default sampler: the
@@ -285,18 +351,15 @@ def sample(
     Returns:
         :class:`SampleResult` with the samples, the exact NFE, and the trajectory if requested.
     """
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be an integer ≥ 1, got {steps}")
+    steps = _check_steps(steps)
     choice = None
     if sampler is None or isinstance(sampler, str):
-        from .defaults import is_learned_score, resolve_sampler
-
         kind = score_kind or ("learned" if is_learned_score(score_fn) else "exact")
-        sampler, steps, options, choice = resolve_sampler(sde, sampler, int(steps), dict(options), kind)
-        sampler = build_sampler(sampler, **options)
+        sampler, steps, choice = make_sampler(sde, sampler, steps, options, kind)
     elif options:
         raise ValueError(f"options {sorted(options)} given with a Sampler instance; set them on the instance")
-    sampler.validate(sde)
+    else:
+        sampler.validate(sde)
     if device is None and generator is not None:
         device = generator.device
     if x_T is None:
@@ -306,9 +369,9 @@ def sample(
             raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)} was requested")
         x = x_T
     counter = CountingScore(score_fn)
-    x, traj, ts = sampler.run(sde, counter, x, int(steps), generator, progress, return_trajectory, hook)
-    if sampler.denoise:
-        eps_t = torch.as_tensor(sampler.end_time(sde), dtype=x.dtype, device=x.device)
+    x, traj, ts = sampler.run(sde, counter, x, steps, generator, progress, return_trajectory, hook)
+    if sampler.end.denoise:
+        eps_t = torch.as_tensor(sampler.end.end_time(sde), dtype=x.dtype, device=x.device)
         tb = eps_t.expand(x.shape[0])
         x = x0_from_score(x, counter(x, tb), sde.mean_coeff(tb), sde.marginal_std(tb))
         if hook is not None:
@@ -320,6 +383,7 @@ def sample(
 
 __all__ = [
     "SAMPLERS",
+    "EndPoint",
     "GridCoeffs",
     "SampleResult",
     "SamplingContext",
@@ -327,5 +391,6 @@ __all__ = [
     "StepSampler",
     "StepHook",
     "build_sampler",
+    "make_sampler",
     "sample",
 ]

@@ -16,15 +16,18 @@ the rounded times, so coefficients match the times the score sees):
   x_{t_i} | x_{t_{i+1}} ~ N(a x, b² I) (``SDE.transition_coeffs``); empty unless the times
   decrease.
 
-Usage inside a step (``i = ctx.index`` during a run)::
+A step sampler's ``step(x, i, grid, ctx)`` receives the run's table and reads the coefficients
+of its interval, from time ``i`` to ``i + 1``::
 
-    grid, i = ctx.step_table(t_cur, t_next)
-    x_next = torch.add(x, ctx.score(x, t_cur), alpha=grid.b[i] ** 2)
+    x_next = torch.add(x, ctx.score(x, grid.times[i]), alpha=grid.b[i] ** 2)
+
+Outside a run, the table of two times is ``GridCoeffs.build(sde, (t_cur, t_next))`` with ``i = 0``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence, Tuple
 
 import torch
@@ -69,7 +72,7 @@ class GridCoeffs:
         """Table at the times ``ts`` (a ``[K]`` tensor or a sequence of 0-dim tensors, any dtype).
 
         The 0-dim tensors in ``times`` are the ones the score receives: views of ``ts`` (or the
-        given tensors themselves), so a step can recognise its grid times by identity.
+        given tensors themselves), in their dtype and device.
         """
         if torch.is_tensor(ts):
             if ts.dim() != 1:
@@ -99,12 +102,19 @@ class GridCoeffs:
     def __len__(self) -> int:
         return len(self.times)
 
+    @property
+    def steps(self) -> int:
+        """Number of intervals (a run's step count); interval ``steps − 1`` is the last step."""
+        return len(self.times) - 1
+
     def level(self, i: int) -> Level:
         """The :class:`Level` (t, m, σ, λ) of time ``i``."""
         return Level(self.times[i], self.m[i], self.sigma[i], self.lam[i])
 
+    @cached_property
     def levels(self) -> Tuple[Level, ...]:
-        """All levels, checked for m > 0 and σ > 0 (what the denoiser-based solvers need)."""
+        """All levels, checked for m > 0 and σ > 0 (what the denoiser-based solvers need); built
+        on first use, then cached with the table."""
         for ti, mi, si in zip(self.t, self.m, self.sigma):
             if not (mi > 0 and si > 0):
                 raise ValueError(
@@ -130,7 +140,7 @@ def levels_at_lambda(sde: SDE, lams: Sequence[float], like: Tensor) -> Tuple[Lev
         return ()
     lam = torch.tensor([2.0 * v for v in lams], dtype=torch.float64)
     ts = sde.t_from_log_snr(lam).to(device=like.device, dtype=like.dtype)
-    return GridCoeffs.build(sde, ts).levels()
+    return GridCoeffs.build(sde, ts).levels
 
 
 def sigma_tilde_to_lambda(sigma_tilde: float) -> float:

@@ -28,6 +28,7 @@ from torch import Tensor
 from ..registry import Registry
 from ..sdes.base import broadcast_to_x
 from .base import SamplingContext
+from .coeffs import GridCoeffs
 
 CORRECTORS: Registry = Registry("corrector")
 
@@ -35,7 +36,7 @@ SNR_NORMS = ("batch", "sample")
 
 
 class Corrector(abc.ABC):
-    """Base corrector: ``n_steps`` Langevin updates at time ``t_cur``.
+    """Base corrector: ``n_steps`` Langevin updates at the time ``grid.times[i]`` of a step.
 
     Args:
         snr: target signal-to-noise ratio r > 0.
@@ -56,24 +57,23 @@ class Corrector(abc.ABC):
         return self.n_steps
 
     @staticmethod
-    def alpha(t_cur: Tensor, t_next: Tensor, ctx: SamplingContext) -> float:
-        """α = (m(t_cur)/m(t_next))², the one-step signal ratio (1 for VE)."""
-        grid, i = ctx.step_table(t_cur, t_next)
+    def alpha(i: int, grid: GridCoeffs) -> float:
+        """α = (m(t_i)/m(t_{i+1}))², the one-step signal ratio (1 for VE)."""
         return (grid.m[i] / grid.m[i + 1]) ** 2
 
     @abc.abstractmethod
     def step_size(self, score: Tensor, z: Tensor, alpha: float, sigma: float) -> Union[Tensor, float]:
         """δ from the score and noise ``[B, ...]``, α and σ(t): a float, a 0-dim tensor or ``[B]`` sizes."""
 
-    def correct(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext) -> Tuple[Tensor, Tensor]:
-        """Run the updates at ``t_cur``; return (x, x_mean), x_mean being the last update without noise."""
+    def correct(self, x: Tensor, i: int, grid: GridCoeffs, ctx: SamplingContext) -> Tuple[Tensor, Tensor]:
+        """Run the updates at ``grid.times[i]`` on x ``[B, ...]``; return (x, x_mean), both ``[B, ...]``,
+        x_mean being the last update without noise."""
         x_mean = x
         if self.n_steps == 0:
             return x, x_mean
-        grid, i = ctx.step_table(t_cur, t_next)
-        alpha, sigma = (grid.m[i] / grid.m[i + 1]) ** 2, grid.sigma[i]
+        t, alpha, sigma = grid.times[i], self.alpha(i, grid), grid.sigma[i]
         for _ in range(self.n_steps):
-            s = ctx.score(x, t_cur)
+            s = ctx.score(x, t)
             z = ctx.noise(x)
             delta = self.step_size(s, z, alpha, sigma)
             if isinstance(delta, float):

@@ -2,13 +2,13 @@ r"""DDIM (Song, Meng & Ermon 2021) for any linear SDE, deterministic (η = 0) or
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .base import SAMPLERS, SamplingContext, StepSampler
-from .denoiser import step_levels
+from .coeffs import GridCoeffs
 
 
 @SAMPLERS.register("ddim")
@@ -33,34 +33,26 @@ class DDIM(StepSampler):
 
     Args:
         eta: 0 ≤ η ≤ 1, the fraction of the posterior standard deviation injected per step.
-        grid: time grid (default ``uniform`` in t, as in the DDIM paper); see
-            :mod:`~sde_diffusion.samplers.grids`.
+        **end: the end point (:class:`~.grids.EndPoint`); the grid defaults to ``uniform`` in t,
+            as in the DDIM paper.
 
     NFE = steps (+1 with ``denoise``).
     """
 
     default_grid = "uniform"
 
-    def __init__(
-        self,
-        eta: float = 0.0,
-        grid: Optional[str] = None,
-        rho: float = 7.0,
-        eps: Optional[float] = None,
-        denoise: bool = False,
-        end_sigma: Optional[float] = None,
-    ) -> None:
-        super().__init__(grid=grid, rho=rho, eps=eps, denoise=denoise, end_sigma=end_sigma)
+    def __init__(self, eta: float = 0.0, **end: Any) -> None:
+        super().__init__(**end)
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: ancestral), got eta={eta}")
         self.eta = float(eta)
 
-    def step(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext) -> Tensor:
-        cur, nxt = step_levels(ctx, t_cur, t_next)
+    def step(self, x: Tensor, i: int, grid: GridCoeffs, ctx: SamplingContext) -> Tensor:
+        cur, nxt = grid.levels[i], grid.levels[i + 1]
         c2 = (self.eta * nxt.sigma) ** 2 * -math.expm1(-2.0 * (nxt.lam - cur.lam))
         k = math.sqrt(max(nxt.sigma**2 - c2, 0.0))
         # m_s x̂_0 + k ε̂ with x̂_0 = (x + σ_t² s)/m_t and ε̂ = −σ_t s, as one affine map of (x, s).
-        s = ctx.score(x, t_cur)
+        s = ctx.score(x, cur.t)
         x_next = torch.mul(x, nxt.m / cur.m).add_(s, alpha=nxt.m * cur.sigma**2 / cur.m - k * cur.sigma)
         if c2 > 0:
             x_next.add_(ctx.noise(x), alpha=math.sqrt(c2))

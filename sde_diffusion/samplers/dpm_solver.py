@@ -12,14 +12,14 @@ With φ₁ = 1 − e^{−h}, φ₂ = φ₁/h − 1 and φ₃ = φ₂/h + ½ (com
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .base import SAMPLERS, SamplingContext, StepSampler
 from .coeffs import GridCoeffs, Level, levels_at_lambda
-from .denoiser import data_prediction, level_at_lambda, step_levels
+from .denoiser import data_prediction
 
 # Below this many steps the last steps use lower orders (as in DPM-Solver's reference code):
 # with few, large steps a high-order extrapolation of D into the low-noise end is unstable.
@@ -84,8 +84,8 @@ class DPMSolverPP(StepSampler):
         lower_order_final: lower the order on the last steps when steps < 15.
         corrector: apply the UniC corrector (UniPC); not with ``stochastic``.
         stochastic: the SDE variant (order 1 or 2 only).
-        grid, rho: time grid (``auto``, ``logsnr``, ``karras``, ``uniform``, ``quadratic``).
-        eps / end_sigma: where to stop, as a time or as a noise level σ/m (see :class:`~.base.Sampler`).
+        **end: the end point (:class:`~.grids.EndPoint`): the time grid (default ``auto``) and where
+            to stop, as a time ``eps`` or as a noise level σ/m ``end_sigma``.
     """
 
     default_grid = "auto"
@@ -96,13 +96,9 @@ class DPMSolverPP(StepSampler):
         lower_order_final: bool = True,
         corrector: bool = False,
         stochastic: bool = False,
-        grid: Optional[str] = None,
-        rho: float = 7.0,
-        eps: Optional[float] = None,
-        denoise: bool = False,
-        end_sigma: Optional[float] = None,
+        **end: Any,
     ) -> None:
-        super().__init__(grid=grid, rho=rho, eps=eps, denoise=denoise, end_sigma=end_sigma)
+        super().__init__(**end)
         if order not in (1, 2, 3):
             raise ValueError(f"order must be 1, 2 or 3, got order={order}")
         if stochastic and order > 2:
@@ -114,24 +110,23 @@ class DPMSolverPP(StepSampler):
         self.corrector = bool(corrector)
         self.stochastic = bool(stochastic)
 
-    def begin(self, x: Tensor, ts: Tensor, ctx: SamplingContext) -> Tensor:
+    def begin(self, x: Tensor, grid: GridCoeffs, ctx: SamplingContext) -> Tensor:
         ctx.state["history"] = []  # [(λ, D)], newest last
         ctx.state["pending"] = None  # (level, points, c_d, predictor weights) of the step awaiting correction
         return x
 
-    def step_order(self, ctx: SamplingContext, h: float) -> int:
-        """The order of the step of length ``h`` at ``ctx.index``: warm-up, lower-order final steps, and
-        1st order after a step ratio h/h_0 > 3."""
-        order = min(self.order, ctx.index + 1)
-        if self.lower_order_final and ctx.steps < _LOWER_ORDER_FINAL_BELOW:
-            order = min(order, ctx.steps - ctx.index)
-        history: History = ctx.state["history"]
+    def step_order(self, i: int, steps: int, h: float, history: History) -> int:
+        """The order of step ``i`` of ``steps`` (length ``h`` in λ, after ``history``): warm-up,
+        lower-order final steps, and 1st order after a step ratio h/h_0 > 3."""
+        order = min(self.order, i + 1)
+        if self.lower_order_final and steps < _LOWER_ORDER_FINAL_BELOW:
+            order = min(order, steps - i)
         if order > 1 and h > _MAX_STEP_RATIO * (history[-1][0] - history[-2][0]):
             order = 1
         return order
 
-    def step(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext) -> Tensor:
-        cur, nxt = step_levels(ctx, t_cur, t_next)
+    def step(self, x: Tensor, i: int, grid: GridCoeffs, ctx: SamplingContext) -> Tensor:
+        cur, nxt = grid.levels[i], grid.levels[i + 1]
         D = data_prediction(ctx, x, cur)
         if ctx.state["pending"] is not None:
             start, used, c_d, w_pred = ctx.state["pending"]
@@ -141,7 +136,7 @@ class DPMSolverPP(StepSampler):
         history.append((cur.lam, D))
         del history[: -self.order]
         h = nxt.lam - cur.lam
-        points = history[-self.step_order(ctx, h) :]
+        points = history[-self.step_order(i, grid.steps, h, history) :]
         weights = extrapolation_weights([lam for lam, _ in points], h)
         if not self.stochastic:
             c_x, c_d = nxt.sigma / cur.sigma, nxt.m * -math.expm1(-h)
@@ -153,7 +148,7 @@ class DPMSolverPP(StepSampler):
             x_next.add_(Dj, alpha=c_d * w)
         if self.stochastic:
             x_next.add_(ctx.noise(x), alpha=nxt.sigma * math.sqrt(max(-math.expm1(-2 * h), 0.0)))
-        ctx.state["pending"] = (cur, list(points), c_d, weights) if self.corrector and ctx.index < ctx.steps - 1 else None
+        ctx.state["pending"] = (cur, list(points), c_d, weights) if self.corrector and i < grid.steps - 1 else None
         return x_next
 
 
@@ -264,19 +259,15 @@ class DPMSolverPP2S(StepSampler):
     default_grid = "auto"
     nfe_per_step = 2
 
-    def begin(self, x: Tensor, ts: Tensor, ctx: SamplingContext) -> Tensor:
+    def begin(self, x: Tensor, grid: GridCoeffs, ctx: SamplingContext) -> Tensor:
         # The midpoints λ_i + h_i/2 of all steps, inverted to times at once.
-        levels = ctx.grid.levels() if ctx.grid is not None else GridCoeffs.build(ctx.sde, ts).levels()
-        ctx.state["levels"] = levels
+        levels = grid.levels
         ctx.state["mid"] = levels_at_lambda(ctx.sde, [a.lam + 0.5 * (b.lam - a.lam) for a, b in zip(levels[:-1], levels[1:])], x)
         return x
 
-    def step(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext) -> Tensor:
-        cur, nxt = step_levels(ctx, t_cur, t_next)
+    def step(self, x: Tensor, i: int, grid: GridCoeffs, ctx: SamplingContext) -> Tensor:
+        cur, mid, nxt = grid.levels[i], ctx.state["mid"][i], grid.levels[i + 1]
         h = nxt.lam - cur.lam
-        mids = ctx.state.get("mid")
-        own = mids is not None and ctx.grid is not None and ctx.step_table(t_cur, t_next)[0] is ctx.grid
-        mid = mids[ctx.index] if own else level_at_lambda(ctx.sde, cur.lam + 0.5 * h, x)
         # u = (σ_u/σ_s) x + m_u φ D(x) and x_t = (σ_t/σ_s) x + m_t φ₁ D(u), each D = (y + σ² s)/m
         # folded into the affine maps.
         phi_u = -math.expm1(cur.lam - mid.lam)

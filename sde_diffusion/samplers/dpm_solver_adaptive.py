@@ -84,7 +84,7 @@ class AdaptiveDPMSolverPP(Sampler):
         step_control: ``"batch"`` (one step size, RMS error over the batch) or ``"sample"``
             (per-sample steps; batch-independent samples).
         max_steps: cap on the number of batched steps (RuntimeError beyond).
-        eps, denoise: as for :class:`~.base.Sampler`.
+        **end: eps, end_sigma, denoise (:class:`~.grids.EndPoint`).
 
     NFE: 3 per batched step (2 after a step in which no sample moved on); ``steps`` is ignored.
     """
@@ -99,11 +99,9 @@ class AdaptiveDPMSolverPP(Sampler):
         prediction: str = "data",
         step_control: str = "batch",
         max_steps: int = 100_000,
-        eps: Optional[float] = None,
-        denoise: bool = False,
-        end_sigma: Optional[float] = None,
+        **end: Any,
     ) -> None:
-        super().__init__(eps=eps, denoise=denoise, end_sigma=end_sigma)
+        super().__init__(**end)
         if not (rtol > 0 and atol > 0):
             raise ValueError(f"rtol and atol must be positive, got rtol={rtol}, atol={atol}")
         if not h_init > 0:
@@ -130,7 +128,7 @@ class AdaptiveDPMSolverPP(Sampler):
         hook: Optional[StepHook] = None,
     ) -> Tuple[Tensor, Optional[List[Tensor]], Optional[Tensor]]:
         self.refuse_hook(hook, "is adaptive", "dpm_solver, euler_maruyama or pc")
-        ends = torch.tensor([sde.T, self.end_time(sde)], dtype=torch.float64)
+        ends = torch.tensor([sde.T, self.end.end_time(sde)], dtype=torch.float64)
         lam_T, lam_end = (float(v) for v in 0.5 * sde.log_snr(ends))
         traj: Optional[List[Tensor]] = [x] if record else None
         drive = self._run_batch if self.step_control == "batch" else self._run_per_sample

@@ -2,14 +2,13 @@ r"""EDM's 2nd-order Heun sampler (Karras et al. 2022, Algorithms 1 and 2) for an
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor
 
 from .base import SAMPLERS, SamplingContext, StepSampler
 from .coeffs import GridCoeffs, Level, levels_at_lambda, sigma_tilde_to_lambda
-from .denoiser import step_levels
 
 
 @SAMPLERS.register("edm_heun")
@@ -44,7 +43,7 @@ class EDMHeun(StepSampler):
         S_churn: total churn; 0 (default) gives the deterministic sampler.
         S_tmin, S_tmax: σ̃ range in which churn is applied.
         S_noise: scale of the added noise (slightly > 1 compensates for denoiser bias in EDM).
-        grid, rho: time grid (default ``karras``, ρ = 7).
+        **end: the end point (:class:`~.grids.EndPoint`); the grid defaults to ``karras``, ρ = 7.
     """
 
     default_grid = "karras"
@@ -55,13 +54,9 @@ class EDMHeun(StepSampler):
         S_tmin: float = 0.0,
         S_tmax: float = math.inf,
         S_noise: float = 1.0,
-        grid: Optional[str] = None,
-        rho: float = 7.0,
-        eps: Optional[float] = None,
-        denoise: bool = False,
-        end_sigma: Optional[float] = None,
+        **end: Any,
     ) -> None:
-        super().__init__(grid=grid, rho=rho, eps=eps, denoise=denoise, end_sigma=end_sigma)
+        super().__init__(**end)
         if S_churn < 0 or S_noise < 0:
             raise ValueError(f"S_churn and S_noise must be ≥ 0, got S_churn={S_churn}, S_noise={S_noise}")
         if not 0 <= S_tmin <= S_tmax:
@@ -72,15 +67,15 @@ class EDMHeun(StepSampler):
         self.S_noise = float(S_noise)
 
     def expected_nfe(self, steps: int) -> int:
-        return 2 * steps - 1 + int(self.denoise)
+        return 2 * steps - 1 + int(self.end.denoise)
 
-    def _churn_levels(self, ctx: SamplingContext, x: Tensor) -> List[Optional[Level]]:
+    def _churn_levels(self, grid: GridCoeffs, ctx: SamplingContext, x: Tensor) -> List[Optional[Level]]:
         """σ̂ levels of Algorithm 2, lines 4–6, for every step (None: no churn), computed at once."""
-        levels = ctx.state["levels"]
+        levels, steps = grid.levels, grid.steps
         s_max = levels[0].sigma_tilde
-        gamma = min(self.S_churn / ctx.steps, math.sqrt(2.0) - 1.0)
+        gamma = min(self.S_churn / steps, math.sqrt(2.0) - 1.0)
         want: Dict[int, float] = {}
-        for i in range(ctx.steps):
+        for i in range(steps):
             s = levels[i].sigma_tilde
             if self.S_churn == 0 or not self.S_tmin <= s <= self.S_tmax:
                 continue
@@ -88,22 +83,20 @@ class EDMHeun(StepSampler):
             if s_hat > s:
                 want[i] = s_hat
         hats = levels_at_lambda(ctx.sde, [sigma_tilde_to_lambda(v) for v in want.values()], x)
-        out: List[Optional[Level]] = [None] * ctx.steps
+        out: List[Optional[Level]] = [None] * steps
         for i, hat in zip(want, hats):
             out[i] = hat
         return out
 
-    def begin(self, x: Tensor, ts: Tensor, ctx: SamplingContext) -> Tensor:
-        ctx.state["levels"] = ctx.grid.levels() if ctx.grid is not None else GridCoeffs.build(ctx.sde, ts).levels()
-        ctx.state["churn"] = self._churn_levels(ctx, x) if self.S_churn > 0 else None
+    def begin(self, x: Tensor, grid: GridCoeffs, ctx: SamplingContext) -> Tensor:
+        ctx.state["churn"] = self._churn_levels(grid, ctx, x) if self.S_churn > 0 else None
         return x
 
-    def step(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext) -> Tensor:
+    def step(self, x: Tensor, i: int, grid: GridCoeffs, ctx: SamplingContext) -> Tensor:
         # The slope dx̃/dσ̃ = (x̃ − D(x̃, σ̃))/σ̃ equals ε̂ = −σ(t) s(m x̃, t): no division by σ̃ is needed.
-        cur, nxt = step_levels(ctx, t_cur, t_next)
+        cur, nxt = grid.levels[i], grid.levels[i + 1]
         churn = ctx.state.get("churn")
-        own = churn is not None and ctx.step_table(t_cur, t_next)[0] is ctx.grid
-        hat = churn[ctx.index] if own else None
+        hat = churn[i] if churn is not None else None
         if hat is not None:
             # Raise the noise level of x̃ = x/m from σ̃_i to σ̂, then step from σ̂ (Algorithm 2).
             var = max(hat.sigma_tilde**2 - cur.sigma_tilde**2, 0.0)
@@ -115,7 +108,7 @@ class EDMHeun(StepSampler):
             x_in = x
         dsig = nxt.sigma_tilde - cur.sigma_tilde
         s1 = ctx.score(x_in, cur.t)
-        if ctx.index >= ctx.steps - 1:  # Euler on the last step
+        if i == grid.steps - 1:  # Euler on the last step
             out = torch.add(xt, s1, alpha=-dsig * cur.sigma)
         else:
             x_pred = torch.add(xt, s1, alpha=-dsig * cur.sigma)

@@ -18,7 +18,7 @@ to T; decoding the code with ``sample(..., x_T=z)`` inverts it up to the solver 
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -45,37 +45,33 @@ class FixedStepODE(StepSampler):
 
     method: str = "heun"
 
-    def begin(self, x: Tensor, ts: Tensor, ctx: SamplingContext) -> Tensor:
+    def begin(self, x: Tensor, grid: GridCoeffs, ctx: SamplingContext) -> Tensor:
         if self.method == "rk4":
+            ts = torch.stack(grid.times)
             ctx.state["mid"] = GridCoeffs.build(ctx.sde, ts[:-1] + 0.5 * (ts[1:] - ts[:-1]))
         return x
 
-    def step(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext) -> Tensor:
-        grid, i = ctx.step_table(t_cur, t_next)
-        own = grid is ctx.grid and "mid" in ctx.state
-        if self.method == "rk4" and not own:  # a direct call: no precomputed midpoints
-            drift = ctx.sde.probability_flow(ctx.score_fn)
-            return odeint_fixed(drift, x, torch.stack([t_cur, t_next]), method=self.method).y
+    def step(self, x: Tensor, i: int, grid: GridCoeffs, ctx: SamplingContext) -> Tensor:
         h = grid.t[i + 1] - grid.t[i]
 
         def k(y: Tensor, f: float, g2: float, t: Tensor) -> Tensor:
             s = ctx.score(y, t)
             return torch.mul(s, -0.5 * g2) if f == 0.0 else torch.mul(y, f).add_(s, alpha=-0.5 * g2)
 
-        k1 = k(x, grid.f[i], grid.g2[i], t_cur)
+        k1 = k(x, grid.f[i], grid.g2[i], grid.times[i])
         if self.method == "heun":
-            k2 = k(torch.add(x, k1, alpha=h), grid.f[i + 1], grid.g2[i + 1], t_next)
+            k2 = k(torch.add(x, k1, alpha=h), grid.f[i + 1], grid.g2[i + 1], grid.times[i + 1])
             return torch.add(x, k1, alpha=0.5 * h).add_(k2, alpha=0.5 * h)
-        mid, j = ctx.state["mid"], i
-        k2 = k(torch.add(x, k1, alpha=0.5 * h), mid.f[j], mid.g2[j], mid.times[j])
-        k3 = k(torch.add(x, k2, alpha=0.5 * h), mid.f[j], mid.g2[j], mid.times[j])
-        k4 = k(torch.add(x, k3, alpha=h), grid.f[i + 1], grid.g2[i + 1], t_next)
+        mid = ctx.state["mid"]  # the midpoint of interval i is time i of this table
+        k2 = k(torch.add(x, k1, alpha=0.5 * h), mid.f[i], mid.g2[i], mid.times[i])
+        k3 = k(torch.add(x, k2, alpha=0.5 * h), mid.f[i], mid.g2[i], mid.times[i])
+        k4 = k(torch.add(x, k3, alpha=h), grid.f[i + 1], grid.g2[i + 1], grid.times[i + 1])
         out = torch.add(x, k1, alpha=h / 6).add_(k2, alpha=h / 3).add_(k3, alpha=h / 3)
         return out.add_(k4, alpha=h / 6)
 
     def encode(self, sde: SDE, score_fn: ScoreFn, x: Tensor, steps: int) -> ODEResult:
         """Integrate the ODE from eps to T on the reversed grid: x ``[B, ...]`` → latent ``[B, ...]``."""
-        ts = self.time_grid(sde, steps, x.device, x.dtype).flip(0)
+        ts = self.end.times(sde, steps, x.device, x.dtype).flip(0)
         return odeint_fixed(sde.probability_flow(score_fn), x, ts, method=self.method)
 
 
@@ -128,9 +124,8 @@ class AdaptiveODE(Sampler):
 
     nfe_per_step = 0
 
-    def __init__(self, rtol: float = 1e-5, atol: float = 1e-5, eps: Optional[float] = None, denoise: bool = False,
-                 end_sigma: Optional[float] = None) -> None:
-        super().__init__(eps=eps, denoise=denoise, end_sigma=end_sigma)
+    def __init__(self, rtol: float = 1e-5, atol: float = 1e-5, **end: Any) -> None:
+        super().__init__(**end)
         self.rtol, self.atol = _check_tol(rtol, atol)
 
     def solve(self, sde: SDE, score_fn: ScoreFn, x: Tensor, t0: float, t1: float, record: bool) -> ODEResult:
@@ -149,18 +144,18 @@ class AdaptiveODE(Sampler):
         hook: Optional[StepHook] = None,
     ) -> tuple[Tensor, Optional[List[Tensor]], Optional[Tensor]]:
         self.refuse_hook(hook, "is adaptive", "ode_heun, euler_maruyama or pc")
-        res = self.solve(sde, score_fn, x, sde.T, self.end_time(sde), record)
+        res = self.solve(sde, score_fn, x, sde.T, self.end.end_time(sde), record)
         return res.y, self._trajectory(x, res, record), self._times(sde, x, record)
 
     def _trajectory(self, x: Tensor, res: ODEResult, record: bool) -> Optional[List[Tensor]]:
         return [x, res.y] if record else None
 
     def _times(self, sde: SDE, x: Tensor, record: bool) -> Optional[Tensor]:
-        return torch.tensor([sde.T, self.end_time(sde)], dtype=x.dtype, device=x.device) if record else None
+        return torch.tensor([sde.T, self.end.end_time(sde)], dtype=x.dtype, device=x.device) if record else None
 
     def encode(self, sde: SDE, score_fn: ScoreFn, x: Tensor, steps: Optional[int] = None) -> ODEResult:
         """Integrate the ODE from eps to T: data x ``[B, ...]`` → latent ``[B, ...]`` (``steps`` ignored)."""
-        return self.solve(sde, score_fn, x, self.end_time(sde), sde.T, record=False)
+        return self.solve(sde, score_fn, x, self.end.end_time(sde), sde.T, record=False)
 
 
 @SAMPLERS.register("ode_dopri5")
@@ -170,18 +165,11 @@ class ODEDopri5(AdaptiveODE):
     Args:
         rtol, atol: error tolerances (RMS per sample).
         max_steps: cap on the number of batched steps (RuntimeError beyond).
+        **end: eps, end_sigma, denoise (:class:`~.grids.EndPoint`).
     """
 
-    def __init__(
-        self,
-        rtol: float = 1e-5,
-        atol: float = 1e-5,
-        max_steps: int = 100_000,
-        eps: Optional[float] = None,
-        denoise: bool = False,
-        end_sigma: Optional[float] = None,
-    ) -> None:
-        super().__init__(rtol=rtol, atol=atol, eps=eps, denoise=denoise, end_sigma=end_sigma)
+    def __init__(self, rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 100_000, **end: Any) -> None:
+        super().__init__(rtol=rtol, atol=atol, **end)
         if int(max_steps) != max_steps or max_steps < 1:
             raise ValueError(f"max_steps must be an integer ≥ 1, got {max_steps}")
         self.max_steps = int(max_steps)
@@ -210,18 +198,11 @@ class ODEScipy(AdaptiveODE):
         method: a solve_ivp method (explicit ones: RK45, RK23, DOP853; the implicit Radau, BDF
             and LSODA estimate a Jacobian by finite differences, which costs many NFE).
         rtol, atol: solve_ivp tolerances.
+        **end: eps, end_sigma, denoise (:class:`~.grids.EndPoint`).
     """
 
-    def __init__(
-        self,
-        method: str = "RK45",
-        rtol: float = 1e-5,
-        atol: float = 1e-5,
-        eps: Optional[float] = None,
-        denoise: bool = False,
-        end_sigma: Optional[float] = None,
-    ) -> None:
-        super().__init__(rtol=rtol, atol=atol, eps=eps, denoise=denoise, end_sigma=end_sigma)
+    def __init__(self, method: str = "RK45", rtol: float = 1e-5, atol: float = 1e-5, **end: Any) -> None:
+        super().__init__(rtol=rtol, atol=atol, **end)
         if method not in SCIPY_METHODS:
             raise ValueError(f"unknown solve_ivp method {method!r}; choose one of: {', '.join(SCIPY_METHODS)}")
         self.method = method

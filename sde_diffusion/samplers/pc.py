@@ -16,11 +16,12 @@ Usage::
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any
 
 from torch import Tensor
 
 from .base import SAMPLERS, SamplingContext, StepSampler
+from .coeffs import GridCoeffs
 from .correctors import CORRECTORS, LangevinCorrector
 from .predictors import PREDICTORS
 
@@ -37,7 +38,7 @@ class PredictorCorrector(StepSampler):
         noise_free_final: return the noise-free mean after the last step.
         snr_norm: ``batch`` or ``sample`` norms in the ``langevin`` step size (see
             :class:`~.correctors.LangevinCorrector`); ignored by other correctors.
-        grid, rho, eps, denoise: as for :class:`~.base.StepSampler`.
+        **end: the end point (grid, rho, eps, end_sigma, denoise; :class:`~.grids.EndPoint`).
     """
 
     def __init__(
@@ -48,13 +49,9 @@ class PredictorCorrector(StepSampler):
         n_corrector_steps: int = 1,
         noise_free_final: bool = True,
         snr_norm: str = "batch",
-        grid: Optional[str] = None,
-        rho: float = 7.0,
-        eps: Optional[float] = None,
-        denoise: bool = False,
-        end_sigma: Optional[float] = None,
+        **end: Any,
     ) -> None:
-        super().__init__(grid=grid, rho=rho, eps=eps, denoise=denoise, end_sigma=end_sigma)
+        super().__init__(**end)
         pred_cls = PREDICTORS.get(predictor)
         corr_cls = CORRECTORS.get(corrector)
         self.predictor_name, self.corrector_name = predictor, corrector
@@ -71,17 +68,17 @@ class PredictorCorrector(StepSampler):
                 f"{n_corrector_steps}) never evaluates the score; choose a predictor or a corrector"
             )
 
-    def step(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext) -> Tensor:
-        want_mean = self.noise_free_final and ctx.index == ctx.steps - 1
-        x, x_mean = self.corrector.correct(x, t_cur, t_next, ctx)
+    def step(self, x: Tensor, i: int, grid: GridCoeffs, ctx: SamplingContext) -> Tensor:
+        want_mean = self.noise_free_final and i == grid.steps - 1
+        x, x_mean = self.corrector.correct(x, i, grid, ctx)
         if self.predictor.nfe_per_step == 0:
             return x_mean if want_mean else x
-        return self.predictor.predict(x, t_cur, t_next, ctx, noise=not want_mean)
+        return self.predictor.predict(x, i, grid, ctx, noise=not want_mean)
 
     def __repr__(self) -> str:
         return (
             f"PredictorCorrector(predictor={self.predictor_name!r}, corrector={self.corrector!r}, "
-            f"noise_free_final={self.noise_free_final}, grid={self.grid!r}, eps={self.eps}, denoise={self.denoise})"
+            f"noise_free_final={self.noise_free_final}, {self.end_repr()})"
         )
 
 

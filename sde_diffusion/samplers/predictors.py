@@ -1,6 +1,7 @@
 r"""Predictors: one step of a reverse-SDE solver, usable alone or inside :mod:`~.pc`.
 
-A predictor advances x from ``t_cur`` to ``t_next < t_cur`` and can return either the sample or
+A predictor advances x over interval i of the run's coefficient table, from ``grid.times[i]`` to
+the earlier ``grid.times[i + 1]``, and can return either the sample or
 its *noise-free mean* (the step without the injected Gaussian noise). ``PREDICTORS`` maps names to
 classes so the predictor–corrector sampler combines them by name:
 
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Optional
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..registry import Registry
 from .base import SAMPLERS, SamplingContext, StepSampler
+from .coeffs import GridCoeffs
 
 PREDICTORS: Registry = Registry("predictor")
 
@@ -32,31 +34,23 @@ class Predictor(StepSampler):
 
     Args:
         noise_free_final: return the noise-free mean on the last step (stand-alone use).
-        grid, rho, eps, denoise: as for :class:`~.base.StepSampler`.
+        **end: the end point (grid, rho, eps, end_sigma, denoise; :class:`~.grids.EndPoint`).
     """
 
-    def __init__(
-        self,
-        grid: Optional[str] = None,
-        rho: float = 7.0,
-        eps: Optional[float] = None,
-        denoise: bool = False,
-        noise_free_final: bool = True,
-        end_sigma: Optional[float] = None,
-    ) -> None:
-        super().__init__(grid=grid, rho=rho, eps=eps, denoise=denoise, end_sigma=end_sigma)
+    def __init__(self, noise_free_final: bool = True, **end: Any) -> None:
+        super().__init__(**end)
         self.noise_free_final = bool(noise_free_final)
 
     @abc.abstractmethod
-    def predict(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext, noise: bool = True) -> Tensor:
-        """x at ``t_next`` from x ``[B, ...]`` at ``t_cur`` (0-dim times); without noise the mean.
+    def predict(self, x: Tensor, i: int, grid: GridCoeffs, ctx: SamplingContext, noise: bool = True) -> Tensor:
+        """x ``[B, ...]`` at ``grid.times[i + 1]`` from x at ``grid.times[i]``; without noise the mean.
 
         With ``noise=False`` no random numbers are drawn from ``ctx``'s generator.
         """
 
-    def step(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext) -> Tensor:
-        last = ctx.index == ctx.steps - 1
-        return self.predict(x, t_cur, t_next, ctx, noise=not (last and self.noise_free_final))
+    def step(self, x: Tensor, i: int, grid: GridCoeffs, ctx: SamplingContext) -> Tensor:
+        last = i == grid.steps - 1
+        return self.predict(x, i, grid, ctx, noise=not (last and self.noise_free_final))
 
 
 @SAMPLERS.register("euler_maruyama")
@@ -70,10 +64,9 @@ class EulerMaruyama(Predictor):
     1 NFE per step.
     """
 
-    def predict(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext, noise: bool = True) -> Tensor:
-        grid, i = ctx.step_table(t_cur, t_next)
+    def predict(self, x: Tensor, i: int, grid: GridCoeffs, ctx: SamplingContext, noise: bool = True) -> Tensor:
         dt = grid.t[i] - grid.t[i + 1]
-        out = _affine(x, 1.0 - grid.f[i] * dt, ctx.score(x, t_cur), grid.g2[i] * dt)
+        out = _affine(x, 1.0 - grid.f[i] * dt, ctx.score(x, grid.times[i]), grid.g2[i] * dt)
         if not noise:
             return out
         return out.add_(ctx.noise(x), alpha=math.sqrt(grid.g2[i] * dt))
@@ -95,10 +88,9 @@ class ReverseDiffusion(Predictor):
     there is no NaN at small N. 1 NFE per step.
     """
 
-    def predict(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext, noise: bool = True) -> Tensor:
-        grid, i = ctx.step_table(t_cur, t_next)
+    def predict(self, x: Tensor, i: int, grid: GridCoeffs, ctx: SamplingContext, noise: bool = True) -> Tensor:
         a, b = grid.transition(i)
-        out = _affine(x, 2.0 - a, ctx.score(x, t_cur), b * b)
+        out = _affine(x, 2.0 - a, ctx.score(x, grid.times[i]), b * b)
         if not noise:
             return out
         return out.add_(ctx.noise(x), alpha=b)
@@ -123,10 +115,9 @@ class Ancestral(Predictor):
     ancestral step x_s = x_t + (σ_t² − σ_s²) s + √(σ_s²(σ_t² − σ_s²)/σ_t²) z. 1 NFE per step.
     """
 
-    def predict(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext, noise: bool = True) -> Tensor:
-        grid, i = ctx.step_table(t_cur, t_next)
+    def predict(self, x: Tensor, i: int, grid: GridCoeffs, ctx: SamplingContext, noise: bool = True) -> Tensor:
         a, b = grid.transition(i)
-        out = _affine(x, 1.0 / a, ctx.score(x, t_cur), b * b / a)
+        out = _affine(x, 1.0 / a, ctx.score(x, grid.times[i]), b * b / a)
         if not noise:
             return out
         return out.add_(ctx.noise(x), alpha=grid.sigma[i + 1] * b / grid.sigma[i])
@@ -145,7 +136,7 @@ class NonePredictor(Predictor):
 
     nfe_per_step = 0
 
-    def predict(self, x: Tensor, t_cur: Tensor, t_next: Tensor, ctx: SamplingContext, noise: bool = True) -> Tensor:
+    def predict(self, x: Tensor, i: int, grid: GridCoeffs, ctx: SamplingContext, noise: bool = True) -> Tensor:
         return x
 
 

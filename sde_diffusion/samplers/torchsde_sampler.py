@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Deque, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Deque, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -268,21 +268,20 @@ class TorchSDESampler(Sampler):
     Args:
         method: ``euler``, ``milstein``, ``srk`` (strong order 1.5, 3 NFE per step) or
             ``reversible_heun`` (Stratonovich).
-        eps, denoise: as for :class:`~.base.Sampler`.
+        **end: eps, end_sigma, denoise (:class:`~.grids.EndPoint`); the grid is always uniform.
 
     NFE = steps (euler, milstein), 3·steps (srk), steps + 1 (reversible_heun); +1 with ``denoise``.
     """
 
-    def __init__(self, method: str = "euler", eps: Optional[float] = None, denoise: bool = False,
-                 end_sigma: Optional[float] = None) -> None:
-        super().__init__(eps=eps, denoise=denoise, end_sigma=end_sigma)
+    def __init__(self, method: str = "euler", **end: Any) -> None:
+        super().__init__(**end)
         if method not in TORCHSDE_METHODS:
             raise ValueError(f"unknown torchsde method {method!r}; choose one of: {', '.join(TORCHSDE_METHODS)}")
         self.method = method
         self.nfe_per_step = TORCHSDE_METHODS[method].nfe_per_step
 
     def expected_nfe(self, steps: int) -> Optional[int]:
-        return self.nfe_per_step * steps + TORCHSDE_METHODS[self.method].nfe_init + int(self.denoise)
+        return self.nfe_per_step * steps + TORCHSDE_METHODS[self.method].nfe_init + int(self.end.denoise)
 
     def run(
         self,
@@ -299,7 +298,7 @@ class TorchSDESampler(Sampler):
 
         self.refuse_hook(hook, "hands its steps to torchsde.sdeint", "euler_maruyama or pc")
         spec = TORCHSDE_METHODS[self.method]
-        t_end = self.end_time(sde)
+        t_end = self.end.end_time(sde)
         B = x.shape[0]
         y0 = x.reshape(B, -1)
         rsde = ReversedSDE(sde, score_fn, tuple(x.shape), t_end, steps, spec.sde_type)
