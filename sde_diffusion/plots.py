@@ -1,7 +1,9 @@
 r"""Figures of samples, trajectories, denoising and training losses (matplotlib, Agg, atomic PNGs).
 
-Every ``save_*`` function writes one PNG through a temporary file and a rename, so a reader (or a
-killed run) never leaves half a file, and returns its path. No pyplot: figures are built with the
+This module is the one home of the package's figures (``sample.py`` and the training callbacks
+draw with it). Every ``save_*`` function writes one PNG through :func:`sde_diffusion.io.atomic_path`
+(a temporary file and a rename), so a reader (or a killed run) never sees half a file, and returns
+its path. No pyplot: figures are built with the
 object-oriented API on the Agg canvas, so nothing depends on a display or on global figure state.
 
 Pixel sizes are predictable:
@@ -13,12 +15,13 @@ Pixel sizes are predictable:
 * plots with axes are ``figsize·dpi`` pixels (no tight bounding box).
 
 Inputs are numpy arrays or tensors. Images are either uint8 ``[N, H, W, C]`` (as stored in
-``samples.npz``) or floats ``[N, C, H, W]`` in [0, 1] (clamped, then rounded to 8 bits).
+``samples.npz``) or floats ``[N, C, H, W]`` in [0, 1] (clamped, then rounded to 8 bits): map
+model-range images to [0, 1] first, e.g. with the data module's ``inverse_scaler``.
 
 Usage::
 
-    save_image_grid(images, "samples.png", nrow=8, scale=4)
-    save_scatter(samples, reference, "samples.png")
+    save_image_grid(images, "samples.png", nrow=8, title="step 1000")   # images in [0, 1] or uint8
+    save_scatter(samples, reference, "samples.png", title="step 1000")
     save_trajectories(sde_path, ode_path, "trajectories.png", times=times)
     save_loss_by_t(read_loss_by_t(run_dir / "logs"), "loss_by_t.png")
 """
@@ -26,13 +29,14 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from .io import atomic_path
 
 ArrayLike = Any  # numpy array or torch tensor
 PathLike = Union[str, Path]
@@ -51,22 +55,11 @@ def _numpy(x: ArrayLike) -> np.ndarray:
     return np.asarray(x)
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def _atomic(path: PathLike, write: Any) -> Path:
-    """Call ``write(tmp_path)`` and rename the result to ``path`` (same directory, so atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
+    """Call ``write(tmp_path)`` inside :func:`~sde_diffusion.io.atomic_path` (renamed to ``path`` on success)."""
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return Path(path)
 
 
 def _figure(width: float, height: float, dpi: int) -> Any:
@@ -151,13 +144,17 @@ def save_image_grid(
     images: ArrayLike,
     path: PathLike,
     nrow: Optional[int] = None,
+    title: Optional[str] = None,
+    *,
     pad: int = 1,
     scale: int = 4,
-    title: Optional[str] = None,
 ) -> Path:
-    """A pixel-exact PNG grid of ``images`` (see the module docstring for input kinds and size).
+    """A pixel-exact PNG grid of ``images``: floats ``[N, C, H, W]`` in [0, 1] (clamped; map model-range
+    images with the data module's ``inverse_scaler`` first) or uint8 ``[N, H, W, C]``; C = 1 (grey), 3 or 4.
 
-    ``title`` goes into the PNG's metadata, not into the picture, so the size stays exact.
+    ``nrow`` images per row (None: ⌈√N⌉), ``pad`` white pixels between images, each image pixel a
+    ``scale×scale`` block (:func:`grid_size`). ``title`` goes into the PNG's metadata, not into the
+    picture, so the size stays exact.
     """
     grid = tile_images(to_uint8_images(images), nrow=nrow, pad=pad)
     return _write_pixels(grid, path, scale, title)
@@ -210,11 +207,13 @@ def save_scatter(
     reference: Optional[ArrayLike],
     path: PathLike,
     title: Optional[str] = None,
+    *,
     size: Tuple[float, float] = (8.0, 4.0),
     dpi: int = 100,
     max_points: int = 20000,
 ) -> Path:
-    """Data (left) beside samples (right), first two coordinates, shared axis limits.
+    """Data (left) beside samples (right), first two coordinates of ``[N, ≥2]`` points (tensors or
+    arrays, in data coordinates), shared axis limits; ``size·dpi`` pixels (800×400 by default).
 
     Without ``reference`` only the samples are drawn (one panel, same figure size).
     """

@@ -16,7 +16,7 @@ import torch
 import numpy as np
 
 from sde_diffusion import sample
-from sde_diffusion.config import parse_train, sampler_settings, to_plain
+from sde_diffusion.config import parse_sample, parse_train, to_plain
 from sde_diffusion.fit import fit
 from sde_diffusion.models.classifier import MLPClassifier, UNetEncoderClassifier
 from sde_diffusion.tasks.classifier import (
@@ -29,7 +29,7 @@ from sde_diffusion.tasks.classifier import (
 )
 from sde_diffusion.guidance import ClassifierGuidance
 from sde_diffusion.jobs import run
-from sde_diffusion.jobs.checkpoint import load_model
+from sde_diffusion.jobs.model import load_model
 from sde_diffusion.jobs.shards import batch_seed
 from sde_diffusion.tasks.score import train
 
@@ -373,7 +373,7 @@ def test_sample_py_classifier_guidance_steers_towards_the_label(gmm_run: Any, gm
         assert report["guidance"]["classifier"]["scale"] == w and report["guidance"]["classifier"]["num_classes"] == 8
     # The samples are exactly sample() with the wrapped score and the batch's generator.
     model = load_model(gmm_score_run, device="cpu")
-    _, _, options = sampler_settings(cfg)
+    options = parse_sample(cfg).sampler_options
     guided = ClassifierGuidance(model.score_model(use_ema=False), load_classifier(clf_dir), y=k, scale=3.0)
     with torch.no_grad():
         ref = sample(sde, guided, (n, 2), "euler_maruyama", steps=50, generator=torch.Generator().manual_seed(batch_seed(0, "sample", 0)),

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sde_diffusion import sample
+from sde_diffusion.config import to_plain
 from sde_diffusion.evaluation.digits_classifier import classify
 from sde_diffusion.guidance import ClassifierFreeGuidance
 from sde_diffusion.samplers import SAMPLERS
@@ -103,7 +104,7 @@ def test_guidance_raises_agreement_with_the_requested_digit(digits_run: Any) -> 
 def test_conditional_checkpoint_rebuilds_the_guided_sampler(digits_run: Any) -> None:
     loaded = load_checkpoint(digits_run.last_checkpoint)
     assert loaded.num_classes == 10 and loaded.net.num_classes == 10
-    assert loaded.cfg["conditioning"] == {"class_labels": True, "label_dropout": 0.1}
+    assert to_plain(loaded.cfg.conditioning) == {"class_labels": True, "label_dropout": 0.1}
     a, _ = guided_samples(digits_run.module.eval(), 3.0, 8, seed=3)
     b, _ = guided_samples(loaded, 3.0, 8, seed=3)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

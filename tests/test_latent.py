@@ -15,8 +15,8 @@ from hydra import compose, initialize_config_dir
 from helpers import CONF, QUIET_TRAINING
 from sde_diffusion import sample
 from sde_diffusion.guidance import ClassifierFreeGuidance
-from sde_diffusion.jobs import run
-from sde_diffusion.jobs.checkpoint import load_model
+from sde_diffusion.jobs import cli, run
+from sde_diffusion.jobs.model import load_model
 from sde_diffusion.latent import load_latent_codec, weights_digest
 from sde_diffusion.samplers import SAMPLERS
 
@@ -86,7 +86,7 @@ def test_sample_py_decodes_latents_and_refuses_pixel_tasks(latent_run: Path, tmp
     assert latents.shape == (3, 2, 8, 8) and np.isfinite(latents).all()
     assert report["shape"] is not None
     with pytest.raises(ValueError, match="latent score model"):
-        run(_compose("sample", base + ["task=inpaint", f"out={tmp_path / 'i'}"]))
+        run(cli.compose(base + ["task=inpaint", f"out={tmp_path / 'i'}"], CONF))
     with pytest.raises(ValueError, match="not a noisy-classifier checkpoint"):
         run(_compose("sample", base + [f"guidance.classifier={latent_run}", "label=3", f"out={tmp_path / 'c'}"]))
 
@@ -177,7 +177,7 @@ def test_classifier_guidance_on_a_latent_model(latent_run: Path, latent_classifi
 def test_a_latent_classifier_is_refused_for_a_pixel_model(latent_classifier: Path) -> None:
     from types import SimpleNamespace
 
-    from sde_diffusion.jobs.checkpoint import _check_same_space
+    from sde_diffusion.jobs.model import check_same_space as _check_same_space
 
     clf_latent = torch.load(latent_classifier / "checkpoints" / "last.ckpt", map_location="cpu",
                             weights_only=False)["hyper_parameters"]["latent"]
@@ -207,11 +207,11 @@ def test_another_autoencoder_is_refused(ae_run: Path, latent_run: Path, tmp_path
     ckpt["state_dict"][key] = ckpt["state_dict"][key] + 1e-3
     torch.save(ckpt, path)
     with pytest.raises(ValueError, match="is not the autoencoder this score model was trained with"):
-        load_model(latent_run, {"latent": str(other)})
+        load_model(latent_run, latent=str(other))
     # The right one, moved elsewhere, is accepted.
     moved = tmp_path / "moved"
     shutil.copytree(ae_run, moved)
-    assert load_model(latent_run, {"latent": str(moved)}).module.codec.path == (moved / "checkpoints" / "last.ckpt").resolve()
+    assert load_model(latent_run, latent=str(moved)).module.codec.path == (moved / "checkpoints" / "last.ckpt").resolve()
     # Resuming the score run on another autoencoder is refused as well.
     from sde_diffusion.tasks.score import train
 

@@ -17,15 +17,15 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from sde_diffusion import sample
-from sde_diffusion.config import sampler_settings
+from sde_diffusion.config import parse_sample
 from sde_diffusion.guidance import ClassifierFreeGuidance
-from sde_diffusion.jobs import run
-from sde_diffusion.jobs.checkpoint import load_model
+from sde_diffusion.jobs import cli, run
+from sde_diffusion.jobs.conditioning import condition_batch, make_mask
 from sde_diffusion.jobs.likelihood_job import evaluation_examples, model_input
+from sde_diffusion.jobs.model import load_model
 from sde_diffusion.jobs.runtime import Runtime
-from sde_diffusion.jobs.sampling import SamplingJob, to_stored
+from sde_diffusion.jobs.sample_job import SampleJob, to_stored
 from sde_diffusion.jobs.shards import batch_seed, rank_batches
-from sde_diffusion.jobs.tasks import condition_batch, make_mask
 from sde_diffusion.likelihood import log_likelihood
 from sde_diffusion.plots import grid_size
 from sde_diffusion.sdes import VPSDE
@@ -40,7 +40,7 @@ def _compose(name: str, overrides: List[str]):
 
 
 def _train(run_dir: Path, overrides: List[str]) -> Path:
-    from sde_diffusion.training import train
+    from sde_diffusion.fit import fit
 
     torch.set_num_threads(1)
     common = [
@@ -48,7 +48,7 @@ def _train(run_dir: Path, overrides: List[str]) -> Path:
         "trainer.enable_model_summary=false", "callbacks.loss_by_t.every_n_steps=1", "trainer.log_every_n_steps=1",
         "model.zero_init=false", "optim.warmup_steps=0", "optim.lr=1e-3", f"run_dir={run_dir}",
     ]
-    train(_compose("train", overrides + common), output_dir=run_dir)
+    fit("score", _compose("train", overrides + common), output_dir=run_dir)
     return run_dir
 
 
@@ -67,7 +67,13 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _sample_cfg(ckpt: Path, *overrides: str):
-    return _compose("sample", [f"ckpt={ckpt}", "progress=false", *overrides])
+    """What `python sample.py ckpt=<ckpt> progress=false <overrides>` composes."""
+    return cli.compose([f"ckpt={ckpt}", "progress=false", *overrides], CONF)
+
+
+def _options(cfg) -> Dict:
+    """The sampler options the composed config gives (the sampler group's yaml defaults)."""
+    return parse_sample(cfg).sampler_options
 
 
 def _files(root: Path) -> List[str]:
@@ -83,7 +89,7 @@ def _npz(path: Path) -> Dict[str, np.ndarray]:
 def test_vector_samples_match_direct_sampler_calls(toy_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     cfg = _sample_cfg(toy_run, "sampler=euler_maruyama", "n=10", "batch_size=4", "steps=4", f"out={out}")
-    _, _, options = sampler_settings(cfg)  # the sampler group's yaml defaults
+    options = _options(cfg)  # the sampler group's yaml defaults
     report = run(cfg)
     z = _npz(out / "samples.npz")
     assert set(z) == {"samples"}
@@ -148,7 +154,7 @@ def test_clip_denoised_clamps_the_denoiser_for_images(digits_run: Path, tmp_path
     assert json.loads((tmp_path / "b" / "run.json").read_text())["sampler"]["clip_denoised"] is None
     cfg = _sample_cfg(digits_run, "sampler=ddim", "steps=3", "n=3", "batch_size=3", "label=2", "clip_denoised=true",
                       f"out={tmp_path / 'c'}", "figures=false")
-    _, _, options = sampler_settings(cfg)
+    options = _options(cfg)
     run(cfg)
     assert json.loads((tmp_path / "c" / "run.json").read_text())["sampler"]["clip_denoised"] == [-1.0, 1.0]
     model = load_model(digits_run, device="cpu")
@@ -167,7 +173,7 @@ def test_clip_denoised_clamps_the_denoiser_for_images(digits_run: Path, tmp_path
 def test_image_samples_uint8_with_guidance(digits_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "g"
     cfg = _sample_cfg(digits_run, "sampler=pc", "n=6", "batch_size=3", "steps=3", "guidance.scale=2.0", "label=3", f"out={out}")
-    _, _, options = sampler_settings(cfg)
+    options = _options(cfg)
     run(cfg)
     z = _npz(out / "samples.npz")
     assert z["samples"].dtype == np.uint8 and z["samples"].shape == (6, 8, 8, 1)
@@ -187,8 +193,8 @@ def test_image_samples_uint8_with_guidance(digits_run: Path, tmp_path: Path) -> 
 
 def test_output_dir_names_the_step_budget(toy_run: Path) -> None:
     """Fixed-step runs are tagged with their steps; adaptive ones, which ignore steps, are not."""
-    fixed = SamplingJob(_sample_cfg(toy_run, "sampler=ddim", "steps=7"))
-    adaptive = SamplingJob(_sample_cfg(toy_run, "sampler=dpm_solver_adaptive", "steps=7"))
+    fixed = SampleJob(parse_sample(_sample_cfg(toy_run, "sampler=ddim", "steps=7")))
+    adaptive = SampleJob(parse_sample(_sample_cfg(toy_run, "sampler=dpm_solver_adaptive", "steps=7")))
     assert fixed.out_dir.name.startswith("sample-ddim-7steps-seed0-")
     assert adaptive.out_dir.name.startswith("sample-dpm_solver_adaptive-adaptive-seed0-")
 
@@ -237,13 +243,13 @@ def test_killed_run_resumes_to_identical_output(toy_run: Path, tmp_path: Path) -
 def test_rank_split_gives_the_single_process_result(toy_run: Path, tmp_path: Path) -> None:
     args = ["sampler=euler_maruyama", "n=11", "batch_size=2", "steps=2", "figures=false"]
     run(_sample_cfg(toy_run, *args, f"out={tmp_path / 'one'}"))
-    job = SamplingJob(_sample_cfg(toy_run, *args, f"out={tmp_path / 'two'}"), runtime=Runtime())
-    job.prepare()
-    assert job.run_batches(rank=1, world_size=2) == [1, 3, 5]
-    assert sorted(p.name for p in job.store.root.glob("batch_*.npz")) == [f"batch_{b:05d}.npz" for b in (1, 3, 5)]
+    job = SampleJob(parse_sample(_sample_cfg(toy_run, *args, f"out={tmp_path / 'two'}")), runtime=Runtime())
+    job.runner.prepare()
+    assert job.runner.run_batches(rank=1, world_size=2) == [1, 3, 5]
+    assert sorted(p.name for p in job.runner.store.root.glob("batch_*.npz")) == [f"batch_{b:05d}.npz" for b in (1, 3, 5)]
     with pytest.raises(RuntimeError, match="not finished"):
         job.finalize()
-    assert job.run_batches(rank=0, world_size=2) == [0, 2, 4]
+    assert job.runner.run_batches(rank=0, world_size=2) == [0, 2, 4]
     job.finalize()
     np.testing.assert_array_equal(_npz(tmp_path / "one/samples.npz")["samples"], _npz(tmp_path / "two/samples.npz")["samples"])
     owned = [rank_batches(6, r, 4) for r in range(4)]
@@ -272,7 +278,7 @@ def test_weights_that_do_not_fit_the_config_fail_clearly(toy_run: Path, tmp_path
     ck["hyper_parameters"]["cfg"]["model"]["hidden"] = 24
     bad = tmp_path / "bad.ckpt"
     torch.save(ck, bad)
-    with pytest.raises(ValueError, match=r"(?s)weights do not fit.*hidden: 24.*size mismatch"):
+    with pytest.raises(ValueError, match=r"(?s)weights do not fit.*'hidden': 24.*size mismatch"):
         run(_sample_cfg(bad, "sampler=euler_maruyama"))
 
 
@@ -294,7 +300,7 @@ def test_guidance_needs_a_conditional_model(toy_run: Path) -> None:
 
 def test_without_ckpt_a_missing_run_names_train_py(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"no finished score-model training run under .*`python train\.py`"):
-        run(_compose("sample", ["sampler=euler_maruyama", f"runs_root={tmp_path}"]))
+        run(cli.compose(["sampler=euler_maruyama", f"runs_root={tmp_path}"], CONF))
 
 
 def test_without_ckpt_the_newest_finished_score_run_is_sampled(toy_run: Path, tmp_path: Path, capsys) -> None:
@@ -316,8 +322,8 @@ def test_without_ckpt_the_newest_finished_score_run_is_sampled(toy_run: Path, tm
     shutil.copytree(toy_run, clf)
     (clf / "finished.json").write_text(json.dumps({**marker, "task": "classifier", "finished_at": marker["finished_at"] + 99}))
     capsys.readouterr()
-    report = run(_compose("sample", ["sampler=euler_maruyama", "n=3", "batch_size=3", "steps=2", "progress=false",
-                                     f"runs_root={root}", f"out={tmp_path / 'out'}"]))
+    report = run(cli.compose(["sampler=euler_maruyama", "n=3", "batch_size=3", "steps=2", "progress=false",
+                              f"runs_root={root}", f"out={tmp_path / 'out'}"], CONF))
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith(f"ckpt: {newer} ")
     assert json.loads((tmp_path / "out" / "run.json").read_text())["checkpoint"]["path"] == str((newer / "checkpoints" / "last.ckpt").resolve())
@@ -352,7 +358,8 @@ def test_tweedie_inpainting_runs(digits_run: Path, tmp_path: Path) -> None:
 def test_colorize_needs_three_channels(digits_run: Path) -> None:
     with pytest.raises(ValueError, match="3-channel"):
         run(_sample_cfg(digits_run, "task=colorize", "sampler=euler_maruyama", "n=2", "batch_size=2", "steps=1"))
-    with pytest.raises(ValueError, match="unknown task 'classifier'; choose one of: sample, inpaint, colorize"):
+    with pytest.raises(ValueError, match=r"unknown task 'classifier'; choose one of: colorize, inpaint, sample "
+                                         r"\(task=classifier is trained by train\.py\)"):
         run(_sample_cfg(digits_run, "task=classifier", "sampler=euler_maruyama"))
 
 
@@ -479,14 +486,129 @@ def test_a_data_override_does_not_imply_a_model_check(digits_run: Path, tmp_path
     """conf/data/digits.yaml brings model=unet_small; in sample.py only a model the user typed is checked."""
     from sde_diffusion.jobs import drop_implied_model
 
-    implied = _sample_cfg(digits_run, "data=digits")
+    implied = _compose("sample", [f"ckpt={digits_run}", "data=digits"])  # Hydra alone
     assert implied.model is not None  # Hydra composed the data set's default network ...
     assert drop_implied_model(implied, ["data=digits"]).model is None  # ... which is not a request
-    typed = _sample_cfg(digits_run, "data=digits", "model.ch=16")
+    typed = _compose("sample", [f"ckpt={digits_run}", "data=digits", "model.ch=16"])
     assert drop_implied_model(typed, ["data=digits", "model.ch=16"]).model.ch == 16
+    # sample.py's composition drops it the same way.
+    assert _sample_cfg(digits_run, "data=digits").model is None
+    assert _sample_cfg(digits_run, "data=digits", "model.ch=16").model.ch == 16
     # The digits run has model.ch=8: sampling it with data=digits works, a typed model.ch=16 is refused.
-    run(drop_implied_model(_sample_cfg(digits_run, "data=digits", "sampler=euler_maruyama", "steps=2", "n=2",
-                                       "batch_size=2", f"out={tmp_path / 'ok'}"), ["data=digits"]))
+    run(_sample_cfg(digits_run, "data=digits", "sampler=euler_maruyama", "steps=2", "n=2", "batch_size=2",
+                    f"out={tmp_path / 'ok'}"))
     with pytest.raises(ValueError, match="model.ch: checkpoint 8, requested 16"):
-        run(drop_implied_model(_sample_cfg(digits_run, "data=digits", "model.ch=16", "sampler=euler_maruyama",
-                                           "steps=2", "n=2", "batch_size=2"), ["model.ch=16"]))
+        run(_sample_cfg(digits_run, "data=digits", "model.ch=16", "sampler=euler_maruyama", "steps=2", "n=2",
+                        "batch_size=2"))
+
+
+# ---------------------------------------------------------------------------------- config, runner, registries
+def test_sample_yaml_only_chooses_groups_and_agrees_with_the_schema() -> None:
+    """Every default lives in SampleConfig: conf/sample.yaml holds the defaults list and Hydra's settings only."""
+    import dataclasses
+
+    import yaml
+
+    from sde_diffusion.config import SampleConfig, to_plain
+
+    raw = yaml.safe_load((ROOT / "conf" / "sample.yaml").read_text())
+    assert set(raw) <= {"defaults", "hydra"}, f"conf/sample.yaml repeats schema keys: {sorted(set(raw) - {'defaults', 'hydra'})}"
+    assert raw["defaults"][0] == "sample_schema"
+    assert not any(isinstance(d, dict) and "task" in d for d in raw["defaults"])  # task is a value, not a group
+    composed = to_plain(cli.compose([], CONF))
+    schema = to_plain(SampleConfig())
+    sampler_yaml = yaml.safe_load((ROOT / "conf" / "sampler" / "auto.yaml").read_text())
+    assert composed.pop("sampler") == {**schema.pop("sampler"), **sampler_yaml}
+    assert composed == schema
+    assert {f.name for f in dataclasses.fields(SampleConfig)} == set(composed) | {"sampler"}
+
+
+def test_unknown_mode_or_task_lists_the_choices(toy_run: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown mode 'nope'; choose one of: likelihood, metrics, plots, sample$"):
+        run(_sample_cfg(toy_run, "mode=nope"))
+    with pytest.raises(ValueError, match=r"unknown task 'nope'; choose one of: colorize, inpaint, sample$"):
+        run(_sample_cfg(toy_run, "task=nope"))
+    with pytest.raises(ValueError, match=r"unknown task 'score'; .*\(task=score is trained by train\.py\)"):
+        run(_sample_cfg(toy_run, "task=score"))
+    # task= is a value: Hydra never reads it as a choice of train.py's group conf/task/.
+    assert cli.split_task(["n=2", "task=inpaint", "mask=left"]) == ("inpaint", ["n=2", "mask=left"])
+    assert parse_sample(_sample_cfg(toy_run, "task=colorize")).task == "colorize"
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"ckpt={toy_run}", "task=classifier"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "error: unknown task 'classifier'; choose one of: colorize, inpaint, sample (task=classifier is trained" in proc.stderr
+
+
+class _NoisePayload:
+    """A payload without a model: each item is a draw of the batch's generator (and its index)."""
+
+    purpose, desc = "noise", "noise"
+
+    def __init__(self) -> None:
+        self.drawn: List[int] = []
+
+    def draw(self, batch, start, count, generator, progress):
+        self.drawn.append(batch)
+        progress(0.5)
+        x = torch.randn(count, 3, generator=generator).numpy()
+        return {"x": x, "index": np.arange(start, start + count)}, 7
+
+
+def test_runner_resumes_a_killed_run_bit_for_bit(tmp_path: Path) -> None:
+    from sde_diffusion.jobs.runner import Runner, batch_generator
+
+    def runner(root: Path, payload: _NoisePayload, **kw) -> Runner:
+        return Runner(payload, root / "shards", "fp", n=11, batch_size=3, seed=5, runtime=Runtime(),
+                      settings={"what": "noise"}, progress=False, **kw)
+
+    whole = runner(tmp_path / "whole", _NoisePayload()).run(tmp_path / "whole" / "out.npz")
+    assert whole.nfe == [7, 7, 7, 7] and whole.drawn == [0, 1, 2, 3]
+    np.testing.assert_array_equal(whole.arrays["index"], np.arange(11))
+    # Batch b is its own stream: f(seed, purpose, b), whoever draws it and whenever.
+    expected = torch.randn(2, 3, generator=batch_generator(5, "noise", 3)).numpy()
+    np.testing.assert_array_equal(whole.arrays["x"][9:], expected)
+
+    class Killed(RuntimeError):
+        pass
+
+    def die(batch: int, arrays) -> None:
+        if batch == 2:
+            raise Killed
+
+    first = _NoisePayload()
+    with pytest.raises(Killed):
+        runner(tmp_path / "killed", first).run(tmp_path / "killed" / "out.npz", on_batch_end=die)
+    assert first.drawn == [0, 1, 2] and not (tmp_path / "killed" / "out.npz").exists()
+    (tmp_path / "killed" / "shards" / ".batch_00003.npz.4242.tmp").write_bytes(b"half a shard")
+    again = _NoisePayload()
+    resumed = runner(tmp_path / "killed", again).run(tmp_path / "killed" / "out.npz")
+    assert again.drawn == [3] and resumed.drawn == [3]  # the finished shards are reused
+    assert _files(tmp_path / "whole") == _files(tmp_path / "killed")
+    for name in ["out.npz"] + [f"shards/batch_{b:05d}.npz" for b in range(4)]:
+        a, b = _npz(tmp_path / "whole" / name), _npz(tmp_path / "killed" / name)
+        assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a if k != "seconds"), name
+    # Two ranks split the batches (b mod 2) and merge to the same file.
+    split = runner(tmp_path / "split", _NoisePayload())
+    split.prepare()
+    assert split.run_batches(rank=1, world_size=2) == [1, 3] and split.run_batches(rank=0, world_size=2) == [0, 2]
+    merged = split.merge(tmp_path / "split" / "out.npz")
+    np.testing.assert_array_equal(merged.arrays["x"], whole.arrays["x"])
+    # Other settings never reuse the shards.
+    with pytest.raises(ValueError, match="different job"):
+        Runner(_NoisePayload(), tmp_path / "whole" / "shards", "other", n=11, batch_size=3, seed=6,
+               runtime=Runtime(), progress=False).prepare()
+
+
+def test_the_sampler_is_built_once_per_run(toy_run: Path, tmp_path: Path, monkeypatch) -> None:
+    from sde_diffusion.jobs import sample_job
+
+    built = []
+    real = sample_job.build_sampler
+
+    def counting(name, **options):
+        built.append(name)
+        return real(name, **options)
+
+    monkeypatch.setattr(sample_job, "build_sampler", counting)
+    report = run(_sample_cfg(toy_run, "n=7", "batch_size=2", "steps=4", f"out={tmp_path}", "figures=false"))
+    assert report["batches"] == 4 and built == [report["sampler"]["name"]]  # the default, resolved and built once

@@ -6,11 +6,12 @@ Resolution order: the ``SDE_DIFFUSION_CACHE`` environment variable, else
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+
+from ..io import atomic_path
 
 ENV_CACHE = "SDE_DIFFUSION_CACHE"
 PathLike = Union[str, "os.PathLike[str]"]
@@ -28,18 +29,10 @@ def cache_dir(override: Optional[PathLike] = None) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> Path:
-    """``torch.save`` to a temporary file beside ``path`` then rename, so readers never see a partial file."""
+    """``torch.save`` through :func:`sde_diffusion.io.atomic_path`, so readers never see a partial file."""
     target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(target) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
     return target
 
 

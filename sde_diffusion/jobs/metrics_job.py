@@ -15,14 +15,17 @@ Metrics by data kind, written to ``metrics.json`` next to ``samples.npz``:
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 
-from ..config import to_container
-from .runtime import Runtime, write_json
-from .sampling import SamplingJob, execute, from_stored
+from ..config import SampleConfig
+from ..io import write_json
+from ..registry import MODES
+from .runner import BatchHook
+from .runtime import Runtime
+from .sample_job import SampleJob, from_stored
 from .shards import batch_seed
 
 
@@ -91,29 +94,28 @@ def fid_metrics(images01: torch.Tensor, dm: Any, num_reference: int, weights: Op
     return {"fid": fid.compute(), "fid_reference": num_reference}
 
 
-def run_metrics(cfg: Mapping[str, Any], runtime: Optional[Runtime] = None, on_batch_end: Any = None) -> Optional[Dict[str, Any]]:
+@MODES.register("metrics")
+def run_metrics(cfg: SampleConfig, runtime: Optional[Runtime] = None,
+                on_batch_end: Optional[BatchHook] = None) -> Optional[Dict[str, Any]]:
     """Sample (or reuse the shards of an identical run), then compute the metrics; rank 0 returns the report."""
-    plain = to_container(cfg)
-    job = SamplingJob(plain, runtime=runtime)
-    sampled = execute(job, on_batch_end)
+    job = SampleJob(cfg, runtime)
+    sampled = job.run(on_batch_end)
     if sampled is None:
         return None
-    mc = plain.get("metrics") or {}
-    seed = int(plain.get("seed", 0))
-    data = np.load(job.out_dir / "samples.npz")
-    stored = data["samples"]
+    mc, seed = cfg.metrics, cfg.seed
+    with np.load(job.out_dir / "samples.npz") as data:
+        stored = data["samples"]
     x = from_stored(stored, job.dm)
-    n_ref = int(mc.get("num_reference") or x.shape[0])
+    n_ref = int(mc.num_reference or x.shape[0])
     report: Dict[str, Any] = {"mode": "metrics", "output_dir": str(job.out_dir), "n": int(x.shape[0]),
                               "sampler": sampled["sampler"], "checkpoint": sampled["checkpoint"]}
-    data_name = (job.model.train_cfg.get("data") or {}).get("name")
     if not getattr(job.dm, "is_image", False):
-        report["vectors"] = vector_metrics(x, job.dm, n_ref, int(mc.get("projections", 256)), int(mc.get("mmd_max", 2000)), seed)
-    elif data_name == "digits":
+        report["vectors"] = vector_metrics(x, job.dm, n_ref, mc.projections, mc.mmd_max, seed)
+    elif job.model.train_config.data.get("name") == "digits":
         report["digits"] = digits_metrics(x, job.dm, seed)
     else:
         images01 = torch.as_tensor(stored).permute(0, 3, 1, 2).float() / 255.0
-        report["fid"] = fid_metrics(images01, job.dm, n_ref, mc.get("fid_weights"), seed, job.runtime.device)
+        report["fid"] = fid_metrics(images01, job.dm, n_ref, mc.fid_weights, seed, job.runtime.device)
     report["files"] = {"metrics": str(job.out_dir / "metrics.json"), "samples": str(job.out_dir / "samples.npz")}
     write_json(job.out_dir / "metrics.json", report)
     return report

@@ -9,15 +9,14 @@ meets the others at :meth:`Runtime.barrier` before rank 0 merges.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import platform
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Mapping, Optional
+from typing import Any, Callable, ContextManager, Dict, Optional
 
 import torch
+
+from ..config import SampleConfig
 
 FABRIC_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -62,14 +61,14 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def make_runtime(cfg: Mapping[str, Any]) -> Runtime:
-    """The runtime the config asks for (see the module docstring); launches Fabric when ``trainer`` is set."""
-    trainer = cfg.get("trainer")
+def make_runtime(cfg: SampleConfig) -> Runtime:
+    """The runtime ``cfg`` asks for (see the module docstring); launches Fabric when ``trainer`` is set."""
+    trainer = cfg.trainer
     if not trainer:
-        return Runtime(device=resolve_device(cfg.get("device", "auto")))
+        return Runtime(device=resolve_device(cfg.device))
     from lightning.fabric import Fabric
 
-    kwargs = {k: trainer[k] for k in FABRIC_KEYS if k in trainer and trainer[k] is not None}
+    kwargs = {k: trainer[k] for k in FABRIC_KEYS if trainer.get(k) is not None}
     try:
         fabric = Fabric(**kwargs)
     except (ValueError, TypeError, RuntimeError) as err:
@@ -101,38 +100,10 @@ def versions() -> Dict[str, str]:
     return out
 
 
-def write_json(path: Path, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON via a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False, default=_json_default)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    return str(o)
-
-
 def sync(device: torch.device) -> None:
     """Wait for queued device work (so wall-clock timings are honest on GPUs)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-__all__ = ["Runtime", "resolve_device", "resolve_dtype", "make_runtime", "versions", "write_json", "sync", "DTYPES"]
+__all__ = ["Runtime", "resolve_device", "resolve_dtype", "make_runtime", "versions", "sync", "DTYPES"]

@@ -9,8 +9,8 @@ Layout of an output directory::
 * Batch ``b`` of ``n`` items holds ``min(batch_size, n − b·batch_size)`` of them and is owned by
   rank ``b mod world_size`` (:func:`rank_batches`), so processes never write the same file.
 * A shard is written to ``.batch_XXXXX.npz.<pid>.tmp`` in the same directory and renamed into
-  place (:func:`atomic_savez`): a killed run leaves complete shards and at most a stray temporary
-  file, never a truncated shard. A restarted run removes the strays of its own batches and skips
+  place (:func:`atomic_savez`, through :func:`sde_diffusion.io.atomic_path`): a killed run leaves
+  complete shards and at most a stray temporary file, never a truncated shard. A restarted run removes the strays of its own batches and skips
   every shard that exists intact (CRC-checked) with the same fingerprint and item count.
 * Every batch draws its randomness from its own seed ``f(seed, purpose, b)`` (:func:`batch_seed`),
   so the set of shards, and their merge, do not depend on interruptions or on the number of
@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
+
+from ..io import atomic_path, write_json
 
 META_KEYS = ("fingerprint", "count", "batch", "nfe", "seconds")
 
@@ -59,26 +61,17 @@ def batch_seed(seed: int, purpose: str, batch: int) -> int:
 
 
 def atomic_savez(path: Path, arrays: Mapping[str, Any], durable: bool = True) -> Path:
-    """``np.savez`` to ``path`` through a temporary file and a rename (never a partial file).
+    """``np.savez`` to ``path`` atomically (:func:`~sde_diffusion.io.atomic_path`: never a partial file).
 
-    The rename makes the write atomic for readers and against the writer being killed. With
-    ``durable`` the data are also forced to disk (fsync) before the rename, so that an operating
-    system crash cannot leave a renamed but empty file.
+    With ``durable`` the data are also forced to disk (fsync) before the rename, so that an
+    operating system crash cannot leave a renamed but empty file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **{k: np.asarray(v) for k, v in arrays.items()})
-            if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **{k: np.asarray(v) for k, v in arrays.items()})
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
+    return Path(path)
 
 
 class ShardStore:
@@ -120,8 +113,6 @@ class ShardStore:
                     "Choose another out=, or pass resume=false to discard them."
                 )
         self.root.mkdir(parents=True, exist_ok=True)
-        from .runtime import write_json
-
         write_json(plan_path, {"fingerprint": self.fingerprint, **plan})
 
     # ------------------------------------------------------------------ shards

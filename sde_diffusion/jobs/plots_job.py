@@ -14,27 +14,30 @@ All randomness comes from generators seeded by ``seed``, so the figures are repr
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import plots
-from ..config import to_container
+from ..config import SampleConfig, to_plain
+from ..io import write_json
+from ..registry import MODES
 from ..samplers import sample
 from ..score import x0_from_score
-from .checkpoint import load_model
-from .runtime import Runtime, resolve_device, resolve_dtype, versions, write_json
-from .sampling import SamplingJob, to_stored
+from .model import load_model
+from .runtime import Runtime, resolve_device, resolve_dtype, versions
+from .sample_job import SampleJob, to_stored
 from .shards import batch_seed
 
 
-def _gen(job: SamplingJob, purpose: str) -> torch.Generator:
-    return torch.Generator(device=job.runtime.device).manual_seed(batch_seed(job.settings.seed, purpose, 0))
+def _gen(job: SampleJob, purpose: str) -> torch.Generator:
+    return torch.Generator(device=job.runtime.device).manual_seed(batch_seed(job.cfg.seed, purpose, 0))
 
 
-def paired_paths(job: SamplingJob, k: int, steps: int) -> Tuple[Tensor, Tensor, Tensor]:
+def paired_paths(job: SampleJob, k: int, steps: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Reverse-SDE and PF-ODE paths ``[S+1, k, ...]`` from the same k prior points, and the times ``[S+1]``."""
     sde, dev, dtype = job.model.sde, job.runtime.device, job.dtype
     shape = (k, *job.model.data_shape)
@@ -48,18 +51,17 @@ def paired_paths(job: SamplingJob, k: int, steps: int) -> Tuple[Tensor, Tensor, 
     return torch.stack(rev.trajectory), torch.stack(ode.trajectory), rev.times
 
 
-def denoising_path(job: SamplingJob, k: int, points: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """k samples along the configured sampler's path at ``points`` times: (x_t ``[P, k, ...]``,
-    x̂_0 ``[P, k, ...]``, times ``[P]``). Falls back to Euler–Maruyama for samplers without a time grid."""
-    s, sde, dev, dtype = job.settings, job.model.sde, job.runtime.device, job.dtype
+def denoising_path(job: SampleJob, k: int, points: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """k samples along the run's sampler path at ``points`` times: (x_t ``[P, k, ...]``, x̂_0
+    ``[P, k, ...]``, times ``[P]``). Falls back to Euler–Maruyama for samplers without a time grid."""
+    sde, dev, dtype, steps = job.model.sde, job.runtime.device, job.dtype, job.choice.steps
     shape = (k, *job.model.data_shape)
     score = job.score_for(job.labels_for(0, k))
-    name, options = s.sampler, s.options
     with torch.no_grad():
-        res = sample(sde, score, shape, sampler=name, steps=s.steps, generator=_gen(job, "plots-strip"),
-                     device=dev, dtype=dtype, return_trajectory=True, **options)
+        res = sample(sde, score, shape, sampler=job.choice.sampler, steps=steps, generator=_gen(job, "plots-strip"),
+                     device=dev, dtype=dtype, return_trajectory=True)
         if res.times is None or res.trajectory is None or len(res.trajectory) < len(res.times):
-            res = sample(sde, score, shape, sampler="euler_maruyama", steps=s.steps, generator=_gen(job, "plots-strip"),
+            res = sample(sde, score, shape, sampler="euler_maruyama", steps=steps, generator=_gen(job, "plots-strip"),
                          device=dev, dtype=dtype, return_trajectory=True)
         times = res.times
         traj = res.trajectory[: len(times)]
@@ -72,46 +74,44 @@ def denoising_path(job: SamplingJob, k: int, points: int) -> Tuple[Tensor, Tenso
     return torch.stack(xs), torch.stack(x0s), times[idx]
 
 
-def run_plots(cfg: Mapping[str, Any], runtime: Optional[Runtime] = None, on_batch_end: Any = None) -> Dict[str, Any]:
+@MODES.register("plots")
+def run_plots(cfg: SampleConfig, runtime: Optional[Runtime] = None, on_batch_end: Any = None) -> Dict[str, Any]:
     """Write all figures of the run (see the module docstring); returns the ``plots.json`` content."""
-    plain = to_container(cfg)
-    pc = plain.get("plots") or {}
-    rt = runtime or Runtime(device=resolve_device(plain.get("device", "auto")))
-    model = load_model(plain.get("ckpt"), plain, rt.device, resolve_dtype(str(plain.get("dtype", "float32"))))
+    pc = cfg.plots
+    rt = runtime or Runtime(device=resolve_device(cfg.device))
+    model = load_model(cfg.ckpt, rt.device, resolve_dtype(cfg.dtype), latent=cfg.latent, sde=cfg.sde, model=cfg.model,
+                       data=cfg.data)
     is_image = len(model.data_shape) == 3
-    n_s = int(pc.get("num_samples", 64)) if is_image else max(2000, int(pc.get("num_samples", 64)))
-    job = SamplingJob({**plain, "n": n_s, "batch_size": n_s, "task": "sample"}, runtime=rt, model=model)
-    out = Path(str(plain["out"])).expanduser() if plain.get("out") else model.run_dir / "plots"
-    s = job.settings
+    n_s = pc.num_samples if is_image else max(2000, pc.num_samples)
+    job = SampleJob(replace(cfg, n=n_s, batch_size=n_s, task="sample"), runtime=rt, model=model)
+    out = Path(cfg.out).expanduser() if cfg.out else model.run_dir / "plots"
     files: Dict[str, str] = {}
     notes: List[str] = []
-    tag = f"{s.sampler}, {s.steps} steps, step {model.global_step}"
+    tag = f"{job.choice.name}, {job.choice.steps} steps, step {model.global_step}"
 
-    points = int(pc.get("strip", 8))
     ref = None
     if is_image:
-        x = job.sample_batch(0)["arrays"]["samples"]
+        x = job.draw_batch(0)["samples"]
         files["samples"] = str(plots.save_image_grid(x[:64], out / "samples.png", nrow=min(8, len(x)), title=tag))
     else:
         # One run gives both the sample scatter (its last state) and the marginal strip.
-        xs, _, ts = denoising_path(job, n_s, points)
-        ref = job.dm.inverse_scaler(job.dm.reference(n_s, generator=torch.Generator().manual_seed(s.seed)))
+        xs, _, ts = denoising_path(job, n_s, pc.strip)
+        ref = job.dm.inverse_scaler(job.dm.reference(n_s, generator=torch.Generator().manual_seed(cfg.seed)))
         files["samples"] = str(plots.save_scatter(job.dm.inverse_scaler(xs[-1]), ref, out / "samples.png", title=tag))
         files["denoising"] = str(plots.save_marginal_strip(job.dm.inverse_scaler(xs), ts, out / "denoising.png",
                                                            reference=ref[:2000], title=tag))
 
     if not is_image and model.data_shape[0] >= 2:
-        k = int(pc.get("trajectories", 64))
-        rev, ode, times = paired_paths(job, k, int(pc.get("steps", 100)))
+        rev, ode, times = paired_paths(job, pc.trajectories, pc.steps)
         files["trajectories"] = str(plots.save_trajectories(
             job.dm.inverse_scaler(rev), job.dm.inverse_scaler(ode), out / "trajectories.png", times=times,
             reference=ref[:2000] if ref is not None else None,
-            title=f"same {k} prior points, {int(pc.get('steps', 100))} steps"))
+            title=f"same {pc.trajectories} prior points, {pc.steps} steps"))
     else:
         notes.append("trajectories: drawn for vector data only")
 
     if is_image:
-        xs, x0s, ts = denoising_path(job, 1, points)
+        xs, x0s, ts = denoising_path(job, 1, pc.strip)
         files["denoising"] = str(plots.save_denoising_strip(
             to_stored(xs[:, 0], job.dm), to_stored(x0s[:, 0], job.dm), ts, out / "denoising.png", title=tag))
 
@@ -123,8 +123,8 @@ def run_plots(cfg: Mapping[str, Any], runtime: Optional[Runtime] = None, on_batc
 
     report = {"mode": "plots", "output_dir": str(out), "files": files, "notes": notes,
               "checkpoint": {"path": str(model.path), "global_step": model.global_step},
-              "sampler": {"name": s.sampler, "steps": s.steps, "options": s.options},
-              "versions": versions(), "config": plain}
+              "sampler": {"name": job.choice.name, "steps": job.choice.steps, "options": job.choice.options},
+              "versions": versions(), "config": to_plain(cfg)}
     write_json(out / "plots.json", report)
     return report
 
