@@ -155,7 +155,8 @@ def resolve_sampler(sde: SDE, name: Any, steps: int, options: Dict[str, Any],
     """``(name, steps, options, choice)``: a named sampler passes through (``choice`` None); ``None``
     or ``"auto"`` becomes :func:`default_sampler` for the budget ``steps`` (NFE) and the ``score``
     kind, with ``options`` overriding the chosen ones (e.g. ``eps=``) and ``choice`` the
-    :class:`DefaultChoice`."""
+    :class:`DefaultChoice`. :func:`~sde_diffusion.samplers.make_sampler` builds and checks the
+    sampler from this; call that unless only the names are wanted."""
     if name is not None and name != AUTO_SAMPLER:
         return name, steps, options, None
     choice = default_sampler(sde, steps, score)
