@@ -600,15 +600,15 @@ def test_runner_resumes_a_killed_run_bit_for_bit(tmp_path: Path) -> None:
 
 
 def test_the_sampler_is_built_once_per_run(toy_run: Path, tmp_path: Path, monkeypatch) -> None:
-    from sde_diffusion.jobs import sample_job
+    from sde_diffusion.samplers import base
 
     built = []
-    real = sample_job.build_sampler
+    real = base.build_sampler
 
     def counting(name, **options):
         built.append(name)
         return real(name, **options)
 
-    monkeypatch.setattr(sample_job, "build_sampler", counting)
+    monkeypatch.setattr(base, "build_sampler", counting)  # what make_sampler and sample(name) build with
     report = run(_sample_cfg(toy_run, "n=7", "batch_size=2", "steps=4", f"out={tmp_path}", "figures=false"))
     assert report["batches"] == 4 and built == [report["sampler"]["name"]]  # the default, resolved and built once

@@ -37,8 +37,8 @@ from ..config import SampleConfig, instantiate, to_plain
 from ..guidance import ClassifierFreeGuidance, ClassifierGuidance
 from ..io import write_json
 from ..registry import MODES, SAMPLE_TASKS, SAMPLERS
-from ..samplers import build_sampler, sample
-from ..samplers.defaults import DefaultChoice, resolve_sampler
+from ..samplers import make_sampler, sample
+from ..samplers.defaults import DefaultChoice
 from ..score import DataRangeClip
 from .model import LoadedClassifier, LoadedModel, load_guidance_classifier, load_model
 from .runner import BatchHook, Progress, Runner, RunResult, batch_generator
@@ -78,14 +78,16 @@ class SamplerChoice:
 
 def choose_sampler(sde: Any, cfg: SampleConfig) -> SamplerChoice:
     """The sampler ``cfg.sampler`` names for ``sde`` (``auto``: the measured default for a trained
-    network and the budget ``steps``, its options overridden by the group's), built and checked."""
+    network and the budget ``steps``, its options overridden by the group's), built and checked
+    (:func:`~sde_diffusion.samplers.make_sampler`; ``sampler._target_`` names a class of the user's)."""
     name, steps, options = cfg.sampler_name, cfg.sampler_steps, cfg.sampler_options
-    name, steps, options, rule = resolve_sampler(sde, name, steps, options, score="learned")  # auto: the rule's
     if "." in name or ":" in name:  # sampler._target_=my_pkg.module.MySampler
         sampler = instantiate({"_target_": name, **options}, SAMPLERS, key="sampler")
-    else:
-        sampler = build_sampler(name, **options)  # unknown names and options fail here, listing the choices
-    sampler.validate(sde)
+        sampler.validate(sde)
+        return SamplerChoice(sampler, name, steps, dict(options), None)
+    sampler, steps, rule = make_sampler(sde, name, steps, options, score_kind="learned")  # a trained network
+    if rule is not None:  # what the rule chose, with the group's options on top (as make_sampler built it)
+        name, options = rule.name, {**rule.options, **options}
     return SamplerChoice(sampler, name, steps, dict(options), rule)
 
 
