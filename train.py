@@ -18,6 +18,11 @@ def main(cfg: DictConfig) -> None:
         result = fit(None, parse_train(cfg))
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
+    if result.extras.get("stopped"):
+        if result.trainer.is_global_zero:
+            print(f"stopped at step {result.trainer.global_step}: continue with "
+                  f"`python train.py run_dir={result.output_dir} resume=true` (and the same overrides)")
+        return
     if result.trainer.is_global_zero:
         print(f"run directory: {result.output_dir}")
         for label, name in (("samples", "samples/latest.png"), ("accuracy by t", "accuracy_by_t.json"),

@@ -8,8 +8,9 @@
 * :class:`LossByTime` — the ε-space error σ²‖s_θ − ∇log p_0t‖² (= ‖ε_θ − ε‖² for ε-prediction)
   averaged in ``num_buckets`` equal buckets of t ∈ [0, T], logged every N steps as
   ``loss_by_t/<lo>-<hi>`` (summed over DDP processes before averaging).
-* :func:`build_callbacks` — the above plus ModelCheckpoint (every N steps and ``last.ckpt``), the
-  EMA, the learning-rate monitor and the progress bar, from ``cfg.callbacks`` / ``cfg.ema``.
+* :func:`build_callbacks` — the above plus ModelCheckpoint (every N steps and ``last.ckpt``, which
+  is also written on a clock and on SIGTERM/SIGUSR1: :mod:`sde_diffusion.preemption`), the EMA,
+  the learning-rate monitor and the progress bar, from ``cfg.callbacks`` / ``cfg.ema``.
 * :func:`build_loggers` — CSV (default) and/or TensorBoard.
 * :class:`EMA` (the weight average the samples and checkpoints use) and :func:`eval_mode`.
 * ``callbacks.extra``: any user callback by import path (:func:`user_callback`).
@@ -32,6 +33,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from .config import EmaConfig, TrainConfig, instantiate, to_plain
 from .config.schema import LossByTimeCallbackConfig, SamplesCallbackConfig
+from .preemption import last_checkpoint_callbacks
 from .registry import SDES
 
 
@@ -402,6 +404,8 @@ def build_callbacks(cfg: TrainConfig, output_dir: Path, samples: bool = True) ->
             enable_version_counter=False,
         )
     )
+    callbacks += last_checkpoint_callbacks(output_dir / "checkpoints", cbs.checkpoint.last_every_minutes,
+                                           cbs.checkpoint.last_every_n_steps)
     if samples and cbs.samples.enabled:
         options = {k: v for k, v in to_plain(cfg.sampler).items() if k not in ("name", "steps")}
         if options.get("_target_") is None:

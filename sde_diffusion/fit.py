@@ -31,6 +31,7 @@ import torch
 
 from .checkpoints import CheckpointInfo, mark_finished, read
 from .config import TrainConfig, instantiate, parse_train, to_plain
+from .preemption import Preempted, ResumeDataPosition, StopOnSignal
 from .registry import DATASETS, TASKS
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,10 @@ def resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:
 def build_trainer(cfg: TrainConfig, output_dir: Path, callbacks: List[Any], loggers: List[Any]) -> "L.Trainer":
     """A Trainer from ``cfg.trainer``: its keys are Trainer arguments, except ``name`` (dropped) and
     ``num_threads`` (torch's intra-op CPU threads, applied by :func:`fit`)."""
+    from .preemption import AtomicCheckpointIO
+
     kwargs = {k: v for k, v in to_plain(cfg.trainer).items() if k not in ("name", "num_threads")}
+    kwargs.setdefault("plugins", [AtomicCheckpointIO()])
     try:
         return L.Trainer(default_root_dir=str(output_dir), callbacks=callbacks, logger=loggers or False, **kwargs)
     except TypeError as err:
@@ -217,7 +221,7 @@ def fit(
     dm.setup("fit")  # missing data files surface here, before the Trainer starts
     out.mkdir(parents=True, exist_ok=True)
     callbacks = (build_callbacks(cfg, out, samples=task.draws_samples) + task.callbacks(cfg, out)
-                 + list(extra_callbacks))
+                 + list(extra_callbacks) + [ResumeDataPosition(), StopOnSignal(out / "checkpoints")])
     trainer = build_trainer(cfg, out, callbacks, build_loggers(cfg, out))
     if ckpt_path is not None:
         log.info("continuing from %s", ckpt_path)
@@ -229,7 +233,13 @@ def fit(
         # Lightning 2.6's batch flattening constructs torch's deprecated LeafSpec on every step
         # (lightning/pytorch/utilities/_pytree.py); nothing here can change that but the warning.
         warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated")
-        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path is not None else None)
+        try:
+            trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path is not None else None)
+        except Preempted:
+            pass  # last.ckpt was saved at the end of the step; the run stays unfinished
+    if any(isinstance(cb, StopOnSignal) and cb.saved_at is not None for cb in trainer.callbacks):
+        log.info("stopped by a signal at step %d; continue with run_dir=%s resume=true", trainer.global_step, out)
+        return FitResult(module=module, trainer=trainer, datamodule=dm, output_dir=out, extras={"stopped": True})
     result = FitResult(module=module, trainer=trainer, datamodule=dm, output_dir=out)
     task.after_fit(cfg, result)
     if trainer.is_global_zero and not trainer.interrupted:

@@ -136,11 +136,18 @@ class ConditioningConfig:
 
 @dataclass
 class CheckpointCallbackConfig:
-    every_n_steps: int = 5000        # plus <run_dir>/checkpoints/last.ckpt at every save and at the end
+    every_n_steps: int = 5000        # step_XXXXXXX.ckpt (plus last.ckpt) every N steps; 0: only at the end
     save_top_k: int = -1             # -1 keeps every step checkpoint, k keeps the newest k
+    last_every_minutes: Optional[float] = 10.0  # last.ckpt every so many minutes of training (None: off)
+    last_every_n_steps: Optional[int] = None     # and/or every N steps (None: off)
 
     def __post_init__(self) -> None:
         _int_at_least("callbacks.checkpoint.every_n_steps", self.every_n_steps, 0)
+        if self.last_every_minutes is not None:
+            _require(float(self.last_every_minutes) > 0,
+                     f"callbacks.checkpoint.last_every_minutes must be positive or null, got {self.last_every_minutes}")
+        if self.last_every_n_steps is not None:
+            _int_at_least("callbacks.checkpoint.last_every_n_steps", self.last_every_n_steps, 1)
 
 
 @dataclass

@@ -15,12 +15,12 @@ augmentation and dequantisation noise differ between epochs.
 from __future__ import annotations
 
 import math
-from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .transforms import IdentityTransform, PixelTransform
 
@@ -108,6 +108,47 @@ def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
     return value
 
 
+class ResumableRandomSampler(Sampler[int]):
+    """A new random order of ``range(n)`` every epoch that a resumed run can re-enter mid-epoch.
+
+    The orders are those a ``DataLoader(shuffle=True, generator=<seeded with seed>)`` gives (per
+    epoch its iterator draws a base seed, then its ``RandomSampler`` two permutations, using the
+    first), but found from the epoch number (Lightning calls :meth:`set_epoch`), so a restarted
+    process finds them again. ``skip`` leaves
+    out the first indices of the next iteration only: the batches a resumed run has already
+    trained on in its current epoch.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = int(n), int(seed)
+        self.epoch = 0
+        self.skip = 0
+        self._gen = torch.Generator().manual_seed(self.seed)
+        self._drawn = 0  # epochs drawn from self._gen so far
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def order(self, epoch: int) -> Tensor:
+        """The order of epoch ``epoch``."""
+        if epoch < self._drawn:  # a restart, or an epoch seen before: replay from the seed
+            self._gen, self._drawn = torch.Generator().manual_seed(self.seed), 0
+        while True:
+            torch.empty((), dtype=torch.int64).random_(generator=self._gen)  # the loader iterator's base seed
+            order = torch.randperm(self.n, generator=self._gen)
+            torch.randperm(self.n, generator=self._gen)  # drawn by RandomSampler at the end of an epoch
+            self._drawn += 1
+            if self._drawn > epoch:
+                return order
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self.skip = self.skip, 0
+        return iter(self.order(self.epoch)[skip:].tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class BaseDataModule(L.LightningDataModule):
     """Common machinery; see the module docstring for what a subclass provides.
 
@@ -165,15 +206,18 @@ class BaseDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=ResumableRandomSampler(len(dataset), self.seed) if train else None,  # type: ignore[arg-type]
+            # The iterator's worker base seed comes from here, not from the global generator.
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
             num_workers=self.num_workers,
             collate_fn=BatchCollate(self._transform(train)),
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled batches in a resumable order (:class:`ResumableRandomSampler`; a run continued
+        from a mid-epoch checkpoint goes on with the next batch: :class:`~sde_diffusion.preemption.ResumeDataPosition`)."""
         return self._loader(self.train_set, train=True)
 
     def eval_loader(self, split: str = "train") -> DataLoader:
