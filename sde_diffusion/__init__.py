@@ -2,7 +2,7 @@
 from .sdes import SDE, SDES, CosineVPSDE, LinearSDE, SubVPSDE, VESDE, VPSDE
 
 __version__ = "0.1.0"
-from .samplers import SAMPLERS, SampleResult, sample  # noqa: E402
+from .samplers import SAMPLERS, EndPoint, SampleResult, make_sampler, sample  # noqa: E402
 from .toy import GaussianMixture  # noqa: E402
 
 # Training and checkpoints pull in Lightning: imported on first use.
@@ -27,4 +27,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["SDE", "SDES", "LinearSDE", "VPSDE", "SubVPSDE", "CosineVPSDE", "VESDE", "SAMPLERS", "SampleResult",
-           "sample", "GaussianMixture", *_LAZY]
+           "sample", "make_sampler", "EndPoint", "GaussianMixture", *_LAZY]

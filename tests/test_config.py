@@ -25,7 +25,10 @@ def _own_keys(path: Path) -> Dict[str, Any]:
 
 
 def _defaults_of(factory: Any) -> Dict[str, Any]:
-    """Constructor defaults of ``factory``, following ``**kwargs`` up the class hierarchy."""
+    """Constructor defaults of ``factory``, following ``**kwargs`` up the class hierarchy (samplers
+    list theirs, the shared end-point options included, in ``option_defaults()``)."""
+    if hasattr(factory, "option_defaults"):
+        return dict(factory.option_defaults())
     out: Dict[str, Any] = {}
     classes = factory.__mro__ if inspect.isclass(factory) else [factory]
     for klass in classes:
@@ -54,7 +57,7 @@ def _base_files():
     for group in GROUPS:
         for path in sorted((CONF / group).glob("*.yaml")):
             node = _own_keys(path)
-            if node.get("name") == path.stem:
+            if node.get("name") == path.stem and path.stem in GROUPS[group]:  # not sampler=auto, the measured rule
                 yield group, path
 
 
