@@ -265,15 +265,24 @@ class Colorize(ObservingTask):
 
     name = "colorize"
 
+    @classmethod
+    def from_config(cls, cfg: SampleConfig, data_shape: Sequence[int]) -> "Colorize":
+        _check_colour(tuple(data_shape))  # before anything is drawn or written
+        return cls(cfg.inpaint.method, cfg.inpaint.fixed_noise, cfg.inpaint.obs_std)
+
     def basis(self, observed: Tensor, fill: float = 0.0) -> Basis:
-        if observed.dim() != 4 or observed.shape[1] != 3:
-            raise ValueError(f"task=colorize needs 3-channel images, but the data have shape {tuple(observed.shape[1:])}")
+        _check_colour(tuple(observed.shape[1:]))
         w = colour_transform(3, dtype=observed.dtype).to(observed.device)
         to_basis: Map = lambda x: _apply_channels(w, x)  # noqa: E731
         from_basis: Map = lambda u: _apply_channels(w.T, u)  # noqa: E731
         mask = torch.zeros(observed.shape[1:], dtype=observed.dtype, device=observed.device)
         mask[0] = 1.0
         return Basis(to_basis, from_basis, mask, from_basis(mask * to_basis(observed)))  # the grey image
+
+
+def _check_colour(shape: tuple) -> None:
+    if len(shape) != 3 or shape[0] != 3:
+        raise ValueError(f"task=colorize needs 3-channel images, but the data have shape {shape}")
 
 
 def _apply_channels(w: Tensor, x: Tensor) -> Tensor:
