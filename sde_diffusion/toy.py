@@ -7,7 +7,12 @@ again a mixture,
 
 whose log-density and score are computed here in closed form. Each Σ_k is diagonalised once,
 Σ_k = U_k Λ_k U_kᵀ, so that m²Σ_k + σ²I = U_k (m²Λ_k + σ²) U_kᵀ costs O(D²) per point and
-component even when every sample has its own t.
+component even when every sample has its own t. The rotations of all K components are one matrix
+product x [B, D] @ [U_1 | … | U_K] [D, K·D] and the way back another; the mixture itself stays in
+float64, and the arithmetic runs in float64 unless ``compute_dtype`` says otherwise.
+
+Test problems built from mixtures (random families, benchmark problems) and sample-quality
+metrics against a mixture live in :mod:`sde_diffusion.testing`.
 
 Usage::
 
@@ -19,7 +24,8 @@ Usage::
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Tuple, Union
+import warnings
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -76,6 +82,7 @@ class GaussianMixture:
         self.covs = cov
         self.eigvals, self.eigvecs = torch.linalg.eigh(cov)  # [K, D], [K, D, D] (columns)
         self.chol = torch.linalg.cholesky(cov)
+        self._consts_cache: Dict[Tuple[torch.dtype, torch.device], Dict[str, Tensor]] = {}
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -113,36 +120,17 @@ class GaussianMixture:
 
     @classmethod
     def random_family(cls, seed: int) -> "GaussianMixture":
-        r"""One draw, fixed by ``seed``, from a family of exact-score test problems nobody tuned for.
+        """Moved to :func:`sde_diffusion.testing.random_family` (this forward warns and goes later)."""
+        warnings.warn(
+            "GaussianMixture.random_family moved: use sde_diffusion.testing.random_family", DeprecationWarning, stacklevel=2
+        )
+        from .testing.draws import random_family_parameters
 
-        The family (every choice independent, uniform on the stated scale):
-
-        * dimension D = round(2^u), u ~ U[1, 8] (log-uniform over 2…256);
-        * K ~ U{2, …, 12} modes with weights w_k ∝ e^{v_k}, v_k ~ U[0, log 50] (ratios up to 1:50);
-        * a scale per mode s_k, log-uniform over [0.03, 3] (scales spanning 1:100), and within
-          each mode stds s_k·e^{a}, a ~ U[−1, 1] per axis, on random rotated axes (full covariances);
-        * separation r, log-uniform over [0.5, 20] (overlapping → isolated): the means are
-          r·median(s)·√(2/D)·z_k with z_k ~ N(0, I_D), so pairwise distances are ≈ 2r·median(s).
-
-        Returns the mixture; its diameter (for a VE σ_max) is :meth:`diameter`.
-        """
-        gen = torch.Generator().manual_seed(int(seed))
-        u = lambda lo, hi: lo + (hi - lo) * float(torch.rand((), generator=gen, dtype=torch.float64))
-        dim = max(2, int(round(2 ** u(1.0, 8.0))))
-        k = int(torch.randint(2, 13, (), generator=gen))
-        w = torch.exp(math.log(50.0) * torch.rand(k, generator=gen, dtype=torch.float64))
-        scales = torch.exp(math.log(0.03) + math.log(100.0) * torch.rand(k, generator=gen, dtype=torch.float64))
-        aniso = torch.exp(2 * torch.rand(k, dim, generator=gen, dtype=torch.float64) - 1)
-        stds = scales[:, None] * aniso
-        q, _ = torch.linalg.qr(torch.randn(k, dim, dim, generator=gen, dtype=torch.float64))
-        covs = q @ torch.diag_embed(stds**2) @ q.transpose(1, 2)
-        covs = 0.5 * (covs + covs.transpose(1, 2))
-        sep = math.exp(u(math.log(0.5), math.log(20.0)))
-        means = sep * float(scales.median()) * torch.randn(k, dim, generator=gen, dtype=torch.float64) * math.sqrt(2.0 / dim)
-        return cls(w, means, covs)
+        return cls(*random_family_parameters(seed))
 
     def diameter(self) -> float:
-        """An upper estimate of the data's extent: largest distance between means plus 6 × the largest std."""
+        """An upper estimate of the data's extent (a VE σ_max for it): largest distance between means
+        plus 6 × the largest std."""
         d = torch.cdist(self.means, self.means).max() if self.num_components > 1 else torch.tensor(0.0)
         return float(d + 6.0 * self.eigvals.max().sqrt())
 
@@ -184,92 +172,124 @@ class GaussianMixture:
         return (x, labels) if return_labels else x
 
     # ------------------------------------------------------------------ perturbed densities
-    def _coeffs(self, x: Tensor, t: Optional[Union[Tensor, float]], sde: Optional[SDE]) -> Tuple[Tensor, Tensor]:
+    def _consts(self, dtype: torch.dtype, device: torch.device) -> Dict[str, Tensor]:
+        """The rotation matrices and per-component constants in ``dtype`` on ``device`` (cached)."""
+        key = (dtype, device)
+        c = self._consts_cache.get(key)
+        if c is None:
+            K, D = self.num_components, self.dim
+            U = self.eigvecs  # [K, D, D], columns are eigenvectors
+            f64 = {
+                "proj": U.permute(1, 0, 2).reshape(D, K * D),  # x @ proj = [x U_1 | … | x U_K]
+                "back": U.permute(0, 2, 1).reshape(K * D, D),  # [… y_k …] @ back = Σ_k U_k y_k
+                "mu_rot": torch.einsum("kd,kde->ke", self.means, U),  # U_kᵀ μ_k
+                "lam": self.eigvals,
+                "logw": torch.log(self.weights),
+            }
+            c = {k: v.to(dtype=dtype, device=device).contiguous() for k, v in f64.items()}
+            self._consts_cache[key] = c
+        return c
+
+    def _coeffs(self, x: Tensor, t: Optional[Union[Tensor, float]], sde: Optional[SDE], dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        """(m, σ) in ``dtype``: 0-dim when every sample has the same time, else ``[B, 1, 1]``."""
+        if sde is None or t is None:
+            one = torch.ones((), dtype=dtype, device=x.device)
+            return one, torch.zeros_like(one)
+        t = torch.as_tensor(t, dtype=dtype, device=x.device)
+        if t.dim() != 0:
+            if t.shape != (x.shape[0],):
+                raise ValueError(f"batch mismatch: x has shape {tuple(x.shape)} but t has shape {tuple(t.shape)}")
+            if bool((t == t[0]).all()):  # one time for the whole batch (what samplers pass)
+                t = t[0]
+        m, s = sde.mean_coeff(t).to(dtype), sde.marginal_std(t).to(dtype)
+        if t.dim() == 1:
+            m, s = m[:, None, None], s[:, None, None]
+        return m, s
+
+    def _terms(
+        self, x: Tensor, t: Optional[Union[Tensor, float]], sde: Optional[SDE], compute_dtype: Optional[torch.dtype]
+    ) -> Tuple[Tensor, Tensor]:
+        """(log w_k + log N_k(x) ``[B, K]``, whitened residuals y_k / v_k ``[B, K, D]``) in the compute dtype.
+
+        With y_k = U_kᵀ(x − m μ_k) and v_k = m²λ_k + σ² (component k's variances in its eigenbasis),
+        log N_k(x) = −½ (Σ_d y_kd²/v_kd + Σ_d log v_kd + D log 2π).
+        """
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape [B, {self.dim}], got {tuple(x.shape)}")
-        B = x.shape[0]
-        if sde is None or t is None:
-            one = torch.ones(B, dtype=torch.float64, device=x.device)
-            return one, torch.zeros_like(one)
-        t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
-        if t.dim() == 0:
-            t = t.expand(B)
-        if t.shape != (B,):
-            raise ValueError(f"batch mismatch: x has shape {tuple(x.shape)} but t has shape {tuple(t.shape)}")
-        return sde.mean_coeff(t), sde.marginal_std(t)
+        dtype = x.dtype if compute_dtype is None else compute_dtype
+        c = self._consts(dtype, x.device)
+        m, s = self._coeffs(x, t, sde, dtype)
+        K, D = self.num_components, self.dim
+        xc = x.to(dtype)
+        if m.dim() == 0:
+            # One time: the mean shift rides along in the matrix product as a bias.
+            y = torch.addmm((-m * c["mu_rot"]).reshape(1, K * D), xc, c["proj"]).view(-1, K, D)
+        else:
+            y = (xc @ c["proj"]).view(-1, K, D) - m * c["mu_rot"]
+        var = m * m * c["lam"] + s * s  # [K, D] or [B, K, D]
+        white = y / var
+        quad = (y * white if white.requires_grad else y.mul_(white)).sum(-1)
+        logn = -0.5 * (quad + torch.log(var).sum(-1) + D * math.log(2 * math.pi))
+        return c["logw"] + logn, white
 
-    def _terms(self, x: Tensor, t, sde) -> Tuple[Tensor, Tensor, Tensor]:
-        """Per-component log N and the whitened residuals (all float64)."""
-        m, s = self._coeffs(x, t, sde)
-        dev = x.device
-        mu, lam, U = self.means.to(dev), self.eigvals.to(dev), self.eigvecs.to(dev)
-        xd = x.to(torch.float64)
-        diff = xd[:, None, :] - m[:, None, None] * mu[None]  # [B, K, D]
-        y = torch.einsum("bkd,kde->bke", diff, U)  # coordinates in each eigenbasis
-        var = m[:, None, None] ** 2 * lam[None] + s[:, None, None] ** 2  # [B, K, D]
-        logn = -0.5 * ((y * y / var).sum(-1) + torch.log(var).sum(-1) + self.dim * math.log(2 * math.pi))
-        return logn, y / var, U
+    def log_prob_t(
+        self, x: Tensor, t: Union[Tensor, float], sde: SDE, compute_dtype: Optional[torch.dtype] = torch.float64
+    ) -> Tensor:
+        """log p_t(x) of the mixture pushed through ``sde`` to time ``t`` (scalar or ``[B]``): ``[B]`` in x's dtype.
 
-    def log_prob_t(self, x: Tensor, t: Union[Tensor, float], sde: SDE) -> Tensor:
-        """log p_t(x) of the mixture pushed through ``sde`` to time ``t``: ``[B]`` in x's dtype."""
-        logn, _, _ = self._terms(x, t, sde)
-        logw = torch.log(self.weights.to(x.device))
-        return torch.logsumexp(logw + logn, dim=1).to(x.dtype)
+        ``compute_dtype`` is the dtype of the arithmetic (``None``: x's own).
+        """
+        logits, _ = self._terms(x, t, sde, compute_dtype)
+        return torch.logsumexp(logits, dim=1).to(x.dtype)
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        """log p_0(x): ``[B]``."""
-        logn, _, _ = self._terms(x, None, None)
-        return torch.logsumexp(torch.log(self.weights.to(x.device)) + logn, dim=1).to(x.dtype)
+    def log_prob(self, x: Tensor, compute_dtype: Optional[torch.dtype] = torch.float64) -> Tensor:
+        """log p_0(x): ``[B]`` in x's dtype."""
+        logits, _ = self._terms(x, None, None, compute_dtype)
+        return torch.logsumexp(logits, dim=1).to(x.dtype)
 
-    def posterior_t(self, x: Tensor, t: Union[Tensor, float], sde: SDE) -> Tensor:
-        """Component responsibilities p(k | x_t): ``[B, K]`` (float64)."""
-        logn, _, _ = self._terms(x, t, sde)
-        return torch.softmax(torch.log(self.weights.to(x.device)) + logn, dim=1)
+    def posterior_t(
+        self, x: Tensor, t: Union[Tensor, float], sde: SDE, compute_dtype: Optional[torch.dtype] = torch.float64
+    ) -> Tensor:
+        """Component responsibilities p(k | x_t): ``[B, K]`` in the compute dtype (float64 by default)."""
+        logits, _ = self._terms(x, t, sde, compute_dtype)
+        return torch.softmax(logits, dim=1)
+
+    def posterior(self, x: Tensor, compute_dtype: Optional[torch.dtype] = torch.float64) -> Tensor:
+        """Component responsibilities p(k | x) under p_0: ``[B, K]``."""
+        logits, _ = self._terms(x, None, None, compute_dtype)
+        return torch.softmax(logits, dim=1)
 
     def whitened_moment_kl(self, x: Tensor) -> float:
-        r"""How far samples ``x [n, D]`` are from p_0, in nats (∞ for non-finite samples).
+        """Moved to :func:`sde_diffusion.testing.whitened_moment_kl` (this forward warns and goes later)."""
+        warnings.warn(
+            "GaussianMixture.whitened_moment_kl moved: use sde_diffusion.testing.whitened_moment_kl",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from .testing.metrics import whitened_moment_kl
 
-        .. math:: \mathrm{KL}(w \,\|\, \hat w) + \sum_k w_k \sum_j
-                  \mathrm{KL}\big(N(\hat\mu_{kj}, \hat v_{kj}) \,\|\, N(0, 1)\big)
+        return whitened_moment_kl(self, x)
 
-        with exact responsibilities p(k | x) giving ŵ_k (floored at 0.5/n) and the weighted mean
-        μ̂_kj and variance v̂_kj of x in mode k's whitened eigen-coordinates Λ_k^{-1/2} U_kᵀ(x − μ_k).
-        Unlike a full-covariance moment KL it stays finite when a mode holds fewer samples than
-        dimensions, and for a Gaussian mode it sees exactly what a linear-score integrator gets
-        wrong: the bias and spread along each eigen-direction. Exact draws give a floor of about
-        Σ_k w_k·D/n_k (the estimation noise).
+    def score(
+        self, x: Tensor, t: Union[Tensor, float], sde: SDE, compute_dtype: Optional[torch.dtype] = torch.float64
+    ) -> Tensor:
+        r"""∇_x log p_t(x) = −Σ_k p(k|x) (m²Σ_k + σ²I)^{-1}(x − mμ_k): ``[B, D]`` in x's dtype.
+
+        ``t`` is a scalar or ``[B]``. The arithmetic runs in ``compute_dtype`` (``None``: x's own
+        dtype, e.g. float32, about twice as fast again and accurate to float32 rounding).
         """
-        xd = x.to(torch.float64)
-        if not torch.isfinite(xd).all():
-            return math.inf
-        n = xd.shape[0]
-        r = self.posterior_t(xd, 0.0, None)
-        nk = r.sum(0)
-        w = self.weights.to(xd.device)
-        total = float((w * torch.log(w / (nk / n).clamp_min(0.5 / n))).sum())
-        for k in range(self.num_components):
-            if float(nk[k]) <= 1e-9:
-                total += float(w[k]) * 500.0 * self.dim  # no sample in this mode: a large finite charge
-                continue
-            rk = r[:, k] / nk[k]
-            y = (xd - self.means[k].to(xd.device)) @ self.eigvecs[k].to(xd.device) / self.eigvals[k].to(xd.device).sqrt()
-            mu = rk @ y
-            var = (rk @ (y - mu) ** 2).clamp_min(1e-12)
-            total += float(w[k]) * float(0.5 * (var + mu**2 - 1 - torch.log(var)).sum())
-        return total
+        logits, white = self._terms(x, t, sde, compute_dtype)
+        r = torch.softmax(logits, dim=1)[:, :, None]  # [B, K, 1]
+        weighted = white * r if white.requires_grad or r.requires_grad else white.mul_(r)
+        K, D = self.num_components, self.dim
+        back = self._consts(white.dtype, x.device)["back"]
+        return (-(weighted.reshape(-1, K * D) @ back)).to(x.dtype)
 
-    def score(self, x: Tensor, t: Union[Tensor, float], sde: SDE) -> Tensor:
-        """∇_x log p_t(x) = Σ_k p(k|x) · (−(m²Σ_k + σ²I)^{-1}(x − mμ_k)): ``[B, D]`` in x's dtype."""
-        logn, white, U = self._terms(x, t, sde)
-        r = torch.softmax(torch.log(self.weights.to(x.device)) + logn, dim=1)  # [B, K]
-        comp = -torch.einsum("bke,kde->bkd", white, U)
-        return torch.einsum("bk,bkd->bd", r, comp).to(x.dtype)
-
-    def score_fn(self, sde: SDE) -> Callable[[Tensor, Tensor], Tensor]:
-        """The exact score as a ``score_fn(x, t)`` for samplers and likelihoods."""
+    def score_fn(self, sde: SDE, compute_dtype: Optional[torch.dtype] = torch.float64) -> Callable[[Tensor, Tensor], Tensor]:
+        """The exact score as a ``score_fn(x, t)`` for samplers and likelihoods (see :meth:`score`)."""
 
         def fn(x: Tensor, t: Tensor) -> Tensor:
-            return self.score(x, t, sde)
+            return self.score(x, t, sde, compute_dtype)
 
         return fn
 

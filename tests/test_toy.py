@@ -1,7 +1,8 @@
 """GaussianMixture: exact perturbed densities and scores against independent computations.
 
 Truths: autograd of the log-density, torch.distributions' MultivariateNormal mixture with
-covariance m²Σ_k + σ²I, the moment formulas of a mixture, and Monte-Carlo with standard errors.
+covariance m²Σ_k + σ²I, a direct per-component computation with the full covariance matrices,
+the moment formulas of a mixture, and Monte-Carlo with standard errors.
 """
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import pytest
 import torch
 from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
 
+from sde_diffusion import testing
 from sde_diffusion.sdes import CosineVPSDE, LinearSDE, SubVPSDE, VESDE, VPSDE
 from sde_diffusion.toy import GaussianMixture
 
 F64 = torch.float64
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.numeric, pytest.mark.usefixtures("single_thread")]
 
 
 class _OUSDE(LinearSDE):
@@ -104,6 +106,99 @@ def test_posterior_t_matches_bayes_rule(dim: int, make_gen) -> None:
     post = gm.posterior_t(x, t, sde)
     torch.testing.assert_close(post, torch.softmax(log_joint, 1), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(post.sum(1), torch.ones(16, dtype=F64))
+
+
+def _direct_score_and_log_prob(gm: GaussianMixture, x: torch.Tensor, m: torch.Tensor, s: torch.Tensor):
+    """Component by component with the full covariance C_k = m²Σ_k + σ²I (no eigenbasis, no
+    batched products): log N_k from a Cholesky factor, the score −Σ_k p(k|x) C_k⁻¹(x − mμ_k).
+    Returns (score [B, D], log p_t [B], p(k | x) [B, K])."""
+    D, K = gm.dim, gm.num_components
+    logn, comp = [], []
+    for k in range(K):
+        C = m[:, None, None] ** 2 * gm.covs[k] + s[:, None, None] ** 2 * torch.eye(D, dtype=F64)  # [B, D, D]
+        L = torch.linalg.cholesky(C)
+        d = x - m[:, None] * gm.means[k]
+        z = torch.cholesky_solve(d[:, :, None], L)[:, :, 0]  # C⁻¹ d
+        half_logdet = torch.log(torch.diagonal(L, dim1=1, dim2=2)).sum(1)
+        logn.append(-0.5 * (d * z).sum(1) - half_logdet - 0.5 * D * math.log(2 * math.pi))
+        comp.append(-z)
+    logits = torch.log(gm.weights) + torch.stack(logn, 1)  # [B, K]
+    r = torch.softmax(logits, 1)
+    return (r[:, :, None] * torch.stack(comp, 1)).sum(1), torch.logsumexp(logits, 1), r
+
+
+@pytest.mark.parametrize("dim,k", [(2, 3), (4, 5), (9, 2)])
+@pytest.mark.parametrize("name", list(SDE_BUILDERS))
+def test_score_and_log_prob_match_a_direct_per_component_computation(name: str, dim: int, k: int, make_gen) -> None:
+    """The eigenbasis evaluation (all rotations in one matrix product) against the textbook formula,
+    to 1e-10 in float64, for per-sample times, one shared time and a scalar time."""
+    sde = SDE_BUILDERS[name]()
+    gen = make_gen(100 + dim)
+    gm = GaussianMixture.random(dim, k=k, seed=dim + k, std_range=(0.1, 2.0))
+    t = _times(sde, 40, gen)
+    x = _points(gm, sde, t, gen)
+    for tt in (t, torch.full((40,), 0.37, dtype=F64), 0.37):
+        tv = torch.as_tensor(tt, dtype=F64).expand(40)
+        ref_score, ref_lp, ref_post = _direct_score_and_log_prob(gm, x, sde.mean_coeff(tv), sde.marginal_std(tv))
+        torch.testing.assert_close(gm.score(x, tt, sde), ref_score, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(gm.log_prob_t(x, tt, sde), ref_lp, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(gm.posterior_t(x, tt, sde), ref_post, rtol=1e-10, atol=1e-12)
+
+
+def test_one_shared_time_and_per_sample_times_agree(make_gen) -> None:
+    """A batch whose times are all equal takes the shared-time path; one differing entry takes the
+    per-sample path; both give the same values (to rounding)."""
+    sde = VPSDE()
+    gm = GaussianMixture.random(6, k=4, seed=3)
+    x = _points(gm, sde, torch.full((32,), 0.5, dtype=F64), make_gen(2))
+    t = torch.full((32,), 0.5, dtype=F64)
+    t_mixed = t.clone()
+    t_mixed[-1] = 0.25
+    shared, mixed = gm.score(x, t, sde), gm.score(x, t_mixed, sde)
+    torch.testing.assert_close(mixed[:-1], shared[:-1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mixed[-1:], gm.score(x[-1:], 0.25, sde), rtol=1e-12, atol=1e-12)
+
+
+def test_float32_arithmetic_is_close_to_float64(make_gen) -> None:
+    """compute_dtype=None runs in x's own dtype: float32 results within float32 rounding."""
+    sde = VPSDE()
+    gm = GaussianMixture.random(8, k=5, seed=11)
+    gen = make_gen(4)
+    t = _times(sde, 64, gen)
+    x = _points(gm, sde, t, gen)[4:]
+    t = t[4:]
+    x32, t32 = x.float(), t.float()
+    fast = gm.score(x32, t32, sde, compute_dtype=None)
+    exact = gm.score(x32, t32, sde)
+    assert fast.dtype == exact.dtype == torch.float32
+    assert float((fast - exact).norm() / exact.norm()) < 1e-4
+    torch.testing.assert_close(gm.log_prob_t(x32, t32, sde, compute_dtype=None), gm.log_prob_t(x32, t32, sde), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(gm.score_fn(sde, compute_dtype=None)(x32, t32), fast)
+
+
+def test_score_is_differentiable(make_gen) -> None:
+    """Autograd through the score (likelihoods take its divergence): ∂s/∂x is the Hessian of
+    log p_t, a symmetric matrix, and the values equal those of a call without gradients."""
+    sde = SubVPSDE()
+    gm = GaussianMixture.random(3, k=3, seed=6)
+    x = torch.randn(3, dtype=F64, generator=make_gen(5))
+    t = torch.tensor([0.4], dtype=F64)
+    jac = torch.autograd.functional.jacobian(lambda v: gm.score(v[None], t, sde)[0], x)
+    hess = torch.autograd.functional.hessian(lambda v: gm.log_prob_t(v[None], t, sde)[0], x)
+    torch.testing.assert_close(jac, hess, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(jac, jac.T, rtol=1e-9, atol=1e-9)
+    xr = x[None].clone().requires_grad_(True)
+    torch.testing.assert_close(gm.score(xr, t, sde).detach(), gm.score(x[None], t, sde), rtol=0, atol=0)
+
+
+def test_moved_methods_forward_to_sde_diffusion_testing() -> None:
+    with pytest.warns(DeprecationWarning, match="sde_diffusion.testing.random_family"):
+        old = GaussianMixture.random_family(5)
+    new = testing.random_family(5)
+    assert torch.equal(old.means, new.means) and torch.equal(old.covs, new.covs) and torch.equal(old.weights, new.weights)
+    x = new.sample(200, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(DeprecationWarning, match="sde_diffusion.testing.whitened_moment_kl"):
+        assert new.whitened_moment_kl(x) == testing.whitened_moment_kl(new, x)
 
 
 def test_log_prob_is_the_data_density() -> None:
