@@ -31,7 +31,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
 bench: $(STAMP)
-	$(PY) benchmarks/samplers.py
+	$(PY) -m benchmarks.samplers
 
 clean:
 	rm -rf $(VENV) outputs

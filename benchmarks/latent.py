@@ -1,6 +1,6 @@
 """Pixel-space vs latent-space score models on the embedded digits at 32×32, at equal training time.
 
-    .venv/bin/python benchmarks/latent.py --budget 240 --write     # writes "## Latent vs pixel" in RESULTS.md
+    .venv/bin/python -m benchmarks.latent --budget 240 --write     # writes "## Latent vs pixel" in RESULTS.md
 
 Both sides get ``--budget`` seconds of training wall time on one thread (Lightning's ``max_time``):
 
@@ -27,11 +27,9 @@ from typing import Any, Dict, List
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from .common import md_table, write_results_section
 
-from common import md_table, write_results_section  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 QUIET = ["logger=null", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
          "callbacks.loss_by_t.every_n_steps=0", "callbacks.samples.enabled=false", "trainer.max_steps=1000000"]
@@ -128,7 +126,7 @@ def main() -> None:
     ]
     table = md_table(["model", "training steps", f"digits-FD (floor {floor:.2f})", "ms / sample",
                       "AE L1 (held out)", "NLL of held-out data"], rows)
-    command = " ".join(["python", "benchmarks/latent.py", *sys.argv[1:]])
+    command = " ".join(["python -m benchmarks.latent", *sys.argv[1:]])
     section = (
         "## Latent vs pixel\n\n"
         f"Command: `{command}` (one thread; {args.budget:.0f} s of training per side, the latent side split "

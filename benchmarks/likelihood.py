@@ -10,8 +10,8 @@ NFE, seconds per sample and the error of log p_eps(x) against the analytic value
 
 Usage::
 
-    python benchmarks/likelihood.py                     # dims 2 16 64 256, batch 16
-    python benchmarks/likelihood.py --dims 2 16 --batch 64 --rtol 1e-6
+    python -m benchmarks.likelihood                     # dims 2 16 64 256, batch 16
+    python -m benchmarks.likelihood --dims 2 16 --batch 64 --rtol 1e-6
 """
 from __future__ import annotations
 

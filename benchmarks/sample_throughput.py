@@ -17,9 +17,9 @@ the target is ≤ 5 %.
 
 Usage::
 
-    python benchmarks/sample_throughput.py                 # both cases, prints a table
-    python benchmarks/sample_throughput.py --write         # ... and replaces "## Sampling throughput" in RESULTS.md
-    python benchmarks/sample_throughput.py --quick         # a smaller smoke run
+    python -m benchmarks.sample_throughput                 # both cases, prints a table
+    python -m benchmarks.sample_throughput --write         # ... and replaces "## Sampling throughput" in RESULTS.md
+    python -m benchmarks.sample_throughput --quick         # a smaller smoke run
 """
 from __future__ import annotations
 
@@ -34,10 +34,10 @@ from typing import Dict, List
 
 import torch
 
+from .common import set_malloc, write_results_section
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-from common import set_malloc, write_results_section  # noqa: E402
 
 SECTION = "## Sampling throughput"
 
@@ -205,7 +205,7 @@ def table(results: Dict[str, Dict[str, Dict[str, float]]], cases_: List[Case], c
 
 
 def section(results: Dict[str, Dict[str, Dict[str, float]]], cases_: List[Case], args: argparse.Namespace) -> str:
-    cmd = "benchmarks/sample_throughput.py" + (" --quick" if args.quick else "") + f" --repeats {args.repeats} --threads {args.threads} --write"
+    cmd = "-m benchmarks.sample_throughput" + (" --quick" if args.quick else "") + f" --repeats {args.repeats} --threads {args.threads} --write"
     verdict = ", ".join(
         f"{c.name.split(' ')[0]} {'PASS' if results[c.name]['job_loop']['cpu'] <= 1.05 * results[c.name]['bare']['cpu'] else 'FAIL'}"
         for c in cases_)

@@ -1,7 +1,7 @@
 r"""Samplers on problems nobody tuned for: random exact-score mixtures, our default against
 k-diffusion at its best.
 
-Problems are ``GaussianMixture.random_family(seed)`` (sde_diffusion/toy.py): dimension 2–256
+Problems are ``sde_diffusion.testing.random_family(seed)`` (sde_diffusion/testing/draws.py): dimension 2–256
 (log-uniform), 2–12 modes with weights up to 1:50, per-mode scales spanning 1:100 on random rotated
 anisotropic axes (full covariances), separation from overlapping to isolated. The seeds were fixed
 before any result was seen:
@@ -9,15 +9,15 @@ before any result was seen:
 * ``TUNING_SEEDS`` (0–11): the default rule (``sde_diffusion/samplers/defaults.py``) was chosen on these;
 * ``HELD_OUT_SEEDS`` (1000–1039): reported separately; nothing was chosen on them.
 
-SDEs: VP and sub-VP with the library defaults, VE with σ_min = 0.01 and σ_max = the mixture's
-diameter (``GaussianMixture.diameter``). NFE budgets 5, 10, 15, 20, 30, 50.
+SDEs (``sde_diffusion.testing.make_sde``): VP and sub-VP with the library defaults, VE with
+σ_min = 0.01 and σ_max = the mixture's diameter (``GaussianMixture.diameter``). NFE budgets 5, 10, 15, 20, 30, 50.
 
 Every run starts from an exact draw of p_T (n = 1000 points). Selection and scoring use two
 independent draws (start and step noise): k-diffusion's best setting per problem, SDE and budget
 is *selected* on draw A and *scored* on draw B — the minimum over 40 noisy runs would otherwise
 count its luck as quality (at 50 NFE, near the floor, that alone put the "best" stochastic setting
 below the floor of exact samples); ours, one fixed rule with nothing selected, is scored on draw B.
-Metric: the *whitened moment KL* (nats): KL(w ‖ ŵ) plus, for each mode k with exact posterior
+Metric: the *whitened moment KL* (nats, ``sde_diffusion.testing.whitened_moment_kl``): KL(w ‖ ŵ) plus, for each mode k with exact posterior
 responsibilities, Σ_j KL(N(μ̂_kj, v̂_kj) ‖ N(0, 1)) over the coordinates of the mode's own whitened
 eigenbasis. Unlike the full moment KL it stays finite when a mode holds fewer samples than
 dimensions (D up to 256 with n = 1000), and for a Gaussian mode it sees exactly the errors a
@@ -34,11 +34,11 @@ configurations the rule was chosen from.
 
 Usage::
 
-    python benchmarks/sampler_family.py --seeds tuning --candidates 1 --jobs 2 --out benchmarks/results/family_tuning.json
-    python benchmarks/sampler_family.py --seeds tuning --candidates 2 --jobs 2 --reuse-peers benchmarks/results/family_tuning.json \
+    python -m benchmarks.sampler_family --seeds tuning --candidates 1 --jobs 2 --out benchmarks/results/family_tuning.json
+    python -m benchmarks.sampler_family --seeds tuning --candidates 2 --jobs 2 --reuse-peers benchmarks/results/family_tuning.json \
         --out benchmarks/results/family_tuning2.json
-    python benchmarks/sampler_family.py --seeds held-out --jobs 2 --out benchmarks/results/family_heldout.json
-    python benchmarks/sampler_family.py --report benchmarks/results/family_heldout.json [--write]
+    python -m benchmarks.sampler_family --seeds held-out --jobs 2 --out benchmarks/results/family_heldout.json
+    python -m benchmarks.sampler_family --report benchmarks/results/family_heldout.json [--write]
 """
 from __future__ import annotations
 
@@ -53,20 +53,22 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
+
+from sde_diffusion import sample
+from sde_diffusion.samplers import build_sampler
+from sde_diffusion.samplers.defaults import default_sampler
+from sde_diffusion.testing import SDE_NAMES, make_sde, marginal_sample, random_family, whitened_moment_kl
+
+from .common import EDMDenoiser, load_kdiffusion_sampling, md_table, write_results_section
+from .samplers import _kd_call, kd_steps_for
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import torch  # noqa: E402
-
-from common import EDMDenoiser, MixtureEvaluator, marginal_sample, md_table, write_results_section  # noqa: E402
-from sde_diffusion import SubVPSDE, VESDE, VPSDE, sample  # noqa: E402
-from sde_diffusion.samplers.defaults import default_sampler  # noqa: E402
-from sde_diffusion.toy import GaussianMixture  # noqa: E402
 
 TUNING_SEEDS = tuple(range(0, 12))
 HELD_OUT_SEEDS = tuple(range(1000, 1040))
 NFES = (5, 10, 15, 20, 30, 50)
-SDES = ("vp", "subvp", "ve")
+SDES = SDE_NAMES
 N_SAMPLES = 1000
 PRIOR_SEED, NOISE_SEED, FLOOR_SEED = 4242, 777, 99
 # sample_euler ran on the tuning seeds and was never the best setting there; it is left out of the
@@ -106,38 +108,21 @@ for _s in (0.001, 0.003, 0.01, 0.03):
 CANDIDATE_SETS = {"1": CANDIDATES_ROUND1, "2": CANDIDATES_ROUND2}
 
 
-# --------------------------------------------------------------------------------- problems
-def make_sde(name: str, mixture: GaussianMixture):
-    if name == "vp":
-        return VPSDE()
-    if name == "subvp":
-        return SubVPSDE()
-    if name == "ve":
-        return VESDE(sigma_min=0.01, sigma_max=mixture.diameter())
-    raise ValueError(f"unknown SDE {name!r}; choose one of {SDES}")
-
-
 # --------------------------------------------------------------------------------- runs
 _KD: Dict[str, Any] = {}
 
 
 def kdiffusion():
     if "mod" not in _KD:
-        from common import load_kdiffusion_sampling
-
         _KD["mod"], _KD["status"] = load_kdiffusion_sampling()
     return _KD["mod"]
 
 
 def kd_steps(fn: str, budget: int) -> Optional[int]:
-    from samplers import kd_steps_for
-
     return kd_steps_for(fn, budget)
 
 
 def ours_steps(sampler_name: str, options: Dict[str, Any], budget: int) -> Optional[int]:
-    from sde_diffusion.samplers import build_sampler
-
     s = build_sampler(sampler_name, **options)
     per = s.nfe_per_step or 1
     steps = (budget - int(s.denoise)) // per
@@ -148,9 +133,9 @@ def run_case(task: Tuple[int, str, bool, bool]) -> List[Dict[str, Any]]:
     """Every configuration at every budget on one (seed, SDE)."""
     seed, sde_name, candidate_set, with_kd = task
     torch.set_num_threads(1)
-    gm = GaussianMixture.random_family(seed)
-    sde = make_sde(sde_name, gm)
-    ev = MixtureEvaluator(gm, sde)
+    gm = random_family(seed)
+    sde = make_sde(sde_name, gm.diameter())
+    score_fn = gm.score_fn(sde, compute_dtype=None)  # the exact score in the samples' float32
     # Two independent draws of the start (and of the step noise): the peer's best setting is
     # selected on draw A and scored on draw B, so that picking the luckiest of 40 noisy runs does
     # not count as sampler quality; ours (one fixed rule, nothing selected) is scored on draw B.
@@ -158,7 +143,7 @@ def run_case(task: Tuple[int, str, bool, bool]) -> List[Dict[str, Any]]:
     x_T = marginal_sample(gm, sde, N_SAMPLES, sde.T, torch.Generator().manual_seed(PRIOR_SEED + 500_000 + seed), torch.float32)
     rows: List[Dict[str, Any]] = []
     base = {"seed": seed, "sde": sde_name, "dim": gm.dim, "modes": gm.num_components}
-    floors = [gm.whitened_moment_kl(gm.sample(N_SAMPLES, torch.Generator().manual_seed(FLOOR_SEED + i))) for i in range(3)]
+    floors = [whitened_moment_kl(gm, gm.sample(N_SAMPLES, torch.Generator().manual_seed(FLOOR_SEED + i))) for i in range(3)]
     rows.append({**base, "kind": "floor", "label": "floor", "nfe": 0, "budget": 0, "metric": statistics.mean(floors),
                  "metric_sd": statistics.stdev(floors)})
 
@@ -174,8 +159,8 @@ def run_case(task: Tuple[int, str, bool, bool]) -> List[Dict[str, Any]]:
                 if steps is None:
                     return
             g = torch.Generator().manual_seed(NOISE_SEED + 1)
-            out = sample(sde, ev.score, x_T.shape, sampler=name_, steps=steps, x_T=x_T, generator=g, **opts)
-            metric, nfe = gm.whitened_moment_kl(out.samples), out.nfe
+            out = sample(sde, score_fn, x_T.shape, sampler=name_, steps=steps, x_T=x_T, generator=g, **opts)
+            metric, nfe = whitened_moment_kl(gm, out.samples), out.nfe
         except Exception as err:  # noqa: BLE001 - a failure is a result
             metric, nfe = math.inf, budget
             print(f"  {label} seed {seed} {sde_name} NFE {budget}: {type(err).__name__}: {err}", file=sys.stderr)
@@ -193,15 +178,13 @@ def run_case(task: Tuple[int, str, bool, bool]) -> List[Dict[str, Any]]:
         st = (sde.marginal_std(ts) / sde.mean_coeff(ts)).tolist()
         m_T = float(sde.mean_coeff(torch.tensor(sde.T, dtype=torch.float64)))
         def kd_run(fn: str, n: int, s_min: float, rho: float, start: torch.Tensor, noise_seed: int) -> Tuple[float, int, float]:
-            from samplers import _kd_call
-
             sig = kd.get_sigmas_karras(n, s_min, st[1], rho=rho).to(torch.float32)
-            den = EDMDenoiser(sde, ev.score)
+            den = EDMDenoiser(sde, score_fn)
             g = torch.Generator().manual_seed(noise_seed)
             torch.manual_seed(noise_seed)
             t0 = time.perf_counter()
             try:
-                metric = gm.whitened_moment_kl(_kd_call(fn, den, start / m_T, sig, g))
+                metric = whitened_moment_kl(gm, _kd_call(fn, den, start / m_T, sig, g))
             except Exception as err:  # noqa: BLE001
                 metric = math.inf
                 print(f"  {fn} seed {seed} {sde_name}: {type(err).__name__}: {err}", file=sys.stderr)
@@ -345,7 +328,7 @@ def main() -> None:
     reuse = not args.no_kdiffusion and args.reuse_peers is not None
     tasks = [(s, d, args.candidates, not args.no_kdiffusion and not reuse) for s in seeds for d in sdes]
     # Big problems first, so that the pool ends together.
-    tasks.sort(key=lambda t: -GaussianMixture.random_family(t[0]).dim)
+    tasks.sort(key=lambda t: -random_family(t[0]).dim)
     t0 = time.time()
     rows: List[Dict[str, Any]] = []
     if args.jobs > 1:
@@ -360,7 +343,7 @@ def main() -> None:
     if reuse:
         old = load_results(args.reuse_peers)["rows"]
         rows += [r for r in old if r["kind"] in ("kd", "kd_select") and r["seed"] in seeds and r["sde"] in sdes]
-    payload = {"seeds_name": args.seeds, "seeds": seeds, "sdes": sdes, "command": "python " + " ".join(sys.argv),
+    payload = {"seeds_name": args.seeds, "seeds": seeds, "sdes": sdes, "command": " ".join(["python -m benchmarks.sampler_family", *sys.argv[1:]]),
                "jobs": args.jobs, "wall_seconds": time.time() - t0, "rows": rows}
     out = args.out or HERE / "results" / f"family_{args.seeds}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

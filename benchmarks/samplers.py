@@ -4,20 +4,20 @@ Gaussian mixtures, quality versus NFE, beside k-diffusion's samplers fed the sam
 For each problem (mixture) × SDE (VP, sub-VP, VE) × sampler × NFE budget the sampler integrates
 from one fixed x_T (an exact draw of the marginal p_T, the same for every sampler; ``--start prior``
 uses the SDE's prior instead) with a fixed seed for its step noise, and the samples are scored
-against p_0 with three metrics (see ``common.py``): (a) moment KL, (b) sliced W2, (c) excess
+against p_0 with three metrics (see ``sde_diffusion/testing/metrics.py``): (a) moment KL, (b) sliced W2, (c) excess
 cross-entropy, each beside its true-vs-true noise floor. Fixed-step samplers get the largest step
 count whose NFE fits the budget; adaptive ones sweep their tolerance and report their actual NFE.
 k-diffusion (optional) runs in EDM coordinates σ̃ = σ/m, x̃ = x/m on its Karras schedule from
-σ̃(eps) to σ̃(T) with the exact denoiser (``common.EDMDenoiser``). Separately, each sampler's
+σ̃(eps) to σ̃(T) with the exact denoiser (``benchmarks.common.EDMDenoiser``). Separately, each sampler's
 own overhead per NFE is timed with a free score (s = −x/2).
 
 Usage::
 
-    python benchmarks/samplers.py --quick                     # < 3 min smoke run
-    python benchmarks/samplers.py --jobs 2 --write            # full run → benchmarks/RESULTS.md
-    python benchmarks/samplers.py --problems ring8 --sdes vp --samplers dpm_solver,pc
-    python benchmarks/samplers.py --variant dpm_solver:order=3,grid=karras
-    python benchmarks/samplers.py --overhead-only             # µs per NFE vs k-diffusion, ~1 min
+    python -m benchmarks.samplers --quick                     # < 3 min smoke run
+    python -m benchmarks.samplers --jobs 2 --write            # full run → benchmarks/RESULTS.md
+    python -m benchmarks.samplers --problems ring8 --sdes vp --samplers dpm_solver,pc
+    python -m benchmarks.samplers --variant dpm_solver:order=3,grid=karras
+    python -m benchmarks.samplers --overhead-only             # µs per NFE vs k-diffusion, ~1 min
 
 Targets (PASS/FAIL lines, on metric (a); σ_a = the standard deviation of its noise floor):
 1. at 10 and 20 NFE our best sampler is at least as good as the best k-diffusion sampler, on
@@ -47,28 +47,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
+
+from sde_diffusion import SAMPLERS, sample
+from sde_diffusion.samplers import build_sampler
+from sde_diffusion.testing import METRIC_LABELS, METRICS, SDE_NAMES, Problem, Truth, make_problems, make_sde, marginal_sample
+
+from . import common
+from .common import EDMDenoiser, best_time, fmt, md_table, sigma_tilde_range
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import torch  # noqa: E402
-
-import common  # noqa: E402
-from common import (  # noqa: E402
-    METRICS,
-    EDMDenoiser,
-    MixtureEvaluator,
-    Problem,
-    Truth,
-    best_time,
-    fmt,
-    make_problems,
-    make_sde,
-    marginal_sample,
-    md_table,
-    sigma_tilde_range,
-)
-from sde_diffusion import SAMPLERS, sample  # noqa: E402
-from sde_diffusion.samplers import build_sampler  # noqa: E402
 
 NFE_GRID = (10, 20, 50, 100, 250, 1000)
 QUICK_NFE_GRID = (10, 20, 50, 1000)
@@ -285,15 +273,16 @@ _STATE: Dict[str, Any] = {}
 
 
 def _case_inputs(problem: Problem, sde_name: str):
-    sde = make_sde(sde_name, problem)
+    sde = make_sde(sde_name, problem.ve_sigma_max)
     dtype = _STATE["dtype"]
     n = _STATE["truths"][problem.name].n
-    gen = torch.Generator().manual_seed(PRIOR_SEED + 1000 * list(_STATE["problems"]).index(problem.name) + common.SDE_NAMES.index(sde_name))
+    gen = torch.Generator().manual_seed(PRIOR_SEED + 1000 * list(_STATE["problems"]).index(problem.name) + SDE_NAMES.index(sde_name))
     if _STATE["start"] == "marginal":
         x_T = marginal_sample(problem.mixture, sde, n, sde.T, gen, dtype)
     else:
         x_T = sde.prior_sample((n, problem.mixture.dim), generator=gen, dtype=dtype)
-    return sde, MixtureEvaluator(problem.mixture, sde), x_T
+    # The exact score, computed in the samples' dtype (float32 by default: the fast path).
+    return sde, problem.mixture.score_fn(sde, compute_dtype=None), x_T
 
 
 def run_task(task: Tuple[str, str, Spec]) -> List[Run]:
@@ -302,7 +291,7 @@ def run_task(task: Tuple[str, str, Spec]) -> List[Run]:
     torch.set_num_threads(1)
     problem = _STATE["problems"][pname]
     truth: Truth = _STATE["truths"][pname]
-    sde, ev, x_T = _case_inputs(problem, sde_name)
+    sde, score_fn, x_T = _case_inputs(problem, sde_name)
     runs: List[Run] = []
 
     def record(target, steps, rtol, fn):
@@ -331,7 +320,7 @@ def run_task(task: Tuple[str, str, Spec]) -> List[Run]:
             for rtol in _STATE["rtols"]:
 
                 def go(gen, rtol=rtol):
-                    den = EDMDenoiser(sde, ev.score)
+                    den = EDMDenoiser(sde, score_fn)
                     out = _kd_adaptive_call(spec.name, den, x_T / m_T, s_min, s_max, rtol)
                     return out * m_eps, den.nfe
 
@@ -344,7 +333,7 @@ def run_task(task: Tuple[str, str, Spec]) -> List[Run]:
             sigmas = kd.get_sigmas_karras(n, s_min, s_max, rho=7.0).to(x_T.dtype)
 
             def go(gen, sigmas=sigmas):
-                den = EDMDenoiser(sde, ev.score)
+                den = EDMDenoiser(sde, score_fn)
                 out = _kd_call(spec.name, den, x_T / m_T, sigmas, gen)
                 return out, den.nfe  # σ̃ = 0 ⇒ t = 0, m = 1: x̃ is x
 
@@ -360,7 +349,7 @@ def run_task(task: Tuple[str, str, Spec]) -> List[Run]:
             inst = spec.build(**_tol_options(spec, rtol))
 
             def go(gen, inst=inst):
-                res = sample(sde, ev.score, shape, sampler=inst, steps=1, generator=gen, x_T=x_T.clone(), dtype=x_T.dtype)
+                res = sample(sde, score_fn, shape, sampler=inst, steps=1, generator=gen, x_T=x_T.clone(), dtype=x_T.dtype)
                 return res.samples, res.nfe
 
             record(None, None, rtol, go)
@@ -372,7 +361,7 @@ def run_task(task: Tuple[str, str, Spec]) -> List[Run]:
             continue
 
         def go(gen, steps=steps):
-            res = sample(sde, ev.score, shape, sampler=spec.build(), steps=steps, generator=gen, x_T=x_T.clone(), dtype=x_T.dtype)
+            res = sample(sde, score_fn, shape, sampler=spec.build(), steps=steps, generator=gen, x_T=x_T.clone(), dtype=x_T.dtype)
             return res.samples, res.nfe
 
         record(target, steps, None, go)
@@ -698,7 +687,7 @@ def render(args, runs: List[Run], truths: Dict[str, Truth], cases: List[Tuple[st
                    "empty and the targets cover only what ran.")
     out.append("")
     out.append(
-        "Metrics against p_0 (see `benchmarks/common.py`): **(a)** moment KL = KL(w‖ŵ) + Σ_k w_k KL(N(μ̂_k, Σ̂_k) ‖ N(μ_k, Σ_k)) "
+        "Metrics against p_0 (see `sde_diffusion/testing/metrics.py`): **(a)** moment KL = KL(w‖ŵ) + Σ_k w_k KL(N(μ̂_k, Σ̂_k) ‖ N(μ_k, Σ_k)) "
         "with samples assigned to modes by their posterior under p_0 (nats; unbiased for true samples, → ∞ for collapsed modes); "
         "**(b)** sliced W2 (256 directions, vs true quantiles); **(c)** excess cross-entropy E[−log p_0] − H(p_0) "
         "(negative when samples crowd the modes, so never read alone). Floors: the same metrics for true samples of the same size "
@@ -760,7 +749,7 @@ def render(args, runs: List[Run], truths: Dict[str, Truth], cases: List[Tuple[st
     labels = [s.label for s in specs]
     for pname in dict.fromkeys(p for p, _ in cases):
         tr = truths[pname]
-        prob = tr.problem
+        prob = _STATE["problems"][pname]
         out.append(f"### {pname}: {prob.description}")
         out.append("")
         out.append(
@@ -775,7 +764,7 @@ def render(args, runs: List[Run], truths: Dict[str, Truth], cases: List[Tuple[st
             out.append(case_table(rs, labels, "mkl", grid))
             out.append("")
             for metric in ("sw2", "xent"):
-                out.append(f"<details><summary>{pname} / {s} — {common.METRIC_LABELS[metric]}</summary>")
+                out.append(f"<details><summary>{pname} / {s} — {METRIC_LABELS[metric]}</summary>")
                 out.append("")
                 out.append(case_table(rs, labels, metric, grid))
                 out.append("")
@@ -811,7 +800,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per sampler in the overhead table (best is kept)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
-    args.command = "python benchmarks/samplers.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.command = "python -m benchmarks.samplers " + " ".join(argv if argv is not None else sys.argv[1:])
     return args
 
 
@@ -835,13 +824,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t_start = time.perf_counter()
     problems = make_problems()
     sel_p = args.problems.split(",") if args.problems else (["ring8", "gmm16"] if args.quick else list(problems))
-    sel_s = args.sdes.split(",") if args.sdes else (["vp", "ve"] if args.quick else list(common.SDE_NAMES))
+    sel_s = args.sdes.split(",") if args.sdes else (["vp", "ve"] if args.quick else list(SDE_NAMES))
     for p in sel_p:
         if p not in problems:
             raise SystemExit(f"unknown problem {p!r}; choose from {', '.join(problems)}")
     for s in sel_s:
-        if s not in common.SDE_NAMES:
-            raise SystemExit(f"unknown SDE {s!r}; choose from {', '.join(common.SDE_NAMES)}")
+        if s not in SDE_NAMES:
+            raise SystemExit(f"unknown SDE {s!r}; choose from {', '.join(SDE_NAMES)}")
     args.nfe_grid = tuple(int(v) for v in args.nfe.split(",")) if args.nfe else (QUICK_NFE_GRID if args.quick else NFE_GRID)
     args.rtols = tuple(float(v) for v in args.rtols.split(",")) if args.rtols else (QUICK_RTOL_SWEEP if args.quick else RTOL_SWEEP)
     only = args.samplers.split(",") if args.samplers else None
@@ -863,9 +852,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for p in sel_p:
         prob = problems[p]
         n = args.n or (prob.n_quick if args.quick else prob.n_full)
-        for sde_name in sel_s:
-            common.check_evaluator(prob, make_sde(sde_name, prob))
-        truths[p] = Truth.build(prob, n, entropy_n=20_000 if args.quick else 100_000, ref_factor=10 if args.quick else 20)
+        truths[p] = Truth.build(prob.mixture, n, entropy_n=20_000 if args.quick else 100_000, ref_factor=10 if args.quick else 20)
         print(f"{p}: n={n}, floors " + ", ".join(f"{k}={fmt(a)}±{fmt(b)}" for k, (a, b) in truths[p].floor.items()), file=sys.stderr)
     _STATE.update(problems={p: problems[p] for p in sel_p}, truths=truths, dtype=getattr(torch, args.dtype), start=args.start,
                   nfe_grid=args.nfe_grid, rtols=args.rtols, verbose=args.verbose)

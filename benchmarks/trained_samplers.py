@@ -23,7 +23,7 @@ against which "the default must not lose" is judged.
 Usage::
 
     python -m sde_diffusion.demo --quiet                       # once: trains outputs/demo/{digits,toy}_run
-    python benchmarks/trained_samplers.py --seeds 3 --write    # → RESULTS.md, "Trained models"
+    python -m benchmarks.trained_samplers --seeds 3 --write    # → RESULTS.md, "Trained models"
 """
 from __future__ import annotations
 
@@ -34,18 +34,18 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import torch
+
+from sde_diffusion import sample
+from sde_diffusion.config import sampler_settings
+from sde_diffusion.jobs.model import load_model
+from sde_diffusion.samplers.defaults import default_sampler
+from sde_diffusion.score import DataRangeClip
+
+from .common import md_table, write_results_section
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-
-import torch  # noqa: E402
-
-from common import md_table, write_results_section  # noqa: E402
-from sde_diffusion import sample  # noqa: E402
-from sde_diffusion.config import sampler_settings  # noqa: E402
-from sde_diffusion.jobs.checkpoint import load_model  # noqa: E402
-from sde_diffusion.samplers.defaults import default_sampler  # noqa: E402
-from sde_diffusion.score import DataRangeClip  # noqa: E402
 
 NFES = (10, 20, 50)
 
@@ -150,13 +150,13 @@ def main() -> None:
         data = net.build_datamodule({}).reference(20000, torch.Generator().manual_seed(123))
         evaluate(label, net, lambda x: sliced_wasserstein(x, data, generator=torch.Generator().manual_seed(0)),
                  args.n_toy, args.seeds, 2000, rows)
-        sde = (net.train_cfg.get("sde") or {}).get("name")
+        sde = (net.training_record("sde")["sde"] or {}).get("name")
         return (f"{label} ({sde}), sliced W2 of {args.n_toy} samples against {len(data)} data points:\n\n"
                 + table(rows, label))
 
     if args.only_held_out:
         parts = [vector_table(label, run) for label, run in held_out]
-        text = "\n\n".join([f"Command: `python {' '.join(sys.argv)}`; {args.seeds} seeds, {time.time() - t0:.0f} s."] + parts)
+        text = "\n\n".join([f"Command: `python -m benchmarks.trained_samplers {' '.join(sys.argv[1:])}`; {args.seeds} seeds, {time.time() - t0:.0f} s."] + parts)
         print(text)
         return
 
@@ -173,7 +173,7 @@ def main() -> None:
              args.n_toy, args.seeds, 2000, rows)
 
     text = "\n".join([
-        f"Command: `python {' '.join(sys.argv)}`; {args.seeds} seeds (mean ± std across seeds), "
+        f"Command: `python -m benchmarks.trained_samplers {' '.join(sys.argv[1:])}`; {args.seeds} seeds (mean ± std across seeds), "
         f"{time.time() - t0:.0f} s. Models: `python -m sde_diffusion.demo --quiet` (digits 800 steps, moons 1500 steps, VP).",
         "", f"Digits, digits-FD of {args.n_digits} samples against the 1797 digits (lower is better):", "",
         table(rows, "digits"), "",

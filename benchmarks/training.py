@@ -1,8 +1,8 @@
 """Training benchmarks: Lightning overhead and digits sample quality versus training steps.
 
-    .venv/bin/python benchmarks/training.py                 # both parts, writes "## Training" in RESULTS.md
-    .venv/bin/python benchmarks/training.py --part throughput --steps 60
-    .venv/bin/python benchmarks/training.py --part quality --run-dir outputs/train/digits_vp/<run>
+    .venv/bin/python -m benchmarks.training                 # both parts, writes "## Training" in RESULTS.md
+    .venv/bin/python -m benchmarks.training --part throughput --steps 60
+    .venv/bin/python -m benchmarks.training --part quality --run-dir outputs/train/digits_vp/<run>
 
 Throughput: the same network, loss (dsm_terms with the config's options), AdamW + warm-up,
 gradient clipping at 1 and EMA (torch AveragedModel with the same foreach EMA update) run
@@ -33,12 +33,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from sde_diffusion.callbacks import EMA
+from sde_diffusion.demo import compose
+from sde_diffusion.fit import build_trainer
+from sde_diffusion.losses import dsm_terms
+from sde_diffusion.tasks.base import LinearWarmup
+from sde_diffusion.tasks.score import ScoreDiffusion
 
-from sde_diffusion.demo import compose  # noqa: E402
-from sde_diffusion.losses import dsm_terms  # noqa: E402
-from sde_diffusion.training import EMA, LinearWarmup, ScoreDiffusion, build_trainer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
@@ -216,7 +218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/training.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.training " + " ".join(argv if argv is not None else sys.argv[1:])
     blocks: Dict[str, str] = {}
     if args.part in ("all", "throughput"):
         rows = throughput(args.steps, args.warmup, args.repeats, args.out)
