@@ -6,11 +6,6 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-roundings test-all bench clean
 
-# The numerical modules again on torch's non-vectorised kernels (other roundings than AVX2/AVX-512):
-# a result that holds on only one set of roundings fails here.
-NUMERIC_TESTS := tests/test_sdes.py tests/test_samplers.py tests/test_fast_samplers.py tests/test_sampler_api.py \
-	tests/test_sampler_family.py tests/test_sampler_defaults.py tests/test_likelihood.py tests/test_ode.py tests/test_toy.py tests/test_score.py tests/test_losses.py
-
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: 2.13.0 installs from the local CPU wheel, offline.
@@ -24,8 +19,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The tests marked `numeric` (pytestmark = pytest.mark.numeric) again on torch's non-vectorised
+# kernels (other roundings than AVX2/AVX-512): a result that holds on only one set of roundings fails here.
 test-roundings: $(STAMP)
-	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q $(NUMERIC_TESTS)
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q -m 'numeric and not slow'
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''

@@ -31,7 +31,7 @@ from sde_diffusion.sdes import SDE, CosineVPSDE, LinearSDE, SubVPSDE, VESDE, VPS
 Tensor = torch.Tensor
 F64 = torch.float64
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.numeric, pytest.mark.usefixtures("single_thread")]
 
 
 class SteepLinearSDE(LinearSDE):

@@ -19,6 +19,8 @@ from sde_diffusion.likelihood import (
 )
 from sde_diffusion.toy import GaussianMixture
 
+pytestmark = pytest.mark.numeric
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # Small kernels on a shared 2-core machine: extra threads only add contention.

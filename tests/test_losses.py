@@ -28,6 +28,8 @@ from sde_diffusion.losses import (
 from sde_diffusion.score import eps_from_x0, v_from_eps_x0
 from sde_diffusion.sdes import VESDE, VPSDE, CosineVPSDE, SubVPSDE
 
+pytestmark = pytest.mark.numeric
+
 D = 3
 MU = torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64)
 _Q, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64))

@@ -16,7 +16,7 @@ import torch
 from sde_diffusion.ode import ODEResult, odeint_dopri5, odeint_fixed, odeint_scipy
 
 F64 = torch.float64
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.numeric, pytest.mark.usefixtures("single_thread")]
 
 
 def _a(t: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,8 @@ from sde_diffusion.samplers.grids import GRIDS
 from sde_diffusion.samplers.ode_samplers import ODEDopri5, ODEHeun, ODERK4, ODEScipy
 from sde_diffusion.sdes import SubVPSDE, VESDE, VPSDE
 
+pytestmark = pytest.mark.numeric
+
 F64 = torch.float64
 
 

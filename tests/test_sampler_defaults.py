@@ -13,7 +13,7 @@ from sde_diffusion.samplers import SAMPLERS, build_sampler
 from sde_diffusion.samplers.defaults import RULES, default_sampler, resolve_sampler, rules_table, sde_family
 from sde_diffusion.sdes import LinearSDE
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.numeric, pytest.mark.usefixtures("single_thread")]
 
 SDES = {
     "vp": VPSDE(),

@@ -1,20 +1,37 @@
-"""Every registered sampler, at its defaults, on draws from the random exact-score problem family
-(``GaussianMixture.random_family``): finite samples at every step count ≥ 1, on every process."""
+"""The exact-score test problems and metrics of ``sde_diffusion.testing``, and every registered
+sampler, at its defaults, on draws from the random problem family (``testing.random_family``):
+finite samples at every step count ≥ 1, on every process."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from sde_diffusion import CosineVPSDE, GaussianMixture, SubVPSDE, VESDE, VPSDE, sample
+from sde_diffusion import CosineVPSDE, GaussianMixture, VESDE, VPSDE, sample
+from sde_diffusion.metrics import wasserstein_1d
 from sde_diffusion.samplers import SAMPLERS
+from sde_diffusion.testing import (
+    SDE_NAMES,
+    Truth,
+    make_problems,
+    make_sde,
+    marginal_sample,
+    moment_kl,
+    projections,
+    random_family,
+    reference_quantiles,
+    sliced_w2,
+    whitened_moment_kl,
+)
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.numeric, pytest.mark.usefixtures("single_thread")]
 
 FAMILY_SEEDS = (0, 1, 3)  # D = 221 (3 modes), 3 (7 modes), 2 (9 modes)
 
 
 def test_family_spans_what_it_states() -> None:
-    draws = [GaussianMixture.random_family(s) for s in range(200)]
+    draws = [random_family(s) for s in range(200)]
     dims = [g.dim for g in draws]
     assert min(dims) == 2 and 200 <= max(dims) <= 256
     ratios = [float(g.weights.max() / g.weights.min()) for g in draws]
@@ -22,15 +39,16 @@ def test_family_spans_what_it_states() -> None:
     scales = torch.cat([g.eigvals.sqrt().flatten() for g in draws])
     assert float(scales.max() / scales.min()) > 100  # per-mode scales 1:100, times the anisotropy
     assert all(not torch.allclose(g.covs[0], torch.diag(torch.diagonal(g.covs[0]))) for g in draws[:5])  # full
-    again = GaussianMixture.random_family(7)
+    again = random_family(7)
     assert torch.equal(again.means, draws[7].means) and torch.equal(again.covs, draws[7].covs)
+    assert [(g.dim, g.num_components) for g in (draws[s] for s in FAMILY_SEEDS)] == [(221, 3), (3, 7), (2, 9)]
 
 
 @pytest.mark.parametrize("seed", FAMILY_SEEDS)
 @pytest.mark.parametrize("sde_name", ["vp", "subvp", "ve", "cosine_vp"])
 def test_every_sampler_is_finite_at_every_step_count(seed: int, sde_name: str) -> None:
-    gm = GaussianMixture.random_family(seed)
-    sde = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE(sigma_max=gm.diameter()), "cosine_vp": CosineVPSDE()}[sde_name]
+    gm = random_family(seed)
+    sde = CosineVPSDE() if sde_name == "cosine_vp" else make_sde(sde_name, gm.diameter())
     score_fn = gm.score_fn(sde)
     for name in SAMPLERS.names():
         for steps in (1, 2, 5):
@@ -38,3 +56,80 @@ def test_every_sampler_is_finite_at_every_step_count(seed: int, sde_name: str) -
             assert out.samples.shape == (16, gm.dim)
             assert torch.isfinite(out.samples).all(), (name, steps)
             assert out.nfe >= 1
+
+
+# --------------------------------------------------------------------------- problems
+def test_make_sde_and_the_benchmark_problems() -> None:
+    assert [type(make_sde(n, 7.0)).__name__ for n in SDE_NAMES] == ["VPSDE", "SubVPSDE", "VESDE"]
+    ve = make_sde("ve", 7.0)
+    assert isinstance(ve, VESDE) and ve.sigma_min == 0.01 and ve.sigma_max == 7.0
+    with pytest.raises(ValueError, match="unknown SDE 'cosine'"):
+        make_sde("cosine", 1.0)
+    problems = make_problems()
+    assert list(problems) == ["ring8", "grid25", "gmm16", "gmm64"]
+    assert [(p.mixture.dim, p.mixture.num_components) for p in problems.values()] == [(2, 8), (2, 25), (16, 10), (64, 8)]
+    grid = problems["grid25"].mixture
+    assert float(grid.weights.max() / grid.weights.min()) == pytest.approx(20.0)
+
+
+def test_marginal_sample_has_the_moments_of_p_t() -> None:
+    gm = GaussianMixture([1.0], [[1.0, -2.0]], [[0.5, 2.0]])
+    sde = VPSDE()
+    x = marginal_sample(gm, sde, 20_000, 0.5, torch.Generator().manual_seed(0), torch.float32)
+    assert x.dtype == torch.float32 and x.shape == (20_000, 2)
+    t = torch.tensor(0.5, dtype=torch.float64)
+    m, s = float(sde.mean_coeff(t)), float(sde.marginal_std(t))
+    var = torch.tensor([m * m * 0.5 + s * s, m * m * 2.0 + s * s])
+    mean = m * torch.tensor([1.0, -2.0])
+    assert ((x.mean(0) - mean).abs() <= 5 * (var / 20_000).sqrt()).all()
+    assert ((x.var(0) - var).abs() <= 5 * var * math.sqrt(2 / 20_000)).all()
+
+
+# --------------------------------------------------------------------------- metrics
+def test_whitened_moment_kl_floor_and_errors() -> None:
+    gm = random_family(3)  # 2-D, 9 modes
+    n = 4000
+    exact = [whitened_moment_kl(gm, gm.sample(n, torch.Generator().manual_seed(s))) for s in range(3)]
+    # Estimation noise only: about Σ_k w_k·D/n_k = K·D/n for exact draws.
+    assert max(exact) < 3 * gm.num_components * gm.dim / n
+    x = gm.sample(n, torch.Generator().manual_seed(9))
+    spread = whitened_moment_kl(gm, gm.mean() + 1.5 * (x - gm.mean()))
+    assert spread > 20 * max(exact)
+    x[0, 0] = float("nan")
+    assert whitened_moment_kl(gm, x) == math.inf
+
+
+def test_moment_kl_parts_and_collapse() -> None:
+    gm = GaussianMixture.ring(k=4, radius=3.0, std=0.3)
+    x = gm.sample(2000, torch.Generator().manual_seed(1))
+    total, weight, gauss = moment_kl(gm, x, parts=True)
+    assert total == pytest.approx(weight + gauss) and 0 <= total < 0.05
+    collapsed = gm.means[torch.arange(2000) % 4]  # every sample on its mode's mean
+    assert moment_kl(gm, collapsed) > 100 * total
+
+
+def test_sliced_w2_is_the_rms_quantile_gap() -> None:
+    gm = random_family(1)
+    n = 500
+    proj = projections(gm.dim, num=32, seed=0)
+    q = reference_quantiles(gm.sample(20 * n, torch.Generator().manual_seed(2)), proj, n)
+    assert bool((q[1:] >= q[:-1]).all())  # quantiles increase along each direction
+    x = gm.sample(n, torch.Generator().manual_seed(3))
+    direct = float(((torch.sort(x @ proj, dim=0).values - q) ** 2).mean().sqrt())
+    assert sliced_w2(x, q, proj) == pytest.approx(direct, rel=1e-12)
+    assert sliced_w2(x, q, proj) ** 2 == pytest.approx(float(wasserstein_1d(x @ proj, q).mean()), rel=1e-12)
+    assert sliced_w2(x + 1.0, q, proj) > 3 * sliced_w2(x, q, proj)
+    with pytest.raises(ValueError, match="needs 500 samples"):
+        sliced_w2(x[:10], q, proj)
+
+
+def test_truth_floors_are_the_metrics_of_exact_draws() -> None:
+    gm = GaussianMixture.ring(k=4, radius=3.0, std=0.3)
+    truth = Truth.build(gm, 300, repeats=3, entropy_n=5000, ref_factor=5)
+    assert set(truth.floor) == {"mkl", "sw2", "xent"}
+    assert all(math.isfinite(m) and math.isfinite(s) and s >= 0 for m, s in truth.floor.values())
+    # H(p_0) of four well separated modes: log 4 + the entropy of one 2-D Gaussian of std 0.3.
+    h = math.log(4) + 1 + math.log(2 * math.pi * 0.09)
+    assert abs(truth.entropy - h) < 5 * truth.entropy_se + 1e-3
+    far = truth.evaluate(gm.sample(300, torch.Generator().manual_seed(5)) * 2.0)
+    assert all(far[k] > truth.floor[k][0] + 5 * truth.floor[k][1] for k in ("mkl", "sw2"))

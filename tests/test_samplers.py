@@ -23,6 +23,8 @@ from sde_diffusion import GaussianMixture
 from sde_diffusion.samplers import SAMPLERS, build_sampler, sample
 from sde_diffusion.sdes import SDE, CosineVPSDE, SubVPSDE, VESDE, VPSDE
 
+pytestmark = pytest.mark.numeric
+
 N_SAMPLES = 2000
 N_FLOOR_PAIRS = 4
 SW_FACTOR = 2.5  # allowed multiple of the true-vs-true SW2 floor

@@ -29,7 +29,7 @@ from sde_diffusion.sdes import SubVPSDE, VESDE, VPSDE
 from sde_diffusion.toy import GaussianMixture
 
 F64 = torch.float64
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.numeric, pytest.mark.usefixtures("single_thread")]
 
 
 def _setup(gen: torch.Generator, per_sample: bool):

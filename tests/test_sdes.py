@@ -21,7 +21,7 @@ from sde_diffusion.sdes import SDE, SDES, CosineVPSDE, LinearSDE, SubVPSDE, VESD
 from sde_diffusion.toy import GaussianMixture
 
 F64 = torch.float64
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.numeric, pytest.mark.usefixtures("single_thread")]
 
 
 # --------------------------------------------------------------------------- user-defined processes
