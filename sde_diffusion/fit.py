@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Union
 
@@ -30,6 +30,7 @@ import lightning as L
 import torch
 
 from .checkpoints import CheckpointInfo, mark_finished, read
+from .io import write_json
 from .config import TrainConfig, instantiate, parse_train, to_plain
 from .preemption import Preempted, ResumeDataPosition, StopOnSignal
 from .registry import DATASETS, TASKS
@@ -165,7 +166,12 @@ def build_trainer(cfg: TrainConfig, output_dir: Path, callbacks: List[Any], logg
     from .preemption import AtomicCheckpointIO
 
     kwargs = {k: v for k, v in to_plain(cfg.trainer).items() if k not in ("name", "num_threads")}
+    if "accumulate_grad_batches" in kwargs:
+        raise ValueError("trainer.accumulate_grad_batches is derived from the global batch: set data.batch_size "
+                         "(examples per step, all processes together) and data.batch_per_device instead")
     kwargs.setdefault("plugins", [AtomicCheckpointIO()])
+    # The data modules split each global batch among the processes themselves (ResumableRandomSampler).
+    kwargs["use_distributed_sampler"] = False
     try:
         return L.Trainer(default_root_dir=str(output_dir), callbacks=callbacks, logger=loggers or False, **kwargs)
     except TypeError as err:
@@ -223,6 +229,12 @@ def fit(
     callbacks = (build_callbacks(cfg, out, samples=task.draws_samples) + task.callbacks(cfg, out)
                  + list(extra_callbacks) + [ResumeDataPosition(), StopOnSignal(out / "checkpoints")])
     trainer = build_trainer(cfg, out, callbacks, build_loggers(cfg, out))
+    if hasattr(dm, "batch_layout"):
+        layout = dm.batch_layout(trainer.world_size)
+        trainer.accumulate_grad_batches = layout.accumulate
+        if trainer.is_global_zero:
+            log.info("%s", layout.describe())
+            write_json(out / "batch_layout.json", asdict(layout))
     if ckpt_path is not None:
         log.info("continuing from %s", ckpt_path)
     with warnings.catch_warnings():

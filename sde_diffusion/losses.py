@@ -245,6 +245,7 @@ def dsm_terms(
     time_input: str = "i/N",
     t: Optional[Tensor] = None,
     noise: Optional[Tensor] = None,
+    u: Optional[Tensor] = None,
 ) -> DSMTerms:
     """Per-sample DSM terms for a batch ``x0 [B, ...]``; see the module docstring for the formulas.
 
@@ -263,6 +264,8 @@ def dsm_terms(
         time_input: network time of step i in the DDPM loss: ``"i/N"`` or ``"(i-1)/(N-1)"``.
         t, noise: fix the continuous times ``[B]`` and/or ε (tests, deterministic evaluation);
             with ``t`` given, ``"importance"`` weights it by g²/((T − eps) q̃(t)) as if drawn from q̃.
+        u: the uniform numbers ``[B]`` that t (or the DDPM step) is made from, instead of drawing
+            them (a process's slice of draws made for a whole global batch).
     """
     _check_options(weighting, prediction, reduction, time_input)
     if x0.dim() < 1 or x0.shape[0] == 0:
@@ -287,7 +290,8 @@ def dsm_terms(
             raise ValueError("t cannot be given with discrete_steps (the loss draws integer steps)")
         alpha_bars = ddpm_alpha_bars(sde, discrete_steps).to(device)
         N = int(discrete_steps)
-        u = uniform_draws(B, stratified, generator, device, torch.float64)
+        if u is None:
+            u = uniform_draws(B, stratified, generator, device, torch.float64)
         i = (u * N).long().clamp(0, N - 1) + 1  # i ~ U{1..N}
         ab = alpha_bars[i - 1]
         m, sigma = ab.sqrt().to(dtype), (1 - ab).clamp(min=0).sqrt().to(dtype)
@@ -298,7 +302,8 @@ def dsm_terms(
         lam_over_sigma2 = torch.ones_like(sigma)
     else:
         if t is None:
-            u = uniform_draws(B, stratified, generator, device, dtype)
+            if u is None:
+                u = uniform_draws(B, stratified, generator, device, dtype)
             if weighting == "importance":
                 t = importance_sampler(sde, eps).sample(u)
             else:

@@ -106,9 +106,11 @@ class ResumeDataPosition(Callback):
 
     def on_train_start(self, trainer: "L.Trainer", pl_module: Any) -> None:
         loop = trainer.fit_loop
-        if not loop.restarted_mid_epoch or loop._combined_loader is None:
+        progress = loop.epoch_loop.batch_progress
+        # A checkpoint of an epoch's last batch continues with the next epoch, from its start.
+        if not loop.restarted_mid_epoch or progress.is_last_batch or loop._combined_loader is None:
             return
-        done = int(loop.epoch_loop.batch_progress.current.processed)  # saved at train-batch end: completed lags by one
+        done = int(progress.current.processed)  # saved at train-batch end: completed lags by one
         for loader in loop._combined_loader.flattened:
             sampler = getattr(loader, "sampler", None)
             if hasattr(sampler, "skip") and getattr(loader, "batch_size", None):

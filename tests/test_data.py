@@ -365,6 +365,8 @@ def test_folder_errors(tmp_path):
 def test_every_data_config_builds(tmp_path):
     from hydra import compose, initialize_config_dir
 
+    import sde_diffusion.config  # noqa: F401  (registers the schema conf/train.yaml composes on)
+
     names = sorted(p.stem for p in CONF_DATA.glob("*.yaml"))
     assert {"toy2d", "swiss_roll", "moons", "8gaussians", "checkerboard", "gmm", "digits", "cifar10", "folder"} <= set(names)
     with initialize_config_dir(config_dir=str(CONF_DATA.parent), version_base="1.3"):
@@ -374,7 +376,7 @@ def test_every_data_config_builds(tmp_path):
             # Each data set brings the network that suits it.
             brought = {"digits": "unet_small", "cifar10": "ddpmpp_cifar10", "folder": "unet"}.get(name, "mlp")
             assert full.hydra.runtime.choices.model == brought, name
-            cfg = dict(full.data)
+            cfg = {k: v for k, v in dict(full.data).items() if k != "_target_"}
             dm = DATASETS.build(cfg.pop("name"), **cfg)
             assert isinstance(dm.data_shape, tuple) and isinstance(dm.is_image, bool)
             if name in TOY_DATASETS:

@@ -25,7 +25,10 @@ TINY_UNET = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
 
 def _build_from_conf(file: str, data_shape, num_classes=None, **overrides):
     cfg = OmegaConf.load(CONF / file)
-    kwargs = {k: v for k, v in cfg.items() if k != "name"}
+    for base in cfg.pop("defaults", []):  # a preset: its base file, then its own keys on top
+        if base != "_self_":
+            cfg = OmegaConf.merge(OmegaConf.load(CONF / f"{base}.yaml"), cfg)
+    kwargs = {k: v for k, v in cfg.items() if k not in ("name", "defaults")}
     kwargs.update(overrides)
     return build_model(cfg.name, data_shape, num_classes, **kwargs)
 

@@ -227,7 +227,7 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     """
     run = tmp_path / "ddp"
     common = [
-        "data=moons", "data.n=2048", "data.batch_size=64", "model=mlp", "model.hidden=32",
+        "data=moons", "data.n=2048", "data.batch_size=128", "model=mlp", "model.hidden=32",
         "callbacks.checkpoint.every_n_steps=3", "callbacks.loss_by_t.every_n_steps=3", f"run_dir={run}",
         "callbacks.samples.every_n_steps=0", "callbacks.samples.num_samples=64", "callbacks.samples.steps=5",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "callbacks.extra=[ddp_probe:DDPProbe]",
@@ -243,7 +243,8 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
 
     ranks = [json.loads((run / "probe" / f"rank{r}_from0.json").read_text()) for r in (0, 1)]
     assert [p["world_size"] for p in ranks] == [2, 2] and [p["end_step"] for p in ranks] == [6, 6]
-    # Different data on the two ranks: at every step their batches share no example.
+    # data.batch_size is the global batch: 64 examples on each of the two ranks, and at every
+    # step their batches share no example.
     assert len(ranks[0]["batches"]) == len(ranks[1]["batches"]) == 6
     for b0, b1 in zip(ranks[0]["batches"], ranks[1]["batches"]):
         assert len(b0) == len(b1) == 64 and not set(b0) & set(b1)
@@ -252,6 +253,7 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     assert ranks[0]["start_sha"] == ranks[1]["start_sha"] != ranks[0]["params_sha"]
     # Rank 0 alone wrote: one file per checkpoint (no per-rank or versioned copies), one figure, one marker.
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step_0000003.ckpt", "step_0000006.ckpt"]
+    assert json.loads((run / "batch_layout.json").read_text()) == {"batch": 128, "world_size": 2, "micro": 64, "accumulate": 1}
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 6 and ckpt["hyper_parameters"]["cfg"]["trainer"]["strategy"] == "ddp"
     # The checkpoint holds those very weights (the trained ones; the EMA is stored beside them).
@@ -531,3 +533,52 @@ def test_last_checkpoint_on_a_clock_and_every_n_steps(tmp_path: Path) -> None:
     assert not list((tmp_path / "checkpoints").glob(".*.tmp"))  # nothing half-written left behind
     with pytest.raises(ValueError, match="last_every_minutes must be positive"):
         train(compose(QUIET + ["callbacks.checkpoint.last_every_minutes=0"]), tmp_path / "x")
+
+
+# ---------------------------------------------------------------------------------- the global batch
+def test_the_global_batch_trains_alike_on_one_process_with_accumulation_and_on_two(tmp_path: Path) -> None:
+    # data.batch_size is the batch of one optimiser step whatever holds it: one process, one process
+    # accumulating 4 micro-batches, or 2 DDP processes accumulating 2 each. After 3 steps the
+    # weights agree up to float rounding (a network without dropout: its draws are per process).
+    # optim.eps=1 makes Adam's step ≈ lr·g/(|g| + 1), smooth in g: with the default eps its first
+    # steps are ≈ lr·sign(g), which rounding flips wherever a gradient entry is ≈ 0.
+    common = [sys.executable, str(ROOT / "train.py"), "data=moons", "data.n=512", "data.batch_size=64",
+              "model.hidden=16", "trainer.max_steps=3", "optim.warmup_steps=0", "optim.lr=0.1", "optim.eps=1.0",
+              "trainer.enable_progress_bar=false", "callbacks.samples.enabled=false", "ema.enabled=false",
+              "trainer.val_check_interval=1000", "loss.stratified=true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+    def weights(name: str, *extra: str) -> torch.Tensor:
+        run = tmp_path / name
+        proc = subprocess.run(common + [f"run_dir={run}", *extra], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        return state_vector(ckpt["state_dict"]), json.loads((run / "batch_layout.json").read_text())
+
+    one, layout1 = weights("one")
+    acc, layout_acc = weights("acc", "data.batch_per_device=16")
+    ddp, layout_ddp = weights("ddp", "data.batch_per_device=16", "trainer=ddp", "trainer.accelerator=cpu",
+                              "trainer.devices=2")
+    other, _ = weights("other_seed", "seed=1")
+    assert layout1 == {"batch": 64, "world_size": 1, "micro": 64, "accumulate": 1}
+    assert layout_acc == {"batch": 64, "world_size": 1, "micro": 16, "accumulate": 4}
+    assert layout_ddp == {"batch": 64, "world_size": 2, "micro": 16, "accumulate": 2}
+    moved = (one - state_vector(torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", map_location="cpu",
+                                           weights_only=False)["state_dict"])).abs().max()
+    assert moved == 0
+    torch.testing.assert_close(acc, one, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ddp, one, rtol=1e-5, atol=1e-6)
+    assert (other - one).abs().max() > 1e-3  # the tolerance separates a different run
+
+
+def test_batch_layout_refuses_sizes_that_do_not_divide() -> None:
+    from sde_diffusion.data.toy2d import Toy2DDataModule
+
+    dm = Toy2DDataModule(dataset="moons", n=256, batch_size=96, batch_per_device=40)
+    assert (dm.batch_layout(1).micro, dm.batch_layout(1).accumulate) == (32, 3)   # 96 = 3 x 32 <= 40
+    assert (dm.batch_layout(2).micro, dm.batch_layout(2).accumulate) == (24, 2)   # 48 per process = 2 x 24
+    with pytest.raises(ValueError, match="must be divisible by the 5 processes"):
+        dm.batch_layout(5)
+    with pytest.raises(ValueError, match="accumulate_grad_batches is derived from the global batch"):
+        train(compose(QUIET + ["+trainer.accumulate_grad_batches=2"]), Path("/nonexistent/never"))

@@ -15,6 +15,7 @@ augmentation and dequantisation noise differ between epochs.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import lightning as L
@@ -109,18 +110,24 @@ def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
 
 
 class ResumableRandomSampler(Sampler[int]):
-    """A new random order of ``range(n)`` every epoch that a resumed run can re-enter mid-epoch.
+    """A new random order of ``range(n)`` every epoch, split among processes by global batch, that a
+    resumed run can re-enter mid-epoch.
 
     The orders are those a ``DataLoader(shuffle=True, generator=<seeded with seed>)`` gives (per
     epoch its iterator draws a base seed, then its ``RandomSampler`` two permutations, using the
-    first), but found from the epoch number (Lightning calls :meth:`set_epoch`), so a restarted
-    process finds them again. ``skip`` leaves
-    out the first indices of the next iteration only: the batches a resumed run has already
-    trained on in its current epoch.
+    first), found from the epoch number (Lightning calls :meth:`set_epoch`), so a restarted process
+    finds them again. With ``world_size`` processes, each global batch of ``batch`` consecutive
+    indices of the order is cut into ``world_size`` equal parts and process ``rank`` takes part
+    ``rank``, so the processes together see exactly what one process with the whole batch would;
+    a last global batch too short to split is left out. ``skip`` leaves out the first indices of
+    the next iteration only: what a resumed run has already trained on in its current epoch.
     """
 
-    def __init__(self, n: int, seed: int) -> None:
+    def __init__(self, n: int, seed: int, batch: Optional[int] = None, world_size: int = 1, rank: int = 0) -> None:
         self.n, self.seed = int(n), int(seed)
+        self.batch, self.world_size, self.rank = (int(batch) if batch else None), int(world_size), int(rank)
+        if self.world_size > 1 and (self.batch is None or self.batch % self.world_size):
+            raise ValueError(f"a global batch of {batch} cannot be split among {world_size} processes")
         self.epoch = 0
         self.skip = 0
         self._gen = torch.Generator().manual_seed(self.seed)
@@ -130,7 +137,7 @@ class ResumableRandomSampler(Sampler[int]):
         self.epoch = int(epoch)
 
     def order(self, epoch: int) -> Tensor:
-        """The order of epoch ``epoch``."""
+        """The order of epoch ``epoch`` (all processes')."""
         if epoch < self._drawn:  # a restart, or an epoch seen before: replay from the seed
             self._gen, self._drawn = torch.Generator().manual_seed(self.seed), 0
         while True:
@@ -141,19 +148,45 @@ class ResumableRandomSampler(Sampler[int]):
             if self._drawn > epoch:
                 return order
 
+    def indices(self, epoch: int) -> Tensor:
+        """This process's indices of epoch ``epoch``, in order."""
+        order = self.order(epoch)
+        if self.world_size == 1:
+            return order
+        whole = (self.n // self.batch) * self.batch
+        part = self.batch // self.world_size
+        return order[:whole].view(-1, self.world_size, part)[:, self.rank].reshape(-1)
+
     def __iter__(self) -> Iterator[int]:
         skip, self.skip = self.skip, 0
-        return iter(self.order(self.epoch)[skip:].tolist())
+        return iter(self.indices(self.epoch)[skip:].tolist())
 
     def __len__(self) -> int:
-        return self.n
+        return self.n if self.world_size == 1 else (self.n // self.batch) * (self.batch // self.world_size)
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a global batch is cut: ``world_size`` processes × ``accumulate`` micro-batches of ``micro``."""
+
+    batch: int
+    world_size: int
+    micro: int
+    accumulate: int
+
+    def describe(self) -> str:
+        return (f"global batch {self.batch} = {self.world_size} process(es) x {self.accumulate} accumulated "
+                f"micro-batch(es) of {self.micro}")
 
 
 class BaseDataModule(L.LightningDataModule):
     """Common machinery; see the module docstring for what a subclass provides.
 
     Args:
-        batch_size: examples per batch (train and val).
+        batch_size: examples per optimiser step, over all processes together (the global batch;
+            validation batches have this size on each process).
+        batch_per_device: the most one process holds at once; a larger share is reached by
+            gradient accumulation (:meth:`batch_layout`). None: no cap.
         num_workers: DataLoader worker processes (0 = load in the main process).
         seed: fixes the data itself where generated, the train/val split and the shuffling.
         val_fraction: share of the data held out for validation, where the set has no official
@@ -164,9 +197,11 @@ class BaseDataModule(L.LightningDataModule):
     num_classes: Optional[int]
     is_image: bool
 
-    def __init__(self, batch_size: int = 128, num_workers: int = 0, seed: int = 0, val_fraction: float = 0.1) -> None:
+    def __init__(self, batch_size: int = 128, num_workers: int = 0, seed: int = 0, val_fraction: float = 0.1,
+                 batch_per_device: Optional[int] = None) -> None:
         super().__init__()
         self.batch_size = _check_positive_int("batch_size", batch_size)
+        self.batch_per_device = None if batch_per_device is None else _check_positive_int("batch_per_device", batch_per_device)
         self.num_workers = _check_positive_int("num_workers", num_workers, minimum=0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
@@ -202,11 +237,29 @@ class BaseDataModule(L.LightningDataModule):
         assert self._val is not None
         return self._val
 
+    def batch_layout(self, world_size: int = 1) -> BatchLayout:
+        """The global batch cut among ``world_size`` processes and, above ``batch_per_device``, into
+        accumulated micro-batches; a ValueError says which sizes would divide evenly."""
+        per_process, rest = divmod(self.batch_size, world_size)
+        if rest:
+            raise ValueError(f"data.batch_size={self.batch_size} (the global batch) must be divisible by the "
+                             f"{world_size} processes; use a multiple of {world_size}")
+        cap = self.batch_per_device or per_process
+        accumulate = -(-per_process // cap)
+        while per_process % accumulate:
+            accumulate += 1
+        return BatchLayout(self.batch_size, world_size, per_process // accumulate, accumulate)
+
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        world, rank = 1, 0
+        trainer = getattr(self, "trainer", None)
+        if train and trainer is not None:
+            world, rank = int(trainer.world_size), int(trainer.global_rank)
+        layout = self.batch_layout(world) if train else None
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
-            sampler=ResumableRandomSampler(len(dataset), self.seed) if train else None,  # type: ignore[arg-type]
+            batch_size=layout.micro if train else self.batch_size,
+            sampler=ResumableRandomSampler(len(dataset), self.seed, self.batch_size, world, rank) if train else None,  # type: ignore[arg-type]
             # The iterator's worker base seed comes from here, not from the global generator.
             generator=torch.Generator().manual_seed(self.seed) if train else None,
             num_workers=self.num_workers,

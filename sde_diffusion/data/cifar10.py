@@ -214,7 +214,7 @@ class CIFAR10DataModule(ImageDataModule):
         download: fetch the archive (MD5-checked) when it is missing.
         random_flip: random horizontal flips of training batches (default on).
         centered, uniform_dequantization: see ``ImageDataModule``.
-        batch_size, num_workers, seed: see ``BaseDataModule``.
+        batch_size, batch_per_device, num_workers, seed: see ``BaseDataModule``.
 
     ``reference(n)`` draws from the training images (the usual convention for FID statistics).
     """
@@ -228,6 +228,7 @@ class CIFAR10DataModule(ImageDataModule):
         root: Optional[PathLike] = None,
         download: bool = False,
         batch_size: int = 128,
+        batch_per_device: Optional[int] = None,
         num_workers: int = 2,
         seed: int = 0,
         random_flip: bool = True,
@@ -239,6 +240,7 @@ class CIFAR10DataModule(ImageDataModule):
             uniform_dequantization=uniform_dequantization,
             random_flip=random_flip,
             batch_size=batch_size,
+            batch_per_device=batch_per_device,
             num_workers=num_workers,
             seed=seed,
             val_fraction=0.0,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 from importlib import resources
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
@@ -74,7 +74,7 @@ class DigitsDataModule(ImageDataModule):
         uniform_dequantization: x₀₁ = (v + u)/17, u ~ U(0, 1), instead of v/16.
         random_flip: off by default (mirrored digits are not digits).
         val_fraction: held-out share (default 0.1 → 180 images).
-        batch_size, num_workers, seed: see ``BaseDataModule``.
+        batch_size, batch_per_device, num_workers, seed: see ``BaseDataModule``.
     """
 
     num_classes = 10
@@ -84,6 +84,7 @@ class DigitsDataModule(ImageDataModule):
         self,
         size: int = 8,
         batch_size: int = 128,
+        batch_per_device: Optional[int] = None,
         num_workers: int = 0,
         seed: int = 0,
         val_fraction: float = 0.1,
@@ -96,6 +97,7 @@ class DigitsDataModule(ImageDataModule):
             uniform_dequantization=uniform_dequantization,
             random_flip=random_flip,
             batch_size=batch_size,
+            batch_per_device=batch_per_device,
             num_workers=num_workers,
             seed=seed,
             val_fraction=val_fraction,

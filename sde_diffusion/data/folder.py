@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -88,7 +88,7 @@ class FolderDataModule(ImageDataModule):
         val_fraction: seeded random share of the files held out for validation.
         random_flip: random horizontal flips of training batches.
         centered, uniform_dequantization: see ``ImageDataModule``.
-        batch_size, num_workers, seed: see ``BaseDataModule``.
+        batch_size, batch_per_device, num_workers, seed: see ``BaseDataModule``.
     """
 
     num_classes = None
@@ -101,6 +101,7 @@ class FolderDataModule(ImageDataModule):
         channels: int = 3,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         batch_size: int = 64,
+        batch_per_device: Optional[int] = None,
         num_workers: int = 2,
         seed: int = 0,
         val_fraction: float = 0.05,
@@ -113,6 +114,7 @@ class FolderDataModule(ImageDataModule):
             uniform_dequantization=uniform_dequantization,
             random_flip=random_flip,
             batch_size=batch_size,
+            batch_per_device=batch_per_device,
             num_workers=num_workers,
             seed=seed,
             val_fraction=val_fraction,

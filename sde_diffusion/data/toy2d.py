@@ -189,7 +189,7 @@ class Toy2DDataModule(BaseDataModule):
         n: training-set size.
         n_val: validation-set size (default: n // 10).
         noise, normalize, mixture, components, radius, mixture_seed: see ``Toy2D``.
-        batch_size, num_workers, seed: see ``BaseDataModule``.
+        batch_size, batch_per_device, num_workers, seed: see ``BaseDataModule``.
     """
 
     is_image = False
@@ -209,8 +209,10 @@ class Toy2DDataModule(BaseDataModule):
         batch_size: int = 512,
         num_workers: int = 0,
         seed: int = 0,
+        batch_per_device: Optional[int] = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, val_fraction=0.0)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, val_fraction=0.0,
+                         batch_per_device=batch_per_device)
         self.toy = Toy2D(dataset, noise=noise, normalize=normalize, mixture=mixture, components=components, radius=radius, mixture_seed=mixture_seed)
         self.dataset_name = dataset
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:

@@ -25,7 +25,7 @@ import copy
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import lightning as L
 import torch
@@ -35,7 +35,7 @@ from ..callbacks import find_ema
 from ..checkpoints import CheckpointInfo
 from ..config import TrainConfig, instantiate, saved_train_config, to_plain
 from ..fit import FitResult, Task, fit
-from ..losses import DSMTerms, dsm_terms
+from ..losses import DSMTerms, dsm_terms, uniform_draws
 from ..registry import MODELS, SDES, TASKS
 from ..score import ScoreModel
 from .base import LatentSpace, adamw_with_warmup, seeded, step_seed
@@ -148,11 +148,32 @@ class ScoreDiffusion(LatentSpace, L.LightningModule):
     def _rank(self) -> int:
         return self.global_rank if self._trainer is not None else 0
 
+    def _layout(self) -> Tuple[int, int, int]:
+        """(processes, this process's rank, accumulated micro-batches per step)."""
+        if self._trainer is None:
+            return 1, 0, 1
+        return int(self.trainer.world_size), int(self.trainer.global_rank), int(self.trainer.accumulate_grad_batches)
+
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Dict[str, Tensor]:
         x, y = self.to_model_space(batch[0]), (batch[1] if len(batch) > 1 else None)
-        seed = step_seed(self.seed, "train", self.global_step, batch_idx, self._rank())
-        with seeded(seed, x.device):
-            terms = self.dsm_terms(x, y, self.label_dropout)
+        # The draws (label dropout, ε, t) are made for the whole global batch and this micro-batch
+        # takes its slice, so any split among processes and accumulated micro-batches trains on the
+        # same numbers as one process holding the whole batch.
+        world, rank, accumulate = self._layout()
+        a, b = batch_idx % accumulate, x.shape[0]
+        size, start = b * world * accumulate, (rank * accumulate + a) * b
+        part = slice(start, start + b)
+        opts = self.loss_options
+        with seeded(step_seed(self.seed, "train", self.global_step, batch_idx // accumulate, 0), x.device):
+            if self.num_classes is not None and y is not None and self.label_dropout > 0:
+                drop = (torch.rand(size, device=y.device) < self.label_dropout)[part]
+                y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+            elif self.num_classes is None:
+                y = None
+            noise = torch.randn((size, *x.shape[1:]), device=x.device, dtype=x.dtype)[part]
+            u_dtype = torch.float64 if opts["discrete_steps"] is not None else x.dtype
+            u = uniform_draws(size, opts["stratified"], None, x.device, u_dtype)[part]
+            terms = dsm_terms(self.sde, self.net, x, y=y, noise=noise, u=u, **opts)
         loss = terms.loss.mean()
         # Lightning writes step metrics every log_every_n_steps; a self.log call costs ~1 ms, which
         # is noticeable next to a small network's step, so only the steps that are written log.
