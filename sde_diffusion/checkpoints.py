@@ -30,10 +30,10 @@ AUTOENCODER_KIND = "autoencoder"
 KIND_MARKERS = {"score": None, "classifier": CLASSIFIER_KIND, "autoencoder": AUTOENCODER_KIND}
 # What each kind is, and where it belongs, for the refusal messages.
 _WHAT = {
-    "score": "a score-model checkpoint (python train.py; sample.py ckpt=)",
-    "classifier": "a noisy-classifier checkpoint (python train.py task=classifier; sample.py guidance.classifier=)",
-    "autoencoder": "an autoencoder checkpoint (python train.py task=autoencoder; train.py latent=): it encodes "
-                   "and decodes images but draws no samples",
+    "score": "a score-model checkpoint (python train.py; it goes to sample.py ckpt=)",
+    "classifier": "a noisy-classifier checkpoint (python train.py task=classifier; it goes to guidance.classifier=)",
+    "autoencoder": "an autoencoder checkpoint (python train.py task=autoencoder; it encodes and decodes images but "
+                   "draws no samples; it goes to latent=)",
 }
 FINISHED = "finished.json"
 
@@ -139,25 +139,28 @@ def read(ckpt: Union[str, Path, None], kind: Optional[str] = None, key: str = "c
     return info
 
 
-_NOUN = {"score": "a score-model checkpoint", "classifier": "a noisy-classifier checkpoint",
+_NOUN = {"score": "a score model", "classifier": "a noisy-classifier checkpoint",
          "autoencoder": "an autoencoder checkpoint"}
 _WANT = {
-    "score": "give a score model's run or .ckpt (python train.py) here",
+    "score": "give a score model's run or .ckpt (python train.py) as ckpt=, and a classifier as guidance.classifier=",
     "classifier": "train a classifier with `python train.py task=classifier data=<the model's data>`",
     "autoencoder": "train one with `python train.py task=autoencoder`",
 }
 
 
-def load(ckpt: Union[str, Path, None], kind: str = "score", map_location: Any = "cpu", key: str = "ckpt",
-         **options: Any) -> Any:
+def load(ckpt: Union[str, Path, CheckpointInfo, None], kind: str = "score", map_location: Any = "cpu",
+         key: str = "ckpt", **options: Any) -> Any:
     """The trained LightningModule of ``ckpt`` (eval mode), after :func:`read` checked its kind.
 
-    ``options`` go to the task's loader (e.g. ``latent=<moved autoencoder run>`` for latent models).
-    A network that does not fit its stored config is a ValueError naming the config.
+    ``ckpt`` may be what :func:`read` returned (the file is then not read twice). ``options`` go to
+    the task's loader (e.g. ``latent=<moved autoencoder run>`` for latent models). A network that
+    does not fit its stored config is a ValueError naming the config.
     """
     from .registry import TASKS
 
-    info = read(ckpt, kind=kind, key=key)
+    info = ckpt if isinstance(ckpt, CheckpointInfo) else read(ckpt, kind=kind, key=key)
+    if info.kind != kind:
+        raise ValueError(f"{key}: {info.path} is {_WHAT[info.kind]}, not {_NOUN[kind]}; {_WANT[kind]}")
     try:
         module = TASKS.get(kind)().load_module(info, map_location=map_location, **options)
     except RuntimeError as err:

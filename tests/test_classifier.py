@@ -417,7 +417,7 @@ def test_sample_py_rejects_mismatched_or_swapped_checkpoints(gmm_run: Any, gmm_s
     # The two kinds of checkpoint swapped.
     with pytest.raises(ValueError, match=r"is a noisy-classifier checkpoint .*not a score model.*guidance\.classifier="):
         run(guided_cfg(clf_ckpt, *base))
-    with pytest.raises(ValueError, match=r"guidance.classifier=.*is not a noisy-classifier checkpoint \(a score model's"):
+    with pytest.raises(ValueError, match=r"guidance.classifier=.*is a score-model checkpoint .*, not a noisy-classifier checkpoint"):
         run(guided_cfg(gmm_score_run, f"guidance.classifier={score_ckpt}", "label=1", *base))
     with pytest.raises(ValueError, match=r"is a score-model checkpoint \(.*\), not a noisy-classifier checkpoint"):
         load_classifier(score_ckpt)

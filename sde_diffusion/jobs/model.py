@@ -30,15 +30,6 @@ from ..registry import DATASETS
 PathLike = Union[str, Path]
 CHECKED_GROUPS = ("sde", "model")
 
-# ckpt= given a checkpoint of another kind: what it is, and where it belongs.
-_NOT_A_SCORE_MODEL = {
-    "classifier": "is a noisy-classifier checkpoint (python train.py task=classifier), not a score model: give a score "
-                  "model's run or .ckpt as ckpt=, and the classifier as guidance.classifier=<path>",
-    "autoencoder": "is an autoencoder checkpoint (python train.py task=autoencoder): it encodes and decodes images "
-                   "but draws no samples; give a score model's run or .ckpt as ckpt=",
-}
-
-
 def _fmt(node: Any) -> str:
     if isinstance(node, Mapping):
         return "{" + ", ".join(f"{k}: {v}" for k, v in node.items()) + "}"
@@ -157,12 +148,10 @@ def load_model(ckpt: Optional[PathLike], device: Union[str, torch.device] = "cpu
     checkpoint before any weights load (see the module docstring). ``latent`` is a moved copy of a
     latent model's autoencoder (it must have the recorded weights).
     """
-    info = checkpoints.read(ckpt, key="ckpt")
-    if info.kind != "score":
-        raise ValueError(f"ckpt={ckpt}: {info.path} {_NOT_A_SCORE_MODEL[info.kind]}")
+    info = checkpoints.read(ckpt, kind="score", key="ckpt")
     if sde is not None or model is not None or data is not None:
         check_requested(info.train_config, info.path, sde=sde, model=model, data=data)
-    module = checkpoints.load(info.path, kind="score", key="ckpt", latent=str(latent) if latent else None)
+    module = checkpoints.load(info, kind="score", latent=str(latent) if latent else None)
     module = module.to(device=torch.device(device), dtype=dtype).eval()
     module.requires_grad_(False)
     if module.ema is not None:
@@ -217,13 +206,8 @@ def load_guidance_classifier(path: Optional[PathLike], model: LoadedModel, label
     class-conditional score model the class counts agree. The classifier is put on
     ``device``/``dtype`` in eval mode with frozen parameters (gradients with respect to x still flow).
     """
-    info = checkpoints.read(path, key="guidance.classifier")
+    info = checkpoints.read(path, kind="classifier", key="guidance.classifier")
     file = info.path
-    if info.kind != "classifier":
-        raise ValueError(
-            f"guidance.classifier={path}: {file} is not a noisy-classifier checkpoint (a score model's checkpoint "
-            "goes to ckpt=); train a classifier with `python train.py task=classifier data=<the model's data>`"
-        )
     clf_sde, model_sde = _group(info.train_config.sde), _group(model.train_config.sde)
     keys = sorted(set(clf_sde) | set(model_sde))
     diff = [k for k in keys if not _same_value(clf_sde.get(k, "<unset>"), model_sde.get(k, "<unset>"))]
@@ -252,7 +236,7 @@ def load_guidance_classifier(path: Optional[PathLike], model: LoadedModel, label
         )
     # A latent classifier shares the score model's (verified) autoencoder, wherever it now lives.
     codec_path = str(model.module.codec.path) if model.is_latent and model.module.codec.path is not None else None
-    clf = checkpoints.load(file, kind="classifier", key="guidance.classifier", latent=codec_path)
+    clf = checkpoints.load(info, kind="classifier", latent=codec_path)
     clf = clf.to(device=torch.device(device), dtype=dtype).eval()
     clf.requires_grad_(False)
     return LoadedClassifier(module=clf, path=file, global_step=info.global_step, num_classes=num_classes)
