@@ -18,8 +18,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterator, List, Mapping, Optional, Tuple
@@ -31,8 +29,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from . import plots
 from .config import EmaConfig, TrainConfig, instantiate, to_plain
 from .config.schema import LossByTimeCallbackConfig, SamplesCallbackConfig
+from .io import copy_file
 from .preemption import last_checkpoint_callbacks
 from .registry import SDES
 
@@ -127,80 +127,6 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 
 
 
-def _atomic_savefig(fig: Any, path: Path, dpi: int = 100) -> Path:
-    """Write ``fig`` as PNG to ``path`` via a temporary file and a rename (readers never see half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def _figure(width: float, height: float) -> Any:
-    # The object-oriented API without pyplot: no global figure state, no GUI backend.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def image_grid(images: Tensor, nrow: Optional[int] = None, pad: int = 1) -> Tensor:
-    """Tile ``images [N, C, H, W]`` (values in [0, 1]) into one ``[H', W', C]`` array, ``nrow`` per row."""
-    if images.dim() != 4:
-        raise ValueError(f"images must have shape [N, C, H, W], got {tuple(images.shape)}")
-    n, c, h, w = images.shape
-    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
-    rows = int(math.ceil(n / nrow))
-    grid = torch.ones(c, rows * (h + pad) + pad, nrow * (w + pad) + pad, dtype=images.dtype)
-    for i in range(n):
-        r, k = divmod(i, nrow)
-        top, left = pad + r * (h + pad), pad + k * (w + pad)
-        grid[:, top : top + h, left : left + w] = images[i]
-    return grid.permute(1, 2, 0)
-
-
-def save_image_grid(images: Tensor, path: Path, nrow: Optional[int] = None, title: Optional[str] = None) -> Path:
-    """PNG grid of ``images [N, C, H, W]`` in [0, 1] (clamped); grey for C = 1."""
-    grid = image_grid(images.detach().float().clamp(0, 1).cpu(), nrow).numpy()
-    size = max(3.0, min(12.0, grid.shape[1] / 12))
-    fig = _figure(size, size * grid.shape[0] / grid.shape[1] + (0.3 if title else 0))
-    ax = fig.add_axes((0, 0, 1, 0.94 if title else 1))
-    if grid.shape[2] == 1:
-        ax.imshow(grid[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    else:
-        ax.imshow(grid, interpolation="nearest")
-    ax.set_axis_off()
-    if title:
-        fig.suptitle(title, fontsize=9)
-    return _atomic_savefig(fig, Path(path))
-
-
-def save_scatter(samples: Tensor, reference: Tensor, path: Path, title: Optional[str] = None) -> Path:
-    """Two panels, data and samples (first two coordinates), on the same axes."""
-    s = samples.detach().float().reshape(samples.shape[0], -1)[:, :2].cpu().numpy()
-    r = reference.detach().float().reshape(reference.shape[0], -1)[:, :2].cpu().numpy()
-    both = torch.as_tensor(r)
-    lo, hi = both.quantile(0.001, dim=0).numpy(), both.quantile(0.999, dim=0).numpy()
-    margin = 0.15 * (hi - lo)
-    fig = _figure(8.0, 4.2)
-    for k, (pts, name) in enumerate(((r, "data"), (s, "samples"))):
-        ax = fig.add_subplot(1, 2, k + 1)
-        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, linewidths=0)
-        ax.set_xlim(lo[0] - margin[0], hi[0] + margin[0])
-        ax.set_ylim(lo[1] - margin[1], hi[1] + margin[1])
-        ax.set_aspect("equal")
-        ax.set_title(name, fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    return _atomic_savefig(fig, Path(path))
-
-
 def draw_samples(
     pl_module: Any,
     n: int,
@@ -290,13 +216,13 @@ class SampleFigures(Callback):
         path = self.out_dir / f"step_{step:07d}.png"
         if getattr(dm, "is_image", x.dim() == 4):
             images = dm.inverse_scaler(x.cpu()) if dm is not None else (x.cpu() + 1) / 2
-            save_image_grid(images, path, title=title)
+            plots.save_image_grid(images, path, title=title)
             self._log_image(trainer, images, step)
         else:
             n_ref = min(self.num_reference, max(self.num_samples, 1))
             ref = dm.reference(n_ref) if dm is not None and hasattr(dm, "reference") else x
-            save_scatter(x, ref, path, title=title)
-        _atomic_copy(path, self.out_dir / "latest.png")
+            plots.save_scatter(x, ref, path, title=title)
+        copy_file(path, self.out_dir / "latest.png")
         self.written.append(path)
         return path
 
@@ -330,14 +256,8 @@ class SampleFigures(Callback):
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):
-                grid = image_grid(images.float().clamp(0, 1)).permute(2, 0, 1)
-                experiment.add_image("samples", grid, global_step=step)
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(src.read_bytes())
-    os.replace(tmp, dst)
+                grid = plots.tile_images(plots.to_uint8_images(images))  # [H, W, C] uint8
+                experiment.add_image("samples", grid, global_step=step, dataformats="HWC")
 
 
 # ---------------------------------------------------------------------------------- loss by t
@@ -487,7 +407,4 @@ __all__ = [
     "build_loggers",
     "tensorboard_available",
     "draw_samples",
-    "image_grid",
-    "save_image_grid",
-    "save_scatter",
 ]

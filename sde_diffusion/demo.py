@@ -44,7 +44,7 @@ def _sample(module: Any, n: int, sampler: str, steps: int, seed: int) -> torch.T
 
 
 def run_digits(out: Path, steps: int, sampler: str, sample_steps: int, quiet: bool) -> Path:
-    from .callbacks import save_image_grid
+    from .plots import save_image_grid
     from .fit import fit
 
     cfg = compose(
@@ -84,7 +84,7 @@ def _report_fd(x: torch.Tensor) -> None:
 
 
 def run_toy(out: Path, steps: int, sampler: str, sample_steps: int, quiet: bool) -> Path:
-    from .callbacks import save_scatter
+    from .plots import save_scatter
     from .fit import fit
 
     cfg = compose(

@@ -243,9 +243,3 @@ __all__ = [
     "CallbacksConfig", "ClassifierConfig", "AutoencoderConfig", "GuidanceConfig", "InpaintConfig",
     "LikelihoodConfig", "MetricsConfig", "PlotsConfig",
 ]
-
-# Transitional: the dict-based helpers, until every caller takes the typed config.
-from .legacy import (  # noqa: E402,F401
-    build_datamodule, build_network, build_sde, check_config, check_resume_compatible, conditioning, group,
-    loggers_of, loss_options, resolve_checkpoint, sampler_settings, tensorboard_available, to_container,
-)

@@ -23,7 +23,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from ..callbacks import eval_mode, find_ema, save_image_grid
+from ..callbacks import eval_mode, find_ema
+from ..plots import save_image_grid
 from ..checkpoints import AUTOENCODER_KIND, CheckpointInfo
 from ..config import AutoencoderConfig, TrainConfig, saved_train_config, to_plain
 from ..fit import FitResult, Task, fit
