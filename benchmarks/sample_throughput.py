@@ -69,7 +69,7 @@ def _compose(name: str, overrides: List[str]):
 
 
 def train_checkpoint(case: Case, root: Path) -> Path:
-    from sde_diffusion.training import train
+    from sde_diffusion.tasks.score_matching import train
 
     run_dir = root / case.name.split(" ")[0]
     overrides = case.train + [

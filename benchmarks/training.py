@@ -37,8 +37,8 @@ from sde_diffusion.callbacks import EMA
 from sde_diffusion.demo import compose
 from sde_diffusion.fit import build_trainer
 from sde_diffusion.losses import dsm_terms
-from sde_diffusion.tasks.base import LinearWarmup
-from sde_diffusion.tasks.score import ScoreDiffusion
+from sde_diffusion.tasks.common import LinearWarmup
+from sde_diffusion.tasks.score_matching import ScoreDiffusion
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,7 +152,7 @@ def throughput(steps: int, warmup: int, repeats: int, out: Path) -> List[List[st
 def quality(run_dir: Optional[Path], max_steps: int, every: int, n: int, sample_steps: int, out: Path) -> List[List[str]]:
     from sde_diffusion.evaluation.digits_classifier import digits_fd, get_classifier, load_digits
     from sde_diffusion.samplers import sample
-    from sde_diffusion.training import load_checkpoint, train
+    from sde_diffusion.tasks.score_matching import load_checkpoint, train
 
     if run_dir is None:
         run_dir = out / "digits_quality"

@@ -10,7 +10,7 @@ _LAZY = {
     "fit": "sde_diffusion.fit",
     "Task": "sde_diffusion.fit",
     "TASKS": "sde_diffusion.registry",
-    "load_checkpoint": "sde_diffusion.tasks.score",
+    "load_checkpoint": "sde_diffusion.tasks.score_matching",
     "load_classifier": "sde_diffusion.tasks.classifier",
     "load_autoencoder": "sde_diffusion.tasks.autoencoder",
     "parse_train": "sde_diffusion.config",

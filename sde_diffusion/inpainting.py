@@ -42,7 +42,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .sdes.base import SDE, broadcast_to_x
+from .sdes.sde import SDE, broadcast_to_x
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 

@@ -23,7 +23,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .models.autoencoder import KLAutoencoder
+from .models.kl_autoencoder import KLAutoencoder
 
 
 def weights_digest(state: Mapping[str, Tensor]) -> str:

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from .ode import odeint_dopri5, odeint_fixed, odeint_scipy
-from .sdes.base import SDE, ScoreFn, broadcast_to_x
+from .sdes.sde import SDE, ScoreFn, broadcast_to_x
 
 DIVERGENCES = ("auto", "exact", "hutchinson")
 # divergence="auto": the exact trace costs D vector-Jacobian products per evaluation, Hutchinson's

@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from .score import PREDICTIONS, target_for
-from .sdes.base import SDE, broadcast_to_x
+from .sdes.sde import SDE, broadcast_to_x
 
 WEIGHTINGS = ("sigma2", "g2", "importance")
 REDUCTIONS = ("mean", "sum")

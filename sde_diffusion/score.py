@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .sdes.base import SDE, broadcast_to_x
+from .sdes.sde import SDE, broadcast_to_x
 
 PREDICTIONS = ("eps", "score", "x0", "v")
 

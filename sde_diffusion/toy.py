@@ -30,7 +30,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .sdes.base import SDE
+from .sdes.sde import SDE
 
 ArrayLike = Union[Tensor, Sequence]
 

@@ -18,7 +18,7 @@ class ConstantBetaSDE(LinearSDE):
         return self.beta ** 0.5 * torch.ones_like(t)
 
 
-from sde_diffusion.tasks.score import ScoreTask  # noqa: E402
+from sde_diffusion.tasks.score_matching import ScoreTask  # noqa: E402
 
 
 class MarkedScoreTask(ScoreTask):

@@ -18,7 +18,7 @@ import numpy as np
 from sde_diffusion import sample
 from sde_diffusion.config import parse_sample, parse_train, to_plain
 from sde_diffusion.fit import fit
-from sde_diffusion.models.classifier import MLPClassifier, UNetEncoderClassifier
+from sde_diffusion.models.time_classifier import MLPClassifier, UNetEncoderClassifier
 from sde_diffusion.tasks.classifier import (
     CHECKPOINT_KIND,
     ClassifierTask,
@@ -31,7 +31,7 @@ from sde_diffusion.guidance import ClassifierGuidance
 from sde_diffusion.jobs import run
 from sde_diffusion.jobs.model import load_model
 from sde_diffusion.jobs.shards import batch_seed
-from sde_diffusion.tasks.score import train
+from sde_diffusion.tasks.score_matching import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -13,7 +13,7 @@ from sde_diffusion.config import to_plain
 from sde_diffusion.evaluation.digits_classifier import classify
 from sde_diffusion.guidance import ClassifierFreeGuidance
 from sde_diffusion.samplers import SAMPLERS
-from sde_diffusion.training import ScoreDiffusion, load_checkpoint, train
+from sde_diffusion.tasks.score_matching import ScoreDiffusion, load_checkpoint, train
 
 from helpers import CONF
 from helpers import QUIET_TRAINING as QUIET

@@ -22,7 +22,7 @@ from scipy.integrate import quad
 from sde_diffusion import GaussianMixture
 from sde_diffusion.ode import odeint_dopri5
 from sde_diffusion.samplers import build_sampler, sample
-from sde_diffusion.samplers.base import SamplingContext
+from sde_diffusion.samplers.sampler import SamplingContext
 from sde_diffusion.samplers.coeffs import GridCoeffs
 from sde_diffusion.samplers.ddim import DDIM
 from sde_diffusion.samplers.dpm_solver import exp_quadrature_weights

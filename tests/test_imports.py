@@ -50,8 +50,8 @@ def import_graph() -> Dict[str, Set[str]]:
 def test_graph_sees_known_edges() -> None:
     g = import_graph()
     assert "sde_diffusion.checkpoints" in g["sde_diffusion.tasks.classifier"]
-    assert "sde_diffusion.tasks.base" in g["sde_diffusion.tasks.score"]
-    assert "sde_diffusion.fit" in g["sde_diffusion.tasks.score"]
+    assert "sde_diffusion.tasks.common" in g["sde_diffusion.tasks.score_matching"]
+    assert "sde_diffusion.fit" in g["sde_diffusion.tasks.score_matching"]
 
 
 def test_no_two_modules_import_each_other() -> None:

@@ -31,7 +31,7 @@ def _compose(name: str, overrides):
 @pytest.fixture(scope="module")
 def latent_run(ae_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A class-conditional score model on the latents of ``ae_run`` (3 steps)."""
-    from sde_diffusion.tasks.score import train
+    from sde_diffusion.tasks.score_matching import train
 
     run_dir = tmp_path_factory.mktemp("latent") / "run"
     cfg = _compose("train", QUIET_TRAINING + [
@@ -213,7 +213,7 @@ def test_another_autoencoder_is_refused(ae_run: Path, latent_run: Path, tmp_path
     shutil.copytree(ae_run, moved)
     assert load_model(latent_run, latent=str(moved)).module.codec.path == (moved / "checkpoints" / "last.ckpt").resolve()
     # Resuming the score run on another autoencoder is refused as well.
-    from sde_diffusion.tasks.score import train
+    from sde_diffusion.tasks.score_matching import train
 
     copy = tmp_path / "resume"
     shutil.copytree(latent_run, copy)
@@ -243,7 +243,7 @@ class _IdentityAutoencoder(torch.nn.Module):
 
 def test_identity_autoencoder_reduces_the_latent_path_to_the_pixel_path_bit_for_bit() -> None:
     from sde_diffusion.latent import LatentCodec
-    from sde_diffusion.tasks.score import ScoreDiffusion
+    from sde_diffusion.tasks.score_matching import ScoreDiffusion
 
     cfg = _compose("train", ["data=digits", "model.ch=8", "run_dir=unused"])
     torch.manual_seed(0)

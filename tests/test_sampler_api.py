@@ -8,7 +8,7 @@ import torch
 
 from sde_diffusion import GaussianMixture
 from sde_diffusion.samplers import CORRECTORS, PREDICTORS, SAMPLERS, build_sampler, sample
-from sde_diffusion.samplers.base import SamplingContext
+from sde_diffusion.samplers.sampler import SamplingContext
 from sde_diffusion.samplers.coeffs import GridCoeffs
 from sde_diffusion.samplers.grids import GRIDS
 from sde_diffusion.samplers.ode_samplers import ODEDopri5, ODEHeun, ODERK4, ODEScipy

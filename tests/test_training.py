@@ -21,8 +21,8 @@ from sde_diffusion.config import instantiate, to_plain
 from sde_diffusion.metrics import sliced_wasserstein
 from sde_diffusion.registry import DATASETS
 from sde_diffusion.samplers import sample
-from sde_diffusion.tasks.base import LinearWarmup
-from sde_diffusion.tasks.score import load_checkpoint, train
+from sde_diffusion.tasks.common import LinearWarmup
+from sde_diffusion.tasks.score_matching import load_checkpoint, train
 
 from ddp_probe import _digest, state_vector
 from helpers import CONF, ROOT
@@ -126,7 +126,7 @@ def resumable_datamodule(cfg: Any) -> Any:
     a restart epoch k would be shuffled like epoch 0; seeding by epoch isolates what this test
     checks (model, optimiser, EMA, loop state) from the data order.
     """
-    from sde_diffusion.data.base import BatchCollate
+    from sde_diffusion.data.datamodule import BatchCollate
 
     dm = instantiate(to_plain(cfg.data), DATASETS, key="data")
     loader = dm.train_dataloader()

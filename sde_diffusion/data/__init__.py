@@ -14,7 +14,7 @@ folder      any folder of PNG/JPEG images                                       
 ==========  ==================================================================  ===========
 """
 from ..registry import DATASETS
-from .base import BaseDataModule, ImageDataModule
+from .datamodule import BaseDataModule, ImageDataModule
 from .cifar10 import CIFAR10DataModule
 from .digits import DigitsDataModule, load_digits
 from .folder import FolderDataModule

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .base import ImageDataModule, TensorPairDataset
+from .datamodule import ImageDataModule, TensorPairDataset
 from ..registry import DATASETS
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .base import ImageDataModule, TensorPairDataset, split_indices
+from .datamodule import ImageDataModule, TensorPairDataset, split_indices
 from ..registry import DATASETS
 
 DIGITS_PACKAGE = "sde_diffusion.data"

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .base import ImageDataModule, split_indices
+from .datamodule import ImageDataModule, split_indices
 from ..registry import DATASETS
 
 IMAGE_EXTENSIONS: Tuple[str, ...] = (".png", ".jpg", ".jpeg")

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..toy import GaussianMixture
-from .base import BaseDataModule, TensorPairDataset
+from .datamodule import BaseDataModule, TensorPairDataset
 from .transforms import IdentityTransform
 from ..registry import DATASETS
 

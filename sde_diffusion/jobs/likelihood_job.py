@@ -53,7 +53,7 @@ def pixel_scale(dm: Any) -> float:
 def evaluation_examples(dm: Any, n: int, split: str, seed: int) -> Tensor:
     """``n`` examples ``[n, *data_shape]``: stored pixel values (integers, images) or model-range
     vectors, a seeded random subset of the split (see the module docstring)."""
-    from ..data.base import fetch
+    from ..data.datamodule import fetch
 
     if split not in SPLITS:
         raise ValueError(f"unknown likelihood.split {split!r}; choose one of: {', '.join(SPLITS)}")

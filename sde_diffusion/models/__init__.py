@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from ..registry import MODELS
-from .autoencoder import KLAutoencoder, kl_to_standard_normal
-from .base import ScoreNet
+from .kl_autoencoder import KLAutoencoder, kl_to_standard_normal
+from .score_net import ScoreNet
 from .embeddings import GaussianFourierEmbedding, LabelEmbedding, SinusoidalEmbedding, TimeEmbedding
 from .mlp import MLP
 from .unet import UNet

@@ -16,7 +16,7 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import xavier_init_
+from .score_net import xavier_init_
 
 
 def num_groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:

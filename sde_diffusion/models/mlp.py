@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ScoreNet, xavier_init_
+from .score_net import ScoreNet, xavier_init_
 from .embeddings import LabelEmbedding, TimeEmbedding
 from ..registry import MODELS
 

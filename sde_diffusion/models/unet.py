@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ScoreNet
+from .score_net import ScoreNet
 from .embeddings import LabelEmbedding, TimeEmbedding
 from .layers import AttnBlock, Downsample, ResBlock, Upsample, conv3x3, group_norm
 from ..registry import MODELS

@@ -4,7 +4,7 @@ Importing this package registers every built-in sampler (and every built-in time
 ``GRIDS``). :func:`make_sampler` turns a name (or None for the measured default) and options into
 a checked sampler; the contract for writing one is in :mod:`.base`.
 """
-from .base import SAMPLERS, SampleResult, Sampler, SamplingContext, StepSampler, build_sampler, make_sampler, sample
+from .sampler import SAMPLERS, SampleResult, Sampler, SamplingContext, StepSampler, build_sampler, make_sampler, sample
 from .coeffs import GridCoeffs, Level
 from .grids import GRIDS, EndPoint, auto_grid, time_grid
 from .predictors import PREDICTORS, Ancestral, EulerMaruyama, Predictor, ReverseDiffusion

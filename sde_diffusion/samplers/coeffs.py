@@ -33,7 +33,7 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..sdes.base import SDE
+from ..sdes.sde import SDE
 
 Floats = Tuple[float, ...]
 

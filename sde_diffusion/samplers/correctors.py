@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from ..registry import Registry
-from ..sdes.base import broadcast_to_x
-from .base import SamplingContext
+from ..sdes.sde import broadcast_to_x
+from .sampler import SamplingContext
 from .coeffs import GridCoeffs
 
 CORRECTORS: Registry = Registry("corrector")

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import SAMPLERS, SamplingContext, StepSampler
+from .sampler import SAMPLERS, SamplingContext, StepSampler
 from .coeffs import GridCoeffs
 
 

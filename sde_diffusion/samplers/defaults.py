@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
-from ..sdes.base import SDE
+from ..sdes.sde import SDE
 
 FAMILIES = ("vp", "subvp", "ve")
 

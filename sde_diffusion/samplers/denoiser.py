@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import SamplingContext
+from .sampler import SamplingContext
 from .coeffs import Level
 
 

@@ -17,7 +17,7 @@ from typing import Any, List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .base import SAMPLERS, SamplingContext, StepSampler
+from .sampler import SAMPLERS, SamplingContext, StepSampler
 from .coeffs import GridCoeffs, Level, levels_at_lambda
 from .denoiser import data_prediction
 

@@ -37,8 +37,8 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..sdes.base import SDE, ScoreFn, broadcast_to_x
-from .base import SAMPLERS, Sampler, StepHook
+from ..sdes.sde import SDE, ScoreFn, broadcast_to_x
+from .sampler import SAMPLERS, Sampler, StepHook
 
 _R1, _R2 = 1.0 / 3.0, 2.0 / 3.0
 _SAFETY, _SHRINK, _GROW = 0.9, 0.2, 5.0

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from .base import SAMPLERS, SamplingContext, StepSampler
+from .sampler import SAMPLERS, SamplingContext, StepSampler
 from .coeffs import GridCoeffs, Level, levels_at_lambda, sigma_tilde_to_lambda
 
 

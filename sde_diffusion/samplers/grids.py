@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..registry import Registry
-from ..sdes.base import SDE
+from ..sdes.sde import SDE
 
 #: ``fn(sde, u [N + 1] float64 in [0, 1], eps, rho) -> [N + 1] float64 times``, t = T at u = 0 and
 #: eps at u = 1, decreasing.

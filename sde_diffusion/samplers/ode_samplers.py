@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from ..ode import SCIPY_SOLVERS, ODEResult, odeint_dopri5, odeint_fixed, odeint_scipy
-from ..sdes.base import SDE, ScoreFn, broadcast_to_x
-from .base import SAMPLERS, Sampler, SamplingContext, StepHook, StepSampler
+from ..sdes.sde import SDE, ScoreFn, broadcast_to_x
+from .sampler import SAMPLERS, Sampler, SamplingContext, StepHook, StepSampler
 from .coeffs import GridCoeffs
 
 

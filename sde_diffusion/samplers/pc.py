@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .base import SAMPLERS, SamplingContext, StepSampler
+from .sampler import SAMPLERS, SamplingContext, StepSampler
 from .coeffs import GridCoeffs
 from .correctors import CORRECTORS, LangevinCorrector
 from .predictors import PREDICTORS

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..registry import Registry
-from .base import SAMPLERS, SamplingContext, StepSampler
+from .sampler import SAMPLERS, SamplingContext, StepSampler
 from .coeffs import GridCoeffs
 
 PREDICTORS: Registry = Registry("predictor")

@@ -45,8 +45,8 @@ from torch import Tensor
 
 from torchsde import BaseBrownian
 
-from ..sdes.base import SDE, ScoreFn
-from .base import SAMPLERS, Sampler, StepHook
+from ..sdes.sde import SDE, ScoreFn
+from .sampler import SAMPLERS, Sampler, StepHook
 from .coeffs import GridCoeffs
 from .grids import time_grid
 

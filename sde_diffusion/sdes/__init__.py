@@ -1,6 +1,6 @@
 """Forward noise processes. ``SDES`` is the registry mirrored by ``conf/sde/``."""
 from ..registry import SDES
-from .base import SDE, ReverseSDE, ScoreFn, broadcast_to_x
+from .sde import SDE, ReverseSDE, ScoreFn, broadcast_to_x
 from .linear import LinearSDE
 from .ve import VESDE
 from .vp import CosineVPSDE, SubVPSDE, VPSDE

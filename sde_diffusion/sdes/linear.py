@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import SDE
+from .sde import SDE
 
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(8)
 

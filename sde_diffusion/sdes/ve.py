@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .base import SDE
+from .sde import SDE
 from ..registry import SDES
 
 

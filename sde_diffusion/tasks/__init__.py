@@ -15,6 +15,6 @@ holds what the modules share (optimiser, seeded draws, the latent codec). Networ
 :mod:`sde_diffusion.models`.
 """
 from ..registry import TASKS
-from . import autoencoder, classifier, score  # noqa: F401  (each registers its task)
+from . import autoencoder, classifier, score_matching  # noqa: F401  (each registers its task)
 
 __all__ = ["TASKS"]

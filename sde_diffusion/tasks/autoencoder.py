@@ -28,9 +28,9 @@ from ..plots import save_image_grid
 from ..checkpoints import AUTOENCODER_KIND, CheckpointInfo
 from ..config import AutoencoderConfig, TrainConfig, saved_train_config, to_plain
 from ..fit import FitResult, Task, fit
-from ..models.autoencoder import KLAutoencoder, kl_to_standard_normal
+from ..models.kl_autoencoder import KLAutoencoder, kl_to_standard_normal
 from ..registry import TASKS
-from .base import adamw_with_warmup, seeded, step_seed
+from .common import adamw_with_warmup, seeded, step_seed
 
 log = logging.getLogger(__name__)
 AutoencoderOptions = AutoencoderConfig  # ``cfg.autoencoder``: the schema section of this task
@@ -43,7 +43,7 @@ def autoencoder_network(opts: AutoencoderConfig, data_shape: Sequence[int]) -> K
 
 
 class AutoencoderModule(L.LightningModule):
-    """Trains :class:`~sde_diffusion.models.autoencoder.KLAutoencoder` (``self.net``) on ``cfg.data``.
+    """Trains :class:`~sde_diffusion.models.kl_autoencoder.KLAutoencoder` (``self.net``) on ``cfg.data``.
 
     ``latent_std`` / ``scale_factor`` hold the latent scale once measured (every checkpoint
     measures it with the weights it stores).

@@ -61,10 +61,10 @@ from ..config import ClassifierConfig, TrainConfig, instantiate, saved_train_con
 from ..fit import FitResult, Task, fit
 from ..io import write_json
 from ..losses import uniform_draws
-from ..models.classifier import CLASSIFIERS, TimeClassifier
+from ..models.time_classifier import CLASSIFIERS, TimeClassifier
 from ..registry import SDES, TASKS
-from ..sdes.base import SDE, broadcast_to_x
-from .base import LatentSpace, adamw_with_warmup, seeded, step_seed
+from ..sdes.sde import SDE, broadcast_to_x
+from .common import LatentSpace, adamw_with_warmup, seeded, step_seed
 
 log = logging.getLogger(__name__)
 

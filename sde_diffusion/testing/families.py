@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..sdes import SubVPSDE, VESDE, VPSDE
-from ..sdes.base import SDE
+from ..sdes.sde import SDE
 from ..toy import GaussianMixture
 from .draws import random_family_parameters
 

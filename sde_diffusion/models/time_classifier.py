@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import Registry
-from .base import xavier_init_
+from .score_net import xavier_init_
 from .embeddings import TimeEmbedding
 from .layers import AttnBlock, Downsample, ResBlock, conv3x3, group_norm
 from .mlp import ResidualMLPBlock

@@ -38,7 +38,7 @@ from ..fit import FitResult, Task, fit
 from ..losses import DSMTerms, dsm_terms, uniform_draws
 from ..registry import MODELS, SDES, TASKS
 from ..score import ScoreModel
-from .base import LatentSpace, adamw_with_warmup, seeded, step_seed
+from .common import LatentSpace, adamw_with_warmup, seeded, step_seed
 
 log = logging.getLogger(__name__)
 

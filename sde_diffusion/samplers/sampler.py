@@ -43,7 +43,7 @@ from torch import Tensor
 
 from ..registry import SAMPLERS
 from ..score import CountingScore, x0_from_score
-from ..sdes.base import SDE, ScoreFn
+from ..sdes.sde import SDE, ScoreFn
 from .coeffs import GridCoeffs
 from .defaults import DefaultChoice, is_learned_score, resolve_sampler
 from .grids import EndPoint
