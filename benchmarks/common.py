@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from sde_diffusion.sdes.base import SDE
+from sde_diffusion.sdes.sde import SDE
 
 # ----------------------------------------------------------------------------------- timing
 

@@ -4,7 +4,7 @@ Gaussian mixtures, quality versus NFE, beside k-diffusion's samplers fed the sam
 For each problem (mixture) × SDE (VP, sub-VP, VE) × sampler × NFE budget the sampler integrates
 from one fixed x_T (an exact draw of the marginal p_T, the same for every sampler; ``--start prior``
 uses the SDE's prior instead) with a fixed seed for its step noise, and the samples are scored
-against p_0 with three metrics (see ``sde_diffusion/testing/metrics.py``): (a) moment KL, (b) sliced W2, (c) excess
+against p_0 with three metrics (see ``sde_diffusion/testing/mixture_metrics.py``): (a) moment KL, (b) sliced W2, (c) excess
 cross-entropy, each beside its true-vs-true noise floor. Fixed-step samplers get the largest step
 count whose NFE fits the budget; adaptive ones sweep their tolerance and report their actual NFE.
 k-diffusion (optional) runs in EDM coordinates σ̃ = σ/m, x̃ = x/m on its Karras schedule from
@@ -687,7 +687,7 @@ def render(args, runs: List[Run], truths: Dict[str, Truth], cases: List[Tuple[st
                    "empty and the targets cover only what ran.")
     out.append("")
     out.append(
-        "Metrics against p_0 (see `sde_diffusion/testing/metrics.py`): **(a)** moment KL = KL(w‖ŵ) + Σ_k w_k KL(N(μ̂_k, Σ̂_k) ‖ N(μ_k, Σ_k)) "
+        "Metrics against p_0 (see `sde_diffusion/testing/mixture_metrics.py`): **(a)** moment KL = KL(w‖ŵ) + Σ_k w_k KL(N(μ̂_k, Σ̂_k) ‖ N(μ_k, Σ_k)) "
         "with samples assigned to modes by their posterior under p_0 (nats; unbiased for true samples, → ∞ for collapsed modes); "
         "**(b)** sliced W2 (256 directions, vs true quantiles); **(c)** excess cross-entropy E[−log p_0] − H(p_0) "
         "(negative when samples crowd the modes, so never read alone). Floors: the same metrics for true samples of the same size "

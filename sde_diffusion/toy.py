@@ -266,7 +266,7 @@ class GaussianMixture:
             DeprecationWarning,
             stacklevel=2,
         )
-        from .testing.metrics import whitened_moment_kl
+        from .testing.mixture_metrics import whitened_moment_kl
 
         return whitened_moment_kl(self, x)
 

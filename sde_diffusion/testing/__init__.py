@@ -5,7 +5,7 @@ Ground truth for tests and benchmarks, not needed to train or sample:
 * :mod:`.families` — problem families with exact scores (:func:`random_family`,
   :func:`grid_mixture`, the benchmark problems of :func:`make_problems`), the processes they run
   on (:func:`make_sde`) and exact draws of p_t (:func:`marginal_sample`);
-* :mod:`.metrics` — distances of samples from the true mixture (:func:`whitened_moment_kl`,
+* :mod:`.mixture_metrics` — distances of samples from the true mixture (:func:`whitened_moment_kl`,
   :func:`moment_kl`, :func:`sliced_w2`, :func:`excess_cross_entropy`) and their noise floors
   (:class:`Truth`).
 
@@ -14,7 +14,7 @@ The mixture itself, with its perturbed densities and scores, is the library's
 """
 from .draws import random_family_parameters
 from .families import SDE_NAMES, Problem, grid_mixture, make_problems, make_sde, marginal_sample, random_family
-from .metrics import (
+from .mixture_metrics import (
     METRIC_LABELS,
     METRICS,
     Truth,
