@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from sde_diffusion import sample
-from sde_diffusion.config import sampler_settings
+from sde_diffusion.config import parse_sample
 from sde_diffusion.jobs.model import load_model
 from sde_diffusion.samplers.defaults import default_sampler
 from sde_diffusion.score import DataRangeClip
@@ -56,8 +56,7 @@ def sampler_cfg(name: str) -> Dict[str, Any]:
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("sample", overrides=[f"sampler={name}"])
-    _, _, options = sampler_settings(cfg)
-    return dict(options)
+    return dict(parse_sample(cfg).sampler_options)
 
 
 def settings() -> List[Tuple[str, Optional[str], Dict[str, Any], Optional[int]]]:
