@@ -330,14 +330,13 @@ def build_callbacks(cfg: TrainConfig, output_dir: Path, samples: bool = True) ->
         options = {k: v for k, v in to_plain(cfg.sampler).items() if k not in ("name", "steps")}
         if options.get("_target_") is None:
             options.pop("_target_", None)
-        steps = cbs.samples.steps if cbs.samples.steps is not None else cfg.sampler.get("steps") or 1000
         callbacks.append(
             SampleFigures(
                 output_dir / "samples",
                 every_n_steps=cbs.samples.every_n_steps,
                 num_samples=cbs.samples.num_samples,
                 sampler=options.pop("_target_", None) or cfg.sampler.get("name"),
-                steps=int(steps),
+                steps=cfg.figure_steps,
                 options=options,
                 seed=cfg.seed + 1,
                 use_ema=cbs.samples.use_ema,
@@ -350,7 +349,7 @@ def build_callbacks(cfg: TrainConfig, output_dir: Path, samples: bool = True) ->
     if cfg.loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     callbacks.extend(user_callback(spec, output_dir) for spec in cbs.extra)
-    if cfg.trainer.get("enable_progress_bar", True):
+    if cfg.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=int(cbs.progress_refresh_rate)))
     return callbacks
 

@@ -215,7 +215,7 @@ def fit(
     if ckpt_path is not None:
         resumed = read(ckpt_path, kind=task.name, key="ckpt_path")
         task.check_resume(cfg, resumed)
-    threads = cfg.trainer.get("num_threads")
+    threads = cfg.num_threads
     if threads:
         # One thread per process is the robust choice on a shared CPU: with more threads than
         # free cores, OpenMP's spinning makes small convolutions many times slower.

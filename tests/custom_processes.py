@@ -29,3 +29,14 @@ class MarkedScoreTask(ScoreTask):
 
     def after_fit(self, cfg, result) -> None:
         (result.output_dir / "marker.txt").write_text(f"{self.marker} {result.trainer.global_step}")
+
+
+from sde_diffusion.samplers.predictors import EulerMaruyama  # noqa: E402
+
+
+class HalfEulerMaruyama(EulerMaruyama):
+    """A sampler of the user's own (not registered): Euler–Maruyama with an extra option."""
+
+    def __init__(self, scale: float = 1.0, **end) -> None:
+        super().__init__(**end)
+        self.scale = float(scale)

@@ -197,3 +197,18 @@ def test_train_and_sample_a_users_own_process_and_task_from_the_command_line(tmp
     x = np.load(out / "samples.npz")["samples"]
     assert x.shape == (16, 2) and np.isfinite(x).all()
     assert "ConstantBetaSDE" in json.dumps(json.loads((out / "run.json").read_text()))
+
+
+def test_a_sampler_class_of_ones_own_by_import_path() -> None:
+    # sampler._target_ (sample.py) and sample(sampler="pkg.mod.Class") build a class that is not registered.
+    import torch
+
+    from sde_diffusion import GaussianMixture, VPSDE, make_sampler, sample
+
+    sde = VPSDE()
+    sampler, steps, choice = make_sampler(sde, "custom_processes.HalfEulerMaruyama", 10, {"scale": 0.5})
+    assert type(sampler).__name__ == "HalfEulerMaruyama" and sampler.scale == 0.5 and choice is None
+    gm = GaussianMixture.ring(k=4, radius=2.0, std=0.3)
+    out = sample(sde, gm.score_fn(sde), (64, 2), sampler="custom_processes.HalfEulerMaruyama", steps=10,
+                 generator=torch.Generator().manual_seed(0))
+    assert out.samples.shape == (64, 2) and out.nfe == 10 and torch.isfinite(out.samples).all()

@@ -273,6 +273,25 @@ class TrainConfig:
                      f"loss.discrete_steps (the DDPM loss) needs sde=vp, got sde={sde_name}")
 
     @property
+    def num_threads(self) -> Optional[int]:
+        """torch's intra-op CPU threads (``trainer.num_threads``; None: torch's default)."""
+        value = self.trainer.get("num_threads")
+        return None if value is None else int(value)
+
+    @property
+    def progress_bar(self) -> bool:
+        """``trainer.enable_progress_bar`` (Lightning's default: on)."""
+        return bool(self.trainer.get("enable_progress_bar", True))
+
+    @property
+    def figure_steps(self) -> int:
+        """Sampler steps of the in-training figures: ``callbacks.samples.steps``, else the sampler's ``steps``."""
+        steps = self.callbacks.samples.steps if self.callbacks.samples.steps is not None else self.sampler.get("steps")
+        if steps is None:
+            raise ValueError("the in-training figures need a step count: set callbacks.samples.steps (or sampler.steps)")
+        return int(steps)
+
+    @property
     def task_name(self) -> str:
         """The registered name, or the import path, of the training task."""
         return str(self.task.get("_target_") or self.task.get("name"))

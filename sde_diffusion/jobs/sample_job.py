@@ -33,10 +33,10 @@ import torch
 from torch import Tensor
 
 from .. import plots
-from ..config import SampleConfig, instantiate, to_plain
+from ..config import SampleConfig, to_plain
 from ..guidance import ClassifierFreeGuidance, ClassifierGuidance
 from ..io import write_json
-from ..registry import MODES, SAMPLE_TASKS, SAMPLERS
+from ..registry import MODES, SAMPLE_TASKS
 from ..samplers import make_sampler, sample
 from ..samplers.defaults import DefaultChoice
 from ..score import DataRangeClip
@@ -81,10 +81,6 @@ def choose_sampler(sde: Any, cfg: SampleConfig) -> SamplerChoice:
     network and the budget ``steps``, its options overridden by the group's), built and checked
     (:func:`~sde_diffusion.samplers.make_sampler`; ``sampler._target_`` names a class of the user's)."""
     name, steps, options = cfg.sampler_name, cfg.sampler_steps, cfg.sampler_options
-    if "." in name or ":" in name:  # sampler._target_=my_pkg.module.MySampler
-        sampler = instantiate({"_target_": name, **options}, SAMPLERS, key="sampler")
-        sampler.validate(sde)
-        return SamplerChoice(sampler, name, steps, dict(options), None)
     sampler, steps, rule = make_sampler(sde, name, steps, options, score_kind="learned")  # a trained network
     if rule is not None:  # what the rule chose, with the group's options on top (as make_sampler built it)
         name, options = rule.name, {**rule.options, **options}

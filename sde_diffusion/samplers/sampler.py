@@ -269,7 +269,13 @@ def _check_steps(steps: Any) -> int:
 
 
 def build_sampler(name: str, **options: Any) -> Sampler:
-    """Instantiate a registered sampler; unknown names or options fail with the accepted ones."""
+    """Instantiate a registered sampler, or the class at an import path (``my_pkg.module.MySampler``:
+    options it does not take are dropped with a warning); unknown names or options fail with the
+    accepted ones."""
+    if name not in SAMPLERS and ("." in name or ":" in name):
+        from ..config import instantiate
+
+        return instantiate({"_target_": name, **options}, SAMPLERS, key="sampler")
     cls = SAMPLERS.get(name)
     try:
         return cls(**options)
@@ -290,7 +296,7 @@ def make_sampler(
 
     Args:
         sde: the forward process (the default depends on its family; the sampler is validated on it).
-        name: a registered sampler, or None / ``"auto"`` for the measured default
+        name: a registered sampler or an import path to a sampler class, or None / ``"auto"`` for the measured default
             (:func:`~.defaults.default_sampler`) at a budget of ``steps`` score evaluations.
         steps: the step count (≥ 1) of a named sampler; the NFE budget of the default.
         options: constructor options (flat end-point keys included); with the default they
