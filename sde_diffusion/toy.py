@@ -24,7 +24,6 @@ Usage::
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -117,16 +116,6 @@ class GaussianMixture:
         covs = 0.5 * (covs + covs.transpose(1, 2))
         w = 0.5 + torch.rand(k, generator=gen, dtype=torch.float64) if unequal_weights else torch.ones(k)
         return cls(w, means, covs)
-
-    @classmethod
-    def random_family(cls, seed: int) -> "GaussianMixture":
-        """Moved to :func:`sde_diffusion.testing.random_family` (this forward warns and goes later)."""
-        warnings.warn(
-            "GaussianMixture.random_family moved: use sde_diffusion.testing.random_family", DeprecationWarning, stacklevel=2
-        )
-        from .testing.draws import random_family_parameters
-
-        return cls(*random_family_parameters(seed))
 
     def diameter(self) -> float:
         """An upper estimate of the data's extent (a VE σ_max for it): largest distance between means
@@ -258,17 +247,6 @@ class GaussianMixture:
         """Component responsibilities p(k | x) under p_0: ``[B, K]``."""
         logits, _ = self._terms(x, None, None, compute_dtype)
         return torch.softmax(logits, dim=1)
-
-    def whitened_moment_kl(self, x: Tensor) -> float:
-        """Moved to :func:`sde_diffusion.testing.whitened_moment_kl` (this forward warns and goes later)."""
-        warnings.warn(
-            "GaussianMixture.whitened_moment_kl moved: use sde_diffusion.testing.whitened_moment_kl",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        from .testing.mixture_metrics import whitened_moment_kl
-
-        return whitened_moment_kl(self, x)
 
     def score(
         self, x: Tensor, t: Union[Tensor, float], sde: SDE, compute_dtype: Optional[torch.dtype] = torch.float64

@@ -600,7 +600,7 @@ def test_runner_resumes_a_killed_run_bit_for_bit(tmp_path: Path) -> None:
 
 
 def test_the_sampler_is_built_once_per_run(toy_run: Path, tmp_path: Path, monkeypatch) -> None:
-    from sde_diffusion.samplers import base
+    from sde_diffusion.samplers import sampler as base
 
     built = []
     real = base.build_sampler
