@@ -32,9 +32,9 @@ from ..config.schema import LIKELIHOOD_SPLITS
 from ..io import write_json
 from ..likelihood import EXACT_MAX_DIM, bits_per_dim, dequantize, log_likelihood, resolve_divergence
 from ..registry import MODES
-from .model import LoadedModel, load_model
+from .model import LoadedModel, ModelJob
 from .runner import BatchHook, Progress, Runner, RunResult
-from .runtime import Runtime, make_runtime, resolve_dtype, versions
+from .runtime import Runtime, versions
 from .shards import batch_seed, fingerprint
 
 SPLITS = LIKELIHOOD_SPLITS
@@ -81,18 +81,13 @@ def model_input(pixels: Tensor, dm: Any, generator: torch.Generator, dtype: torc
     return dm.scaler(u)
 
 
-class LikelihoodJob:
+class LikelihoodJob(ModelJob):
     """The likelihood run of one config: the payload the :class:`~.runner.Runner` draws batches of."""
 
     purpose = "likelihood"
 
     def __init__(self, cfg: SampleConfig, runtime: Optional[Runtime] = None, model: Optional[LoadedModel] = None) -> None:
-        self.cfg = cfg
-        self.runtime = runtime or make_runtime(cfg)
-        self.dtype = resolve_dtype(cfg.dtype)
-        self.model = model or load_model(cfg.ckpt, self.runtime.device, self.dtype, latent=cfg.latent,
-                                         sde=cfg.sde, model=cfg.model, data=cfg.data)
-        self.dm = self.model.build_datamodule(cfg.data)
+        super().__init__(cfg, runtime, model)
         self.options = cfg.likelihood.options()
         self.latent = self.model.is_latent
         self.images = is_discrete_images(self.dm) and not self.latent  # bits/dim are of pixels; a latent density is not one

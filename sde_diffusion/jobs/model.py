@@ -24,8 +24,9 @@ from typing import Any, Dict, Mapping, Optional, Union
 import torch
 
 from .. import checkpoints
-from ..config import instantiate, to_plain
+from ..config import SampleConfig, instantiate, to_plain
 from ..registry import DATASETS
+from .runtime import Runtime, make_runtime, resolve_dtype
 
 PathLike = Union[str, Path]
 CHECKED_GROUPS = ("sde", "model")
@@ -244,3 +245,16 @@ def load_guidance_classifier(path: Optional[PathLike], model: LoadedModel, label
 
 __all__ = ["LoadedModel", "load_model", "check_requested", "LoadedClassifier", "load_guidance_classifier",
            "check_same_space"]
+
+
+class ModelJob:
+    """What every job on a trained model starts with: where it runs (``runtime``), in which ``dtype``,
+    the score model checked against the config's groups (``model``) and its data module (``dm``)."""
+
+    def __init__(self, cfg: SampleConfig, runtime: Optional[Runtime] = None, model: Optional[LoadedModel] = None) -> None:
+        self.cfg = cfg
+        self.runtime = runtime or make_runtime(cfg)
+        self.dtype = resolve_dtype(cfg.dtype)
+        self.model = model or load_model(cfg.ckpt, self.runtime.device, self.dtype, latent=cfg.latent,
+                                         sde=cfg.sde, model=cfg.model, data=cfg.data)
+        self.dm = self.model.build_datamodule(cfg.data)

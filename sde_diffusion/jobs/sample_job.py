@@ -40,9 +40,9 @@ from ..registry import MODES, SAMPLE_TASKS
 from ..samplers import make_sampler, sample
 from ..samplers.defaults import DefaultChoice
 from ..score import DataRangeClip
-from .model import LoadedClassifier, LoadedModel, load_guidance_classifier, load_model
+from .model import LoadedClassifier, LoadedModel, ModelJob, load_guidance_classifier
 from .runner import BatchHook, Progress, Runner, RunResult, batch_generator
-from .runtime import Runtime, make_runtime, resolve_dtype, versions
+from .runtime import Runtime, versions
 from .shards import batch_seed, fingerprint
 
 
@@ -88,7 +88,7 @@ def choose_sampler(sde: Any, cfg: SampleConfig) -> SamplerChoice:
 
 
 # ---------------------------------------------------------------------------------- the job
-class SampleJob:
+class SampleJob(ModelJob):
     """The sampling run of one config: the payload the :class:`~.runner.Runner` draws batches of.
 
     Args:
@@ -100,12 +100,7 @@ class SampleJob:
     purpose = "sample"
 
     def __init__(self, cfg: SampleConfig, runtime: Optional[Runtime] = None, model: Optional[LoadedModel] = None) -> None:
-        self.cfg = cfg
-        self.runtime = runtime or make_runtime(cfg)
-        self.dtype = resolve_dtype(cfg.dtype)
-        self.model = model or load_model(cfg.ckpt, self.runtime.device, self.dtype, latent=cfg.latent,
-                                         sde=cfg.sde, model=cfg.model, data=cfg.data)
-        self.dm = self.model.build_datamodule(cfg.data)
+        super().__init__(cfg, runtime, model)
         self.choice = choose_sampler(self.model.sde, cfg)
         if self.choice.default_rule is not None:
             print(f"sampler: {self.choice.default_rule.describe()}; name another with sampler=<name>", flush=True)
