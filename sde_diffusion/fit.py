@@ -24,7 +24,7 @@ import logging
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Union
 
 import lightning as L
 import torch
@@ -259,4 +259,16 @@ def fit(
     return result
 
 
-__all__ = ["Task", "FitResult", "fit", "output_dir_for", "resume_checkpoint", "build_trainer"]
+def fitter(task_class: type) -> Callable[..., FitResult]:
+    """``train(cfg, output_dir=None, *, extra_callbacks=(), datamodule=None)``: :func:`fit` with a new
+    ``task_class()`` — each task module's short name for training it from Python."""
+
+    def train(cfg: Any, output_dir: Optional[Union[str, Path]] = None, *, extra_callbacks: Sequence[Any] = (),
+              datamodule: Any = None) -> FitResult:
+        return fit(task_class(), cfg, output_dir, extra_callbacks=extra_callbacks, datamodule=datamodule)
+
+    train.__doc__ = f"Fit a {task_class.__name__}: ``fit({task_class.__name__}(), cfg, ...)`` (see :func:`fit`)."
+    return train
+
+
+__all__ = ["Task", "FitResult", "fit", "fitter", "output_dir_for", "resume_checkpoint", "build_trainer"]

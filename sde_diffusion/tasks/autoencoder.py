@@ -27,7 +27,7 @@ from ..callbacks import eval_mode, find_ema
 from ..plots import save_image_grid
 from ..checkpoints import AUTOENCODER_KIND, CheckpointInfo
 from ..config import AutoencoderConfig, TrainConfig, saved_train_config, to_plain
-from ..fit import FitResult, Task, fit
+from ..fit import Task, fitter
 from ..models.kl_autoencoder import KLAutoencoder, kl_to_standard_normal
 from ..registry import TASKS
 from .common import adamw_with_warmup, seeded, step_seed
@@ -214,15 +214,7 @@ class AutoencoderTask(Task):
         return AutoencoderModule.load_from_checkpoint(str(info.path), map_location=map_location, weights_only=False)
 
 
-def train_autoencoder(
-    cfg: Any,
-    output_dir: Optional[Union[str, Path]] = None,
-    *,
-    extra_callbacks: Sequence[Any] = (),
-    datamodule: Any = None,
-) -> FitResult:
-    """Fit an autoencoder: :func:`sde_diffusion.fit.fit` with :class:`AutoencoderTask`."""
-    return fit(AutoencoderTask(), cfg, output_dir, extra_callbacks=extra_callbacks, datamodule=datamodule)
+train_autoencoder = fitter(AutoencoderTask)  # train(cfg, output_dir=None, *, extra_callbacks=(), datamodule=None)
 
 
 __all__ = ["AutoencoderOptions", "AutoencoderModule", "AutoencoderTask", "autoencoder_network", "ReconstructionFigures",

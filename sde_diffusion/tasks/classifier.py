@@ -58,7 +58,7 @@ from ..callbacks import find_ema
 from ..checkpoints import CLASSIFIER_KIND as CHECKPOINT_KIND
 from ..checkpoints import CheckpointInfo
 from ..config import ClassifierConfig, TrainConfig, instantiate, saved_train_config, to_plain
-from ..fit import FitResult, Task, fit
+from ..fit import FitResult, Task, fitter
 from ..io import write_json
 from ..losses import uniform_draws
 from ..models.time_classifier import CLASSIFIERS, TimeClassifier
@@ -334,15 +334,7 @@ class ClassifierTask(Task):
         result.extras.update(classifier=final, accuracy=rows)
 
 
-def train_classifier(
-    cfg: Any,
-    output_dir: Optional[Union[str, Path]] = None,
-    *,
-    extra_callbacks: Sequence[Any] = (),
-    datamodule: Any = None,
-) -> FitResult:
-    """Fit a noisy classifier: :func:`sde_diffusion.fit.fit` with :class:`ClassifierTask`."""
-    return fit(ClassifierTask(), cfg, output_dir, extra_callbacks=extra_callbacks, datamodule=datamodule)
+train_classifier = fitter(ClassifierTask)  # train(cfg, output_dir=None, *, extra_callbacks=(), datamodule=None)
 
 
 __all__ = [

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ..callbacks import find_ema
 from ..checkpoints import CheckpointInfo
 from ..config import TrainConfig, instantiate, saved_train_config, to_plain
-from ..fit import FitResult, Task, fit
+from ..fit import Task, fitter
 from ..losses import DSMTerms, dsm_terms, uniform_draws
 from ..registry import MODELS, SDES, TASKS
 from ..score import ScoreModel
@@ -245,15 +245,7 @@ class ScoreTask(Task):
         return ScoreDiffusion.load_from_checkpoint(str(info.path), map_location=map_location, weights_only=False, **extra)
 
 
-def train(
-    cfg: Any,
-    output_dir: Optional[Union[str, Path]] = None,
-    *,
-    extra_callbacks: Sequence[Any] = (),
-    datamodule: Any = None,
-) -> FitResult:
-    """Fit a score model: :func:`sde_diffusion.fit.fit` with :class:`ScoreTask` (see there)."""
-    return fit(ScoreTask(), cfg, output_dir, extra_callbacks=extra_callbacks, datamodule=datamodule)
+train = fitter(ScoreTask)  # train(cfg, output_dir=None, *, extra_callbacks=(), datamodule=None)
 
 
 __all__ = ["ScoreDiffusion", "ScoreTask", "load_checkpoint", "train"]
