@@ -142,13 +142,15 @@ def parse_sample(cfg: Any) -> SampleConfig:
     return parsed
 
 
-def saved_train_config(saved: Mapping[str, Any]) -> TrainConfig:
-    """The :class:`TrainConfig` of a checkpoint's stored config (a plain dict).
+def saved_train_config(saved: Any) -> TrainConfig:
+    """The :class:`TrainConfig` of a checkpoint's stored config (a plain dict; a TrainConfig is returned as is).
 
     Checkpoints of earlier versions stored the same keys; a key this version no longer knows is
     dropped with a warning rather than refusing the checkpoint. The callbacks are not restored:
     they concern only the run that wrote the checkpoint.
     """
+    if isinstance(saved, TrainConfig):
+        return saved
     plain = dict(to_plain(saved))
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(plain) - known)

@@ -51,7 +51,7 @@ class AutoencoderModule(L.LightningModule):
 
     def __init__(self, cfg: Union[TrainConfig, Mapping[str, Any]], data_shape: Sequence[int]) -> None:
         super().__init__()
-        cfg = cfg if isinstance(cfg, TrainConfig) else saved_train_config(cfg)
+        cfg = saved_train_config(cfg)  # a TrainConfig, or the dict a checkpoint stores
         self.save_hyperparameters({"cfg": to_plain(cfg), "data_shape": [int(s) for s in data_shape]})
         self.cfg = cfg
         self.data_shape = tuple(int(s) for s in data_shape)

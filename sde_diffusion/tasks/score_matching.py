@@ -73,7 +73,7 @@ class ScoreDiffusion(LatentSpace, L.LightningModule):
         latent_path: Optional[str] = None,
     ) -> None:
         super().__init__()
-        cfg = cfg if isinstance(cfg, TrainConfig) else saved_train_config(cfg)
+        cfg = saved_train_config(cfg)  # a TrainConfig, or the dict a checkpoint stores
         self.save_hyperparameters(
             {"cfg": to_plain(cfg), "data_shape": [int(s) for s in data_shape], "num_classes": num_classes, "latent": None}
         )
