@@ -33,6 +33,7 @@ from .checkpoints import CheckpointInfo, mark_finished, read
 from .io import write_json
 from .config import TrainConfig, instantiate, parse_train, to_plain
 from .preemption import Preempted, ResumeDataPosition, StopOnSignal
+from .performance import Profile, apply_backend_flags, channels_last, resolve_profile
 from .registry import DATASETS, TASKS
 
 log = logging.getLogger(__name__)
@@ -160,15 +161,23 @@ def resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:
     return None
 
 
-def build_trainer(cfg: TrainConfig, output_dir: Path, callbacks: List[Any], loggers: List[Any]) -> "L.Trainer":
+def build_trainer(cfg: TrainConfig, output_dir: Path, callbacks: List[Any], loggers: List[Any],
+                  profile: Optional[Profile] = None) -> "L.Trainer":
     """A Trainer from ``cfg.trainer``: its keys are Trainer arguments, except ``name`` (dropped) and
-    ``num_threads`` (torch's intra-op CPU threads, applied by :func:`fit`)."""
+    ``num_threads`` (torch's intra-op CPU threads, applied by :func:`fit`). ``profile`` (default:
+    :func:`~sde_diffusion.performance.resolve_profile` of ``cfg``) fills ``precision`` when the
+    config leaves it null, and ``benchmark`` (cuDNN autotuning) unless the config sets it."""
     from .preemption import AtomicCheckpointIO
 
+    profile = profile or resolve_profile(cfg)
     kwargs = {k: v for k, v in to_plain(cfg.trainer).items() if k not in ("name", "num_threads")}
     if "accumulate_grad_batches" in kwargs:
         raise ValueError("trainer.accumulate_grad_batches is derived from the global batch: set data.batch_size "
                          "(examples per step, all processes together) and data.batch_per_device instead")
+    if kwargs.get("precision") is None:
+        kwargs["precision"] = profile.precision
+    if kwargs.get("benchmark") is None and profile.cudnn_benchmark:
+        kwargs["benchmark"] = True
     kwargs.setdefault("plugins", [AtomicCheckpointIO()])
     # The data modules split each global batch among the processes themselves (ResumableRandomSampler).
     kwargs["use_distributed_sampler"] = False
@@ -176,6 +185,19 @@ def build_trainer(cfg: TrainConfig, output_dir: Path, callbacks: List[Any], logg
         return L.Trainer(default_root_dir=str(output_dir), callbacks=callbacks, logger=loggers or False, **kwargs)
     except TypeError as err:
         raise ValueError(f"bad trainer option: {err}") from None
+
+
+def apply_profile(profile: Profile, module: Any, datamodule: Any) -> None:
+    """Put ``profile``'s switches on a freshly built module and data module (before the Trainer):
+    ``module.profile`` (read by the tasks' optimiser and compile steps), NHWC weights, the loader
+    workers and, for static shapes, no incomplete last batch."""
+    module.profile = profile
+    if profile.channels_last:
+        channels_last(module)
+    if profile.loader_workers is not None and hasattr(datamodule, "num_workers"):
+        datamodule.num_workers = int(profile.loader_workers)
+    if hasattr(datamodule, "drop_last"):
+        datamodule.drop_last = bool(profile.static_shapes)
 
 
 def fit(
@@ -215,26 +237,29 @@ def fit(
     if ckpt_path is not None:
         resumed = read(ckpt_path, kind=task.name, key="ckpt_path")
         task.check_resume(cfg, resumed)
-    threads = cfg.num_threads
-    if threads:
-        # One thread per process is the robust choice on a shared CPU: with more threads than
-        # free cores, OpenMP's spinning makes small convolutions many times slower.
-        torch.set_num_threads(int(threads))
+    profile = resolve_profile(cfg)
+    if profile.num_threads:
+        torch.set_num_threads(int(profile.num_threads))
+    apply_backend_flags(profile)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = datamodule if datamodule is not None else instantiate(cfg.data, DATASETS, key="data")
     task.check_data(cfg, dm)
     module = task.build_module(cfg, dm, resumed)  # network shape errors surface here
+    apply_profile(profile, module, dm)
     dm.setup("fit")  # missing data files surface here, before the Trainer starts
     out.mkdir(parents=True, exist_ok=True)
     callbacks = (build_callbacks(cfg, out, samples=task.draws_samples) + task.callbacks(cfg, out)
                  + list(extra_callbacks) + [ResumeDataPosition(), StopOnSignal(out / "checkpoints")])
-    trainer = build_trainer(cfg, out, callbacks, build_loggers(cfg, out))
+    trainer = build_trainer(cfg, out, callbacks, build_loggers(cfg, out), profile)
     if hasattr(dm, "batch_layout"):
         layout = dm.batch_layout(trainer.world_size)
         trainer.accumulate_grad_batches = layout.accumulate
         if trainer.is_global_zero:
             log.info("%s", layout.describe())
             write_json(out / "batch_layout.json", asdict(layout))
+    if trainer.is_global_zero:
+        log.info("%s", profile.describe())
+        write_json(out / "profile.json", profile.to_dict())
     if ckpt_path is not None:
         log.info("continuing from %s", ckpt_path)
     with warnings.catch_warnings():
@@ -271,4 +296,4 @@ def fitter(task_class: type) -> Callable[..., FitResult]:
     return train
 
 
-__all__ = ["Task", "FitResult", "fit", "fitter", "output_dir_for", "resume_checkpoint", "build_trainer"]
+__all__ = ["Task", "FitResult", "fit", "fitter", "output_dir_for", "resume_checkpoint", "build_trainer", "apply_profile"]

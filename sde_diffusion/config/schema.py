@@ -27,7 +27,7 @@ REDUCTIONS = ("mean", "sum")
 TIME_INPUTS = ("i/N", "(i-1)/(N-1)")
 LOGGERS = ("csv", "tensorboard")
 RECONSTRUCTIONS = ("l1", "l2")
-DTYPES = ("float32", "float64")
+DTYPES = ("float32", "float64", "bfloat16")
 DIVERGENCES = ("auto", "exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
 ODE_SOLVERS = ("dopri5", "scipy", "euler", "heun", "rk4")
@@ -226,6 +226,32 @@ class AutoencoderConfig:
 
 
 @dataclass
+class PerfConfig:
+    """Speed switches of training (``perf.*``), the GPU profile.
+
+    Each is true, false, or null = auto: on when the run trains on a CUDA device (``trainer=gpu``,
+    or ``trainer=auto`` with a GPU present), off otherwise, so that a CPU run computes exactly what
+    it always did. :func:`~sde_diffusion.performance.resolve_profile` turns them into one
+    :class:`~sde_diffusion.performance.Profile` per run; ``trainer.precision`` (null: bf16-mixed on
+    a GPU with bfloat16, else 32-true) and the top-level ``compile`` follow the same rule.
+    """
+
+    tf32: Optional[bool] = None            # TF32 tensor cores for float32 matmuls and convolutions
+    channels_last: Optional[bool] = None   # NHWC memory format for image networks (weights and inputs)
+    fused_adamw: Optional[bool] = None     # AdamW's fused single-kernel step
+    cudnn_benchmark: Optional[bool] = None  # cuDNN autotuning (pays off with fixed shapes)
+    static_shapes: Optional[bool] = None   # drop the last incomplete batch, so compiled graphs see one shape (auto: with compile)
+    loader_workers: Optional[int] = None   # DataLoader workers (auto: cores per device, at most 8, on CUDA; the data group's on CPU)
+
+    def __post_init__(self) -> None:
+        for key in ("tf32", "channels_last", "fused_adamw", "cudnn_benchmark", "static_shapes"):
+            value = getattr(self, key)
+            _require(value is None or isinstance(value, bool), f"perf.{key} must be true, false or null (auto), got {value!r}")
+        if self.loader_workers is not None:
+            _int_at_least("perf.loader_workers", self.loader_workers, 0)
+
+
+@dataclass
 class TrainConfig:
     """``python train.py``: what to train (``task``), on what, and how.
 
@@ -248,7 +274,8 @@ class TrainConfig:
     resume: bool = False             # continue from <run_dir>/checkpoints/last.ckpt if it exists
     ckpt_path: Optional[str] = None  # a .ckpt file to continue from, or `last`
     latent: Optional[str] = None     # an autoencoder run: train on its scaled latents (LSGM / latent diffusion)
-    compile: bool = False            # torch.compile the network (checkpoints unchanged)
+    compile: Optional[bool] = None   # torch.compile the network and its EMA copy (null: on CUDA; checkpoints unchanged)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
@@ -267,16 +294,21 @@ class TrainConfig:
         _require(isinstance(self.seed, int) and not isinstance(self.seed, bool), f"seed must be an integer, got {self.seed!r}")
         for name in self.loggers:
             _choice("logger", name, LOGGERS)
+        threads = self.trainer.get("num_threads")
+        _require(threads in (None, "auto") or (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1),
+                 f"trainer.num_threads must be an integer >= 1, auto or null, got {threads!r}")
+        _require(self.compile is None or isinstance(self.compile, bool), f"compile must be true, false or null (auto), got {self.compile!r}")
         if self.loss.discrete_steps is not None:
             sde_name = self.sde.get("name")
             _require(sde_name == "vp" and not self.sde.get("_target_"),
                      f"loss.discrete_steps (the DDPM loss) needs sde=vp, got sde={sde_name}")
 
     @property
-    def num_threads(self) -> Optional[int]:
-        """torch's intra-op CPU threads (``trainer.num_threads``; None: torch's default)."""
+    def num_threads(self) -> Any:
+        """torch's intra-op CPU threads (``trainer.num_threads``): a count, ``auto`` (1 on the CPU,
+        the cores per device on CUDA) or None (torch's default)."""
         value = self.trainer.get("num_threads")
-        return None if value is None else int(value)
+        return value if value in (None, "auto") else int(value)
 
     @property
     def progress_bar(self) -> bool:
@@ -443,7 +475,9 @@ class SampleConfig:
     seed: int = 0                    # batch b draws from a generator seeded by f(seed, b): same seed, same samples
     ema: bool = True                 # the EMA weights (falls back to the trained weights, with a warning, if none)
     device: str = "auto"             # auto | cpu | cuda | cuda:<k> (ignored when trainer is set)
-    dtype: str = "float32"           # float32 | float64
+    dtype: str = "float32"           # float32 | float64 | bfloat16 (sampling only: the network under bf16 autocast,
+                                     # the sampler's state in float32)
+    compile: bool = False            # torch.compile the network (batches padded to one shape, so it compiles once)
     # Clamp the denoiser's x0 estimate to the data range at every step (static thresholding):
     # auto = with a deterministic default sampler on pixel-space image models; never for vectors or
     # latents (unbounded); true: with any sampler | false.
@@ -504,6 +538,6 @@ class SampleConfig:
 __all__ = [
     "TrainConfig", "SampleConfig", "LossConfig", "OptimConfig", "EmaConfig", "ConditioningConfig",
     "CallbacksConfig", "CheckpointCallbackConfig", "SamplesCallbackConfig", "LossByTimeCallbackConfig",
-    "ClassifierConfig", "AutoencoderConfig", "GuidanceConfig", "InpaintConfig", "LikelihoodConfig",
+    "ClassifierConfig", "AutoencoderConfig", "PerfConfig", "GuidanceConfig", "InpaintConfig", "LikelihoodConfig",
     "MetricsConfig", "PlotsConfig", "WEIGHTINGS", "PREDICTIONS", "REDUCTIONS", "TIME_INPUTS", "LOGGERS",
 ]

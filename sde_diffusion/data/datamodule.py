@@ -119,15 +119,22 @@ class ResumableRandomSampler(Sampler[int]):
     finds them again. With ``world_size`` processes, each global batch of ``batch`` consecutive
     indices of the order is cut into ``world_size`` equal parts and process ``rank`` takes part
     ``rank``, so the processes together see exactly what one process with the whole batch would;
-    a last global batch too short to split is left out. ``skip`` leaves out the first indices of
-    the next iteration only: what a resumed run has already trained on in its current epoch.
+    a last global batch too short to split is left out, as it is with ``drop_last`` (static shapes
+    for compiled networks) in one process. ``skip`` leaves out the first indices of the next
+    iteration only: what a resumed run has already trained on in its current epoch.
     """
 
-    def __init__(self, n: int, seed: int, batch: Optional[int] = None, world_size: int = 1, rank: int = 0) -> None:
+    def __init__(self, n: int, seed: int, batch: Optional[int] = None, world_size: int = 1, rank: int = 0,
+                 drop_last: bool = False) -> None:
         self.n, self.seed = int(n), int(seed)
         self.batch, self.world_size, self.rank = (int(batch) if batch else None), int(world_size), int(rank)
+        self.drop_last = bool(drop_last) or self.world_size > 1
         if self.world_size > 1 and (self.batch is None or self.batch % self.world_size):
             raise ValueError(f"a global batch of {batch} cannot be split among {world_size} processes")
+        if self.drop_last and (self.batch is None or self.n < self.batch):
+            raise ValueError(f"the training set ({self.n} examples) is smaller than one global batch ({batch}), and "
+                             "whole batches only are kept (several processes, or perf.static_shapes=true): lower "
+                             "data.batch_size, or set perf.static_shapes=false on one process")
         self.epoch = 0
         self.skip = 0
         self._gen = torch.Generator().manual_seed(self.seed)
@@ -151,7 +158,7 @@ class ResumableRandomSampler(Sampler[int]):
     def indices(self, epoch: int) -> Tensor:
         """This process's indices of epoch ``epoch``, in order."""
         order = self.order(epoch)
-        if self.world_size == 1:
+        if not self.drop_last:
             return order
         whole = (self.n // self.batch) * self.batch
         part = self.batch // self.world_size
@@ -162,7 +169,7 @@ class ResumableRandomSampler(Sampler[int]):
         return iter(self.indices(self.epoch)[skip:].tolist())
 
     def __len__(self) -> int:
-        return self.n if self.world_size == 1 else (self.n // self.batch) * (self.batch // self.world_size)
+        return (self.n // self.batch) * (self.batch // self.world_size) if self.drop_last else self.n
 
 
 @dataclass(frozen=True)
@@ -211,6 +218,8 @@ class BaseDataModule(L.LightningDataModule):
         self.val_fraction = float(val_fraction)
         self._train: Optional[Dataset] = None
         self._val: Optional[Dataset] = None
+        # Whole batches only (static shapes for a compiled network); set by fit() from perf.static_shapes.
+        self.drop_last = False
 
     # ------------------------------------------------------------------ subclass hooks
     def _build_splits(self) -> Tuple[Dataset, Dataset]:
@@ -259,7 +268,10 @@ class BaseDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=layout.micro if train else self.batch_size,
-            sampler=ResumableRandomSampler(len(dataset), self.seed, self.batch_size, world, rank) if train else None,  # type: ignore[arg-type]
+            sampler=ResumableRandomSampler(len(dataset), self.seed, self.batch_size, world, rank,  # type: ignore[arg-type]
+                                           drop_last=self.drop_last) if train else None,
+            # Static shapes: a validation set of at least one batch is cut to whole batches.
+            drop_last=bool(not train and self.drop_last and len(dataset) >= self.batch_size),  # type: ignore[arg-type]
             # The iterator's worker base seed comes from here, not from the global generator.
             generator=torch.Generator().manual_seed(self.seed) if train else None,
             num_workers=self.num_workers,

@@ -87,6 +87,9 @@ class LikelihoodJob(ModelJob):
     purpose = "likelihood"
 
     def __init__(self, cfg: SampleConfig, runtime: Optional[Runtime] = None, model: Optional[LoadedModel] = None) -> None:
+        if cfg.dtype == "bfloat16":
+            raise ValueError("dtype=bfloat16 is for sampling: a likelihood integrates the probability-flow ODE and "
+                             "its divergence to high accuracy; use dtype=float32 (or float64)")
         super().__init__(cfg, runtime, model)
         self.options = cfg.likelihood.options()
         self.latent = self.model.is_latent

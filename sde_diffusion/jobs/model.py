@@ -17,7 +17,7 @@ the stored ones (e.g. ``data.root`` on another machine).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
@@ -26,7 +26,7 @@ import torch
 from .. import checkpoints
 from ..config import SampleConfig, instantiate, to_plain
 from ..registry import DATASETS
-from .runtime import Runtime, make_runtime, resolve_dtype
+from .runtime import Runtime, make_runtime, network_autocast, resolve_dtype
 
 PathLike = Union[str, Path]
 CHECKED_GROUPS = ("sde", "model")
@@ -80,6 +80,18 @@ class LoadedModel:
 
     module: Any
     info: checkpoints.CheckpointInfo
+    # How score_model() runs the network: bf16 autocast and/or compiled (see accelerate()).
+    autocast_dtype: Optional[torch.dtype] = None
+    compile: bool = False
+    _wrapped: Dict[int, Any] = field(default_factory=dict, repr=False)
+
+    def accelerate(self, autocast_dtype: Optional[torch.dtype] = None, compile: bool = False) -> "LoadedModel":
+        """Run the network of later :meth:`score_model` calls under ``autocast_dtype`` autocast (the
+        output comes back in the input's dtype) and/or ``torch.compile``d with static batch shapes
+        (:class:`~sde_diffusion.performance.InferenceNet`). Returns ``self``."""
+        self.autocast_dtype, self.compile = autocast_dtype, bool(compile)
+        self._wrapped.clear()
+        return self
 
     @property
     def path(self) -> Path:
@@ -132,7 +144,15 @@ class LoadedModel:
         if use_ema and not self.has_ema:
             warnings.warn(f"{self.path} holds no EMA weights (trained with ema.enabled=false?): using the trained weights",
                           stacklevel=2)
-        return self.module.score_fn(use_ema=use_ema and self.has_ema)
+        score = self.module.score_fn(use_ema=use_ema and self.has_ema)
+        if self.autocast_dtype is not None or self.compile:
+            from ..performance import InferenceNet
+
+            key = id(score.net)
+            if key not in self._wrapped:  # one wrapper (one compiled graph) per network
+                self._wrapped[key] = InferenceNet(score.net, self.autocast_dtype, self.compile)
+            score.net = self._wrapped[key]
+        return score
 
     def build_datamodule(self, data: Optional[Mapping[str, Any]] = None) -> Any:
         """The training data module (not set up), with the keys of ``data`` (a requested data group) on top."""
@@ -254,7 +274,9 @@ class ModelJob:
     def __init__(self, cfg: SampleConfig, runtime: Optional[Runtime] = None, model: Optional[LoadedModel] = None) -> None:
         self.cfg = cfg
         self.runtime = runtime or make_runtime(cfg)
-        self.dtype = resolve_dtype(cfg.dtype)
+        self.dtype = resolve_dtype(cfg.dtype)  # the sampler's state (float32 for dtype=bfloat16)
         self.model = model or load_model(cfg.ckpt, self.runtime.device, self.dtype, latent=cfg.latent,
                                          sde=cfg.sde, model=cfg.model, data=cfg.data)
+        if network_autocast(cfg.dtype) is not None or cfg.compile:
+            self.model.accelerate(network_autocast(cfg.dtype), cfg.compile)
         self.dm = self.model.build_datamodule(cfg.data)

@@ -19,7 +19,10 @@ import torch
 from ..config import SampleConfig
 
 FABRIC_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# The sampler's state dtype of each `dtype=` choice: bfloat16 runs the network under bf16 autocast
+# (network_autocast) while the state the sampler integrates stays float32.
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32}
+AUTOCAST = {"bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -59,6 +62,12 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def network_autocast(name: str) -> Optional[torch.dtype]:
+    """The autocast dtype the network runs in for ``dtype=name`` (None: the state's own dtype)."""
+    resolve_dtype(name)
+    return AUTOCAST.get(name)
 
 
 def make_runtime(cfg: SampleConfig) -> Runtime:
@@ -106,4 +115,4 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-__all__ = ["Runtime", "resolve_device", "resolve_dtype", "make_runtime", "versions", "sync", "DTYPES"]
+__all__ = ["Runtime", "resolve_device", "resolve_dtype", "network_autocast", "make_runtime", "versions", "sync", "DTYPES"]

@@ -186,6 +186,9 @@ class SampleJob(ModelJob):
         }
         if self.clip_range is not None:
             out["clip_denoised"] = list(self.clip_range)
+        if cfg.compile:
+            # Only present when on, so that the identity of every other run stays as it was.
+            out["compile"] = True
         if self.classifier is not None:
             # Only present with a classifier, so that the identity of every other run stays as it was.
             out["classifier"] = {"path": str(self.classifier.path.resolve()), "global_step": self.classifier.global_step,

@@ -138,7 +138,7 @@ class AutoencoderModule(L.LightningModule):
         self.latent_std = (checkpoint.get("latent") or {}).get("std")
 
     def configure_optimizers(self) -> Dict[str, Any]:
-        return adamw_with_warmup(self.net.parameters(), self.cfg.optim)
+        return adamw_with_warmup(self.net.parameters(), self.cfg.optim, getattr(self, "profile", None))
 
 
 class ReconstructionFigures(Callback):

@@ -271,7 +271,7 @@ class NoisyClassifier(LatentSpace, L.LightningModule):
         checkpoint["kind"] = CHECKPOINT_KIND
 
     def configure_optimizers(self) -> Dict[str, Any]:
-        return adamw_with_warmup(self.net.parameters(), self.cfg.optim)
+        return adamw_with_warmup(self.net.parameters(), self.cfg.optim, getattr(self, "profile", None))
 
 
 # ---------------------------------------------------------------------------------- the task

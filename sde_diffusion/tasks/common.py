@@ -26,10 +26,15 @@ class LinearWarmup:
         return min(1.0, (step + 1) / self.warmup_steps)
 
 
-def adamw_with_warmup(params: Any, o: OptimConfig) -> Dict[str, Any]:
-    """AdamW with a per-step linear warm-up: what ``configure_optimizers`` returns, for every task."""
+def adamw_with_warmup(params: Any, o: OptimConfig, profile: Any = None) -> Dict[str, Any]:
+    """AdamW with a per-step linear warm-up: what ``configure_optimizers`` returns, for every task.
+
+    ``profile`` (the module's :class:`~sde_diffusion.performance.Profile`, set by ``fit``) chooses
+    AdamW's fused kernel (``perf.fused_adamw``); without one, torch's default implementation.
+    """
+    fused = {"fused": True} if profile is not None and profile.fused_adamw else {}
     opt = torch.optim.AdamW(params, lr=float(o.lr), betas=tuple(float(b) for b in o.betas), eps=float(o.eps),
-                            weight_decay=float(o.weight_decay))
+                            weight_decay=float(o.weight_decay), **fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, LinearWarmup(o.warmup_steps))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 

@@ -89,7 +89,6 @@ class ScoreDiffusion(LatentSpace, L.LightningModule):
         self.label_dropout = float(cfg.conditioning.label_dropout)
         self.num_classes = num_classes
         self.seed = cfg.seed
-        self.compile_net = bool(cfg.compile)
         # An EMA network outside training (after load_checkpoint): kept out of the module tree so
         # that state_dict keys, parameter counts and the EMA callback's copy are not affected.
         self.__dict__["_ema_net"] = None
@@ -193,13 +192,20 @@ class ScoreDiffusion(LatentSpace, L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Dict[str, Any]:
-        return adamw_with_warmup(self.net.parameters(), self.cfg.optim)
+        return adamw_with_warmup(self.net.parameters(), self.cfg.optim, getattr(self, "profile", None))
 
     def on_fit_start(self) -> None:
-        # Compiled after the EMA callback has copied the module (in setup), so the copy stays eager;
-        # Module.compile keeps parameter names, so checkpoints do not change.
-        if self.compile_net and not getattr(self.net, "_compiled_call_impl", None):
-            self.net.compile()
+        # After the EMA callback has copied the module (in setup): the training network and the EMA
+        # network that draws the in-training samples are compiled each on their own. Module.compile
+        # keeps parameter names, so checkpoints do not change.
+        profile = getattr(self, "profile", None)
+        if profile is None or not profile.compile:
+            return
+        ema = find_ema(self._trainer)
+        nets = [self.net] + ([ema.averaged_module.net] if ema is not None and ema.averaged_module is not None else [])
+        for net in nets:
+            if not getattr(net, "_compiled_call_impl", None):
+                net.compile()
 
     # ------------------------------------------------------------------ checkpoints
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
