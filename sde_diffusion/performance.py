@@ -88,10 +88,14 @@ class Profile:
 
 
 def auto_precision(cuda: bool) -> str:
-    """bf16-mixed on a GPU that has bfloat16 (Ampere and later); else full float32."""
-    if cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
+    """bf16-mixed on a GPU that has bfloat16 (Ampere and later), 32-true on an older one
+    and on the CPU. Without a visible GPU (``cuda=True`` asked on a CPU machine, as tests do) the
+    answer is that of a current GPU, bf16-mixed."""
+    if not cuda:
+        return "32-true"
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        return "32-true"
+    return "bf16-mixed"
 
 
 def resolve_profile(cfg: Any, cuda: Optional[bool] = None) -> Profile:
@@ -119,12 +123,20 @@ def resolve_profile(cfg: Any, cuda: Optional[bool] = None) -> Profile:
     if workers is None and cuda:
         workers = min(MAX_AUTO_WORKERS, per_device)
     precision = trainer.get("precision")
+    precision = str(precision) if precision is not None else auto_precision(cuda)
+    fp16 = precision.startswith("16")
+    fused = auto(perf.fused_adamw, cuda and not fp16)
+    if fused and fp16 and trainer.get("gradient_clip_val"):
+        # fp16's GradScaler leaves the gradients scaled until a fused optimiser's own step, so
+        # they cannot be clipped before it (bf16 needs no scaler and has no such limit).
+        raise ValueError(f"perf.fused_adamw=true cannot clip gradients under trainer.precision={precision}: "
+                         "use trainer.precision=bf16-mixed, perf.fused_adamw=false or trainer.gradient_clip_val=null")
     return Profile(
         cuda=cuda,
-        precision=str(precision) if precision is not None else auto_precision(cuda),
+        precision=precision,
         tf32=auto(perf.tf32, cuda),
         channels_last=auto(perf.channels_last, cuda),
-        fused_adamw=auto(perf.fused_adamw, cuda),
+        fused_adamw=fused,
         cudnn_benchmark=auto(perf.cudnn_benchmark, cuda),
         compile=compile_,
         static_shapes=auto(perf.static_shapes, compile_),
@@ -161,15 +173,17 @@ class InferenceNet(nn.Module):
         compile: ``torch.compile`` the network. Each call's batch is padded (by repeating its last
             row) up to the smallest batch size seen before that holds it, so a run whose last batch
             is short still reuses the first graph; the padding rows are dropped from the output.
+        backend: ``torch.compile``'s backend (tests use a counting one).
 
     Parameters are shared with ``net`` (nothing is copied).
     """
 
-    def __init__(self, net: nn.Module, autocast_dtype: Optional[torch.dtype] = None, compile: bool = False) -> None:
+    def __init__(self, net: nn.Module, autocast_dtype: Optional[torch.dtype] = None, compile: bool = False,
+                 backend: Any = "inductor") -> None:
         super().__init__()
         self.net = net
         self.autocast_dtype = autocast_dtype
-        self.compiled = torch.compile(net) if compile else None
+        self.compiled = torch.compile(net, backend=backend) if compile else None
         self.sizes: List[int] = []
 
     def _padded_size(self, b: int) -> int:

@@ -30,7 +30,7 @@ from ..config import AutoencoderConfig, TrainConfig, saved_train_config, to_plai
 from ..fit import Task, fitter
 from ..models.kl_autoencoder import KLAutoencoder, kl_to_standard_normal
 from ..registry import TASKS
-from .common import adamw_with_warmup, seeded, step_seed
+from .common import ClipFusedGradients, adamw_with_warmup, seeded, step_seed
 
 log = logging.getLogger(__name__)
 AutoencoderOptions = AutoencoderConfig  # ``cfg.autoencoder``: the schema section of this task
@@ -42,7 +42,7 @@ def autoencoder_network(opts: AutoencoderConfig, data_shape: Sequence[int]) -> K
                          opts.num_res_blocks, opts.dropout)
 
 
-class AutoencoderModule(L.LightningModule):
+class AutoencoderModule(ClipFusedGradients, L.LightningModule):
     """Trains :class:`~sde_diffusion.models.kl_autoencoder.KLAutoencoder` (``self.net``) on ``cfg.data``.
 
     ``latent_std`` / ``scale_factor`` hold the latent scale once measured (every checkpoint

@@ -64,7 +64,7 @@ from ..losses import uniform_draws
 from ..models.time_classifier import CLASSIFIERS, TimeClassifier
 from ..registry import SDES, TASKS
 from ..sdes.sde import SDE, broadcast_to_x
-from .common import LatentSpace, adamw_with_warmup, seeded, step_seed
+from .common import ClipFusedGradients, LatentSpace, adamw_with_warmup, seeded, step_seed
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def format_accuracy_table(rows: Sequence[BucketAccuracy]) -> str:
 
 
 # ---------------------------------------------------------------------------------- the module
-class NoisyClassifier(LatentSpace, L.LightningModule):
+class NoisyClassifier(LatentSpace, ClipFusedGradients, L.LightningModule):
     """Cross-entropy training of a time-dependent classifier on forward-perturbed data.
 
     ``forward(x [B, *model_shape], t [B] or scalar) -> logits [B, num_classes]`` computes

@@ -39,6 +39,28 @@ def adamw_with_warmup(params: Any, o: OptimConfig, profile: Any = None) -> Dict[
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
 
+class ClipFusedGradients:
+    """Gradient clipping (``trainer.gradient_clip_val``) that also works with the fused AdamW.
+
+    Lightning's mixed-precision plugin refuses to clip for an optimiser that unscales gradients
+    itself, as fused AdamW announces, because under fp16 its gradients would still be multiplied by
+    the GradScaler's factor at that point. Under bf16 and fp32 there is no scaler: the gradients are
+    the true ones, and clipping them is what the unfused optimiser gets. (fp16 with fused AdamW and
+    clipping is refused by :func:`~sde_diffusion.performance.resolve_profile`.)
+    """
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
+                                    gradient_clip_algorithm: Any = None) -> None:
+        if gradient_clip_val and optimizer.defaults.get("fused"):
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if str(gradient_clip_algorithm or "norm") == "value":
+                torch.nn.utils.clip_grad_value_(params, float(gradient_clip_val))
+            else:
+                torch.nn.utils.clip_grad_norm_(params, float(gradient_clip_val))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)  # type: ignore[misc]
+
+
 def step_seed(*parts: Any) -> int:
     """A 63-bit seed from any tuple of values (stable across processes and Python runs)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
@@ -88,4 +110,4 @@ class LatentSpace:
         return u if self.codec is None else self.codec.decode(u)
 
 
-__all__ = ["LinearWarmup", "adamw_with_warmup", "step_seed", "seeded", "LatentSpace"]
+__all__ = ["LinearWarmup", "adamw_with_warmup", "ClipFusedGradients", "step_seed", "seeded", "LatentSpace"]

@@ -36,15 +36,16 @@ from ..checkpoints import CheckpointInfo
 from ..config import TrainConfig, instantiate, saved_train_config, to_plain
 from ..fit import Task, fitter
 from ..losses import DSMTerms, dsm_terms, uniform_draws
+from ..performance import channels_last_input
 from ..registry import MODELS, SDES, TASKS
 from ..score import ScoreModel
-from .common import LatentSpace, adamw_with_warmup, seeded, step_seed
+from .common import ClipFusedGradients, LatentSpace, adamw_with_warmup, seeded, step_seed
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------- the module
-class ScoreDiffusion(LatentSpace, L.LightningModule):
+class ScoreDiffusion(LatentSpace, ClipFusedGradients, L.LightningModule):
     """DSM training of ``net`` for ``sde``, built from the composed config.
 
     Args:
@@ -153,8 +154,14 @@ class ScoreDiffusion(LatentSpace, L.LightningModule):
             return 1, 0, 1
         return int(self.trainer.world_size), int(self.trainer.global_rank), int(self.trainer.accumulate_grad_batches)
 
+    def _model_input(self, x: Tensor) -> Tensor:
+        """A data batch in the network's space, in NHWC memory when the profile asks for channels_last."""
+        x = self.to_model_space(x)
+        profile = getattr(self, "profile", None)
+        return channels_last_input(x) if profile is not None and profile.channels_last else x
+
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Dict[str, Tensor]:
-        x, y = self.to_model_space(batch[0]), (batch[1] if len(batch) > 1 else None)
+        x, y = self._model_input(batch[0]), (batch[1] if len(batch) > 1 else None)
         # The draws (label dropout, ε, t) are made for the whole global batch and this micro-batch
         # takes its slice, so any split among processes and accumulated micro-batches trains on the
         # same numbers as one process holding the whole batch.
@@ -183,7 +190,7 @@ class ScoreDiffusion(LatentSpace, L.LightningModule):
 
     def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
         # The same times and noise at every evaluation, so that val/loss curves are comparable.
-        x, y = self.to_model_space(batch[0]), (batch[1] if len(batch) > 1 else None)
+        x, y = self._model_input(batch[0]), (batch[1] if len(batch) > 1 else None)
         with seeded(step_seed(self.seed, "val", batch_idx, self._rank()), x.device):
             terms = self.dsm_terms(x, y, 0.0)
         loss = terms.loss.mean()
