@@ -276,7 +276,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     print(text)
     if args.write:
         cmd = "python -m benchmarks.gpu " + " ".join(argv if argv is not None else sys.argv[1:])
-        _write(f"### Measured: {device.type.upper()}, {torch.__version__}\n\n```\n.venv/bin/{cmd.replace(' --write', '')}\n```\n\n{text}\n")
+        reading = ("\nReading: on a CPU this measures only that every mode runs. Without AVX-512 BF16 or AMX the "
+                   "CPU emulates bfloat16, so `bf16` and `compiled` are many times slower than `fp32` here; the "
+                   "profile is for CUDA, where the same command at batch 128 gives the figures that count. Peak "
+                   "memory on a CPU is the case's process high-water mark (resident set, torch included).\n"
+                   if device.type == "cpu" else "")
+        _write(f"### Measured: {device.type.upper()}, torch {torch.__version__}\n\n```\n.venv/bin/{cmd.replace(' --write', '')}\n```\n\n"
+               f"{text}\n{reading}")
     return rows
 
 

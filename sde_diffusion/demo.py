@@ -28,6 +28,8 @@ def compose(overrides: List[str]) -> Any:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from . import config  # noqa: F401  (registers the schemas conf/train.yaml composes on)
+
     if not (CONF_DIR / "train.yaml").is_file():
         raise FileNotFoundError(f"the demo needs the source checkout's configs: {CONF_DIR / 'train.yaml'} is missing")
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
