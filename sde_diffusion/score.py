@@ -15,7 +15,7 @@ Usage::
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -111,7 +111,7 @@ class ScoreModel(nn.Module):
     is broadcast over the batch.
     """
 
-    def __init__(self, net: nn.Module, sde: SDE, prediction: str = "eps", **cond: Any) -> None:
+    def __init__(self, net: nn.Module, sde: SDE, prediction: str = "eps", learn_sigma: bool = False, **cond: Any) -> None:
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; choose one of: {', '.join(PREDICTIONS)}")
@@ -119,6 +119,9 @@ class ScoreModel(nn.Module):
         self.sde = sde
         self.prediction = prediction
         self.cond = cond
+        self.learn_sigma = bool(learn_sigma)
+        #: v of the latest evaluation (learn_sigma only), ``[B, ...]`` like x: read by ``sampler=ddpm variance=learned``.
+        self.last_frac: Optional[Tensor] = None
 
     def forward(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
@@ -126,8 +129,46 @@ class ScoreModel(nn.Module):
             t = t.expand(x.shape[0])
         kwargs = {**self.cond, **cond}
         pred = self.net(x, t, **kwargs)
+        if self.learn_sigma:
+            pred, v = split_learned_sigma(pred, x)
+            self.last_frac = variance_frac(v).detach()
         m, sigma = self.sde.mean_coeff(t), self.sde.marginal_std(t)
         return prediction_to_score(pred, x, m, sigma, self.prediction)
+
+
+def split_learned_sigma(out: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """A ``learn_sigma`` network's output ``[B, 2C, ...]`` → (prediction, v), each ``[B, C, ...]`` like ``x``."""
+    if out.dim() < 2 or out.shape[1] != 2 * x.shape[1] or out.shape[2:] != x.shape[2:]:
+        raise ValueError(f"a learn_sigma network must return [B, 2C, ...] = {(x.shape[0], 2 * x.shape[1], *x.shape[2:])}, "
+                         f"got {tuple(out.shape)}")
+    pred, v = out.chunk(2, dim=1)
+    return pred, v
+
+
+def variance_frac(v: Tensor) -> Tensor:
+    """Improved DDPM's interpolation weight (v + 1)/2 of the raw output v: log Σ = w log β + (1 − w) log β̃."""
+    return (v + 1) * 0.5
+
+
+def learned_variance_source(score_fn: Any, depth: int = 6) -> Optional["ScoreModel"]:
+    """The :class:`ScoreModel` with ``learn_sigma`` that ``score_fn`` is or wraps (through ``score_fn`` /
+    ``cond_score`` / ``score`` / ``net`` attributes or a closure), or None."""
+    if isinstance(score_fn, ScoreModel):
+        return score_fn if score_fn.learn_sigma else None
+    if depth <= 0 or score_fn is None:
+        return None
+    inner = [getattr(score_fn, name, None) for name in ("score_fn", "cond_score", "score", "score_model")]
+    for cell in getattr(score_fn, "__closure__", None) or ():
+        try:
+            inner.append(cell.cell_contents)
+        except ValueError:
+            pass
+    for f in inner:
+        if f is not None and f is not score_fn and callable(f):
+            found = learned_variance_source(f, depth - 1)
+            if found is not None:
+                return found
+    return None
 
 
 def counting(score_fn: Callable[[Tensor, Tensor], Tensor]) -> "CountingScore":
@@ -186,6 +227,9 @@ __all__ = [
     "prediction_to_score",
     "target_for",
     "ScoreModel",
+    "split_learned_sigma",
+    "variance_frac",
+    "learned_variance_source",
     "CountingScore",
     "counting",
 ]

@@ -13,6 +13,7 @@ from .pc import PredictorCorrector
 from .ode_samplers import ODEDopri5, ODEHeun, ODERK4, ODEScipy
 from .torchsde_sampler import TorchSDESampler
 from .ddim import DDIM
+from .ddpm import DDPM
 from .dpm_solver import DPMSolverPP, DPMSolverPP2S
 from .dpm_solver_adaptive import AdaptiveDPMSolverPP
 from .edm import EDMHeun
@@ -48,6 +49,7 @@ __all__ = [
     "ODEScipy",
     "TorchSDESampler",
     "DDIM",
+    "DDPM",
     "DPMSolverPP",
     "DPMSolverPP2S",
     "AdaptiveDPMSolverPP",
