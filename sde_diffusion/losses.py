@@ -22,6 +22,9 @@ Weightings λ(t) (``weighting=``):
   CDF are tabulated numerically (see :class:`ImportanceTimeSampler`), so this works for any
   SDE, including user-defined :class:`~sde_diffusion.sdes.LinearSDE` subclasses.
 
+* ``"p2"``     λ = σ(t)²/(k + SNR(t))^γ, SNR = m²/σ² (Choi et al. 2022's perception-prioritised
+  weighting of the ε-loss; ``p2_k``, ``p2_gamma``; γ = 0 is ``"sigma2"``).
+
 Parameterisations (``prediction=``) never change the objective: the network's output is
 regressed on ``score.target_for(prediction, x0, ε, m, σ)`` and the squared error is converted
 to score space exactly, ‖s_θ − s‖² = c(t)‖pred − target‖² with
@@ -33,14 +36,27 @@ dimensions (``"sum"``, the formula above) or averaged over them (``"mean"``, i.e
 D = ∏ data_shape; the usual scaling of L_simple). Either way the batch is averaged, so the loss
 does not depend on the batch size or the number of DDP processes.
 
-Discrete-time DDPM loss (``discrete_steps=N``, VP only)
-------------------------------------------------------
-Integer steps i ~ U{1, …, N}, β_i from :meth:`VPSDE.discrete_betas(N) <sde_diffusion.sdes.VPSDE.discrete_betas>`,
-ᾱ_i = ∏_{j≤i}(1 − β_j), x_i = √ᾱ_i x_0 + √(1 − ᾱ_i) ε and the loss ‖ε_θ(x_i, t_i) − ε‖²
-(λ = σ_i², so only ``weighting="sigma2"`` is allowed). The network sees a continuous time
+Discrete-time DDPM loss (``discrete_steps=N``, variance-preserving processes)
+---------------------------------------------------------------------------
+Integer steps i ~ U{1, …, N}, ᾱ_i of the discrete chain — for VP with a linear β(t),
+β_i from :meth:`VPSDE.discrete_betas(N) <sde_diffusion.sdes.VPSDE.discrete_betas>` and
+ᾱ_i = ∏_{j≤i}(1 − β_j) (DDPM's schedule); for any other VP process (cosine, a VP
+:class:`~sde_diffusion.sdes.LinearSDE`) ᾱ_i = m(t_i)² exactly — x_i = √ᾱ_i x_0 + √(1 − ᾱ_i) ε and the
+loss λ_i/σ_i²·‖ε_θ(x_i, t_i) − ε‖² with every weighting in its discrete form:
+``sigma2`` 1 (L_simple); ``g2`` (N/T)·β_i/(α_i(1 − ᾱ_i)), the weight of L_{i−1} in DDPM's bound with
+σ_i² = β_i (→ g²/σ² as N → ∞); ``importance`` the same objective with i drawn ∝ β_i/(α_i(1 − ᾱ_i)) and
+weight Σ_j β_j/(α_j(1 − ᾱ_j))/T; ``p2`` (k + ᾱ_i/(1 − ᾱ_i))^−γ. The network sees a continuous time
 t_i ∈ [0, T]: ``time_input="i/N"`` gives t_i = i·T/N, the time at which ᾱ(t_i) ≈ ᾱ_i (so the
 network can also be sampled with the continuous-time samplers); ``time_input="(i-1)/(N-1)"``
 gives t_i = (i − 1)·T/(N − 1) ∈ [0, T], the reference code's mapping of step indices to times.
+
+Learned variances (``learn_sigma=True``, Nichol & Dhariwal 2021)
+----------------------------------------------------------------
+The network returns ``[B, 2C, ...]`` = (ε_θ, v). The loss is L_hybrid = L_simple + λ_h·L_vlb with
+L_vlb = N·L_{i−1} in bits per data element (reduction as above), λ_h = ``hybrid_lambda`` (0.001): L_{i−1} is
+the KL of :mod:`sde_diffusion.vlb` at the step i of the N-step chain (``discrete_steps``, else 1000 steps,
+i = ⌈tN/T⌉ for continuous t) with σ² = exp(w log β_i + (1 − w) log β̃_i), w = (v + 1)/2, and ε_θ detached,
+so L_vlb trains only v (at i = 1, the Gaussian decoder's −log N(x_0; μ_θ, σ²)). ε-prediction only.
 
 Usage::
 
@@ -61,7 +77,7 @@ from torch import Tensor
 from .score import PREDICTIONS, target_for
 from .sdes.sde import SDE, broadcast_to_x
 
-WEIGHTINGS = ("sigma2", "g2", "importance")
+WEIGHTINGS = ("sigma2", "g2", "importance", "p2")
 REDUCTIONS = ("mean", "sum")
 TIME_INPUTS = ("i/N", "(i-1)/(N-1)")
 
@@ -188,20 +204,67 @@ _DDPM_CACHE: "weakref.WeakKeyDictionary[SDE, Dict[int, Tensor]]" = weakref.WeakK
 
 
 def ddpm_alpha_bars(sde: SDE, steps: int) -> Tensor:
-    """ᾱ_i = ∏_{j≤i}(1 − β_j), i = 1..N, of the discrete VP schedule (float64, CPU, cached)."""
+    """ᾱ_i, i = 1..N, of the discrete chain the DDPM loss uses (float64, CPU, cached): ∏_{j≤i}(1 − β_j) of
+    :meth:`VPSDE.discrete_betas` for VP, m(t_i)² at t_i = i·T/N for any other variance-preserving process."""
+    from .sdes.discrete import DiscreteVP, check_variance_preserving
     from .sdes.vp import SubVPSDE, VPSDE
 
-    if not isinstance(sde, VPSDE) or isinstance(sde, SubVPSDE):
+    if isinstance(sde, SubVPSDE):
         raise ValueError(
-            f"the discrete-time DDPM loss (discrete_steps) needs the VP SDE (sde=vp), got {sde!r}; "
-            "use the continuous-time loss (discrete_steps=null) for other processes"
+            f"the discrete-time DDPM loss (discrete_steps) needs a variance-preserving process (sde=vp or cosine_vp), "
+            f"got {sde!r}; use the continuous-time loss (discrete_steps=null) for other processes"
         )
     if isinstance(steps, bool) or int(steps) != steps or steps < 1:
         raise ValueError(f"discrete_steps must be an integer >= 1, got {steps!r}")
     per_sde = _DDPM_CACHE.setdefault(sde, {})
     if steps not in per_sde:
-        per_sde[int(steps)] = torch.cumprod(1.0 - sde.discrete_betas(int(steps)), 0)
+        if isinstance(sde, VPSDE):
+            per_sde[int(steps)] = torch.cumprod(1.0 - sde.discrete_betas(int(steps)), 0)
+        else:
+            check_variance_preserving(sde, "the discrete-time DDPM loss (discrete_steps)")
+            per_sde[int(steps)] = DiscreteVP.from_sde(sde, int(steps)).alpha_bar
     return per_sde[int(steps)]
+
+
+def _chain_step_terms(alpha_bars: Tensor, i: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(β_i, α_i, 1 − ᾱ_i, β̃_i clipped at i = 1 to β̃_2) for 1-based steps ``i`` of the chain ``alpha_bars``."""
+    ab = alpha_bars.to(i.device)
+    prev = torch.cat([torch.ones(1, dtype=ab.dtype, device=ab.device), ab[:-1]])
+    beta = 1 - ab / prev
+    oma = 1 - ab
+    bt = beta * (1 - prev) / oma
+    if bt.numel() > 1:
+        bt = torch.cat([bt[1:2], bt[1:]])
+    else:
+        bt = beta.clone()
+    return beta[i - 1], 1 - beta[i - 1], oma[i - 1], bt[i - 1]
+
+
+def _vlb_weight(alpha_bars: Tensor) -> Tensor:
+    """β_i/(α_i(1 − ᾱ_i)), i = 1..N: the weight of ‖ε̂ − ε‖² in 2·L_{i−1} with σ_i² = β_i."""
+    beta, alpha, oma, _ = _chain_step_terms(alpha_bars, torch.arange(1, alpha_bars.numel() + 1))
+    return beta / (alpha * oma)
+
+
+def hybrid_vlb_term(eps_hat: Tensor, noise: Tensor, v: Tensor, alpha_bars: Tensor, i: Tensor, reduction: str) -> Tensor:
+    """N·L_{i−1} per example ``[B]`` in bits per element (``mean``) or bits (``sum``), with ε̂ detached: the
+    L_vlb of the hybrid loss (see the module docstring). ``i`` are 1-based steps ``[B]``."""
+    from .score import variance_frac
+    from .vlb import step_kl
+
+    B = eps_hat.shape[0]
+    shape = (B, *([1] * (eps_hat.dim() - 1)))
+    beta, alpha, oma, bt = (c.to(eps_hat.dtype).reshape(shape) for c in _chain_step_terms(alpha_bars, i))
+    frac = variance_frac(v)
+    log_var = frac * torch.log(beta) + (1 - frac) * torch.log(bt)
+    err2 = (eps_hat.detach() - noise) ** 2
+    kl = step_kl(err2, log_var, beta, alpha, oma, torch.log(bt))
+    # Step 1: the decoder's −log N(x_0; μ_θ, σ²), with (x_0 − μ_θ)² = β²/(α(1 − ᾱ))·(ε̂ − ε)².
+    nll = 0.5 * (math.log(2 * math.pi) + log_var + beta**2 / (alpha * oma) * err2 * torch.exp(-log_var))
+    first = (i == 1).reshape(shape)
+    term = torch.where(first, nll, kl).reshape(B, -1)
+    term = term.mean(1) if reduction == "mean" else term.sum(1)
+    return alpha_bars.numel() * term / math.log(2.0)
 
 
 # ---------------------------------------------------------------------------------- the loss
@@ -246,6 +309,11 @@ def dsm_terms(
     t: Optional[Tensor] = None,
     noise: Optional[Tensor] = None,
     u: Optional[Tensor] = None,
+    p2_k: float = 1.0,
+    p2_gamma: float = 1.0,
+    learn_sigma: bool = False,
+    hybrid_lambda: float = 0.001,
+    hybrid_steps: int = 1000,
 ) -> DSMTerms:
     """Per-sample DSM terms for a batch ``x0 [B, ...]``; see the module docstring for the formulas.
 
@@ -266,6 +334,10 @@ def dsm_terms(
             with ``t`` given, ``"importance"`` weights it by g²/((T − eps) q̃(t)) as if drawn from q̃.
         u: the uniform numbers ``[B]`` that t (or the DDPM step) is made from, instead of drawing
             them (a process's slice of draws made for a whole global batch).
+        p2_k, p2_gamma: k and γ of the ``"p2"`` weighting.
+        learn_sigma: the network returns (ε_θ, v) stacked on dim 1; adds λ_h·L_vlb (the hybrid loss).
+        hybrid_lambda: λ_h.
+        hybrid_steps: N of the chain L_vlb is taken on with continuous t (``discrete_steps`` otherwise).
     """
     _check_options(weighting, prediction, reduction, time_input)
     if x0.dim() < 1 or x0.shape[0] == 0:
@@ -281,25 +353,38 @@ def dsm_terms(
     elif noise.shape != x0.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} must equal x0 shape {tuple(x0.shape)}")
 
+    if learn_sigma and prediction != "eps":
+        raise ValueError(f"learn_sigma (the hybrid loss) works with prediction='eps', got prediction={prediction!r}")
+    if weighting == "p2" and not (float(p2_k) > 0 and float(p2_gamma) >= 0):
+        raise ValueError(f"the p2 weighting needs k > 0 and gamma >= 0, got k={p2_k}, gamma={p2_gamma}")
+    i: Optional[Tensor] = None
     if discrete_steps is not None:
-        if weighting != "sigma2":
-            raise ValueError(
-                f"the discrete-time DDPM loss is L_simple (weighting='sigma2'); got weighting={weighting!r}"
-            )
         if t is not None:
             raise ValueError("t cannot be given with discrete_steps (the loss draws integer steps)")
         alpha_bars = ddpm_alpha_bars(sde, discrete_steps).to(device)
         N = int(discrete_steps)
         if u is None:
             u = uniform_draws(B, stratified, generator, device, torch.float64)
-        i = (u * N).long().clamp(0, N - 1) + 1  # i ~ U{1..N}
+        if weighting == "importance":
+            w = _vlb_weight(alpha_bars)
+            cdf = torch.cumsum(w, 0) / w.sum()
+            i = torch.searchsorted(cdf, u.to(cdf.dtype).clamp(0, 1 - 1e-12), right=True).clamp(0, N - 1) + 1
+        else:
+            i = (u * N).long().clamp(0, N - 1) + 1  # i ~ U{1..N}
         ab = alpha_bars[i - 1]
         m, sigma = ab.sqrt().to(dtype), (1 - ab).clamp(min=0).sqrt().to(dtype)
         if time_input == "i/N":
             t = (i.to(torch.float64) * sde.T / N).to(dtype)
         else:
             t = ((i - 1).to(torch.float64) * sde.T / max(N - 1, 1)).to(dtype)
-        lam_over_sigma2 = torch.ones_like(sigma)
+        if weighting == "sigma2":
+            lam_over_sigma2 = torch.ones_like(sigma)
+        elif weighting == "g2":
+            lam_over_sigma2 = (N / sde.T * _vlb_weight(alpha_bars)[i - 1]).to(dtype)
+        elif weighting == "importance":
+            lam_over_sigma2 = torch.full_like(sigma, float(_vlb_weight(alpha_bars).sum()) / sde.T)
+        else:
+            lam_over_sigma2 = ((float(p2_k) + ab / (1 - ab)) ** -float(p2_gamma)).to(dtype)
     else:
         if t is None:
             if u is None:
@@ -315,11 +400,18 @@ def dsm_terms(
             lam_over_sigma2 = torch.ones_like(sigma)
         elif weighting == "g2":
             lam_over_sigma2 = sde.diffusion(t) ** 2 / sigma**2
+        elif weighting == "p2":
+            lam_over_sigma2 = (float(p2_k) + (m / sigma) ** 2) ** -float(p2_gamma)
         else:
             lam_over_sigma2 = importance_sampler(sde, eps).weight(sde, t) / sigma**2
 
     xt = broadcast_to_x(m, x0) * x0 + broadcast_to_x(sigma, x0) * noise
     pred = model(xt, t) if y is None else model(xt, t, y=y)
+    v = None
+    if learn_sigma:
+        from .score import split_learned_sigma
+
+        pred, v = split_learned_sigma(pred, x0)
     if pred.shape != x0.shape:
         raise ValueError(f"the network returned shape {tuple(pred.shape)}, expected {tuple(x0.shape)}")
     target = target_for(prediction, x0, noise, m, sigma)
@@ -327,7 +419,16 @@ def dsm_terms(
     sq = (pred.to(dtype) - target).pow(2).reshape(B, -1)
     sq = sq.mean(1) if reduction == "mean" else sq.sum(1)
     eps_mse = _score_space_factor(prediction, m, sigma) * sq
-    return DSMTerms(loss=lam_over_sigma2 * eps_mse, t=t, eps_mse=eps_mse)
+    loss = lam_over_sigma2 * eps_mse
+    if v is not None:
+        if discrete_steps is None:
+            chain = ddpm_alpha_bars(sde, int(hybrid_steps)).to(device)
+            N = chain.numel()
+            i = torch.ceil(t.to(torch.float64) * N / sde.T).long().clamp(1, N)
+        else:
+            chain = alpha_bars
+        loss = loss + float(hybrid_lambda) * hybrid_vlb_term(pred.to(dtype), noise, v.to(dtype), chain, i, reduction)
+    return DSMTerms(loss=loss, t=t, eps_mse=eps_mse)
 
 
 def dsm_loss(
@@ -375,6 +476,7 @@ __all__ = [
     "ImportanceTimeSampler",
     "importance_sampler",
     "ddpm_alpha_bars",
+    "hybrid_vlb_term",
     "uniform_draws",
     "dsm_terms",
     "dsm_loss",

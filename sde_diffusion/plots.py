@@ -481,7 +481,37 @@ def save_loss_by_t(
     return save_figure(fig, path, dpi)
 
 
+def save_vlb_terms(
+    times: ArrayLike,
+    terms: ArrayLike,
+    path: PathLike,
+    prior: Optional[float] = None,
+    title: Optional[str] = None,
+    size: Tuple[float, float] = (6.0, 4.0),
+    dpi: int = 100,
+) -> Path:
+    """The bound's terms against time: L_{i−1} (nats, mean over examples; the first is L_0) at each step's network
+    time t_i, log-scale y; L_T as a dashed line when given."""
+    t, v = _numpy(times).reshape(-1), _numpy(terms).reshape(-1)
+    fig = _figure(*size, dpi=dpi)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(t[1:], v[1:], lw=1.2, label="L_{t-1}: KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))")
+    ax.plot(t[:1], v[:1], "o", ms=4, label="L_0: decoder")
+    if prior is not None:
+        ax.axhline(float(prior), ls="--", lw=0.8, color="grey", label="L_T: KL to the prior")
+    ax.set_xlabel("t (network time of the step)")
+    ax.set_ylabel("nats per example")
+    if (v[1:] > 0).all():
+        ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return save_figure(fig, path, dpi)
+
+
 __all__ = [
+    "save_vlb_terms",
     "LossByT",
     "grid_size",
     "tile_images",

@@ -285,7 +285,7 @@ class ForbidFit(Callback):
         ("sampler.name=foo", r"unknown sampler 'foo'"),
         ("model.ch_mult=[1,2,2,2,2]", r"not divisible by 2\*\*\(len\(ch_mult\)-1\) = 16"),
         ("loss.weighting=foo", r"loss.weighting 'foo'"),
-        ("loss.discrete_steps=1000", r"needs sde=vp"),
+        ("loss.discrete_steps=1000", r"needs a variance-preserving process \(sde=vp or cosine_vp\)"),
         ("ema.decay=1.5", r"ema.decay"),
         ("sde.beta_min=-1", r"beta_min must be positive"),
         ("+sde.gamma=2", r"bad option for sde 'vp'"),

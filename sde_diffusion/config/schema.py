@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 # Choices checked here; the code that uses each value imports the same tuple.
-WEIGHTINGS = ("sigma2", "g2", "importance")
+WEIGHTINGS = ("sigma2", "g2", "importance", "p2")
 PREDICTIONS = ("eps", "score", "x0", "v")
 REDUCTIONS = ("mean", "sum")
 TIME_INPUTS = ("i/N", "(i-1)/(N-1)")
@@ -32,6 +32,7 @@ DIVERGENCES = ("auto", "exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
 ODE_SOLVERS = ("dopri5", "scipy", "euler", "heun", "rk4")
 LIKELIHOOD_SPLITS = ("val", "train", "reference")
+LIKELIHOOD_METHODS = ("ode", "vlb")
 INPAINT_METHODS = ("replace", "tweedie")
 
 
@@ -60,13 +61,17 @@ def _finite_at_least(key: str, value: Any, minimum: float) -> None:
 class LossConfig:
     """Denoising score matching (:func:`~sde_diffusion.losses.dsm_terms`)."""
 
-    weighting: str = "sigma2"        # sigma2 (eps-loss) | g2 (likelihood weighting) | importance (g2, t ~ g²/σ²)
+    weighting: str = "sigma2"        # sigma2 (eps-loss) | g2 (likelihood weighting) | importance (g2, t ~ g²/σ²) | p2
     prediction: str = "eps"          # eps | score | x0 | v: the network's target (the objective is the same)
     reduction: str = "mean"          # mean | sum over data dimensions (the batch is always averaged)
     stratified: bool = True          # low-discrepancy t across the batch
     eps: Optional[float] = None      # smallest training time (None: sde.eps)
-    discrete_steps: Optional[int] = None  # N: DDPM's discrete-time loss (VP only); None: continuous t
+    discrete_steps: Optional[int] = None  # N: DDPM's discrete-time loss (VP processes); None: continuous t
     time_input: str = "i/N"          # DDPM loss: network time of step i, i/N or (i-1)/(N-1) (times T)
+    p2_k: float = 1.0                # p2 weighting sigma²/(k + SNR)^gamma (Choi et al. 2022)
+    p2_gamma: float = 1.0
+    hybrid_lambda: float = 0.001     # model.learn_sigma=true: L_simple + hybrid_lambda * L_vlb (Nichol & Dhariwal)
+    hybrid_steps: int = 1000         # N of the chain L_vlb is taken on (continuous t; discrete_steps otherwise)
 
     def __post_init__(self) -> None:
         _choice("loss.weighting", self.weighting, WEIGHTINGS)
@@ -75,7 +80,10 @@ class LossConfig:
         _choice("loss.time_input", self.time_input, TIME_INPUTS)
         if self.discrete_steps is not None:
             _int_at_least("loss.discrete_steps", self.discrete_steps, 1)
-            _require(self.weighting == "sigma2", "loss.discrete_steps (the DDPM loss) needs loss.weighting=sigma2")
+        _require(float(self.p2_k) > 0 and float(self.p2_gamma) >= 0,
+                 f"loss.p2_k must be positive and loss.p2_gamma non-negative, got {self.p2_k}, {self.p2_gamma}")
+        _require(float(self.hybrid_lambda) >= 0, f"loss.hybrid_lambda must be non-negative, got {self.hybrid_lambda}")
+        _int_at_least("loss.hybrid_steps", self.hybrid_steps, 1)
         if self.eps is not None:
             _require(float(self.eps) > 0, f"loss.eps must be positive (or null for sde.eps), got {self.eps}")
 
@@ -83,7 +91,9 @@ class LossConfig:
         """Keyword arguments of :func:`~sde_diffusion.losses.dsm_terms`."""
         return {"weighting": self.weighting, "prediction": self.prediction, "eps": self.eps,
                 "reduction": self.reduction, "stratified": self.stratified,
-                "discrete_steps": self.discrete_steps, "time_input": self.time_input}
+                "discrete_steps": self.discrete_steps, "time_input": self.time_input,
+                "p2_k": float(self.p2_k), "p2_gamma": float(self.p2_gamma),
+                "hybrid_lambda": float(self.hybrid_lambda), "hybrid_steps": int(self.hybrid_steps)}
 
 
 @dataclass
@@ -300,8 +310,17 @@ class TrainConfig:
         _require(self.compile is None or isinstance(self.compile, bool), f"compile must be true, false or null (auto), got {self.compile!r}")
         if self.loss.discrete_steps is not None:
             sde_name = self.sde.get("name")
-            _require(sde_name == "vp" and not self.sde.get("_target_"),
-                     f"loss.discrete_steps (the DDPM loss) needs sde=vp, got sde={sde_name}")
+            _require(sde_name not in ("subvp", "ve"),
+                     f"loss.discrete_steps (the DDPM loss) needs a variance-preserving process (sde=vp or cosine_vp), "
+                     f"got sde={sde_name}")
+        if self.model.get("learn_sigma"):
+            sde_name = self.sde.get("name")
+            _require(sde_name not in ("subvp", "ve"),
+                     f"model.learn_sigma=true learns the variance of DDPM's discrete chain, which needs a "
+                     f"variance-preserving process (sde=vp or cosine_vp), got sde={sde_name}")
+            _require(self.loss.prediction == "eps",
+                     f"model.learn_sigma=true needs loss.prediction=eps (the hybrid loss is on the noise prediction), "
+                     f"got loss.prediction={self.loss.prediction}")
 
     @property
     def num_threads(self) -> Any:
@@ -382,8 +401,24 @@ class LikelihoodConfig:
     atol: float = 1.0e-5
     steps: int = 100                 # fixed-step solvers only
     eps: Optional[float] = None      # start time (None: sde.eps)
+    method: str = "ode"              # ode (exact NLL, probability-flow ODE) | vlb (DDPM's bound, with the ODE NLL next to it)
+    # method=vlb (sde_diffusion/vlb.py; VP processes):
+    variance: str = "beta"           # reverse variance sigma_i^2: beta | beta_tilde | learned (model.learn_sigma=true)
+    schedule: str = "auto"           # auto (ddpm if trained with loss.discrete_steps, else sde) | sde | ddpm | linear | cosine
+    train_steps: Optional[int] = None  # N of the chain (None: the run's loss.discrete_steps, else 1000)
+    vlb_steps: Optional[int] = None  # respace the chain to this many steps (None: N)
+    terms: Optional[int] = None      # None: every step (N NFE per batch); K: K importance-sampled steps per example
+    decoder: str = "auto"            # auto (discretized for images) | discretized | gaussian (vector data, nats)
+    with_ode: bool = True            # also the probability-flow NLL of the same examples, in the same report
 
     def __post_init__(self) -> None:
+        _choice("likelihood.method", self.method, LIKELIHOOD_METHODS)
+        _choice("likelihood.variance", self.variance, ("beta", "beta_tilde", "learned"))
+        _choice("likelihood.schedule", self.schedule, ("auto", "sde", "ddpm", "linear", "cosine"))
+        _choice("likelihood.decoder", self.decoder, ("auto", "discretized", "gaussian"))
+        for key in ("train_steps", "vlb_steps", "terms"):
+            if getattr(self, key) is not None:
+                _int_at_least(f"likelihood.{key}", getattr(self, key), 1)
         _choice("likelihood.split", self.split, LIKELIHOOD_SPLITS)
         _choice("likelihood.divergence", self.divergence, DIVERGENCES)
         _choice("likelihood.noise", self.noise, PROBES)
@@ -394,6 +429,11 @@ class LikelihoodConfig:
                  f"likelihood.rtol and likelihood.atol must be positive, got {self.rtol}, {self.atol}")
         if self.eps is not None:
             _require(float(self.eps) > 0, f"likelihood.eps must be positive (or null for sde.eps), got {self.eps}")
+
+    def vlb_options(self) -> Dict[str, Any]:
+        """The bound's settings (method=vlb), as recorded in the report."""
+        return {"variance": self.variance, "schedule": self.schedule, "train_steps": self.train_steps,
+                "vlb_steps": self.vlb_steps, "terms": self.terms, "decoder": self.decoder, "with_ode": bool(self.with_ode)}
 
     def options(self) -> Dict[str, Any]:
         """Keyword arguments of :func:`~sde_diffusion.likelihood.log_likelihood` (all but ``split``)."""

@@ -59,7 +59,8 @@ def downsample_avg(x: Tensor) -> Tensor:
 class ResBlock(nn.Module):
     """DDPM++ residual block ``[B, in_ch, H, W], e [B, E] -> [B, out_ch, H', W']``.
 
-    ``h = conv_1(drop(SiLU(GN(conv_0(R(SiLU(GN(x)))) + Dense(SiLU(e))))))``, ``out = (S(R(x)) + h) · c``
+    ``h = conv_1(drop(SiLU(GN(conv_0(R(SiLU(GN(x)))) + Dense(SiLU(e))))))``, ``out = (S(R(x)) + h) · c``;
+    with ``scale_shift_norm`` (AdaGN) the middle is ``GN(h)·(1 + a) + b`` with (a, b) = Dense(SiLU(e)).
     with ``R`` the optional resampling (``up``: nearest ×2, ``down``: average ÷2, BigGAN style),
     ``S`` a 1×1 conv when the shape changes (identity otherwise) and ``c = 1/√2`` if ``skip_rescale``
     (keeps the variance of the sum of two unit-variance branches at one) else 1.
@@ -75,14 +76,16 @@ class ResBlock(nn.Module):
         up: bool = False,
         down: bool = False,
         zero_init: bool = True,
+        scale_shift_norm: bool = False,
     ) -> None:
         super().__init__()
         if up and down:
             raise ValueError("a ResBlock cannot both upsample and downsample")
         self.up, self.down = up, down
+        self.scale_shift_norm = bool(scale_shift_norm)
         self.norm_0 = group_norm(in_ch)
         self.conv_0 = conv3x3(in_ch, out_ch)
-        self.emb_proj = xavier_init_(nn.Linear(emb_dim, out_ch))
+        self.emb_proj = xavier_init_(nn.Linear(emb_dim, out_ch * (2 if self.scale_shift_norm else 1)))
         self.norm_1 = group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv_1 = conv3x3(out_ch, out_ch, zero=zero_init)
@@ -100,8 +103,14 @@ class ResBlock(nn.Module):
         h = self._resample(F.silu(self.norm_0(x)))
         x = self._resample(x)
         h = self.conv_0(h)
-        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
-        h = self.conv_1(self.dropout(F.silu(self.norm_1(h))))
+        e = self.emb_proj(F.silu(emb))[:, :, None, None]
+        if self.scale_shift_norm:
+            # AdaGN (Dhariwal & Nichol): the time embedding scales and shifts the normalised features.
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm_1(h) * (1 + scale) + shift
+        else:
+            h = self.norm_1(h + e)
+        h = self.conv_1(self.dropout(F.silu(h)))
         return (self.skip(x) + h) * self.out_scale
 
 

@@ -57,6 +57,7 @@ class MLP(ScoreNet):
         embedding_scale: Fourier frequency std or sinusoidal time factor (``None`` = default 16 / 1000).
         dropout: dropout probability inside the blocks.
         zero_init: start the blocks' last layers and the output layer at zero.
+        learn_sigma: also output Improved DDPM's variance interpolation v: ``[B, 2D]`` = (prediction, v).
     """
 
     def __init__(
@@ -70,9 +71,11 @@ class MLP(ScoreNet):
         embedding_scale: Optional[float] = None,
         dropout: float = 0.0,
         zero_init: bool = True,
+        learn_sigma: bool = False,
     ) -> None:
         super().__init__(data_shape, num_classes)
         self.validate_data_shape(self.data_shape)
+        self.learn_sigma = bool(learn_sigma)
         if hidden < 1 or num_blocks < 0:
             raise ValueError(f"need hidden >= 1 and num_blocks >= 0, got hidden={hidden}, num_blocks={num_blocks}")
         if not 0.0 <= dropout < 1.0:
@@ -86,7 +89,7 @@ class MLP(ScoreNet):
             [ResidualMLPBlock(hidden, emb_dim, dropout, zero_init) for _ in range(num_blocks)]
         )
         self.out_norm = nn.LayerNorm(hidden)
-        self.output = xavier_init_(nn.Linear(hidden, dim), zero=zero_init)
+        self.output = xavier_init_(nn.Linear(hidden, dim * (2 if self.learn_sigma else 1)), zero=zero_init)
 
     @classmethod
     def validate_data_shape(cls, data_shape: Sequence[int]) -> None:

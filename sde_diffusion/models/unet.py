@@ -74,6 +74,9 @@ class UNet(ScoreNet):
         resamp_with_conv: give the separate resampling layers a 3×3 conv (ignored with ``resblock_updown``).
         num_heads: attention heads (must divide the channels at every attention level).
         zero_init: start residual-branch outputs and the output conv at zero.
+        scale_shift_norm: AdaGN time conditioning in the residual blocks, GN(h)·(1 + a(e)) + b(e)
+            (Dhariwal & Nichol), instead of adding the embedding before the norm.
+        learn_sigma: also output Improved DDPM's variance interpolation v: ``[B, 2C, H, W]`` = (prediction, v).
     """
 
     def __init__(
@@ -92,8 +95,11 @@ class UNet(ScoreNet):
         resamp_with_conv: bool = True,
         num_heads: int = 1,
         zero_init: bool = True,
+        scale_shift_norm: bool = False,
+        learn_sigma: bool = False,
     ) -> None:
         super().__init__(data_shape, num_classes)
+        self.learn_sigma = bool(learn_sigma)
         ch_mult, attn_resolutions, resolutions = check_unet_args(
             self.data_shape, ch, ch_mult, num_res_blocks, attn_resolutions, dropout
         )
@@ -107,7 +113,8 @@ class UNet(ScoreNet):
         self.label_embed = LabelEmbedding(self.num_classes, emb_dim) if self.num_classes is not None else None
 
         def res(in_c: int, out_c: int, up: bool = False, down: bool = False) -> ResBlock:
-            return ResBlock(in_c, out_c, emb_dim, dropout, skip_rescale, up=up, down=down, zero_init=zero_init)
+            return ResBlock(in_c, out_c, emb_dim, dropout, skip_rescale, up=up, down=down, zero_init=zero_init,
+                            scale_shift_norm=scale_shift_norm)
 
         def attn(c: int) -> AttnBlock:
             return AttnBlock(c, num_heads, skip_rescale, zero_init)
@@ -151,7 +158,7 @@ class UNet(ScoreNet):
         assert not skip_channels, "every skip connection must be consumed exactly once"
 
         self.norm_out = group_norm(in_c)
-        self.conv_out = conv3x3(in_c, channels, zero=zero_init)
+        self.conv_out = conv3x3(in_c, channels * (2 if self.learn_sigma else 1), zero=zero_init)
 
     @classmethod
     def validate_data_shape(cls, data_shape: Sequence[int], ch_mult: Sequence[int] = (1, 2, 2)) -> None:

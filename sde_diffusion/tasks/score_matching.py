@@ -85,7 +85,12 @@ class ScoreDiffusion(LatentSpace, ClipFusedGradients, L.LightningModule):
         self.attach_codec(latent_path or cfg.latent, latent)
         self.sde = instantiate(cfg.sde, SDES, key="sde")
         self.net = instantiate(cfg.model, MODELS, key="model", data_shape=self.model_shape, num_classes=num_classes)
-        self.loss_options = cfg.loss.options()
+        self.learn_sigma = bool(getattr(self.net, "learn_sigma", False))
+        if self.learn_sigma:
+            from ..sdes.discrete import check_variance_preserving
+
+            check_variance_preserving(self.sde, "model.learn_sigma=true")
+        self.loss_options = {**cfg.loss.options(), "learn_sigma": self.learn_sigma}
         self.prediction: str = cfg.loss.prediction
         self.label_dropout = float(cfg.conditioning.label_dropout)
         self.num_classes = num_classes
@@ -129,7 +134,7 @@ class ScoreDiffusion(LatentSpace, ClipFusedGradients, L.LightningModule):
                 warnings.warn("no EMA weights (ema.enabled was false?): using the trained weights", stacklevel=2)
             else:
                 net = ema
-        return ScoreModel(net, self.sde, self.prediction, **cond)
+        return ScoreModel(net, self.sde, self.prediction, learn_sigma=self.learn_sigma, **cond)
 
     # ------------------------------------------------------------------ loss
     def _labels(self, y: Optional[Tensor], dropout: float) -> Optional[Tensor]:
