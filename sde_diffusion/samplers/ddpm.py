@@ -89,7 +89,7 @@ class DDPM(Sampler):
                              "variance interpolation v); use variance=beta or beta_tilde with this model")
         t64 = proc.network_times(sde)
         sigma_t = sde.marginal_std(t64).tolist()
-        times = torch.cat([t64, torch.zeros(1, dtype=torch.float64)]).flip(0).to(x.device, x.dtype)  # T .. 0
+        times = torch.cat([t64.flip(0), torch.zeros(1, dtype=torch.float64)]).to(x.device, x.dtype)  # t_K .. t_1, 0
         K = proc.N
         beta, alpha = proc.beta.tolist(), torch.exp(proc.log_alpha).tolist()
         noise_coef = (proc.beta / torch.sqrt(proc.one_minus_alpha_bar)).tolist()

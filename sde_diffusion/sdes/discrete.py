@@ -167,7 +167,8 @@ class DiscreteVP:
 
     def network_times(self, sde: SDE) -> Tensor:
         """``[N]`` float64: the time at which a network trained on ``sde`` sees step i: the stored t_i, or else
-        the time of equal log-SNR, t with m(t)²/σ(t)² = ᾱ_i/(1 − ᾱ_i)."""
+        the time of equal log-SNR, t with m(t)²/σ(t)² = ᾱ_i/(1 − ᾱ_i), clipped to [0, T] (DDPM's linear schedule
+        ends at ᾱ_N = 4.0e-5, a little past the default VP process's ᾱ(T) = 4.5e-5)."""
         if self.times is not None:
             return self.times
         lam = self.log_alpha_bar - torch.log(self.one_minus_alpha_bar)
