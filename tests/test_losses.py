@@ -302,3 +302,58 @@ def test_float32_and_labels_pass_through() -> None:
     # ε_θ = 0 gives E‖ε‖²/D = 1 per dimension.
     big = dsm_loss(sde, lambda x, t: torch.zeros_like(x), torch.randn(20_000, 2), generator=torch.Generator().manual_seed(0))
     assert float(big) == pytest.approx(1.0, abs=4 * math.sqrt(2 / 2 / 20_000))
+
+
+# ---------------------------------------------------------------------------------- p2 and discrete weightings
+def test_p2_weighting_is_sigma2_over_k_plus_snr_to_the_gamma() -> None:
+    sde = VPSDE()
+    x0 = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    t = torch.linspace(0.01, 0.99, 64)
+    noise = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
+    net = lambda x, t: 0.3 * x  # noqa: E731
+    base = dsm_terms(sde, net, x0, t=t, noise=noise)
+    snr = (sde.mean_coeff(t) / sde.marginal_std(t)) ** 2
+    for k, gamma in [(1.0, 1.0), (0.5, 0.5)]:
+        p2 = dsm_terms(sde, net, x0, t=t, noise=noise, weighting="p2", p2_k=k, p2_gamma=gamma)
+        torch.testing.assert_close(p2.loss, base.eps_mse / (k + snr) ** gamma)
+    flat = dsm_terms(sde, net, x0, t=t, noise=noise, weighting="p2", p2_gamma=0.0)
+    torch.testing.assert_close(flat.loss, base.loss)
+    with pytest.raises(ValueError, match="k > 0"):
+        dsm_terms(sde, net, x0, weighting="p2", p2_k=0.0)
+
+
+def test_discrete_weightings_estimate_the_same_bound() -> None:
+    """With ε̂ = 0 every term is w_i‖ε‖²: g2 (uniform i, weight (N/T)w_i) and importance (i ∝ w_i, weight Σw/T) have
+    the same mean, (1/T)Σ_i w_i·E‖ε‖²/D = Σ_i β_i/(α_i(1 − ᾱ_i))/T; p2 is (k + ᾱ_i/(1 − ᾱ_i))^−γ per step."""
+    from sde_diffusion.losses import ddpm_alpha_bars
+
+    sde, N = VPSDE(), 100
+    ab = ddpm_alpha_bars(sde, N)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+    beta = 1 - ab / prev
+    w = beta / ((1 - beta) * (1 - ab))
+    target = float(w.sum()) / sde.T
+    x0 = torch.zeros(20000, 2, dtype=torch.float64)
+    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    means = {}
+    for weighting in ("g2", "importance"):
+        terms = dsm_terms(sde, zero, x0, discrete_steps=N, weighting=weighting, generator=torch.Generator().manual_seed(3))
+        means[weighting] = (float(terms.loss.mean()), float(terms.loss.std()) / math.sqrt(x0.shape[0]))
+    for mean, se in means.values():
+        assert mean == pytest.approx(target, abs=4 * se)
+    assert means["importance"][1] < 0.8 * means["g2"][1]  # the proposal removes the spread over steps
+    p2 = dsm_terms(sde, zero, x0[:64], discrete_steps=N, weighting="p2", generator=torch.Generator().manual_seed(4))
+    plain = dsm_terms(sde, zero, x0[:64], discrete_steps=N, generator=torch.Generator().manual_seed(4))
+    i = torch.round(p2.t.double() * N).long()  # the draws are shared; the network time is t_i = i/N
+    snr = ab[i - 1] / (1 - ab[i - 1])
+    torch.testing.assert_close(p2.loss, plain.eps_mse / (1 + snr).to(p2.loss.dtype))
+
+
+def test_discrete_loss_on_the_cosine_process_uses_its_exact_marginals() -> None:
+    from sde_diffusion.losses import ddpm_alpha_bars
+    from sde_diffusion.sdes import CosineVPSDE
+
+    sde = CosineVPSDE()
+    ab = ddpm_alpha_bars(sde, 50)
+    t = torch.arange(1, 51, dtype=torch.float64) * sde.T / 50
+    torch.testing.assert_close(ab, sde.mean_coeff(t) ** 2, rtol=1e-10, atol=1e-12)

@@ -314,3 +314,42 @@ def test_mlp_fits_function_of_x_and_t():
         mse = ((net(x, t) - target(x, t)) ** 2).mean().item()
     # The target has variance ≈ 1 (the zero-initialised network starts at MSE ≈ 1).
     assert mse < 0.01
+
+
+# ---------------------------------------------------------------------------------- AdaGN and learned variances
+def test_scale_shift_norm_block_is_adagn() -> None:
+    from sde_diffusion.models.layers import ResBlock
+
+    torch.manual_seed(0)
+    block = ResBlock(8, 8, 16, zero_init=False, scale_shift_norm=True).eval()
+    assert block.emb_proj.out_features == 16
+    x, e = torch.randn(3, 8, 4, 4), torch.randn(3, 16)
+    h = block.conv_0(torch.nn.functional.silu(block.norm_0(x)))
+    a, b = block.emb_proj(torch.nn.functional.silu(e)).chunk(2, dim=1)
+    h = block.norm_1(h) * (1 + a[:, :, None, None]) + b[:, :, None, None]
+    expected = (x + block.conv_1(torch.nn.functional.silu(h))) / math.sqrt(2)
+    torch.testing.assert_close(block(x, e), expected)
+    # The default block is unchanged: the embedding is added before the norm.
+    plain = ResBlock(8, 8, 16, zero_init=False).eval()
+    h = plain.conv_0(torch.nn.functional.silu(plain.norm_0(x))) + plain.emb_proj(torch.nn.functional.silu(e))[:, :, None, None]
+    torch.testing.assert_close(plain(x, e), (x + plain.conv_1(torch.nn.functional.silu(plain.norm_1(h)))) / math.sqrt(2))
+
+
+def test_learn_sigma_networks_return_prediction_and_v() -> None:
+    from sde_diffusion.models import build_model
+    from sde_diffusion.score import ScoreModel
+    from sde_diffusion.sdes import VPSDE
+
+    for name, shape, opts in [("unet", (1, 8, 8), {"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1,
+                                                    "scale_shift_norm": True}),
+                              ("mlp", (2,), {"hidden": 16, "num_blocks": 1})]:
+        net = build_model(name, shape, learn_sigma=True, zero_init=False, **opts).eval()
+        x, t = torch.randn(4, *shape), torch.rand(4)
+        out = net(x, t)
+        assert out.shape == (4, 2 * shape[0], *shape[1:])
+        model = ScoreModel(net, VPSDE(), learn_sigma=True)
+        s = model(x, t)
+        assert s.shape == x.shape
+        sigma = VPSDE().marginal_std(t).reshape(-1, *([1] * len(shape)))
+        torch.testing.assert_close(s, -out[:, : shape[0]] / sigma)
+        torch.testing.assert_close(model.last_frac, (out[:, shape[0]:] + 1) / 2)
