@@ -512,6 +512,10 @@ class SampleConfig:
     n: int = 64                      # number of samples (likelihood: number of data examples)
     batch_size: int = 64
     steps: Optional[int] = None      # sampler steps; None: the sampler group's `steps`
+    # The time grid: null = the sampler's rule; fit = fitted to this model once (stored in <run>/schedules,
+    # keyed by sampler, options, steps and weights; reused after); or the path of a stored grid (JSON).
+    schedule: Optional[str] = None
+    schedule_objective: str = "path"  # path (dynamic programming against a teacher path) | curvature
     seed: int = 0                    # batch b draws from a generator seeded by f(seed, b): same seed, same samples
     ema: bool = True                 # the EMA weights (falls back to the trained weights, with a warning, if none)
     device: str = "auto"             # auto | cpu | cuda | cuda:<k> (ignored when trainer is set)
@@ -543,6 +547,10 @@ class SampleConfig:
             _int_at_least("steps", self.steps, 1)
         _require(isinstance(self.seed, int) and not isinstance(self.seed, bool), f"seed must be an integer, got {self.seed!r}")
         _choice("dtype", self.dtype, DTYPES)
+        _choice("schedule_objective", self.schedule_objective, ("path", "curvature"))
+        if self.schedule is not None:
+            _require(isinstance(self.schedule, str) and bool(self.schedule.strip()),
+                     f"schedule must be fit, the path of a stored grid, or null; got {self.schedule!r}")
         _require(isinstance(self.clip_denoised, bool) or self.clip_denoised == "auto",
                  f"clip_denoised must be auto, true or false, got {self.clip_denoised!r}")
         if self.label is not None:

@@ -118,6 +118,7 @@ class SampleJob(ModelJob):
             if cfg.guidance.classifier is not None else None
         )
         self.task = task_class.from_config(cfg, self.model.data_shape)
+        self.schedule = self._schedule() if cfg.schedule is not None else None
         self.settings = self._identity()
         self.fingerprint = fingerprint(self.settings)
         budget = f"{self.choice.steps}steps" if self.choice.sampler.expected_nfe(1) is not None else "adaptive"  # steps is ignored
@@ -148,6 +149,45 @@ class SampleJob(ModelJob):
                              "use clip_denoised=auto or false for vector data and latent models")
         lo, hi = (float(v) for v in self.dm.scaler(torch.tensor([0.0, 1.0])))
         return (lo, hi)
+
+    def _schedule(self) -> Dict[str, Any]:
+        """Put the sampler on a grid fitted to this model (``schedule=fit``, stored and reused) or read from a file;
+        returns what run.json records about it."""
+        from ..latent import weights_digest
+        from ..samplers.fitted import FittedSchedule, check_times, fit_schedule, schedule_key
+
+        cfg, c, model = self.cfg, self.choice, self.model
+        score = model.score_model(use_ema=cfg.ema)
+        net = getattr(score.net, "net", score.net)  # an inference wrapper holds the module
+        digest = weights_digest(net.state_dict())
+        end = c.sampler.end.end_time(model.sde)
+        if cfg.schedule == "fit":
+            key = schedule_key(c.name, c.options, c.steps, digest, cfg.schedule_objective)
+            path = model.run_dir / "schedules" / f"{key}.json"
+            reused = path.is_file()
+            if reused:
+                sched = FittedSchedule.load(path)
+            else:
+                gen = torch.Generator(device=self.runtime.device).manual_seed(batch_seed(0, "schedule-fit", 0))
+                x_fit = model.sde.prior_sample((64, *model.model_shape), generator=gen, device=self.runtime.device,
+                                               dtype=self.dtype)
+                sched = fit_schedule(model.sde, score, c.sampler, c.steps, x_fit, objective=cfg.schedule_objective,
+                                     sampler_name=c.name, options=c.options, digest=digest)
+                sched.save(path)
+            verb = "reused" if reused else f"fitted in {sched.fit_nfe} NFE, {sched.fit_seconds:.1f} s"
+            print(f"schedule: {c.steps}-step grid for {c.name} {verb} ({path})", flush=True)
+        else:
+            path = Path(cfg.schedule).expanduser()
+            sched = FittedSchedule.load(path)
+            reused = True
+            if sched.digest is not None and sched.digest != digest:
+                raise ValueError(f"the grid in {path} was fitted to other weights (digest {sched.digest[:12]}…, this "
+                                 f"model's is {digest[:12]}…); fit one for this model with schedule=fit")
+        check_times(torch.tensor(sched.times), model.sde, c.steps, end, f"the grid in {path}")
+        c.sampler.use_times(sched.times)
+        return {"source": str(path), "reused": reused, "objective": sched.objective, "fit_nfe": sched.fit_nfe,
+                "fit_seconds": sched.fit_seconds, "fine_steps": sched.fine_steps, "times": sched.times,
+                "digest": digest}
 
     # ------------------------------------------------------------------ checks and identity
     @property
@@ -186,6 +226,9 @@ class SampleJob(ModelJob):
         }
         if self.clip_range is not None:
             out["clip_denoised"] = list(self.clip_range)
+        if self.schedule is not None:
+            # Only present with a fixed grid, so that the identity of every other run stays as it was.
+            out["schedule"] = self.schedule["times"]
         if cfg.compile:
             # Only present when on, so that the identity of every other run stays as it was.
             out["compile"] = True
@@ -303,7 +346,8 @@ class SampleJob(ModelJob):
             "sampler": {"name": c.name, "steps": c.steps, "options": c.options,
                         "expected_nfe_per_batch": c.sampler.expected_nfe(c.steps),
                         "default_rule": c.default_rule.as_dict() if c.default_rule is not None else None,
-                        "clip_denoised": list(self.clip_range) if self.clip_range is not None else None},
+                        "clip_denoised": list(self.clip_range) if self.clip_range is not None else None,
+                        "schedule": self.schedule},
             "task": cfg.task,
             "guidance": self._guidance_report(),
             "n": cfg.n,

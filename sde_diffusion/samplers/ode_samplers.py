@@ -71,7 +71,7 @@ class FixedStepODE(StepSampler):
 
     def encode(self, sde: SDE, score_fn: ScoreFn, x: Tensor, steps: int) -> ODEResult:
         """Integrate the ODE from eps to T on the reversed grid: x ``[B, ...]`` → latent ``[B, ...]``."""
-        ts = self.end.times(sde, steps, x.device, x.dtype).flip(0)
+        ts = self.times(sde, steps, x.device, x.dtype).flip(0)
         return odeint_fixed(sde.probability_flow(score_fn), x, ts, method=self.method)
 
 

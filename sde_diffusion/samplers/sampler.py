@@ -66,6 +66,7 @@ class SampleResult:
     trajectory: Optional[List[Tensor]] = None
     times: Optional[Tensor] = None
     choice: Optional[DefaultChoice] = None
+    schedule: Optional[Any] = None
 
 
 @dataclass
@@ -156,6 +157,34 @@ class Sampler(abc.ABC):
                 break  # the end-point keys are not passed on
         return out
 
+    def use_times(self, times: Union[Tensor, Sequence[float]]) -> "Sampler":
+        """Run on these ``[steps + 1]`` times (from T down to the end time) instead of the grid rule, e.g. a grid
+        fitted to the model (:mod:`.fitted`); checked against the process and the step count at run time."""
+        if self.default_grid is None:
+            raise ValueError(f"{type(self).__name__} chooses its own times and takes no fixed grid; use a sampler "
+                             "with a time grid (e.g. dpm_solver, ddim, edm_heun, euler_maruyama)")
+        self._fixed_times = torch.as_tensor(times, dtype=torch.float64).flatten().clone()
+        return self
+
+    @property
+    def fixed_times(self) -> Optional[Tensor]:
+        """The grid set by :meth:`use_times`, or None."""
+        return getattr(self, "_fixed_times", None)
+
+    def times(self, sde: SDE, steps: int, device: Any = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The run's ``[steps + 1]`` times: the fixed grid (checked) or ``self.end.times(...)``."""
+        fixed = self.fixed_times
+        if fixed is None:
+            return self.end.times(sde, steps, device, dtype)
+        from .fitted import check_times
+
+        return check_times(fixed, sde, steps, self.end.end_time(sde), "the fixed grid").to(device=device, dtype=dtype)
+
+    def end_time(self, sde: SDE) -> float:
+        """Where the run stops: the fixed grid's last time, or the end point's."""
+        fixed = self.fixed_times
+        return float(fixed[-1]) if fixed is not None else self.end.end_time(sde)
+
     @property
     def denoise(self) -> bool:
         """Whether a final Tweedie step x̂_0 follows the last step (``self.end.denoise``)."""
@@ -198,6 +227,8 @@ class Sampler(abc.ABC):
 
     def __repr__(self) -> str:
         own = [f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "end"]
+        if self.fixed_times is not None:
+            own.append(f"times=<{self.fixed_times.numel()} fixed>")
         return f"{type(self).__name__}({', '.join([*own, self.end_repr()])})"
 
 
@@ -239,7 +270,7 @@ class StepSampler(Sampler):
         record: bool = False,
         hook: Optional[StepHook] = None,
     ) -> Tuple[Tensor, Optional[List[Tensor]], Optional[Tensor]]:
-        ts = self.end.times(sde, steps, x.device, x.dtype)
+        ts = self.times(sde, steps, x.device, x.dtype)
         # All coefficients of the run at once; the steps then only read floats.
         grid = GridCoeffs.build(sde, ts)
         ctx = SamplingContext(sde, score_fn, generator)
@@ -332,6 +363,7 @@ def sample(
     progress: bool = False,
     hook: Optional[StepHook] = None,
     score_kind: Optional[str] = None,
+    schedule: Any = None,
     **options: Any,
 ) -> SampleResult:
     """Draw samples by integrating the reverse-time dynamics of ``sde`` from T to eps.
@@ -353,6 +385,9 @@ def sample(
         generator: source of all randomness (prior and per-step noise); same seed → same samples.
         x_T: start from this prior sample instead of drawing one.
         hook: ``hook(x, t) -> x`` applied after every step (used for inpainting).
+        schedule: the time grid instead of the sampler's rule: ``"fit"`` (fit it to ``score_fn`` now, on a batch
+            of 64 prior draws from seed 0: :func:`~.fitted.fit_schedule`; returned as ``result.schedule`` for
+            reuse), a :class:`~.fitted.FittedSchedule`, the path of a stored one, or ``[steps + 1]`` times.
 
     Returns:
         :class:`SampleResult` with the samples, the exact NFE, and the trajectory if requested.
@@ -368,6 +403,9 @@ def sample(
         sampler.validate(sde)
     if device is None and generator is not None:
         device = generator.device
+    fitted = None
+    if schedule is not None:
+        sampler, fitted = _with_schedule(sde, score_fn, sampler, steps, shape, schedule, device, dtype)
     if x_T is None:
         x = sde.prior_sample(shape, generator=generator, device=device, dtype=dtype)
     else:
@@ -377,14 +415,37 @@ def sample(
     counter = CountingScore(score_fn)
     x, traj, ts = sampler.run(sde, counter, x, steps, generator, progress, return_trajectory, hook)
     if sampler.end.denoise:
-        eps_t = torch.as_tensor(sampler.end.end_time(sde), dtype=x.dtype, device=x.device)
+        eps_t = torch.as_tensor(sampler.end_time(sde), dtype=x.dtype, device=x.device)
         tb = eps_t.expand(x.shape[0])
         x = x0_from_score(x, counter(x, tb), sde.mean_coeff(tb), sde.marginal_std(tb))
         if hook is not None:
             x = hook(x, torch.zeros((), dtype=x.dtype, device=x.device))
         if traj is not None:
             traj.append(x)
-    return SampleResult(samples=x, nfe=counter.nfe, trajectory=traj, times=ts, choice=choice)
+    return SampleResult(samples=x, nfe=counter.nfe, trajectory=traj, times=ts, choice=choice, schedule=fitted)
+
+
+def _with_schedule(sde: SDE, score_fn: ScoreFn, sampler: Sampler, steps: int, shape: Sequence[int], schedule: Any,
+                   device: Any, dtype: torch.dtype) -> Tuple[Sampler, Any]:
+    """A copy of ``sampler`` on the requested grid, and the :class:`~.fitted.FittedSchedule` (None for raw times)."""
+    import copy
+
+    from .fitted import FittedSchedule, fit_schedule
+
+    fitted = None
+    if isinstance(schedule, str) and schedule == "fit":
+        gen = torch.Generator(device=device or "cpu").manual_seed(0)
+        x_fit = sde.prior_sample((min(64, int(shape[0])), *shape[1:]), generator=gen, device=device, dtype=dtype)
+        fitted = fit_schedule(sde, score_fn, sampler, steps, x_fit, sampler_name=type(sampler).__name__)
+        times: Any = fitted.times
+    elif isinstance(schedule, FittedSchedule):
+        fitted, times = schedule, schedule.times
+    elif isinstance(schedule, (str, bytes)) or hasattr(schedule, "__fspath__"):
+        fitted = FittedSchedule.load(schedule)
+        times = fitted.times
+    else:
+        times = schedule
+    return copy.copy(sampler).use_times(times), fitted
 
 
 __all__ = [
