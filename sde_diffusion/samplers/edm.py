@@ -46,6 +46,8 @@ class EDMHeun(StepSampler):
         **end: the end point (:class:`~.grids.EndPoint`); the grid defaults to ``karras``, ρ = 7.
     """
 
+    order = 2
+
     default_grid = "karras"
 
     def __init__(

@@ -243,17 +243,76 @@ def fit_schedule(
     fine = time_grid(sde, M, "logsnr", eps=end, dtype=torch.float64)
     with torch.no_grad():
         states, dens = _teacher(sde, score_fn, x_T, fine)
+        idx: Optional[List[int]]
         if steps == 1:
             idx = [0, M]
         elif objective == "path":
-            idx = _dp(_path_costs(sde, fine, states, dens), int(steps))
+            # A p-th order step's local error scales as h^(p+1) where the first-order one's scales as h²: the
+            # pairwise first-order costs, raised to (p + 1)/2, model the sampler's own steps.
+            order = max(1, int(getattr(sampler, "order", 1) or 1))
+            idx = _dp(_path_costs(sde, fine, states, dens) ** ((order + 1) / 2), int(steps))
         else:
             idx = _curvature_indices(sde, fine, dens, int(steps))
-    times = fine[idx]
+        extra: Dict[str, Any] = {}
+        nfe = M
+        if objective == "path" and steps > 1:
+            idx, extra, used = _select(sde, score_fn, sampler, int(steps), fine, states, dens, idx, end)
+            nfe += used
+    times = fine[idx] if idx is not None else sampler.end.times(sde, int(steps), dtype=torch.float64)
     times[0], times[-1] = sde.T, end
     return FittedSchedule(times=[float(v) for v in times], sampler=sampler_name or type(sampler).__name__,
                           options=dict(options or {}), steps=int(steps), digest=digest, objective=objective,
-                          fine_steps=M, fit_nfe=M, fit_seconds=time.perf_counter() - start, sde=repr(sde))
+                          fine_steps=M, fit_nfe=nfe, fit_seconds=time.perf_counter() - start, sde=repr(sde), extra=extra)
+
+
+def _select(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, fine: Tensor, states: List[Tensor],
+            dens: List[Tensor], idx: List[int], end: float) -> tuple[Optional[List[int]], Dict[str, Any], int]:
+    """For a deterministic sampler: run it on each candidate grid (the dynamic programme with the error exponents
+    1, (p + 1)/2 and 2, and the sampler's own rule) from the teacher's x_T and keep the one that lands closest to
+    the teacher's end state; a stochastic sampler keeps ``idx``. Returns (indices or None for the rule's grid,
+    what was measured, NFE spent)."""
+    x_T, target = states[0], states[-1]
+    used = 0
+
+    def run(times: Tensor, seed: int) -> Tensor:
+        nonlocal used
+        import copy
+
+        smp = copy.copy(sampler).use_times(times)
+        counted = _Counting(score_fn)
+        gen = torch.Generator(device=x_T.device).manual_seed(seed)
+        out, _, _ = smp.run(sde, counted, x_T, steps, gen)
+        used += counted.nfe
+        return out
+
+    rule = sampler.end.times(sde, steps, dtype=torch.float64)
+    rule[0], rule[-1] = sde.T, end
+    a, b = run(rule, 1), run(rule, 2)
+    if not torch.equal(a, b):
+        return idx, {"selection": "stochastic sampler: the dynamic programme's grid"}, used
+    C = _path_costs(sde, fine, states, dens)
+    order = max(1, int(getattr(sampler, "order", 1) or 1))
+    candidates: Dict[str, Optional[List[int]]] = {"rule": None}
+    for p in sorted({1.0, (order + 1) / 2, 2.0}):
+        candidates[f"dp^{p:g}"] = _dp(C**p, steps)
+    errors = {"rule": float((a - target).pow(2).mean().sqrt())}
+    for name, cand in candidates.items():
+        if cand is None:
+            continue
+        t = fine[cand].clone()
+        t[0], t[-1] = sde.T, end
+        errors[name] = float((run(t, 1) - target).pow(2).mean().sqrt())
+    best = min(errors, key=errors.get)
+    return candidates[best], {"selection": best, "rms_to_teacher": errors}, used
+
+
+class _Counting:
+    def __init__(self, fn: ScoreFn) -> None:
+        self.fn, self.nfe = fn, 0
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        self.nfe += 1
+        return self.fn(x, t)
 
 
 __all__ = ["FittedSchedule", "OBJECTIVES", "fit_schedule", "schedule_key", "check_times"]

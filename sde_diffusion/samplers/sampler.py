@@ -110,6 +110,8 @@ class Sampler(abc.ABC):
     nfe_per_step: int = 1
     #: the grid kind when none is given; None for a sampler that chooses its own times.
     default_grid: Optional[str] = None
+    #: order of accuracy of one step (a fitted grid, ``schedule=fit``, models the step's error as h^(order+1)).
+    order: int = 1
 
     def __init__(
         self,

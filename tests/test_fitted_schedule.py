@@ -1,0 +1,152 @@
+"""Time grids fitted to a model (samplers/fitted.py, ``schedule=fit``): exact errors on Gaussians, storage, refusals."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sde_diffusion.samplers import build_sampler, sample
+from sde_diffusion.samplers.fitted import FittedSchedule, check_times, fit_schedule, schedule_key
+from sde_diffusion.sdes import VESDE, VPSDE, SubVPSDE
+
+from custom_processes import ConstantBetaSDE
+
+pytestmark = pytest.mark.numeric
+
+MU, S2 = 0.5, 0.01
+
+
+def _score(sde):
+    def score(x, t):
+        shape = (-1, *([1] * (x.dim() - 1)))
+        m, sig = sde.mean_coeff(t).reshape(shape), sde.marginal_std(t).reshape(shape)
+        return -(x - m * MU) / (m**2 * S2 + sig**2)
+
+    return score
+
+
+def _ode_error(sde, name: str, steps: int, schedule=None) -> float:
+    """RMS distance to the exact probability-flow map of Gaussian data N(MU, S2): x_t = m_t MU + √(m_t² S2 + σ_t²) z."""
+    x_T = sde.prior_sample((2000, 4), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    res = sample(sde, _score(sde), x_T.shape, sampler=name, steps=steps, x_T=x_T, schedule=schedule, dtype=torch.float64)
+    end = build_sampler(name).end.end_time(sde)
+    t = torch.tensor([sde.T, end], dtype=torch.float64)
+    m, s = sde.mean_coeff(t), sde.marginal_std(t)
+    z = (x_T - m[0] * MU) / torch.sqrt(m[0] ** 2 * S2 + s[0] ** 2)
+    exact = m[1] * MU + torch.sqrt(m[1] ** 2 * S2 + s[1] ** 2) * z
+    return float((res.samples - exact).pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE(), ConstantBetaSDE()], ids=["vp", "subvp", "ve", "linear"])
+@pytest.mark.parametrize("name", ["dpm_solver", "ddim"])
+def test_fitting_lowers_the_exact_error_of_the_grid(sde, name: str) -> None:
+    gains = []
+    for steps in (5, 10):
+        default = _ode_error(sde, name, steps)
+        x_fit = sde.prior_sample((64, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        sched = fit_schedule(sde, _score(sde), build_sampler(name), steps, x_fit)
+        # The teacher's 100 evaluations, then the sampler on the rule's grid twice (is it deterministic?) and on each
+        # candidate: error exponents 1, (p + 1)/2 and 2 (two distinct for DDIM, p = 1; three for 2M, p = 2).
+        candidates = 2 if name == "ddim" else 3
+        assert sched.fit_nfe == 100 + (2 + candidates) * steps and len(sched.times) == steps + 1
+        fitted = _ode_error(sde, name, steps, sched)
+        assert fitted <= default * (1 + 1e-9), (steps, default, fitted)  # never worse than the rule
+        gains.append(fitted / default)
+    assert min(gains) < 0.85, gains  # and much better where the rule's grid is not already right
+
+
+def test_the_fit_moves_only_interior_times() -> None:
+    sde = VPSDE()
+    smp = build_sampler("dpm_solver", end_sigma=0.01)
+    x_fit = sde.prior_sample((32, 2), generator=torch.Generator().manual_seed(0))
+    for objective in ("path", "curvature"):
+        sched = fit_schedule(sde, _score(sde), smp, 7, x_fit, objective=objective)
+        t = torch.tensor(sched.times, dtype=torch.float64)
+        assert float(t[0]) == sde.T and float(t[-1]) == pytest.approx(smp.end.end_time(sde), rel=1e-12)
+        assert bool((t[1:] < t[:-1]).all())
+
+
+def test_a_stored_grid_round_trips(tmp_path: Path) -> None:
+    sde = VPSDE()
+    x_fit = sde.prior_sample((32, 2), generator=torch.Generator().manual_seed(0))
+    sched = fit_schedule(sde, _score(sde), build_sampler("ddim"), 6, x_fit, sampler_name="ddim", digest="abc")
+    path = sched.save(tmp_path / "grid.json")
+    back = FittedSchedule.load(path)
+    assert back == sched
+    x_T = sde.prior_sample((16, 2), generator=torch.Generator().manual_seed(5))
+    a = sample(sde, _score(sde), (16, 2), sampler="ddim", steps=6, x_T=x_T, schedule=sched)
+    b = sample(sde, _score(sde), (16, 2), sampler="ddim", steps=6, x_T=x_T, schedule=str(path))
+    c = sample(sde, _score(sde), (16, 2), sampler="ddim", steps=6, x_T=x_T, schedule=sched.times)
+    torch.testing.assert_close(a.samples, b.samples, rtol=0, atol=0)
+    torch.testing.assert_close(a.samples, c.samples, rtol=0, atol=0)
+    torch.testing.assert_close(a.times.double(), torch.tensor(sched.times, dtype=torch.float64), rtol=1e-6, atol=1e-7)
+    # A bare JSON list of times is a grid too.
+    (tmp_path / "bare.json").write_text(json.dumps(sched.times))
+    assert FittedSchedule.load(tmp_path / "bare.json").times == sched.times
+    # The key depends on everything the grid does.
+    k = schedule_key("ddim", {"eta": 0.0}, 6, "abc", "path")
+    assert k != schedule_key("ddim", {"eta": 0.0}, 7, "abc", "path") != schedule_key("ddim", {"eta": 0.0}, 6, "abd", "path")
+    assert k == schedule_key("ddim", {"eta": 0.0}, 6, "abc", "path")
+
+
+def test_bad_grids_and_inputs_are_refused(tmp_path: Path) -> None:
+    sde = VPSDE()
+    score = _score(sde)
+    good = fit_schedule(sde, score, build_sampler("ddim"), 4, sde.prior_sample((16, 2), generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="4 steps, but 6 steps were asked"):
+        sample(sde, score, (4, 2), sampler="ddim", steps=6, schedule=good)
+    with pytest.raises(ValueError, match="starts at t=0.5.*another process"):
+        check_times(torch.tensor([0.5, 0.2, 0.001]), sde, 2)
+    with pytest.raises(ValueError, match="decrease strictly"):
+        check_times(torch.tensor([1.0, 0.2, 0.3, 0.001]), sde, 3)
+    with pytest.raises(ValueError, match="eps / end_sigma differ"):
+        sample(sde, score, (4, 2), sampler="ddim", steps=4, schedule=good, end_sigma=0.1)
+    with pytest.raises(ValueError, match="chooses its own times"):
+        sample(sde, score, (4, 2), sampler="ode_dopri5", steps=4, schedule="fit")
+    with pytest.raises(ValueError, match="unknown sampler 'nope'"):
+        sample(sde, score, (4, 2), sampler="nope", steps=4, schedule="fit")
+    with pytest.raises(ValueError, match="steps must be an integer"):
+        sample(sde, score, (4, 2), sampler="ddim", steps=0, schedule="fit")
+    with pytest.raises(FileNotFoundError, match="schedule=fit"):
+        sample(sde, score, (4, 2), sampler="ddim", steps=4, schedule=str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="unknown schedule objective"):
+        fit_schedule(sde, score, build_sampler("ddim"), 4, torch.zeros(2, 2), objective="kl")
+
+
+def test_sample_py_fits_once_reuses_and_refuses_other_weights(tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from helpers import CONF
+    from sde_diffusion.fit import fit
+    from sde_diffusion.jobs import cli, run
+
+    run_dir = tmp_path / "run"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["data=moons", "model.hidden=16", "model.num_blocks=1", "data.n=256",
+                                          "trainer.max_steps=2", "logger=null", "callbacks.samples.enabled=false",
+                                          "trainer.enable_progress_bar=false", f"run_dir={run_dir}"])
+    fit("score", cfg, output_dir=run_dir)
+
+    def go(*over: str):
+        return run(cli.compose([f"ckpt={run_dir}", "progress=false", "n=8", "batch_size=8", *over], CONF))
+
+    first = go("sampler=ddim", "steps=5", "schedule=fit", f"out={tmp_path / 'a'}")
+    info = first["sampler"]["schedule"]
+    assert not info["reused"] and info["fit_nfe"] == 100 + 4 * 5 and len(info["times"]) == 6
+    stored = list((run_dir / "schedules").glob("ddim-5steps-*.json"))
+    assert len(stored) == 1
+    again = go("sampler=ddim", "steps=5", "schedule=fit", f"out={tmp_path / 'b'}")
+    assert again["sampler"]["schedule"]["reused"] and again["sampler"]["schedule"]["times"] == info["times"]
+    by_file = go("sampler=ddim", "steps=5", f"schedule={stored[0]}", f"out={tmp_path / 'c'}")
+    assert by_file["sampler"]["schedule"]["times"] == info["times"]
+    data = json.loads(stored[0].read_text())
+    data["digest"] = "0" * 64
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="fitted to other weights"):
+        go("sampler=ddim", "steps=5", f"schedule={other}", f"out={tmp_path / 'd'}")
+    with pytest.raises(ValueError, match="5 steps, but 7 steps were asked"):
+        go("sampler=ddim", "steps=7", f"schedule={stored[0]}", f"out={tmp_path / 'e'}")
