@@ -42,19 +42,21 @@ def _ode_error(sde, name: str, steps: int, schedule=None) -> float:
 
 @pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE(), ConstantBetaSDE()], ids=["vp", "subvp", "ve", "linear"])
 @pytest.mark.parametrize("name", ["dpm_solver", "ddim"])
-def test_fitting_lowers_the_exact_error_of_the_grid(sde, name: str) -> None:
+@pytest.mark.parametrize("objective", ["curvature", "path"])
+def test_fitting_lowers_the_exact_error_of_the_grid(sde, name: str, objective: str) -> None:
     gains = []
     for steps in (5, 10):
         default = _ode_error(sde, name, steps)
         x_fit = sde.prior_sample((64, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        sched = fit_schedule(sde, _score(sde), build_sampler(name), steps, x_fit)
-        # The teacher's 100 evaluations, then the sampler on the rule's grid twice (is it deterministic?) and on each
-        # candidate: error exponents 1, (p + 1)/2 and 2 (two distinct for DDIM, p = 1; three for 2M, p = 2).
-        candidates = 2 if name == "ddim" else 3
-        assert sched.fit_nfe == 100 + (2 + candidates) * steps and len(sched.times) == steps + 1
+        sched = fit_schedule(sde, _score(sde), build_sampler(name), steps, x_fit, objective=objective)
+        assert len(sched.times) == steps + 1 and sched.objective == objective
         fitted = _ode_error(sde, name, steps, sched)
-        assert fitted <= default * (1 + 1e-9), (steps, default, fitted)  # never worse than the rule
         gains.append(fitted / default)
+        # The teacher's 100 evaluations, then the sampler on the rule's grid twice (is it deterministic?) and on each
+        # candidate: path's error exponents 1, (p + 1)/2 and 2 (two distinct for DDIM, p = 1; three for 2M, p = 2).
+        candidates = 1 if objective == "curvature" else (2 if name == "ddim" else 3)
+        assert sched.fit_nfe == 100 + (2 + candidates) * steps
+        assert fitted <= default * (1 + 1e-9), (steps, default, fitted)  # never worse than the rule
     assert min(gains) < 0.85, gains  # and much better where the rule's grid is not already right
 
 
@@ -133,12 +135,12 @@ def test_sample_py_fits_once_reuses_and_refuses_other_weights(tmp_path: Path) ->
     def go(*over: str):
         return run(cli.compose([f"ckpt={run_dir}", "progress=false", "n=8", "batch_size=8", *over], CONF))
 
-    first = go("sampler=ddim", "steps=5", "schedule=fit", f"out={tmp_path / 'a'}")
+    first = go("sampler=ddim", "steps=5", "schedule=fit", "schedule_objective=path", f"out={tmp_path / 'a'}")
     info = first["sampler"]["schedule"]
-    assert not info["reused"] and info["fit_nfe"] == 100 + 4 * 5 and len(info["times"]) == 6
+    assert not info["reused"] and info["fit_nfe"] == 100 + 4 * 5 and len(info["times"]) == 6 and info["objective"] == "path"
     stored = list((run_dir / "schedules").glob("ddim-5steps-*.json"))
     assert len(stored) == 1
-    again = go("sampler=ddim", "steps=5", "schedule=fit", f"out={tmp_path / 'b'}")
+    again = go("sampler=ddim", "steps=5", "schedule=fit", "schedule_objective=path", f"out={tmp_path / 'b'}")
     assert again["sampler"]["schedule"]["reused"] and again["sampler"]["schedule"]["times"] == info["times"]
     by_file = go("sampler=ddim", "steps=5", f"schedule={stored[0]}", f"out={tmp_path / 'c'}")
     assert by_file["sampler"]["schedule"]["times"] == info["times"]

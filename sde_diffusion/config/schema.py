@@ -515,7 +515,7 @@ class SampleConfig:
     # The time grid: null = the sampler's rule; fit = fitted to this model once (stored in <run>/schedules,
     # keyed by sampler, options, steps and weights; reused after); or the path of a stored grid (JSON).
     schedule: Optional[str] = None
-    schedule_objective: str = "path"  # path (dynamic programming against a teacher path) | curvature
+    schedule_objective: str = "curvature"  # curvature (equidistributed local error of a teacher path) | path (DP against it)
     seed: int = 0                    # batch b draws from a generator seeded by f(seed, b): same seed, same samples
     ema: bool = True                 # the EMA weights (falls back to the trained weights, with a warning, if none)
     device: str = "auto"             # auto | cpu | cuda | cuda:<k> (ignored when trainer is set)

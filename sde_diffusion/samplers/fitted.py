@@ -18,9 +18,17 @@ Method (dynamic programming against a teacher path, as in Chen et al. 2024, "GIT
 3. The N-step grid from j = 0 (T) to j = M (the end time) with the least total cost is found exactly by
    dynamic programming, O(N M²).
 
-``objective="curvature"`` is the alternative kept for comparison: it places the times so that each step
-carries an equal share of ∫ (m ‖dD/dλ‖)^{1/2} dλ along the same teacher path, which equidistributes the
-local error of a first-order step (∝ h² m ‖dD/dλ‖). Both cost the teacher's M evaluations only.
+``objective="curvature"`` (the default) places the times so that each step carries an equal share of
+∫ (m ‖dD/dλ‖)^{1/2} dλ along the same teacher path, which equidistributes the local error of a first-order step
+(∝ h² m ‖dD/dλ‖); it costs the teacher's M evaluations only. On trained networks it gave the better samples of
+the two (benchmarks/RESULTS.md, "Fitted schedules"): a learned score's probability-flow path is itself
+imperfect, and matching it closely (``path``) is not the same as sampling well.
+
+For a deterministic sampler either objective ends with a check: the sampler runs from the teacher's x_T on the
+rule's grid and on the fitted one(s) (``path``: the programme with error exponents 1, (p + 1)/2 and 2 for a
+p-th order step), and the grid landing closest to the teacher's end state is kept, so a fit is never worse
+than the rule by that measure (a few N more evaluations; whether the sampler is deterministic is seen from two
+runs with different noise).
 
 The sampler's own end point (``eps`` / ``end_sigma``) and its final denoising step are kept; only the
 interior times move. Usage::
@@ -57,7 +65,7 @@ class FittedSchedule:
     options: Dict[str, Any]
     steps: int
     digest: Optional[str] = None
-    objective: str = "path"
+    objective: str = "curvature"
     fine_steps: int = 0
     fit_nfe: int = 0
     fit_seconds: float = 0.0
@@ -214,7 +222,7 @@ def fit_schedule(
     steps: int,
     x_T: Tensor,
     *,
-    objective: str = "path",
+    objective: str = "curvature",
     fine_steps: Optional[int] = None,
     sampler_name: str = "",
     options: Optional[Mapping[str, Any]] = None,
@@ -224,7 +232,9 @@ def fit_schedule(
 
     Args:
         sampler: a step sampler (its end point fixes the last time).
-        objective: ``path`` (dynamic programming against the teacher path) or ``curvature``.
+        objective: ``curvature`` (the default: equidistributed local error along the teacher path) or ``path``
+            (dynamic programming against the teacher path; for a deterministic sampler the best of its candidates
+            and the rule's own grid, judged by the distance to the teacher's end state).
         fine_steps: M, the teacher's steps (default max(100, 8·steps), capped at 400): M score evaluations.
         sampler_name, options, digest: recorded with the grid (``digest``: the weights it was fitted to).
     """
@@ -255,8 +265,14 @@ def fit_schedule(
             idx = _curvature_indices(sde, fine, dens, int(steps))
         extra: Dict[str, Any] = {}
         nfe = M
-        if objective == "path" and steps > 1:
-            idx, extra, used = _select(sde, score_fn, sampler, int(steps), fine, states, dens, idx, end)
+        if steps > 1:
+            if objective == "path":
+                C = _path_costs(sde, fine, states, dens)
+                order = max(1, int(getattr(sampler, "order", 1) or 1))
+                candidates = {f"dp^{p:g}": _dp(C**p, int(steps)) for p in sorted({1.0, (order + 1) / 2, 2.0})}
+            else:
+                candidates = {"curvature": idx}
+            idx, extra, used = _select(sde, score_fn, sampler, int(steps), fine, states, idx, candidates, end)
             nfe += used
     times = fine[idx] if idx is not None else sampler.end.times(sde, int(steps), dtype=torch.float64)
     times[0], times[-1] = sde.T, end
@@ -266,11 +282,12 @@ def fit_schedule(
 
 
 def _select(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, fine: Tensor, states: List[Tensor],
-            dens: List[Tensor], idx: List[int], end: float) -> tuple[Optional[List[int]], Dict[str, Any], int]:
-    """For a deterministic sampler: run it on each candidate grid (the dynamic programme with the error exponents
-    1, (p + 1)/2 and 2, and the sampler's own rule) from the teacher's x_T and keep the one that lands closest to
-    the teacher's end state; a stochastic sampler keeps ``idx``. Returns (indices or None for the rule's grid,
-    what was measured, NFE spent)."""
+            idx: Optional[List[int]], candidates: Dict[str, List[int]], end: float
+            ) -> tuple[Optional[List[int]], Dict[str, Any], int]:
+    """For a deterministic sampler: run it from the teacher's x_T on the rule's grid and on each candidate grid
+    and keep the one that lands closest to the teacher's end state (so a fit never does worse than the rule by
+    that measure); a stochastic sampler keeps ``idx``. Returns (indices, or None for the rule's grid; what was
+    measured; NFE spent)."""
     x_T, target = states[0], states[-1]
     used = 0
 
@@ -289,21 +306,15 @@ def _select(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, fine: Tensor,
     rule[0], rule[-1] = sde.T, end
     a, b = run(rule, 1), run(rule, 2)
     if not torch.equal(a, b):
-        return idx, {"selection": "stochastic sampler: the dynamic programme's grid"}, used
-    C = _path_costs(sde, fine, states, dens)
-    order = max(1, int(getattr(sampler, "order", 1) or 1))
-    candidates: Dict[str, Optional[List[int]]] = {"rule": None}
-    for p in sorted({1.0, (order + 1) / 2, 2.0}):
-        candidates[f"dp^{p:g}"] = _dp(C**p, steps)
+        return idx, {"selection": "stochastic sampler: no selection"}, used
+    options: Dict[str, Optional[List[int]]] = {"rule": None, **candidates}
     errors = {"rule": float((a - target).pow(2).mean().sqrt())}
     for name, cand in candidates.items():
-        if cand is None:
-            continue
         t = fine[cand].clone()
         t[0], t[-1] = sde.T, end
         errors[name] = float((run(t, 1) - target).pow(2).mean().sqrt())
     best = min(errors, key=errors.get)
-    return candidates[best], {"selection": best, "rms_to_teacher": errors}, used
+    return options[best], {"selection": best, "rms_to_teacher": errors}, used
 
 
 class _Counting:
