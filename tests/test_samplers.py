@@ -216,7 +216,11 @@ def test_nfe_counted_exactly(name: str, steps: int) -> None:
     sde = VPSDE(eps=1e-3)
     for denoise in (False, True):
         fn, calls = _counted(gm.score_fn(sde))
-        sampler = build_sampler(name, denoise=denoise)
+        try:
+            sampler = build_sampler(name, denoise=denoise)
+        except ValueError as err:  # a sampler whose chain ends at x_0 itself (ddpm) takes no denoising step
+            assert denoise and "denoise" in str(err)
+            continue
         res = sample(sde, fn, (16, 2), sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0))
         assert res.nfe == calls[0] > 0
         expected = sampler.expected_nfe(steps)

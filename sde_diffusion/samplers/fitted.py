@@ -50,6 +50,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ..score import CountingScore
 from ..sdes.sde import SDE, ScoreFn
 
 OBJECTIVES = ("path", "curvature")
@@ -296,7 +297,7 @@ def _select(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, fine: Tensor,
         import copy
 
         smp = copy.copy(sampler).use_times(times)
-        counted = _Counting(score_fn)
+        counted = CountingScore(score_fn)
         gen = torch.Generator(device=x_T.device).manual_seed(seed)
         out, _, _ = smp.run(sde, counted, x_T, steps, gen)
         used += counted.nfe
@@ -315,15 +316,6 @@ def _select(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, fine: Tensor,
         errors[name] = float((run(t, 1) - target).pow(2).mean().sqrt())
     best = min(errors, key=errors.get)
     return options[best], {"selection": best, "rms_to_teacher": errors}, used
-
-
-class _Counting:
-    def __init__(self, fn: ScoreFn) -> None:
-        self.fn, self.nfe = fn, 0
-
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        self.nfe += 1
-        return self.fn(x, t)
 
 
 __all__ = ["FittedSchedule", "OBJECTIVES", "fit_schedule", "schedule_key", "check_times"]
