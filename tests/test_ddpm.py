@@ -120,7 +120,7 @@ def test_algorithm_2_step_by_step(variance: str) -> None:
     abar = [math.prod(1 - b for b in betas[: j + 1]) for j in range(N)]
     gen = torch.Generator().manual_seed(3)
     x_T = torch.randn(5, 2, generator=gen, dtype=torch.float64)
-    got = sample(sde, score, (5, 2), sampler="ddpm", steps=N, schedule="linear", train_steps=N, variance=variance,
+    got = sample(sde, score, (5, 2), sampler="ddpm", steps=N, beta_schedule="linear", train_steps=N, variance=variance,
                  x_T=x_T, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     assert got.nfe == N
     g = torch.Generator().manual_seed(7)
@@ -199,6 +199,6 @@ def test_bad_input_is_refused_with_the_reason() -> None:
         DDPM(variance="sigma")
     with pytest.raises(ValueError, match="no eps, end_sigma or denoise"):
         DDPM(eps=1e-3)
-    with pytest.raises(ValueError, match="unknown schedule"):
-        DDPM(schedule="quadratic")
+    with pytest.raises(ValueError, match="unknown beta_schedule"):
+        DDPM(beta_schedule="quadratic")
     assert "ddpm" in SAMPLERS.names()

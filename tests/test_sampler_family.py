@@ -10,7 +10,7 @@ import torch
 
 from sde_diffusion import CosineVPSDE, GaussianMixture, VESDE, VPSDE, sample
 from sde_diffusion.metrics import wasserstein_1d
-from sde_diffusion.samplers import SAMPLERS
+from sde_diffusion.samplers import SAMPLERS, build_sampler
 from sde_diffusion.testing import (
     SDE_NAMES,
     Truth,
@@ -51,6 +51,11 @@ def test_every_sampler_is_finite_at_every_step_count(seed: int, sde_name: str) -
     sde = CosineVPSDE() if sde_name == "cosine_vp" else make_sde(sde_name, gm.diameter())
     score_fn = gm.score_fn(sde)
     for name in SAMPLERS.names():
+        try:
+            build_sampler(name).validate(sde)
+        except ValueError as err:  # a sampler defined for some processes only (ddpm: variance-preserving)
+            assert "variance-preserving" in str(err), (name, err)
+            continue
         for steps in (1, 2, 5):
             out = sample(sde, score_fn, (16, gm.dim), sampler=name, steps=steps, generator=torch.Generator().manual_seed(steps))
             assert out.samples.shape == (16, gm.dim)

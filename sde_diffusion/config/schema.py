@@ -404,7 +404,7 @@ class LikelihoodConfig:
     method: str = "ode"              # ode (exact NLL, probability-flow ODE) | vlb (DDPM's bound, with the ODE NLL next to it)
     # method=vlb (sde_diffusion/vlb.py; VP processes):
     variance: str = "beta"           # reverse variance sigma_i^2: beta | beta_tilde | learned (model.learn_sigma=true)
-    schedule: str = "auto"           # auto (ddpm if trained with loss.discrete_steps, else sde) | sde | ddpm | linear | cosine
+    beta_schedule: str = "auto"      # auto (ddpm if trained with loss.discrete_steps, else sde) | sde | ddpm | linear | cosine
     train_steps: Optional[int] = None  # N of the chain (None: the run's loss.discrete_steps, else 1000)
     vlb_steps: Optional[int] = None  # respace the chain to this many steps (None: N)
     terms: Optional[int] = None      # None: every step (N NFE per batch); K: K importance-sampled steps per example
@@ -414,7 +414,7 @@ class LikelihoodConfig:
     def __post_init__(self) -> None:
         _choice("likelihood.method", self.method, LIKELIHOOD_METHODS)
         _choice("likelihood.variance", self.variance, ("beta", "beta_tilde", "learned"))
-        _choice("likelihood.schedule", self.schedule, ("auto", "sde", "ddpm", "linear", "cosine"))
+        _choice("likelihood.beta_schedule", self.beta_schedule, ("auto", "sde", "ddpm", "linear", "cosine"))
         _choice("likelihood.decoder", self.decoder, ("auto", "discretized", "gaussian"))
         for key in ("train_steps", "vlb_steps", "terms"):
             if getattr(self, key) is not None:
@@ -432,7 +432,7 @@ class LikelihoodConfig:
 
     def vlb_options(self) -> Dict[str, Any]:
         """The bound's settings (method=vlb), as recorded in the report."""
-        return {"variance": self.variance, "schedule": self.schedule, "train_steps": self.train_steps,
+        return {"variance": self.variance, "beta_schedule": self.beta_schedule, "train_steps": self.train_steps,
                 "vlb_steps": self.vlb_steps, "terms": self.terms, "decoder": self.decoder, "with_ode": bool(self.with_ode)}
 
     def options(self) -> Dict[str, Any]:

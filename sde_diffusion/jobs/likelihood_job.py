@@ -141,7 +141,7 @@ class LikelihoodJob(ModelJob):
             raise ValueError("likelihood.decoder=discretized is for discrete images (levels of a pixel scale); use "
                              "likelihood.decoder=gaussian for this data set")
         trained_n = getattr(getattr(model.train_config, "loss", None), "discrete_steps", None)
-        schedule = opts.schedule
+        schedule = opts.beta_schedule
         if schedule == "auto":
             schedule = "ddpm" if trained_n else "sde"
         N = int(opts.train_steps or trained_n or 1000)
@@ -152,13 +152,13 @@ class LikelihoodJob(ModelJob):
         if decoder == "discretized":
             lo, hi = float(self.dm.scaler(torch.tensor(0.0))), float(self.dm.scaler(torch.tensor(1.0)))
             levels = int(self.dm.levels)
-        return {"proc": proc, "schedule": schedule, "variance": opts.variance, "decoder": decoder, "terms": opts.terms,
+        return {"proc": proc, "beta_schedule": schedule, "variance": opts.variance, "decoder": decoder, "terms": opts.terms,
                 "levels": levels, "data_range": None if lo is None else (lo, hi)}
 
     def bound_record(self) -> Dict[str, Any]:
         b = self.bound
         assert b is not None
-        return {"schedule": b["schedule"], "process": repr(b["proc"]), "steps": b["proc"].N, "variance": b["variance"],
+        return {"beta_schedule": b["beta_schedule"], "process": repr(b["proc"]), "steps": b["proc"].N, "variance": b["variance"],
                 "decoder": b["decoder"], "terms": b["terms"], "levels": b["levels"],
                 "data_range": list(b["data_range"]) if b["data_range"] else None, "with_ode": self.with_ode}
 

@@ -27,7 +27,7 @@ class DDPM(Sampler):
               \sigma_i^2 = \beta_i\ (\texttt{beta}),\ \tilde\beta_i\ (\texttt{beta\_tilde}),\ \text{or}\
               \exp(v\log\beta_i + (1-v)\log\tilde\beta_i)\ (\texttt{learned}).
 
-    The β_i are those of :class:`~sde_diffusion.sdes.discrete.DiscreteVP` (``schedule``: ``sde``, the
+    The β_i are those of :class:`~sde_diffusion.sdes.discrete.DiscreteVP` (``beta_schedule``: ``sde``, the
     exact discretisation of the process at t_i = i·T/N; ``ddpm``, β_i = β(t_i)·T/N as the discrete-time
     loss trains; or DDPM's ``linear`` / Improved DDPM's ``cosine`` schedule, whose steps the network sees
     at the time of equal log-SNR). ``steps`` < ``train_steps`` respaces the chain to that many evenly
@@ -38,7 +38,7 @@ class DDPM(Sampler):
 
     Args:
         variance: ``beta`` | ``beta_tilde`` | ``learned``.
-        schedule: ``sde`` | ``ddpm`` | ``linear`` | ``cosine``.
+        beta_schedule: ``sde`` | ``ddpm`` | ``linear`` | ``cosine``.
         train_steps: N of the chain before respacing (``steps`` ≤ N).
 
     NFE = steps.
@@ -46,19 +46,19 @@ class DDPM(Sampler):
 
     default_grid = None
 
-    def __init__(self, variance: str = "beta_tilde", schedule: str = "sde", train_steps: int = 1000, **end: Any) -> None:
+    def __init__(self, variance: str = "beta_tilde", beta_schedule: str = "sde", train_steps: int = 1000, **end: Any) -> None:
         super().__init__(**end)
         if variance not in VARIANCES:
             raise ValueError(f"unknown variance {variance!r}; choose one of: {', '.join(VARIANCES)}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        if beta_schedule not in SCHEDULES:
+            raise ValueError(f"unknown beta_schedule {beta_schedule!r}; choose one of: {', '.join(SCHEDULES)}")
         if isinstance(train_steps, bool) or int(train_steps) != train_steps or train_steps < 1:
             raise ValueError(f"train_steps must be an integer >= 1, got {train_steps!r}")
         if self.end.eps is not None or self.end.end_sigma is not None or self.end.denoise:
             raise ValueError("ddpm ends at x_0 = mu_theta(x_1, 1) (Algorithm 2's noise-free last step): "
                              "it takes no eps, end_sigma or denoise")
         self.variance = variance
-        self.schedule = schedule
+        self.beta_schedule = beta_schedule
         self.train_steps = int(train_steps)
 
     def validate(self, sde: SDE) -> None:
@@ -69,7 +69,7 @@ class DDPM(Sampler):
         if steps > self.train_steps:
             raise ValueError(f"sampler=ddpm takes at most train_steps={self.train_steps} steps, got steps={steps}; "
                              f"lower steps or raise sampler.train_steps")
-        return DiscreteVP.build(self.schedule, sde, self.train_steps).respace(steps)
+        return DiscreteVP.build(self.beta_schedule, sde, self.train_steps).respace(steps)
 
     def run(
         self,
