@@ -132,6 +132,7 @@ class UNetEncoderClassifier(TimeClassifier):
         resamp_with_conv: bool = True,
         num_heads: int = 1,
         zero_init: bool = True,
+        scale_shift_norm: bool = False,
     ) -> None:
         super().__init__(data_shape, num_classes)
         ch_mult, attn_resolutions, resolutions = check_unet_args(
@@ -143,7 +144,8 @@ class UNetEncoderClassifier(TimeClassifier):
         self.time_embed = TimeEmbedding(embedding_type, ch, emb_dim, embedding_scale)
 
         def res(in_c: int, out_c: int, down: bool = False) -> ResBlock:
-            return ResBlock(in_c, out_c, emb_dim, dropout, skip_rescale, down=down, zero_init=zero_init)
+            return ResBlock(in_c, out_c, emb_dim, dropout, skip_rescale, down=down, zero_init=zero_init,
+                            scale_shift_norm=scale_shift_norm)
 
         self.conv_in = conv3x3(channels, ch)
         blocks: List[nn.Module] = []

@@ -78,7 +78,12 @@ def classifier_network_config(cfg: TrainConfig) -> Tuple[str, Dict[str, Any]]:
     kwargs = {k: v for k, v in to_plain(cfg.model).items() if k not in ("name", "_target_")}
     overrides = dict(to_plain(cfg.classifier.model))
     name = str(overrides.pop("name", cfg.model.get("name")))
-    return name, {**kwargs, **overrides}
+    kwargs = {**kwargs, **overrides}
+    # A score network's output option: a classifier has no variance to learn.
+    if kwargs.pop("learn_sigma", False):
+        raise ValueError("model.learn_sigma=true is an option of the score network (a learned variance); a classifier "
+                         "has none: drop it for task=classifier")
+    return name, kwargs
 
 
 def build_classifier_network(cfg: TrainConfig, data_shape: Sequence[int], num_classes: int) -> TimeClassifier:
