@@ -56,9 +56,10 @@ def check_variance_preserving(sde: SDE, what: str) -> None:
     t = torch.linspace(0.0, float(sde.T), 9, dtype=torch.float64)
     total = sde.mean_coeff(t) ** 2 + sde.marginal_std(t) ** 2
     if not torch.allclose(total, torch.ones_like(total), atol=1e-6):
+        k = int((total - 1).abs().argmax())
         raise ValueError(
             f"{what} needs a variance-preserving process (m(t)² + σ(t)² = 1: sde=vp or sde=cosine_vp), got {sde!r} "
-            f"with m² + σ² = {float(total.max()):.4g} at most; DDPM's discrete chain is defined only for those"
+            f"with m² + σ² = {float(total[k]):.4g} at t = {float(t[k]):.3g}; DDPM's discrete chain is defined only for those"
         )
 
 
