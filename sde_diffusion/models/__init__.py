@@ -13,6 +13,7 @@ from .score_net import ScoreNet
 from .embeddings import GaussianFourierEmbedding, LabelEmbedding, SinusoidalEmbedding, TimeEmbedding
 from .mlp import MLP
 from .unet import UNet
+from .ncsnpp import NCSNpp
 
 
 
@@ -33,6 +34,7 @@ __all__ = [
     "ScoreNet",
     "MLP",
     "UNet",
+    "NCSNpp",
     "GaussianFourierEmbedding",
     "SinusoidalEmbedding",
     "TimeEmbedding",

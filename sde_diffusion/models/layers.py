@@ -12,10 +12,12 @@ maps and any floating dtype (and under autocast): nothing here fixes a dtype or 
 from __future__ import annotations
 
 import math
+from typing import Optional, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .resampling import downsample_fir, upsample_fir
 from .score_net import xavier_init_
 
 
@@ -61,7 +63,8 @@ class ResBlock(nn.Module):
 
     ``h = conv_1(drop(SiLU(GN(conv_0(R(SiLU(GN(x)))) + Dense(SiLU(e))))))``, ``out = (S(R(x)) + h) · c``;
     with ``scale_shift_norm`` (AdaGN) the middle is ``GN(h)·(1 + a) + b`` with (a, b) = Dense(SiLU(e)).
-    with ``R`` the optional resampling (``up``: nearest ×2, ``down``: average ÷2, BigGAN style),
+    with ``R`` the optional resampling (``up``: nearest ×2, ``down``: average ÷2, BigGAN style; with
+    ``fir_kernel`` the FIR resamplers of :mod:`.resampling`, as NCSN++),
     ``S`` a 1×1 conv when the shape changes (identity otherwise) and ``c = 1/√2`` if ``skip_rescale``
     (keeps the variance of the sum of two unit-variance branches at one) else 1.
     """
@@ -77,11 +80,14 @@ class ResBlock(nn.Module):
         down: bool = False,
         zero_init: bool = True,
         scale_shift_norm: bool = False,
+        fir_kernel: Optional[Sequence[float]] = None,
     ) -> None:
         super().__init__()
         if up and down:
             raise ValueError("a ResBlock cannot both upsample and downsample")
         self.up, self.down = up, down
+        # NCSN++ resamples with a FIR filter (StyleGAN2's [1, 3, 3, 1]); None: nearest / 2x2 average.
+        self.fir_kernel = None if fir_kernel is None else tuple(float(v) for v in fir_kernel)
         self.scale_shift_norm = bool(scale_shift_norm)
         self.norm_0 = group_norm(in_ch)
         self.conv_0 = conv3x3(in_ch, out_ch)
@@ -94,9 +100,9 @@ class ResBlock(nn.Module):
 
     def _resample(self, x: Tensor) -> Tensor:
         if self.up:
-            return upsample_nearest(x)
+            return upsample_nearest(x) if self.fir_kernel is None else upsample_fir(x, self.fir_kernel)
         if self.down:
-            return downsample_avg(x)
+            return downsample_avg(x) if self.fir_kernel is None else downsample_fir(x, self.fir_kernel)
         return x
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ divisible by ``2^(L−1)``; non-square images are fine.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -209,6 +209,41 @@ class UNet(ScoreNet):
                 h = level.resample(h, emb) if self.resblock_updown else level.resample(h)
 
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def reference_modules(self) -> Iterator[Tuple[str, nn.Module]]:
+        """``(kind, module)`` in the order of score_sde_pytorch's ``all_modules`` for DDPM++ (``ncsnpp``
+        with BigGAN blocks, no progressive branches, positional time features), for
+        :mod:`sde_diffusion.convert`. Kinds as :meth:`~sde_diffusion.models.ncsnpp.NCSNpp.reference_modules`."""
+        if not self.resblock_updown:
+            raise ValueError("only U-Nets with resblock_updown=true (BigGAN blocks, as DDPM++) have a score_sde_pytorch layout")
+        if self.time_embed.embedding_type == "fourier":
+            yield "fourier", self.time_embed.features
+        yield "linear", self.time_embed.mlp[0]
+        yield "linear", self.time_embed.mlp[2]
+        yield "conv", self.conv_in
+        for level in self.down:
+            for block, attn in zip(level.blocks, level.attns):
+                yield "resblock", block
+                if not isinstance(attn, nn.Identity):
+                    yield "attn", attn
+            if level.resample is not None:
+                yield "resblock", level.resample
+        yield "resblock", self.mid_block_0
+        yield "attn", self.mid_attn
+        yield "resblock", self.mid_block_1
+        for level in self.up:
+            for block in level.blocks:
+                yield "resblock", block
+            if not isinstance(level.attn, nn.Identity):
+                yield "attn", level.attn
+            if level.resample is not None:
+                yield "resblock", level.resample
+        yield "groupnorm", self.norm_out
+        yield "conv", self.conv_out
+
+    def output_convs(self) -> List[nn.Conv2d]:
+        """The convolution that makes the output."""
+        return [self.conv_out]
 
 
 

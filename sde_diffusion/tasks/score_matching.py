@@ -85,6 +85,8 @@ class ScoreDiffusion(LatentSpace, ClipFusedGradients, L.LightningModule):
         self.attach_codec(latent_path or cfg.latent, latent)
         self.sde = instantiate(cfg.sde, SDES, key="sde")
         self.net = instantiate(cfg.model, MODELS, key="model", data_shape=self.model_shape, num_classes=num_classes)
+        if hasattr(self.net, "bind_sde"):  # networks fed the noise level σ(t) (NCSN++'s log σ input)
+            self.net.bind_sde(self.sde)
         self.learn_sigma = bool(getattr(self.net, "learn_sigma", False))
         if self.learn_sigma:
             from ..sdes.discrete import check_variance_preserving
