@@ -236,8 +236,9 @@ def forward(state, cfg: Dict, x: torch.Tensor, time_cond: torch.Tensor, centered
     else:
         half = nf // 2
         f = math.log(10000) / (half - 1)
-        freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -f)
-        arg = time_cond.float()[:, None] * freqs[None, :]
+        dt = x.dtype  # the reference works in float32; float64 weights get float64 features here
+        freqs = torch.exp(torch.arange(half, dtype=dt) * -f)
+        arg = time_cond.to(dt)[:, None] * freqs[None, :]
         temb = torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
     i = nxt()
     temb = F.linear(temb, S(i, "weight"), S(i, "bias"))
