@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Any, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import lightning as L
 import torch
@@ -302,6 +302,67 @@ class LossByTime(Callback):
 
 
 # ---------------------------------------------------------------------------------- builders
+class PeriodicMetrics(Callback):
+    """Sample-quality metrics every ``every_n_steps`` optimiser steps (rank 0, EMA weights, fixed prior noise).
+
+    Digits: digits-FD, IS and KID in the digits classifier's features; other images: FID, IS and
+    KID when the Inception weights are present (otherwise one warning, then nothing); vectors:
+    sliced W₂ against fresh data. Each evaluation is logged (``metrics/<name>``) and appended as a
+    JSON line ``{"step", ...}`` to ``path``.
+    """
+
+    def __init__(self, path: Path, every_n_steps: int, num_samples: int, sampler: str, steps: int,
+                 options: Optional[Mapping[str, Any]] = None, seed: int = 0, num_reference: Optional[int] = None,
+                 fid_weights: Optional[str] = None) -> None:
+        self.path, self.every_n_steps, self.num_samples = Path(path), int(every_n_steps), int(num_samples)
+        self.sampler, self.steps, self.options, self.seed = sampler, int(steps), dict(options or {}), int(seed)
+        self.num_reference, self.fid_weights = num_reference, fid_weights
+        self._last_step, self._fid_unavailable = -1, False
+
+    def on_train_batch_end(self, trainer: "L.Trainer", pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step
+            if trainer.is_global_zero:
+                self.evaluate(trainer, pl_module)
+
+    def evaluate(self, trainer: "L.Trainer", pl_module: Any) -> Dict[str, Any]:
+        import json
+
+        dm = trainer.datamodule
+        x = draw_samples(pl_module, self.num_samples, self.sampler, self.steps, self.options, self.seed, True).cpu()
+        values: Dict[str, Any] = {}
+        if getattr(dm, "is_image", False) and pl_module.cfg.data.get("name") == "digits":
+            from .jobs.metrics_job import digits_metrics
+
+            d = digits_metrics(x.float(), dm, self.seed)
+            values = {k: d[k] for k in ("digits_fd", "digits_is", "digits_kid")}
+        elif getattr(dm, "is_image", False):
+            if not self._fid_unavailable:
+                from .jobs.metrics_job import fid_metrics
+
+                f = fid_metrics(dm.inverse_scaler(x.float()).clamp(0, 1), dm, self.num_reference, self.fid_weights,
+                                self.seed, torch.device("cpu"))
+                if f.get("fid") is None:
+                    self._fid_unavailable = True
+                    rank_zero_warn(f"callbacks.metrics: FID skipped for the rest of the run: {f.get('fid_unavailable')}")
+                else:
+                    values = {k: f[k] for k in ("fid", "is", "kid")}
+        else:
+            from .metrics import sliced_wasserstein
+
+            ref = dm.reference(min(2000, max(self.num_samples, 2)))
+            values = {"sliced_wasserstein": sliced_wasserstein(x.double(), ref.double(),
+                                                               generator=torch.Generator().manual_seed(self.seed))}
+        if values:
+            for logger in trainer.loggers:
+                logger.log_metrics({f"metrics/{k}": float(v) for k, v in values.items()}, step=trainer.global_step)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps({"step": int(trainer.global_step), "n": self.num_samples, **values}) + "\n")
+        return values
+
+
 def build_callbacks(cfg: TrainConfig, output_dir: Path, samples: bool = True) -> List[Callback]:
     """EMA, checkpoints, LR monitor, user callbacks and progress bar from the config; with
     ``samples`` (score models) also the sample figures and the loss per t."""
@@ -343,6 +404,13 @@ def build_callbacks(cfg: TrainConfig, output_dir: Path, samples: bool = True) ->
                 max_seconds=cbs.samples.max_seconds,
             )
         )
+    if samples and cbs.metrics.every_n_steps > 0:
+        options = {k: v for k, v in to_plain(cfg.sampler).items() if k not in ("name", "steps", "_target_")}
+        callbacks.append(PeriodicMetrics(
+            output_dir / "metrics.jsonl", every_n_steps=cbs.metrics.every_n_steps, num_samples=cbs.metrics.num_samples,
+            sampler=to_plain(cfg.sampler).get("_target_") or cfg.sampler.get("name"),
+            steps=cbs.metrics.steps or cfg.figure_steps, options=options, seed=cfg.seed + 2,
+            num_reference=cbs.metrics.num_reference, fid_weights=cbs.metrics.fid_weights))
     if samples and cbs.loss_by_t.every_n_steps > 0:
         T = instantiate(cfg.sde, SDES, key="sde").T
         callbacks.append(LossByTime(T, num_buckets=cbs.loss_by_t.num_buckets, every_n_steps=cbs.loss_by_t.every_n_steps))
@@ -401,6 +469,7 @@ def build_loggers(cfg: TrainConfig, output_dir: Path) -> List[Any]:
 
 __all__ = [
     "SampleFigures",
+    "PeriodicMetrics",
     "LossByTime",
     "build_callbacks",
     "build_loggers",

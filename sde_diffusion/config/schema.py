@@ -187,10 +187,28 @@ class LossByTimeCallbackConfig:
 
 
 @dataclass
+class MetricsCallbackConfig:
+    """Sample-quality metrics during training (EMA weights), logged and appended to <run_dir>/metrics.jsonl:
+    digits-FD/IS/KID for the digits, FID/IS/KID when the Inception weights are present for other images,
+    sliced W2 for vectors."""
+
+    every_n_steps: int = 0           # 0: off
+    num_samples: int = 256
+    steps: Optional[int] = None      # sampler steps (None: the sample figures' steps)
+    num_reference: Optional[int] = None  # real images for FID (None: the whole training set; statistics cached)
+    fid_weights: Optional[str] = None    # Inception file (None: the default search; absent: FID skipped with a warning)
+
+    def __post_init__(self) -> None:
+        _int_at_least("callbacks.metrics.every_n_steps", self.every_n_steps, 0)
+        _int_at_least("callbacks.metrics.num_samples", self.num_samples, 2)
+
+
+@dataclass
 class CallbacksConfig:
     checkpoint: CheckpointCallbackConfig = field(default_factory=CheckpointCallbackConfig)
     samples: SamplesCallbackConfig = field(default_factory=SamplesCallbackConfig)
     loss_by_t: LossByTimeCallbackConfig = field(default_factory=LossByTimeCallbackConfig)
+    metrics: MetricsCallbackConfig = field(default_factory=MetricsCallbackConfig)
     progress_refresh_rate: int = 1
     extra: List[str] = field(default_factory=list)  # more Lightning callbacks by import path, e.g. my_pkg.probes:GradNorm
 
@@ -446,10 +464,12 @@ class LikelihoodConfig:
 class MetricsConfig:
     """``mode=metrics``: sample, then compare with real data (vectors: SW and MMD; digits: digits-FD; images: FID)."""
 
-    num_reference: Optional[int] = None  # real examples to compare with (None: n)
+    num_reference: Optional[int] = None  # real examples to compare with (None: images: the whole training set, as
+                                     # the paper's FID; vectors: n)
     projections: int = 256           # sliced Wasserstein directions
     mmd_max: int = 2000              # MMD uses at most this many points per side (O(N²) memory)
     fid_weights: Optional[str] = None  # Inception TorchScript file for FID (None: the default search, evaluation/inception.py)
+    stats_cache: Optional[str] = None  # where real-data feature statistics are cached (None: <cache>/reference_stats)
 
     def __post_init__(self) -> None:
         if self.num_reference is not None:
@@ -530,6 +550,9 @@ class SampleConfig:
     resume: bool = True              # reuse finished batches of an identical earlier run; false: start over
     figures: bool = True             # samples.png (grid or scatter) and triptych.png
     keep_shards: bool = True         # keep shards/ after the merge (needed to extend or resume later)
+    # mode=metrics: null = the checkpoint ckpt names; all = every saved checkpoint of its run (step_*.ckpt and
+    # last.ckpt), resumably, with the best reported (the paper's checkpoint sweep)
+    checkpoints: Optional[str] = None
     label: Optional[int] = None      # class of every sample (conditional models: None = 0, 1, ..., K-1, 0, ...;
                                      # required with guidance.classifier)
     mask: str = "center"             # inpaint: region to generate: left | right | top | bottom | center | random,
@@ -547,6 +570,10 @@ class SampleConfig:
             _int_at_least("steps", self.steps, 1)
         _require(isinstance(self.seed, int) and not isinstance(self.seed, bool), f"seed must be an integer, got {self.seed!r}")
         _choice("dtype", self.dtype, DTYPES)
+        if self.checkpoints is not None:
+            _require(self.checkpoints == "all" and self.mode == "metrics",
+                     f"checkpoints={self.checkpoints!r}: only checkpoints=all (every saved checkpoint of the run) with "
+                     "mode=metrics is known; leave it null otherwise")
         _choice("schedule_objective", self.schedule_objective, ("path", "curvature"))
         if self.schedule is not None:
             _require(isinstance(self.schedule, str) and bool(self.schedule.strip()),
@@ -585,7 +612,7 @@ class SampleConfig:
 
 __all__ = [
     "TrainConfig", "SampleConfig", "LossConfig", "OptimConfig", "EmaConfig", "ConditioningConfig",
-    "CallbacksConfig", "CheckpointCallbackConfig", "SamplesCallbackConfig", "LossByTimeCallbackConfig",
+    "CallbacksConfig", "CheckpointCallbackConfig", "MetricsCallbackConfig", "SamplesCallbackConfig", "LossByTimeCallbackConfig",
     "ClassifierConfig", "AutoencoderConfig", "PerfConfig", "GuidanceConfig", "InpaintConfig", "LikelihoodConfig",
     "MetricsConfig", "PlotsConfig", "WEIGHTINGS", "PREDICTIONS", "REDUCTIONS", "TIME_INPUTS", "LOGGERS",
 ]

@@ -120,6 +120,18 @@ class InceptionFeatures(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         return self.model(x, return_features=True)
 
+    @torch.no_grad()
+    def probabilities(self, images: Tensor) -> Tensor:
+        """Class probabilities ``[B, 1008]`` for the Inception score: the graph's softmax without the
+        output layer's bias (``no_output_bias=True``), as the original TensorFlow IS code computes it."""
+        x = images.to(torch.float32)
+        if images.dtype == torch.uint8:
+            x = x / 255.0
+        x = torch.round(x.clamp(0, 1) * 255.0)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.model(x, no_output_bias=True)
+
 
 __all__ = [
     "INCEPTION_URL",
