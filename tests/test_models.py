@@ -241,9 +241,9 @@ def test_wrong_data_shapes_raise():
 
 
 def test_unknown_model_name_lists_choices():
-    with pytest.raises(ValueError, match="choose one of: mlp, unet"):
+    with pytest.raises(ValueError, match="choose one of: mlp, ncsnpp, unet"):
         build_model("transformer", (2,))
-    assert MODELS.names() == ["mlp", "unet"]
+    assert MODELS.names() == ["mlp", "ncsnpp", "unet"]
 
 
 def test_group_count_adapts_to_channels():
