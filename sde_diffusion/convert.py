@@ -26,9 +26,9 @@ like any trained run.
 The process and the data range are the reference configuration's: β ∈ [0.1, 20] for VP and
 sub-VP, σ ∈ [0.01, 50] with σ(t) = σ_min (σ_max/σ_min)^t for VE (``sde.exact_kernel=false``, the
 reference's kernel); the VP and sub-VP models work on data in [−1, 1], the VE models on [0, 1]
-(``data.centered=false``, so samples are written as the reference writes them). ``sde.eps`` is the
-reference's sampling end time (10⁻³ for VP and sub-VP, 10⁻⁵ for VE). Time inputs: DDPM++ sees
-999·t (as the reference's score function gives it), NCSN++ log σ(t).
+(``data.centered=false``, so samples are written as the reference writes them). The samplers end
+where the reference's do (``sde.sampling_eps``: 10⁻³ for VP and sub-VP, 10⁻⁵ for VE). Time inputs:
+DDPM++ sees 999·t (as the reference's score function gives it), NCSN++ log σ(t).
 
 A checkpoint whose keys or shapes do not fit ``--config`` is refused before anything is written,
 naming the first mismatch.
@@ -70,7 +70,6 @@ def reference_overrides(config: str, sde: str) -> List[str]:
         out += ["sde.exact_kernel=false", "sde.eps=1e-5", "data.centered=false", "model.centered=false",
                 "ema.decay=0.999"]
     else:
-        out += ["sde.eps=1e-3"]
         if ncsnpp:  # the reference's NCSN++ on VP / sub-VP: positional features of 999 t
             out += ["model.embedding_type=sinusoidal", "model.embedding_scale=999.0", "model.time_input=t"]
     return out

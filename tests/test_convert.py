@@ -126,3 +126,30 @@ def test_sample_py_writes_images_of_a_converted_ve_run_in_its_data_range(tmp_pat
     loaded = load_model(tmp_path / "run")
     dm = loaded.build_datamodule()
     assert not dm.centered and float(dm.inverse_scaler(torch.tensor(0.25))) == 0.25
+
+
+def test_likelihood_and_metrics_modes_run_on_a_converted_ve_run_in_its_data_range(tmp_path):
+    import math
+
+    from helpers import write_cifar_archive
+    from sde_diffusion.data import cifar10 as cifar
+    from sde_diffusion.jobs import cli, run
+
+    write_reference_checkpoint(tmp_path / "ckpt.pth", "ncsnpp_cifar10")
+    convert_score_sde(tmp_path / "ckpt.pth", "ncsnpp_cifar10", "ve", tmp_path / "run", extra=SMALL, quiet=True)
+    (tmp_path / "data").mkdir()
+    write_cifar_archive(tmp_path / "data" / cifar.ARCHIVE_NAME, n_per_batch=4)
+    common = [f"ckpt={tmp_path / 'run'}", "progress=false", "data=cifar10", f"data.root={tmp_path / 'data'}", "n=2",
+              "batch_size=2"]
+    report = run(cli.compose(common + ["mode=likelihood", "likelihood.solver=euler", "likelihood.steps=2",
+                                       f"out={tmp_path / 'lik'}"], ROOT / "conf"))
+    with np.load(tmp_path / "lik" / "likelihood.npz") as z:
+        logp, bpd = z["logp"], z["bpd"]
+    # Data in [0, 1]: x = (k + U)/256, so bpd = −(log p(x) − D log 256)/(D ln 2), no factor 2 as for [−1, 1].
+    d = 3 * 32 * 32
+    np.testing.assert_allclose(bpd, -(logp - d * math.log(256)) / (d * math.log(2)), rtol=1e-5)
+    assert report["mode"] == "likelihood"
+    metrics = run(cli.compose(common + ["mode=metrics", "sampler=euler_maruyama", "steps=2", "metrics.num_reference=8",
+                                        f"out={tmp_path / 'met'}", "metrics.fid_weights=" + str(tmp_path / "none.pt")],
+                              ROOT / "conf"))
+    assert metrics["fid"]["fid"] is None and "does not exist" in metrics["fid"]["fid_unavailable"]

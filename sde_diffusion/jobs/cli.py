@@ -45,9 +45,25 @@ def drop_implied_model(cfg: Any, overrides: Sequence[str]) -> Any:
     return _with(cfg, model=None)
 
 
+def keep_requested_data(cfg: Any, overrides: Sequence[str]) -> Any:
+    """``cfg`` whose ``data`` group holds only its name and the ``data.<key>=`` values the command line gave.
+
+    The data group's file would otherwise bring its *defaults* (``centered: true``, ``size``, ...) as
+    overrides of the checkpoint's stored values, and a run trained on [0, 1] data (or another size)
+    would be read back in the wrong range.
+    """
+    if getattr(cfg, "data", None) is None:
+        return cfg
+    keys = {str(o).split("=", 1)[0].lstrip("+~") for o in overrides}
+    given = {k.split(".")[1] for k in keys if k.startswith("data.") and len(k.split(".")) > 1}
+    data = {k: cfg.data[k] for k in cfg.data if k == "name" or k in given}
+    return _with(cfg, data=data)
+
+
 def request(cfg: Any, overrides: Sequence[str], task: Optional[str] = None) -> Any:
-    """The composed ``cfg`` as the command line meant it: the implied model dropped, ``task`` set."""
-    cfg = drop_implied_model(cfg, overrides)
+    """The composed ``cfg`` as the command line meant it: the implied model dropped, the data group cut to
+    what was asked, ``task`` set."""
+    cfg = keep_requested_data(drop_implied_model(cfg, overrides), overrides)
     return cfg if task is None else _with(cfg, task=task)
 
 
@@ -72,4 +88,4 @@ def _with(cfg: Any, **values: Any) -> Any:
     return cfg
 
 
-__all__ = ["split_task", "drop_implied_model", "request", "compose"]
+__all__ = ["split_task", "drop_implied_model", "keep_requested_data", "request", "compose"]
