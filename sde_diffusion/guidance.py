@@ -75,6 +75,38 @@ class ClassifierFreeGuidance:
         return (1 + self.scale) * s_cond - self.scale * s_uncond
 
 
+class ContextGuidance:
+    """Classifier-free guidance on a text context: s̃ = (1 + w) s(x, t, c) − w s(x, t, c̄) from one batched call.
+
+    Args:
+        cond_score: ``(x, t, context=, context_mask=) -> score`` (a text model's ScoreModel).
+        context, mask: the prompts' encodings ``[B, L, d]``, ``[B, L]`` (one per sample).
+        neg_context, neg_mask: the negative prompt's (the empty prompt: the unconditional model), ``[1 or B, L, d]``.
+        scale: w ≥ 0 (0: the conditional model alone).
+    """
+
+    def __init__(self, cond_score: Callable[..., Tensor], context: Tensor, mask: Tensor, neg_context: Tensor,
+                 neg_mask: Tensor, scale: float) -> None:
+        if scale < 0:
+            raise ValueError(f"guidance scale must be ≥ 0, got {scale}")
+        self.cond_score, self.scale = cond_score, float(scale)
+        self.context, self.mask, self.neg_context, self.neg_mask = context, mask, neg_context, neg_mask
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        B = x.shape[0]
+        if self.scale == 0:
+            return self.cond_score(x, t, context=self.context, context_mask=self.mask)
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(B)
+        nc, nm = self.neg_context.expand(B, -1, -1), self.neg_mask.expand(B, -1)
+        if nc.shape[1] != self.context.shape[1]:
+            raise ValueError("the prompt and negative prompt encodings must have the same length")
+        both = self.cond_score(torch.cat([x, x]), torch.cat([t, t]), context=torch.cat([self.context, nc]),
+                               context_mask=torch.cat([self.mask, nm]))
+        return (1 + self.scale) * both[:B] - self.scale * both[B:]
+
+
 class ClassifierGuidance:
     """s̃ = s(x, t) + w ∇_x log p_φ(y | x, t), the gradient taken by autograd.
 
@@ -111,4 +143,5 @@ class ClassifierGuidance:
         return s + self.scale * self.class_log_prob_grad(x, t)
 
 
-__all__ = ["ClassifierFreeGuidance", "ClassifierGuidance"]
+__all__ = [
+    "ContextGuidance", "ClassifierFreeGuidance", "ClassifierGuidance"]

@@ -69,7 +69,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -314,6 +314,7 @@ def dsm_terms(
     learn_sigma: bool = False,
     hybrid_lambda: float = 0.001,
     hybrid_steps: int = 1000,
+    cond: Optional[Mapping[str, Tensor]] = None,
 ) -> DSMTerms:
     """Per-sample DSM terms for a batch ``x0 [B, ...]``; see the module docstring for the formulas.
 
@@ -327,6 +328,7 @@ def dsm_terms(
         reduction: ``"mean"`` or ``"sum"`` over data dimensions (the batch is always averaged).
         stratified: low-discrepancy draw of the batch's times (or DDPM steps).
         y: labels ``[B]`` for a conditional network.
+        cond: further keyword inputs of the network, e.g. a text ``context`` and ``context_mask``.
         generator: source of t and ε.
         discrete_steps: N for the discrete-time DDPM loss (VP only), ``None`` for continuous t.
         time_input: network time of step i in the DDPM loss: ``"i/N"`` or ``"(i-1)/(N-1)"``.
@@ -406,7 +408,8 @@ def dsm_terms(
             lam_over_sigma2 = importance_sampler(sde, eps).weight(sde, t) / sigma**2
 
     xt = broadcast_to_x(m, x0) * x0 + broadcast_to_x(sigma, x0) * noise
-    pred = model(xt, t) if y is None else model(xt, t, y=y)
+    extra = dict(cond or {})  # e.g. a text context: context [B, L, d], context_mask [B, L]
+    pred = model(xt, t, **extra) if y is None else model(xt, t, y=y, **extra)
     v = None
     if learn_sigma:
         from .score import split_learned_sigma

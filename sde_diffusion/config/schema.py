@@ -135,13 +135,46 @@ class EmaConfig:
 
 
 @dataclass
+class TextConfig:
+    """Prompts through a text encoder and cross-attention (``model=unet``); a captioned data set
+    (``data=digit_pairs``, or ``data=folder`` with a ``metadata.jsonl``)."""
+
+    encoder: Optional[str] = None    # null: no text | tiny (trained with the model, offline) | hf (frozen CLIP / T5)
+    dropout: float = 0.1             # share of captions replaced by the empty prompt (classifier-free guidance)
+    tokenizer: str = "word"          # tiny: word (vocabulary of the training captions, stored in the checkpoint) | byte
+    max_length: int = 16             # tokens read (with <bos>); longer prompts are cut, with a warning
+    unknown: str = "error"           # word tokenizer, unknown words in a prompt: error (names them) | unk (<unk> token)
+    dim: int = 64                    # tiny: width of the token embeddings (the context's d)
+    layers: int = 2                  # tiny: transformer layers
+    heads: int = 4                   # tiny: attention heads
+    name: Optional[str] = None       # hf: a local directory or a model name already in the Hugging Face cache
+
+    def __post_init__(self) -> None:
+        if self.encoder is not None:
+            _choice("conditioning.text.encoder", self.encoder, ("tiny", "hf"))
+        _require(0.0 <= float(self.dropout) < 1.0, f"conditioning.text.dropout must lie in [0, 1), got {self.dropout}")
+        _choice("conditioning.text.tokenizer", self.tokenizer, ("word", "byte"))
+        _choice("conditioning.text.unknown", self.unknown, ("error", "unk"))
+        _int_at_least("conditioning.text.max_length", self.max_length, 2)
+        for key in ("dim", "layers", "heads"):
+            _int_at_least(f"conditioning.text.{key}", getattr(self, key), 1)
+
+    @property
+    def enabled(self) -> bool:
+        return self.encoder is not None
+
+
+@dataclass
 class ConditioningConfig:
     class_labels: bool = False       # train p(x | y) with the data set's labels
     label_dropout: float = 0.1       # share of labels replaced by the null label (classifier-free guidance)
+    text: TextConfig = field(default_factory=TextConfig)
 
     def __post_init__(self) -> None:
         _require(0.0 <= float(self.label_dropout) < 1.0,
                  f"conditioning.label_dropout must lie in [0, 1), got {self.label_dropout}")
+        _require(not (self.class_labels and self.text.enabled),
+                 "conditioning.class_labels=true and conditioning.text.encoder together: condition on one of them")
 
 
 @dataclass
@@ -550,6 +583,11 @@ class SampleConfig:
     resume: bool = True              # reuse finished batches of an identical earlier run; false: start over
     figures: bool = True             # samples.png (grid or scatter) and triptych.png
     keep_shards: bool = True         # keep shards/ after the merge (needed to extend or resume later)
+    # Text models (conditioning.text): one prompt for all n samples, or a file of prompts (one a line, n samples
+    # each); guidance.scale is the classifier-free weight against negative_prompt ("" = no caption).
+    prompt: Optional[str] = None
+    prompts: Optional[str] = None
+    negative_prompt: str = ""
     # mode=metrics: null = the checkpoint ckpt names; all = every saved checkpoint of its run (step_*.ckpt and
     # last.ckpt), resumably, with the best reported (the paper's checkpoint sweep)
     checkpoints: Optional[str] = None
@@ -570,6 +608,8 @@ class SampleConfig:
             _int_at_least("steps", self.steps, 1)
         _require(isinstance(self.seed, int) and not isinstance(self.seed, bool), f"seed must be an integer, got {self.seed!r}")
         _choice("dtype", self.dtype, DTYPES)
+        _require(not (self.prompt is not None and self.prompts is not None),
+                 "give prompt=<text> or prompts=<file>, not both")
         if self.checkpoints is not None:
             _require(self.checkpoints == "all" and self.mode == "metrics",
                      f"checkpoints={self.checkpoints!r}: only checkpoints=all (every saved checkpoint of the run) with "
@@ -612,7 +652,7 @@ class SampleConfig:
 
 __all__ = [
     "TrainConfig", "SampleConfig", "LossConfig", "OptimConfig", "EmaConfig", "ConditioningConfig",
-    "CallbacksConfig", "CheckpointCallbackConfig", "MetricsCallbackConfig", "SamplesCallbackConfig", "LossByTimeCallbackConfig",
+    "CallbacksConfig", "CheckpointCallbackConfig", "MetricsCallbackConfig", "TextConfig", "SamplesCallbackConfig", "LossByTimeCallbackConfig",
     "ClassifierConfig", "AutoencoderConfig", "PerfConfig", "GuidanceConfig", "InpaintConfig", "LikelihoodConfig",
     "MetricsConfig", "PlotsConfig", "WEIGHTINGS", "PREDICTIONS", "REDUCTIONS", "TIME_INPUTS", "LOGGERS",
 ]

@@ -26,7 +26,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .. import plots
 from ..config import SampleConfig, to_plain
-from ..guidance import ClassifierFreeGuidance, ClassifierGuidance
+from ..guidance import ClassifierFreeGuidance, ClassifierGuidance, ContextGuidance
 from ..io import write_json
 from ..registry import MODES, SAMPLE_TASKS
 from ..samplers import make_sampler, sample
@@ -117,6 +117,7 @@ class SampleJob(ModelJob):
             load_guidance_classifier(cfg.guidance.classifier, self.model, cfg.label, self.runtime.device, self.dtype)
             if cfg.guidance.classifier is not None else None
         )
+        self.prompts = self._prompts()
         self.task = task_class.from_config(cfg, self.model.data_shape)
         self.schedule = self._schedule() if cfg.schedule is not None else None
         self.settings = self._identity()
@@ -124,7 +125,8 @@ class SampleJob(ModelJob):
         budget = f"{self.choice.steps}steps" if self.choice.sampler.expected_nfe(1) is not None else "adaptive"  # steps is ignored
         tag = f"{cfg.task}-{self.choice.name}-{budget}-seed{cfg.seed}-{self.fingerprint[:8]}"
         self.out_dir = Path(cfg.out).expanduser() if cfg.out else self.model.run_dir / "samples" / tag
-        self.runner = Runner(self, self.out_dir / "shards", self.fingerprint, n=cfg.n, batch_size=cfg.batch_size,
+        self.total = cfg.n * (len(self.prompts) if self.prompts else 1)
+        self.runner = Runner(self, self.out_dir / "shards", self.fingerprint, n=self.total, batch_size=cfg.batch_size,
                              seed=cfg.seed, runtime=self.runtime, settings=self.settings, resume=cfg.resume,
                              progress=cfg.progress)
         self._observed: Optional[Tensor] = None
@@ -194,8 +196,49 @@ class SampleJob(ModelJob):
     def conditional(self) -> bool:
         return self.model.num_classes is not None
 
+    @property
+    def text(self) -> bool:
+        return bool(getattr(self.model.module, "has_text", False))
+
+    def _prompts(self) -> Optional[List[str]]:
+        """The prompts of the run (``prompt=`` or the lines of ``prompts=<file>``), checked; None without text."""
+        cfg = self.cfg
+        if cfg.prompts is not None:
+            path = Path(cfg.prompts).expanduser()
+            if not path.is_file():
+                raise ValueError(f"prompts={cfg.prompts}: no such file; give a text file with one prompt a line")
+            lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            if not lines:
+                raise ValueError(f"prompts={cfg.prompts} holds no prompt (the file is empty or blank); write one prompt a line")
+            prompts: Optional[List[str]] = lines
+        else:
+            prompts = None if cfg.prompt is None else [str(cfg.prompt)]
+        if prompts is not None and not self.text:
+            raise ValueError(f"prompt{'s' if cfg.prompts else ''}= given, but {self.model.path} was trained without text "
+                             "(conditioning.text.encoder=null); drop it, or train a text model "
+                             "(python train.py data=digit_pairs conditioning.text.encoder=tiny)")
+        if self.text:
+            module = self.model.module
+            tok = getattr(getattr(module.ema or module.net, "text_encoder", None), "tokenizer", None)
+            if tok is not None:  # unknown words and over-long prompts surface here, before any sampling
+                tok.encode((prompts or [""]) + [cfg.negative_prompt])
+        return prompts
+
+    def prompt_of(self, start: int, count: int) -> List[str]:
+        """The prompt of samples ``start … start+count−1`` ("" without one: the unconditional model)."""
+        if not self.prompts:
+            return [""] * count
+        return [self.prompts[i // self.cfg.n] for i in range(start, start + count)]
+
     def _check_conditioning(self) -> None:
         g, label, k = self.cfg.guidance, self.cfg.label, self.model.num_classes
+        if self.text:
+            if label is not None:
+                raise ValueError(f"label={label}: {self.model.path} is a text model; say what to draw with prompt=<text>")
+            if g.scale > 0 and float(self.model.train_config.conditioning.text.dropout) <= 0:
+                warnings.warn("guidance.scale > 0 but the model was trained with conditioning.text.dropout=0: its "
+                              "empty-prompt score was never trained, so classifier-free guidance is unreliable", stacklevel=2)
+            return
         if k is None:
             # An unconditional model takes a label only to steer a classifier towards it.
             if g.scale > 0 or (label is not None and g.classifier is None):
@@ -232,6 +275,10 @@ class SampleJob(ModelJob):
         if cfg.compile:
             # Only present when on, so that the identity of every other run stays as it was.
             out["compile"] = True
+        if self.text:
+            # Only present for text models, so that the identity of every other run stays as it was.
+            out.update(prompts=self.prompts, negative_prompt=cfg.negative_prompt, guidance_scale=cfg.guidance.scale,
+                       n=cfg.n)
         if self.classifier is not None:
             # Only present with a classifier, so that the identity of every other run stays as it was.
             out["classifier"] = {"path": str(self.classifier.path.resolve()), "global_step": self.classifier.global_step,
@@ -245,6 +292,8 @@ class SampleJob(ModelJob):
     def labels_for(self, start: int, count: int) -> Optional[Tensor]:
         """Labels of the samples ``start … start+count−1``: ``label`` for all, else the global
         index mod K (balanced); None for an unconditional model without a classifier."""
+        if self.text:
+            return torch.arange(start, start + count, dtype=torch.long)  # sample indices: their prompts
         if not self.conditional and self.classifier is None:
             return None
         if self.cfg.label is not None:
@@ -260,6 +309,8 @@ class SampleJob(ModelJob):
         """
         if labels is None:
             return self._score
+        if self.text:
+            return self._text_score(labels)
         y = labels.to(self.runtime.device)
         score = self._score
         if self.conditional:
@@ -268,11 +319,21 @@ class SampleJob(ModelJob):
             score = ClassifierGuidance(score, self.classifier.module, y=y, scale=self.cfg.guidance.classifier_scale)
         return score
 
+    def _text_score(self, index: Tensor) -> Any:
+        """Classifier-free guidance on the prompts of samples ``index`` against the negative prompt."""
+        module, use_ema = self.model.module, self.cfg.ema and self.model.has_ema
+        prompts = self.prompt_of(int(index[0]), len(index))
+        with torch.no_grad():
+            c = module.encode_prompts(prompts, use_ema=use_ema)
+            neg = module.encode_prompts([self.cfg.negative_prompt], use_ema=use_ema)
+        return ContextGuidance(self._score, c["context"].to(self.dtype), c["context_mask"], neg["context"].to(self.dtype),
+                               neg["context_mask"], self.cfg.guidance.scale)
+
     def observed(self, start: int, count: int) -> Tensor:
         """The real examples samples ``start … start+count−1`` condition on (model range), from the data's reference set."""
         if self._observed is None:
             gen = torch.Generator().manual_seed(batch_seed(self.cfg.seed, "observed", 0))
-            self._observed = self.dm.reference(self.cfg.n, generator=gen)
+            self._observed = self.dm.reference(self.total, generator=gen)
         return self._observed[start : start + count]
 
     def draw(self, batch: int, start: int, count: int, generator: torch.Generator,
@@ -301,7 +362,9 @@ class SampleJob(ModelJob):
             with torch.no_grad():
                 x = self.model.module.to_data(x)
         arrays["samples"] = to_stored(x, self.dm)
-        if labels is not None:
+        if labels is not None and self.text:
+            arrays["prompt_index"] = (labels // self.cfg.n).numpy() if self.prompts else np.zeros(count, dtype=np.int64)
+        elif labels is not None:
             arrays["labels"] = labels.numpy()
         arrays["nonfinite"] = (~torch.isfinite(x.reshape(count, -1)).all(1)).cpu().numpy()
         return arrays, int(result.nfe)
@@ -350,13 +413,13 @@ class SampleJob(ModelJob):
                         "schedule": self.schedule},
             "task": cfg.task,
             "guidance": self._guidance_report(),
-            "n": cfg.n,
+            "n": self.total,
             "batch_size": cfg.batch_size,
             "batches": len(self.runner.counts),
             "batches_drawn_this_run": len(result.drawn) if result.drawn is not None else None,
             "nfe": {"per_batch": result.nfe, "total": int(sum(result.nfe))},
             "seconds": {"sampling": seconds, "per_batch": result.seconds, "wall_this_run": result.wall_seconds},
-            "samples_per_second": cfg.n / seconds if seconds > 0 else None,
+            "samples_per_second": self.total / seconds if seconds > 0 else None,
             "nonfinite_samples": nonfinite,
             "shape": list(arrays["samples"].shape),
             "dtype": str(arrays["samples"].dtype),
@@ -370,6 +433,10 @@ class SampleJob(ModelJob):
 
     def _guidance_report(self) -> Dict[str, Any]:
         g, clf = self.cfg.guidance, self.classifier
+        if self.text:
+            return {"prompts": self.prompts, "samples_per_prompt": self.cfg.n, "negative_prompt": self.cfg.negative_prompt,
+                    "scale": g.scale, "text_encoder": {k: v for k, v in (self.model.module.text_record() or {}).items()
+                                                        if k != "tokenizer"}}
         return {
             "label": self.cfg.label,
             "scale": g.scale if self.conditional else None,
@@ -381,7 +448,15 @@ class SampleJob(ModelJob):
         cfg, out = self.cfg, {}
         x = arrays["samples"]
         title = f"{self.choice.name}, {self.choice.steps} steps, step {self.model.global_step}"
-        if x.dtype == np.uint8:
+        if x.dtype == np.uint8 and self.text and self.prompts:
+            # One grid per prompt, titled with it.
+            for p, prompt in enumerate(self.prompts):
+                part = x[p * cfg.n:(p + 1) * cfg.n][:64]
+                name = "samples.png" if len(self.prompts) == 1 else f"samples_{p:03d}.png"
+                out["grid" if p == 0 else f"grid_{p:03d}"] = str(plots.save_image_grid(
+                    part, self.out_dir / name, nrow=min(8, len(part)),
+                    title=f'"{prompt}" · guidance {cfg.guidance.scale:g} · {title}'))
+        elif x.dtype == np.uint8:
             k = min(64, x.shape[0])
             out["grid"] = str(plots.save_image_grid(x[:k], self.out_dir / "samples.png", nrow=min(8, k), title=title))
         else:

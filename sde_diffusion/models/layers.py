@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -147,6 +148,33 @@ class AttnBlock(nn.Module):
         return (x + self.proj(out)) * self.out_scale
 
 
+class CrossAttnBlock(nn.Module):
+    """Cross-attention from image features to a context sequence (LDM's spatial transformer, one layer).
+
+    ``x [B, C, H, W]``, ``context [B, L, d]``, ``mask [B, L]`` (True = a real token) → ``x + Proj(MHA(q =
+    GN(x), k = v = context))``. Padded tokens get weight exactly 0 (−∞ before the softmax), so they never
+    change the output. ``proj`` starts at zero (``zero_init``): the block is then exactly the identity.
+    """
+
+    def __init__(self, channels: int, context_dim: int, num_heads: int = 1, zero_init: bool = True) -> None:
+        super().__init__()
+        if num_heads < 1 or channels % num_heads:
+            raise ValueError(f"attention heads must divide the channels; got channels={channels}, num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.q = conv1x1(channels, channels)
+        self.kv = xavier_init_(nn.Linear(context_dim, 2 * channels))
+        self.proj = conv1x1(channels, channels, zero=zero_init)
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        heads, d = self.num_heads, c // self.num_heads
+        q = self.q(self.norm(x)).reshape(b, heads, d, h * w).transpose(-1, -2)          # [B, heads, HW, d]
+        k, v = self.kv(context.to(x.dtype)).reshape(b, -1, 2, heads, d).permute(2, 0, 3, 1, 4)  # [B, heads, L, d] each
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :].to(torch.bool))
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
 class Downsample(nn.Module):
     """``[B, C, H, W] -> [B, C, H/2, W/2]``: stride-2 3×3 conv (``with_conv``) or 2×2 average pooling."""
 
@@ -179,6 +207,7 @@ __all__ = [
     "downsample_avg",
     "ResBlock",
     "AttnBlock",
+    "CrossAttnBlock",
     "Downsample",
     "Upsample",
 ]

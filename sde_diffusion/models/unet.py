@@ -32,24 +32,37 @@ from torch import Tensor, nn
 
 from .score_net import ScoreNet
 from .embeddings import LabelEmbedding, TimeEmbedding
-from .layers import AttnBlock, Downsample, ResBlock, Upsample, conv3x3, group_norm
+from .layers import AttnBlock, CrossAttnBlock, Downsample, ResBlock, Upsample, conv3x3, group_norm
+from .score_net import xavier_init_
 from ..registry import MODELS
+
+CROSS_ATTENTION = ("attn", "all")
 
 
 class _DownLevel(nn.Module):
-    def __init__(self, blocks: List[ResBlock], attns: List[nn.Module], resample: Optional[nn.Module]) -> None:
+    def __init__(self, blocks: List[ResBlock], attns: List[nn.Module], resample: Optional[nn.Module],
+                 crosses: Optional[List[Optional[nn.Module]]] = None) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.attns = nn.ModuleList(attns)
         self.resample = resample
+        if crosses is not None:  # text models only, so other checkpoints keep their keys
+            self.crosses = nn.ModuleList([c if c is not None else nn.Identity() for c in crosses])
 
 
 class _UpLevel(nn.Module):
-    def __init__(self, blocks: List[ResBlock], attn: nn.Module, resample: Optional[nn.Module]) -> None:
+    def __init__(self, blocks: List[ResBlock], attn: nn.Module, resample: Optional[nn.Module],
+                 crosses: Optional[List[Optional[nn.Module]]] = None) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.attn = attn
         self.resample = resample
+        if crosses is not None:
+            self.crosses = nn.ModuleList([c if c is not None else nn.Identity() for c in crosses])
+
+
+def _cross(module: nn.Module, h: Tensor, context: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:
+    return h if isinstance(module, nn.Identity) else module(h, context, mask)
 
 
 @MODELS.register("unet")
@@ -77,6 +90,14 @@ class UNet(ScoreNet):
         scale_shift_norm: AdaGN time conditioning in the residual blocks, GN(h)·(1 + a(e)) + b(e)
             (Dhariwal & Nichol), instead of adding the embedding before the norm.
         learn_sigma: also output Improved DDPM's variance interpolation v: ``[B, 2C, H, W]`` = (prediction, v).
+        context_dim: width d of a text context ``[B, L, d]`` (set by the training module from its text
+            encoder; ``None``: no text). Adds :class:`~.layers.CrossAttnBlock` layers.
+        cross_attention: where they sit: ``attn`` (after every self-attention: the attention resolutions
+            and the middle) or ``all`` (after every residual block and in the middle).
+        pooled_context: also add a linear map of the mean of the valid context tokens to the time embedding.
+
+    With text, ``forward(x, t, y, context [B or 1, L, d], context_mask [B or 1, L])``; the cross-attention
+    outputs and the pooled map start at zero, so an untrained text U-Net is exactly the plain one.
     """
 
     def __init__(
@@ -97,9 +118,15 @@ class UNet(ScoreNet):
         zero_init: bool = True,
         scale_shift_norm: bool = False,
         learn_sigma: bool = False,
+        context_dim: Optional[int] = None,
+        cross_attention: str = "attn",
+        pooled_context: bool = True,
     ) -> None:
         super().__init__(data_shape, num_classes)
         self.learn_sigma = bool(learn_sigma)
+        if cross_attention not in CROSS_ATTENTION:
+            raise ValueError(f"unknown cross_attention {cross_attention!r}; choose one of: {', '.join(CROSS_ATTENTION)}")
+        self.context_dim = None if context_dim is None else int(context_dim)
         ch_mult, attn_resolutions, resolutions = check_unet_args(
             self.data_shape, ch, ch_mult, num_res_blocks, attn_resolutions, dropout
         )
@@ -119,41 +146,56 @@ class UNet(ScoreNet):
         def attn(c: int) -> AttnBlock:
             return AttnBlock(c, num_heads, skip_rescale, zero_init)
 
+        text = self.context_dim is not None
+
+        def cross(c: int, at_attention: bool) -> Optional[CrossAttnBlock]:
+            if not text or not (cross_attention == "all" or at_attention):
+                return None
+            return CrossAttnBlock(c, self.context_dim, num_heads, zero_init=True)
+
+        self.context_embed = (xavier_init_(nn.Linear(self.context_dim, emb_dim), zero=True)
+                              if text and pooled_context else None)
+
         self.conv_in = conv3x3(channels, ch)
         skip_channels = [ch]
         in_c = ch
         down_levels = []
         for i, mult in enumerate(ch_mult):
             out_c = ch * mult
-            blocks, attns = [], []
+            blocks, attns, crosses = [], [], []
             for _ in range(num_res_blocks):
                 blocks.append(res(in_c, out_c))
                 attns.append(attn(out_c) if resolutions[i] in attn_resolutions else nn.Identity())
+                crosses.append(cross(out_c, resolutions[i] in attn_resolutions))
                 in_c = out_c
                 skip_channels.append(in_c)
             resample: Optional[nn.Module] = None
             if i < len(ch_mult) - 1:
                 resample = res(in_c, in_c, down=True) if resblock_updown else Downsample(in_c, resamp_with_conv)
                 skip_channels.append(in_c)
-            down_levels.append(_DownLevel(blocks, attns, resample))
+            down_levels.append(_DownLevel(blocks, attns, resample, crosses if text else None))
         self.down = nn.ModuleList(down_levels)
 
         self.mid_block_0 = res(in_c, in_c)
         self.mid_attn = attn(in_c)
+        if text:
+            self.mid_cross = cross(in_c, True)
         self.mid_block_1 = res(in_c, in_c)
 
         up_levels = []
         for i in reversed(range(len(ch_mult))):
             out_c = ch * ch_mult[i]
-            blocks = []
-            for _ in range(num_res_blocks + 1):
+            blocks, crosses = [], []
+            for k in range(num_res_blocks + 1):
                 blocks.append(res(in_c + skip_channels.pop(), out_c))
                 in_c = out_c
+                # After the level's self-attention (once, after the last block) or after every block.
+                crosses.append(cross(out_c, resolutions[i] in attn_resolutions and k == num_res_blocks))
             level_attn: nn.Module = attn(in_c) if resolutions[i] in attn_resolutions else nn.Identity()
             resample = None
             if i > 0:
                 resample = res(in_c, in_c, up=True) if resblock_updown else Upsample(in_c, resamp_with_conv)
-            up_levels.append(_UpLevel(blocks, level_attn, resample))
+            up_levels.append(_UpLevel(blocks, level_attn, resample, crosses if text else None))
         self.up = nn.ModuleList(up_levels)
         assert not skip_channels, "every skip connection must be consumed exactly once"
 
@@ -183,32 +225,68 @@ class UNet(ScoreNet):
                 f"{levels} entries for this size."
             )
 
-    def forward(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None, context: Optional[Tensor] = None,
+                context_mask: Optional[Tensor] = None) -> Tensor:
         t = self._check_inputs(x, t)
         emb = self.time_embed(t)
         if self.label_embed is not None:
             emb = emb + self.label_embed(y, x.shape[0])
+        text = self.context_dim is not None
+        if text:
+            context, context_mask = self._check_context(x, context, context_mask)
+            if self.context_embed is not None:
+                w = context_mask.to(context.dtype)[..., None]
+                pooled = (context * w).sum(1) / w.sum(1).clamp_min(1.0)
+                emb = emb + self.context_embed(pooled.to(emb.dtype))
+        elif context is not None:
+            raise ValueError("this U-Net was built without text (context_dim=None) but was given a context; train with "
+                             "conditioning.text.encoder=tiny (or hf) to condition on prompts")
 
         h = self.conv_in(x)
         skips = [h]
         for level in self.down:
-            for block, attn in zip(level.blocks, level.attns):
-                h = attn(block(h, emb))
+            crosses = level.crosses if text else [nn.Identity()] * len(level.blocks)
+            for block, attn, cross in zip(level.blocks, level.attns, crosses):
+                h = _cross(cross, attn(block(h, emb)), context, context_mask)
                 skips.append(h)
             if level.resample is not None:
                 h = level.resample(h, emb) if self.resblock_updown else level.resample(h)
                 skips.append(h)
 
-        h = self.mid_block_1(self.mid_attn(self.mid_block_0(h, emb)), emb)
+        h = self.mid_attn(self.mid_block_0(h, emb))
+        if text:
+            h = _cross(self.mid_cross, h, context, context_mask)
+        h = self.mid_block_1(h, emb)
 
         for level in self.up:
-            for block in level.blocks:
+            crosses = list(level.crosses) if text else [nn.Identity()] * len(level.blocks)
+            for k, block in enumerate(level.blocks):
                 h = block(torch.cat([h, skips.pop()], dim=1), emb)
-            h = level.attn(h)
+                if k < len(level.blocks) - 1:
+                    h = _cross(crosses[k], h, context, context_mask)
+            h = _cross(crosses[-1], level.attn(h), context, context_mask)
             if level.resample is not None:
                 h = level.resample(h, emb) if self.resblock_updown else level.resample(h)
 
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _check_context(self, x: Tensor, context: Optional[Tensor], mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """The context ``[B, L, d]`` and its mask ``[B, L]`` (a batch of 1 is broadcast), checked."""
+        if context is None:
+            raise ValueError("this U-Net reads a text context: pass context [B, L, d] and context_mask [B, L] (the "
+                             "training module's score_fn encodes prompts; the empty prompt is the unconditional one)")
+        if context.dim() != 3 or context.shape[-1] != self.context_dim:
+            raise ValueError(f"context must have shape [B, L, {self.context_dim}], got {tuple(context.shape)}")
+        if mask is None:
+            mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
+        if mask.shape != context.shape[:2]:
+            raise ValueError(f"context_mask must have shape {tuple(context.shape[:2])}, got {tuple(mask.shape)}")
+        b = x.shape[0]
+        if context.shape[0] == 1 and b != 1:
+            context, mask = context.expand(b, -1, -1), mask.expand(b, -1)
+        elif context.shape[0] != b:
+            raise ValueError(f"context has batch {context.shape[0]} but x has {b} (give one context per sample, or one for all)")
+        return context, mask.to(torch.bool)
 
     def reference_modules(self) -> Iterator[Tuple[str, nn.Module]]:
         """``(kind, module)`` in the order of score_sde_pytorch's ``all_modules`` for DDPM++ (``ncsnpp``

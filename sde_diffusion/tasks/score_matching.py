@@ -72,19 +72,36 @@ class ScoreDiffusion(LatentSpace, ClipFusedGradients, L.LightningModule):
         num_classes: Optional[int] = None,
         latent: Optional[Mapping[str, Any]] = None,
         latent_path: Optional[str] = None,
+        text: Optional[Mapping[str, Any]] = None,
     ) -> None:
         super().__init__()
         cfg = saved_train_config(cfg)  # a TrainConfig, or the dict a checkpoint stores
-        self.save_hyperparameters(
-            {"cfg": to_plain(cfg), "data_shape": [int(s) for s in data_shape], "num_classes": num_classes, "latent": None}
-        )
+        hp = {"cfg": to_plain(cfg), "data_shape": [int(s) for s in data_shape], "num_classes": num_classes, "latent": None}
+        if text is not None:  # only text models carry the key, so other checkpoints stay as they were
+            hp["text"] = dict(text)
+        self.save_hyperparameters(hp)
         self.cfg = cfg
         self.data_shape = tuple(int(s) for s in data_shape)
         # Latent score model: the autoencoder stays outside the module tree (frozen, not in the
         # optimiser, the EMA or state_dict); the checkpoint records which one (weights digest).
         self.attach_codec(latent_path or cfg.latent, latent)
         self.sde = instantiate(cfg.sde, SDES, key="sde")
-        self.net = instantiate(cfg.model, MODELS, key="model", data_shape=self.model_shape, num_classes=num_classes)
+        encoder = self._text_encoder(cfg, text)
+        extra = {"context_dim": encoder.dim} if encoder is not None else {}
+        try:
+            self.net = instantiate(cfg.model, MODELS, key="model", data_shape=self.model_shape, num_classes=num_classes,
+                                   **extra)
+        except (TypeError, ValueError) as err:
+            if extra and "context_dim" in str(err):
+                raise ValueError(f"conditioning.text needs a network with cross-attention (model=unet or a preset of it); "
+                                 f"model={cfg.model.get('name')} takes no text context") from None
+            raise
+        self.__dict__["_hf_encoder"] = None
+        if encoder is not None and encoder.kind == "tiny":
+            # Inside the network: trained with it, averaged by the EMA and stored in its state dict.
+            self.net.text_encoder = encoder
+        elif encoder is not None:
+            self.__dict__["_hf_encoder"] = encoder  # frozen and large: outside the module tree and the checkpoint
         if hasattr(self.net, "bind_sde"):  # networks fed the noise level σ(t) (NCSN++'s log σ input)
             self.net.bind_sde(self.sde)
         self.learn_sigma = bool(getattr(self.net, "learn_sigma", False))
@@ -122,6 +139,53 @@ class ScoreDiffusion(LatentSpace, ClipFusedGradients, L.LightningModule):
             ema_net.eval()
         return ema_net
 
+    # ------------------------------------------------------------------ text
+    @staticmethod
+    def _text_encoder(cfg: TrainConfig, record: Optional[Mapping[str, Any]]) -> Optional[nn.Module]:
+        """The text encoder of ``cfg.conditioning.text`` (tiny: with the tokenizer ``record`` holds), or None."""
+        tc = cfg.conditioning.text
+        if not tc.enabled:
+            return None
+        from ..text import build_text_encoder
+
+        if record is None:
+            raise ValueError("a text model needs its tokenizer record (ScoreTask builds it from the training captions)")
+        if record.get("encoder") != tc.encoder:
+            raise ValueError(f"the checkpoint's text encoder is {record.get('encoder')!r} but the config says "
+                             f"conditioning.text.encoder={tc.encoder}")
+        enc = build_text_encoder(tc.encoder, tokenizer_state=record.get("tokenizer"), dim=tc.dim, layers=tc.layers,
+                                 heads=tc.heads, name=tc.name, max_length=tc.max_length)
+        if tc.encoder == "hf" and record.get("weights_sha256") not in (None, enc.digest):
+            raise ValueError(f"the frozen text encoder {tc.name!r} found here has other weights (sha256 "
+                             f"{enc.digest[:12]}…) than the one this model was trained with ({record['weights_sha256'][:12]}…); "
+                             "use the same encoder files")
+        return enc
+
+    @property
+    def has_text(self) -> bool:
+        return "text" in self.hparams and self.hparams["text"] is not None
+
+    def text_record(self) -> Optional[Dict[str, Any]]:
+        """What the checkpoint records about the text encoder (kind, tokenizer, weights digest), or None."""
+        return dict(self.hparams["text"]) if self.has_text else None
+
+    def encode_prompts(self, prompts: Sequence[str], use_ema: bool = True) -> Dict[str, Tensor]:
+        """``{"context": [B, L, d], "context_mask": [B, L]}`` for ``prompts`` ("" = no caption), from the encoder
+        that goes with the chosen weights (the EMA copy of a tiny encoder with ``use_ema``)."""
+        if not self.has_text:
+            raise ValueError("this model was trained without text (conditioning.text.encoder=null): it takes no prompt; "
+                             "train with data=digit_pairs conditioning.text.encoder=tiny, or use label= / no prompt")
+        hf = self.__dict__.get("_hf_encoder")
+        if hf is not None:
+            ref = next(self.net.parameters())
+            hf.to(ref.device)
+            context, mask = hf.encode(list(prompts))
+            context = context.to(ref.dtype)
+        else:
+            net = self.ema if use_ema and self.ema is not None else self.net
+            context, mask = net.text_encoder.encode(list(prompts))
+        return {"context": context, "context_mask": mask}
+
     def score_fn(self, use_ema: bool = True, **cond: Any) -> ScoreModel:
         """s_θ(x, t) as a callable ``(x [B, ...], t [B]) -> [B, ...]``; ``cond`` (e.g. ``y=labels``) goes to the net.
 
@@ -136,7 +200,27 @@ class ScoreDiffusion(LatentSpace, ClipFusedGradients, L.LightningModule):
                 warnings.warn("no EMA weights (ema.enabled was false?): using the trained weights", stacklevel=2)
             else:
                 net = ema
+        if self.has_text and "context" not in cond:
+            # No prompt given: the empty prompt, i.e. the model's unconditional score.
+            with torch.no_grad():
+                cond = {**self.encode_prompts([""], use_ema=use_ema), **cond}
         return ScoreModel(net, self.sde, self.prediction, learn_sigma=self.learn_sigma, **cond)
+
+    def _captions_cond(self, y: Optional[Tensor], part: slice, size: int, dropout: float,
+                       generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
+        """The text condition of a training batch: a caption per label from the data's grammar (or its stored
+        captions), a share ``dropout`` replaced by the empty prompt, encoded."""
+        if y is None:
+            raise ValueError("text conditioning needs captions: the batches carry no labels")
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "captions"):
+            raise ValueError("conditioning.text needs a captioned data set: data=digit_pairs, or data=folder with a "
+                             "metadata.jsonl (file_name, text)")
+        captions = dm.captions(y.cpu(), generator)
+        if dropout > 0:
+            drop = (torch.rand(size, device=y.device) < dropout)[part].cpu().tolist()
+            captions = ["" if d else c for c, d in zip(captions, drop)]
+        return self.encode_prompts(captions, use_ema=False)
 
     # ------------------------------------------------------------------ loss
     def _labels(self, y: Optional[Tensor], dropout: float) -> Optional[Tensor]:
@@ -149,8 +233,12 @@ class ScoreDiffusion(LatentSpace, ClipFusedGradients, L.LightningModule):
         return y
 
     def dsm_terms(self, x: Tensor, y: Optional[Tensor] = None, label_dropout: float = 0.0) -> DSMTerms:
-        """Per-sample DSM terms of a batch with this module's loss options."""
-        return dsm_terms(self.sde, self.net, x, y=self._labels(y, label_dropout), **self.loss_options)
+        """Per-sample DSM terms of a batch with this module's loss options (text models: fixed captions, no dropout)."""
+        cond = None
+        if self.has_text:
+            gen = torch.Generator().manual_seed(step_seed(self.seed, "val-captions", 0, 0, 0))
+            cond = self._captions_cond(y, slice(0, x.shape[0]), x.shape[0], 0.0, gen)
+        return dsm_terms(self.sde, self.net, x, y=self._labels(y, label_dropout), cond=cond, **self.loss_options)
 
     def _rank(self) -> int:
         return self.global_rank if self._trainer is not None else 0
@@ -178,6 +266,11 @@ class ScoreDiffusion(LatentSpace, ClipFusedGradients, L.LightningModule):
         part = slice(start, start + b)
         opts = self.loss_options
         with seeded(step_seed(self.seed, "train", self.global_step, batch_idx // accumulate, 0), x.device):
+            cond = None
+            if self.has_text:
+                gen = torch.Generator().manual_seed(step_seed(self.seed, "captions", self.global_step,
+                                                              batch_idx // accumulate, rank))
+                cond = self._captions_cond(y, part, size, float(self.cfg.conditioning.text.dropout), gen)
             if self.num_classes is not None and y is not None and self.label_dropout > 0:
                 drop = (torch.rand(size, device=y.device) < self.label_dropout)[part]
                 y = torch.where(drop, torch.full_like(y, self.num_classes), y)
@@ -186,7 +279,7 @@ class ScoreDiffusion(LatentSpace, ClipFusedGradients, L.LightningModule):
             noise = torch.randn((size, *x.shape[1:]), device=x.device, dtype=x.dtype)[part]
             u_dtype = torch.float64 if opts["discrete_steps"] is not None else x.dtype
             u = uniform_draws(size, opts["stratified"], None, x.device, u_dtype)[part]
-            terms = dsm_terms(self.sde, self.net, x, y=y, noise=noise, u=u, **opts)
+            terms = dsm_terms(self.sde, self.net, x, y=y, noise=noise, u=u, cond=cond, **opts)
         loss = terms.loss.mean()
         # Lightning writes step metrics every log_every_n_steps; a self.log call costs ~1 ms, which
         # is noticeable next to a small network's step, so only the steps that are written log.
@@ -244,6 +337,24 @@ def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu", latent: O
     return load(path, kind="score", map_location=map_location, latent=latent)
 
 
+def text_record_for(cfg: TrainConfig, datamodule: Any) -> Dict[str, Any]:
+    """The text encoder's record for a new run: the tokenizer (a word vocabulary built from every caption the
+    data set can give, or bytes) for ``tiny``; the model name for ``hf`` (its digest is added once loaded)."""
+    from ..text import ByteTokenizer, WordTokenizer
+
+    tc = cfg.conditioning.text
+    if not getattr(datamodule, "has_captions", False):
+        raise ValueError(f"conditioning.text.encoder={tc.encoder} needs a captioned data set: data=digit_pairs, or "
+                         f"data=folder with a metadata.jsonl (file_name, text); data={cfg.data.get('name')} has none")
+    if tc.encoder == "hf":
+        from ..text import build_text_encoder
+
+        return build_text_encoder("hf", name=tc.name, max_length=tc.max_length).record()
+    tok = (WordTokenizer.from_captions(datamodule.caption_corpus(), tc.max_length, tc.unknown) if tc.tokenizer == "word"
+           else ByteTokenizer(tc.max_length))
+    return {"encoder": "tiny", "tokenizer": tok.state(), "dim": int(tc.dim)}
+
+
 @TASKS.register("score")
 class ScoreTask(Task):
     """Denoising score matching of a score network (``python train.py``, the default task)."""
@@ -257,8 +368,14 @@ class ScoreTask(Task):
 
     def build_module(self, cfg: TrainConfig, datamodule: Any, resumed: Optional[CheckpointInfo]) -> ScoreDiffusion:
         num_classes = getattr(datamodule, "num_classes", None) if cfg.conditioning.class_labels else None
+        text = None
+        if cfg.conditioning.text.enabled:
+            text = resumed.hparams.get("text") if resumed is not None else None
+            if text is None:
+                text = text_record_for(cfg, datamodule)
         # A latent= autoencoder other than the resumed run's is refused here.
-        return ScoreDiffusion(cfg, datamodule.data_shape, num_classes, latent=resumed.latent if resumed else None)
+        return ScoreDiffusion(cfg, datamodule.data_shape, num_classes, latent=resumed.latent if resumed else None,
+                              text=text)
 
     def load_module(self, info: CheckpointInfo, map_location: Any = "cpu", latent: Optional[str] = None) -> ScoreDiffusion:
         extra = {"latent_path": str(latent)} if latent else {}
