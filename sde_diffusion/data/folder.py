@@ -5,6 +5,12 @@ a square of side min(W, H) and resized to ``image_size``² with bicubic (antiali
 giving uint8 ``[C, image_size, image_size]``; batches are then scaled like every 8-bit image set
 (x₀₁ = v/255, model range 2x₀₁ − 1). Images are decoded lazily, one per item, so the folder may
 be larger than memory and DataLoader workers share the decoding. Labels are all 0.
+
+Captions (text to image): a ``metadata.jsonl`` in ``root`` with one JSON object a line,
+``{"file_name": "<path relative to root>", "text": "<caption>"}`` (Hugging Face imagefolder's
+convention), makes the data set the listed files with their captions; the label of an image is then
+its row in the file, and ``captions(labels)`` gives the texts. A row naming a missing file is an error
+that names it.
 """
 from __future__ import annotations
 
@@ -63,18 +69,49 @@ def load_image(path: PathLike, image_size: int, channels: int) -> Tensor:
 
 
 class ImageFileDataset(Dataset):
-    """Items ``(uint8 [C, S, S], 0)`` decoded from ``files`` on access."""
+    """Items ``(uint8 [C, S, S], label)`` decoded from ``files`` on access (labels: all 0, or ``labels``)."""
 
-    def __init__(self, files: Sequence[Path], image_size: int, channels: int) -> None:
+    def __init__(self, files: Sequence[Path], image_size: int, channels: int, labels: Optional[Sequence[int]] = None) -> None:
         self.files = list(files)
         self.image_size = image_size
         self.channels = channels
+        self.labels = list(labels) if labels is not None else None
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> Tuple[Tensor, int]:
-        return load_image(self.files[i], self.image_size, self.channels), 0
+        return load_image(self.files[i], self.image_size, self.channels), (0 if self.labels is None else self.labels[i])
+
+
+METADATA = "metadata.jsonl"
+
+
+def read_metadata(root: PathLike) -> Optional[Tuple[List[Path], List[str]]]:
+    """(files, captions) of ``<root>/metadata.jsonl``, or None when there is none; errors name the bad line."""
+    import json
+
+    root = Path(root).expanduser()
+    path = root / METADATA
+    if not path.is_file():
+        return None
+    files, texts = [], []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name, text = row["file_name"], row["text"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}, line {n}: expected {{\"file_name\": ..., \"text\": ...}} ({err})") from None
+        f = root / str(name)
+        if not f.is_file():
+            raise ValueError(f"{path}, line {n}: file_name {name!r} does not exist ({f}); fix the row or add the image")
+        files.append(f)
+        texts.append(str(text))
+    if not files:
+        raise ValueError(f"{path} lists no images; write one {{\"file_name\", \"text\"}} object a line")
+    return files, texts
 
 
 @DATASETS.register("folder")
@@ -131,14 +168,44 @@ class FolderDataModule(ImageDataModule):
         self.extensions = tuple(extensions)
         self.data_shape = (channels, image_size, image_size)
 
+    @property
+    def has_captions(self) -> bool:
+        """Whether ``root`` holds a ``metadata.jsonl`` (captions for text to image)."""
+        return (self.root / METADATA).is_file()
+
+    def _metadata(self) -> Tuple[List[Path], List[str]]:
+        if getattr(self, "_meta", None) is None:
+            meta = read_metadata(self.root)
+            if meta is None:
+                raise ValueError(f"{self.root} has no {METADATA}: captions need one JSON object a line, "
+                                 '{"file_name": "<image path relative to the folder>", "text": "<caption>"}')
+            self._meta = meta
+        return self._meta
+
+    def captions(self, labels: Tensor, generator: Optional[torch.Generator] = None) -> List[str]:
+        """The stored caption of each image (its label is its row in metadata.jsonl)."""
+        texts = self._metadata()[1]
+        return [texts[int(i)] for i in labels.tolist()]
+
+    def caption_corpus(self) -> List[str]:
+        return list(self._metadata()[1])
+
     def _build_splits(self) -> Tuple[Dataset, Dataset]:
-        files = list_images(self.root, self.extensions)
+        labels: Optional[List[int]] = None
+        if self.has_captions:
+            files = self._metadata()[0]
+            labels = list(range(len(files)))
+        else:
+            files = list_images(self.root, self.extensions)
         tr, va = split_indices(len(files), self.val_fraction, self.seed)
 
         def subset(idx: Tensor) -> ImageFileDataset:
-            return ImageFileDataset([files[i] for i in idx.tolist()], self.image_size, self.channels)
+            ids = idx.tolist()
+            return ImageFileDataset([files[i] for i in ids], self.image_size, self.channels,
+                                    None if labels is None else [labels[i] for i in ids])
 
         return subset(tr), subset(va)
 
 
-__all__ = ["FolderDataModule", "ImageFileDataset", "list_images", "load_image", "IMAGE_EXTENSIONS"]
+__all__ = ["FolderDataModule", "ImageFileDataset", "list_images", "load_image", "read_metadata", "METADATA",
+           "IMAGE_EXTENSIONS"]

@@ -25,7 +25,7 @@ import copy
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import lightning as L
 import torch
@@ -210,17 +210,8 @@ class ScoreDiffusion(LatentSpace, ClipFusedGradients, L.LightningModule):
                        generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
         """The text condition of a training batch: a caption per label from the data's grammar (or its stored
         captions), a share ``dropout`` replaced by the empty prompt, encoded."""
-        if y is None:
-            raise ValueError("text conditioning needs captions: the batches carry no labels")
         dm = self._trainer.datamodule if self._trainer is not None else None
-        if dm is None or not hasattr(dm, "captions"):
-            raise ValueError("conditioning.text needs a captioned data set: data=digit_pairs, or data=folder with a "
-                             "metadata.jsonl (file_name, text)")
-        captions = dm.captions(y.cpu(), generator)
-        if dropout > 0:
-            drop = (torch.rand(size, device=y.device) < dropout)[part].cpu().tolist()
-            captions = ["" if d else c for c, d in zip(captions, drop)]
-        return self.encode_prompts(captions, use_ema=False)
+        return self.encode_prompts(batch_captions(dm, y, part, size, dropout, generator), use_ema=False)
 
     # ------------------------------------------------------------------ loss
     def _labels(self, y: Optional[Tensor], dropout: float) -> Optional[Tensor]:
@@ -335,6 +326,23 @@ def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu", latent: O
     from ..checkpoints import load
 
     return load(path, kind="score", map_location=map_location, latent=latent)
+
+
+def batch_captions(dm: Any, y: Optional[Tensor], part: slice, size: int, dropout: float,
+                   generator: Optional[torch.Generator] = None) -> List[str]:
+    """The captions of a (micro-)batch: ``dm.captions(y)`` (the grammar's draw, or the stored caption), each
+    replaced by the empty prompt with probability ``dropout``; the dropout draws are made for the whole global
+    batch of ``size`` and sliced by ``part``, like the other training draws."""
+    if y is None:
+        raise ValueError("text conditioning needs captions: the batches carry no labels")
+    if dm is None or not hasattr(dm, "captions"):
+        raise ValueError("conditioning.text needs a captioned data set: data=digit_pairs, or data=folder with a "
+                         "metadata.jsonl (file_name, text)")
+    captions = dm.captions(y.cpu(), generator)
+    if dropout > 0:
+        drop = (torch.rand(size, device=y.device) < dropout)[part].cpu().tolist()
+        captions = ["" if d else c for c, d in zip(captions, drop)]
+    return captions
 
 
 def text_record_for(cfg: TrainConfig, datamodule: Any) -> Dict[str, Any]:
