@@ -344,3 +344,24 @@ def test_hf_encoder_missing_files_say_how_to_get_them(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="Nothing is downloaded here"):
         build_text_encoder("hf", name=str(tmp_path / "nowhere"))
+
+
+def test_latent_text_model_runs_end_to_end(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from sde_diffusion.fit import fit
+
+    torch.set_num_threads(1)
+    over = ["task=autoencoder", "data=digit_pairs", "data.n_train=128", "data.n_val=32", "data.batch_size=32",
+            "autoencoder.ch=8", "autoencoder.ch_mult=[1,2]", "autoencoder.latent_channels=2",
+            "autoencoder.figures_every_n_steps=0", "trainer.max_steps=2", "logger=csv", "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false", f"run_dir={tmp_path / 'ae'}"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        fit("autoencoder", compose("train", overrides=over), output_dir=tmp_path / "ae")
+    run = _train(tmp_path / "latent", "conditioning.text.encoder=tiny", f"latent={tmp_path / 'ae'}",
+                 "model.attn_resolutions=[2]", "trainer.max_steps=2")
+    report = _sample(run, "prompt=3 left of 8", "n=2", "steps=3", "sampler=ddim", f"out={tmp_path / 's'}",
+                     "guidance.scale=2")
+    with np.load(tmp_path / "s" / "samples.npz") as z:
+        assert z["samples"].shape == (2, 8, 16, 1) and z["latents"].shape == (2, 2, 4, 8)
+    assert report["guidance"]["prompts"] == ["3 left of 8"]
