@@ -130,7 +130,7 @@ def test_toy_bad_arguments():
 
 
 def test_unknown_dataset_name_lists_choices():
-    with pytest.raises(ValueError, match="cifar10, digits, folder, toy2d"):
+    with pytest.raises(ValueError, match="cifar10, digit_pairs, digits, folder, toy2d"):
         DATASETS.build("mnist")
 
 
@@ -374,7 +374,7 @@ def test_every_data_config_builds(tmp_path):
             overrides = [f"data={name}"] + ([f"data.root={tmp_path}"] if name == "folder" else [])
             full = compose("train", overrides=overrides, return_hydra_config=True)
             # Each data set brings the network that suits it.
-            brought = {"digits": "unet_small", "cifar10": "ddpmpp_cifar10", "folder": "unet"}.get(name, "mlp")
+            brought = {"digits": "unet_small", "digit_pairs": "unet_pairs", "cifar10": "ddpmpp_cifar10", "folder": "unet"}.get(name, "mlp")
             assert full.hydra.runtime.choices.model == brought, name
             cfg = {k: v for k, v in dict(full.data).items() if k != "_target_"}
             dm = DATASETS.build(cfg.pop("name"), **cfg)
