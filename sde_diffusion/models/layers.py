@@ -148,19 +148,38 @@ class AttnBlock(nn.Module):
         return (x + self.proj(out)) * self.out_scale
 
 
+def position_features(channels: int, height: int, width: int, like: Tensor) -> Tensor:
+    """Fixed 2-D sinusoidal position features ``[1, C, H, W]`` of the pixel grid in [0, 1]² (half the channels
+    for the row, half for the column; sin and cos at frequencies kπ, k = 1 … C/4)."""
+    quarter = max(1, channels // 4)
+    freqs = math.pi * torch.arange(1, quarter + 1, dtype=torch.float32, device=like.device)
+    ys = (torch.arange(height, dtype=torch.float32, device=like.device) + 0.5) / height
+    xs = (torch.arange(width, dtype=torch.float32, device=like.device) + 0.5) / width
+    fy, fx = ys[:, None] * freqs, xs[:, None] * freqs                       # [H, q], [W, q]
+    row = torch.cat([fy.sin(), fy.cos()], 1).t()[:, :, None].expand(-1, height, width)
+    col = torch.cat([fx.sin(), fx.cos()], 1).t()[:, None, :].expand(-1, height, width)
+    feats = torch.cat([row, col], 0)[:channels]
+    if feats.shape[0] < channels:
+        feats = torch.cat([feats, feats.new_zeros(channels - feats.shape[0], height, width)])
+    return feats[None].to(like.dtype)
+
+
 class CrossAttnBlock(nn.Module):
-    """Cross-attention from image features to a context sequence (LDM's spatial transformer, one layer).
+    """Cross-attention from image features to a context sequence (LDM's spatial transformer, one layer);
+    with ``positional`` the queries also see fixed 2-D position features (:func:`position_features`).
 
     ``x [B, C, H, W]``, ``context [B, L, d]``, ``mask [B, L]`` (True = a real token) → ``x + Proj(MHA(q =
     GN(x), k = v = context))``. Padded tokens get weight exactly 0 (−∞ before the softmax), so they never
     change the output. ``proj`` starts at zero (``zero_init``): the block is then exactly the identity.
     """
 
-    def __init__(self, channels: int, context_dim: int, num_heads: int = 1, zero_init: bool = True) -> None:
+    def __init__(self, channels: int, context_dim: int, num_heads: int = 1, zero_init: bool = True,
+                 positional: bool = False) -> None:
         super().__init__()
         if num_heads < 1 or channels % num_heads:
             raise ValueError(f"attention heads must divide the channels; got channels={channels}, num_heads={num_heads}")
         self.num_heads = num_heads
+        self.positional = bool(positional)
         self.norm = group_norm(channels)
         self.q = conv1x1(channels, channels)
         self.kv = xavier_init_(nn.Linear(context_dim, 2 * channels))
@@ -169,7 +188,11 @@ class CrossAttnBlock(nn.Module):
     def forward(self, x: Tensor, context: Tensor, mask: Tensor) -> Tensor:
         b, c, h, w = x.shape
         heads, d = self.num_heads, c // self.num_heads
-        q = self.q(self.norm(x)).reshape(b, heads, d, h * w).transpose(-1, -2)          # [B, heads, HW, d]
+        q_in = self.norm(x)
+        if self.positional:
+            # Where a query sits (fixed 2-D sinusoids), so that a region can attend to the words about it.
+            q_in = q_in + position_features(c, h, w, x)
+        q = self.q(q_in).reshape(b, heads, d, h * w).transpose(-1, -2)          # [B, heads, HW, d]
         k, v = self.kv(context.to(x.dtype)).reshape(b, -1, 2, heads, d).permute(2, 0, 3, 1, 4)  # [B, heads, L, d] each
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :].to(torch.bool))
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))

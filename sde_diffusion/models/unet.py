@@ -95,6 +95,8 @@ class UNet(ScoreNet):
         cross_attention: where they sit: ``attn`` (after every self-attention: the attention resolutions
             and the middle) or ``all`` (after every residual block and in the middle).
         pooled_context: also add a linear map of the mean of the valid context tokens to the time embedding.
+        cross_attention_position: the cross-attention queries also see fixed 2-D position features, so a
+            region can attend to the words that place something in it ("3 left of 8").
 
     With text, ``forward(x, t, y, context [B or 1, L, d], context_mask [B or 1, L])``; the cross-attention
     outputs and the pooled map start at zero, so an untrained text U-Net is exactly the plain one.
@@ -121,6 +123,7 @@ class UNet(ScoreNet):
         context_dim: Optional[int] = None,
         cross_attention: str = "attn",
         pooled_context: bool = True,
+        cross_attention_position: bool = False,
     ) -> None:
         super().__init__(data_shape, num_classes)
         self.learn_sigma = bool(learn_sigma)
@@ -151,7 +154,7 @@ class UNet(ScoreNet):
         def cross(c: int, at_attention: bool) -> Optional[CrossAttnBlock]:
             if not text or not (cross_attention == "all" or at_attention):
                 return None
-            return CrossAttnBlock(c, self.context_dim, num_heads, zero_init=True)
+            return CrossAttnBlock(c, self.context_dim, num_heads, zero_init=True, positional=cross_attention_position)
 
         self.context_embed = (xavier_init_(nn.Linear(self.context_dim, emb_dim), zero=True)
                               if text and pooled_context else None)
