@@ -223,8 +223,10 @@ def test_another_encoder_is_refused(text_run):
         ScoreDiffusion(saved_train_config(cfg), hp["data_shape"], None, text=hp["text"])
 
 
-@pytest.mark.parametrize("sampler", ["euler_maruyama", "pc", "ode_heun", "ddim", "dpm_solver", "unipc", "edm_heun",
-                                     "ancestral", "reverse_diffusion", "dpm_solver_2s", "ddpm"])
+SAMPLER_GROUPS = sorted(p.stem for p in (CONF / "sampler").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("sampler", SAMPLER_GROUPS)
 def test_every_sampler_takes_a_prompt(text_run, tmp_path, sampler):
     report = _sample(text_run, f"sampler={sampler}", "steps=4", "n=2", "batch_size=2", "prompt=3 left of 8",
                      "guidance.scale=1.5", f"out={tmp_path}", "figures=false")
