@@ -84,8 +84,8 @@ def classifier_network_config(cfg: TrainConfig) -> Tuple[str, Dict[str, Any]]:
         raise ValueError("model.learn_sigma=true is an option of the score network (a learned variance); a classifier "
                          "has none: drop it for task=classifier")
     # Text options of the score network: where its cross-attention would sit; a noisy classifier reads no prompt.
-    kwargs.pop("cross_attention", None)
-    kwargs.pop("pooled_context", None)
+    for key in ("cross_attention", "pooled_context", "cross_attention_position"):
+        kwargs.pop(key, None)
     return name, kwargs
 
 
