@@ -36,13 +36,14 @@ naming the first mismatch.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from .io import sha256_file
 
 CONFIGS = ("ddpmpp_cifar10", "ddpmpp_deep_cifar10", "ncsnpp_cifar10", "ncsnpp_deep_cifar10")
 SDES = ("vp", "subvp", "ve")
@@ -235,14 +236,6 @@ def _strip(state: Mapping[str, Tensor], what: str) -> Dict[str, Tensor]:
     if not out:
         raise ConversionError(f"{what}: the model state is empty")
     return out
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def convert_score_sde(checkpoint: Path, config: str, sde: str, out: Path, *, extra: Sequence[str] = (),

@@ -62,4 +62,15 @@ def copy_file(src: PathLike, dst: PathLike) -> Path:
     return Path(dst)
 
 
-__all__ = ["atomic_path", "temporary_name", "write_text", "write_json", "copy_file"]
+__all__ = ["atomic_path", "temporary_name", "write_text", "write_json", "copy_file", "sha256_file"]
+
+
+def sha256_file(path: PathLike) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -25,19 +25,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..io import atomic_path
+from ..io import atomic_path, sha256_file
 from .cache import PathLike, cache_dir
 
 KID_REFERENCE_MAX = 10_000
 FID_RELIABLE_N = 10_000
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class InceptionEvaluator:
@@ -53,7 +45,7 @@ class InceptionEvaluator:
         self.device = torch.device(device or "cpu")
         self.net.to(self.device)
         self.batch_size = int(batch_size)
-        self.digest = _sha256_file(Path(self.net.weights_path))
+        self.digest = sha256_file(Path(self.net.weights_path))
 
     def _batches(self, images01: Tensor) -> Iterable[Tensor]:
         for k in range(0, images01.shape[0], self.batch_size):

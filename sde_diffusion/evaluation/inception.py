@@ -108,29 +108,26 @@ class InceptionFeatures(nn.Module):
         with torch.no_grad():
             self.num_features = int(self.model(torch.zeros(1, 3, 299, 299), return_features=True).shape[-1])
 
-    @torch.no_grad()
-    def forward(self, images: Tensor) -> Tensor:
+    @staticmethod
+    def _pixels(images: Tensor) -> Tensor:
+        """[0, 1] floats or uint8 → 8-bit RGB values as float32 (what the graph takes)."""
         if images.dim() != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"images must have shape [B, 1 or 3, H, W] with values in [0, 1], got {tuple(images.shape)}")
         x = images.to(torch.float32)
         if images.dtype == torch.uint8:
             x = x / 255.0
         x = torch.round(x.clamp(0, 1) * 255.0)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        return self.model(x, return_features=True)
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(self._pixels(images), return_features=True)
 
     @torch.no_grad()
     def probabilities(self, images: Tensor) -> Tensor:
         """Class probabilities ``[B, 1008]`` for the Inception score: the graph's softmax without the
         output layer's bias (``no_output_bias=True``), as the original TensorFlow IS code computes it."""
-        x = images.to(torch.float32)
-        if images.dtype == torch.uint8:
-            x = x / 255.0
-        x = torch.round(x.clamp(0, 1) * 255.0)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        return self.model(x, no_output_bias=True)
+        return self.model(self._pixels(images), no_output_bias=True)
 
 
 __all__ = [
