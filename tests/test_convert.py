@@ -8,8 +8,6 @@ the converted run's scores must equal the reference's on the same weights.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -114,10 +112,10 @@ def test_command_line_converts_and_refuses_an_existing_run(tmp_path, capsys):
 def test_sample_py_writes_images_of_a_converted_ve_run_in_its_data_range(tmp_path):
     write_reference_checkpoint(tmp_path / "ckpt.pth", "ncsnpp_cifar10")
     convert_score_sde(tmp_path / "ckpt.pth", "ncsnpp_cifar10", "ve", tmp_path / "run", extra=SMALL, quiet=True)
-    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"ckpt={tmp_path / 'run'}", "n=2", "batch_size=2",
-                           "steps=3", "sampler=euler_maruyama"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    from sde_diffusion.jobs import cli, run
+
+    run(cli.compose([f"ckpt={tmp_path / 'run'}", "n=2", "batch_size=2", "steps=3", "sampler=euler_maruyama",
+                     "progress=false"], ROOT / "conf"))
     (out,) = (tmp_path / "run" / "samples").glob("sample-*")
     with np.load(out / "samples.npz") as z:
         images = z["samples"]

@@ -226,13 +226,35 @@ def test_another_encoder_is_refused(text_run):
 SAMPLER_GROUPS = sorted(p.stem for p in (CONF / "sampler").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("sampler", SAMPLER_GROUPS)
-def test_every_sampler_takes_a_prompt(text_run, tmp_path, sampler):
+@pytest.mark.parametrize("sampler", ["auto", "pc", "ddim"])
+def test_sample_py_takes_a_prompt(text_run, tmp_path, sampler):
     report = _sample(text_run, f"sampler={sampler}", "steps=4", "n=2", "batch_size=2", "prompt=3 left of 8",
                      "guidance.scale=1.5", f"out={tmp_path}", "figures=false")
     with np.load(tmp_path / "samples.npz") as z:
         assert z["samples"].shape == (2, 8, 16, 1) and (z["prompt_index"] == 0).all()
     assert report["guidance"]["prompts"] == ["3 left of 8"] and report["nonfinite_samples"] == 0
+
+
+def test_every_sampler_takes_a_prompt_and_guidance(text_run):
+    # Every sampler group of conf/sampler, as sample.py builds it, on the guided score of a prompt.
+    from sde_diffusion import sample
+    from sde_diffusion.config import parse_sample
+    from sde_diffusion.guidance import ContextGuidance
+    from sde_diffusion.jobs import cli
+    from sde_diffusion.jobs.model import load_model
+    from sde_diffusion.jobs.sample_job import choose_sampler
+
+    loaded = load_model(text_run)
+    module, score = loaded.module, loaded.score_model(use_ema=True)
+    c, u = module.encode_prompts(["3 left of 8"] * 2), module.encode_prompts([""])
+    guided = ContextGuidance(score, c["context"], c["context_mask"], u["context"], u["context_mask"], 1.5)
+    for name in SAMPLER_GROUPS:
+        cfg = parse_sample(cli.compose([f"ckpt={text_run}", f"sampler={name}", "steps=4"], CONF))
+        choice = choose_sampler(loaded.sde, cfg)
+        with torch.no_grad():
+            out = sample(loaded.sde, guided, (2, *loaded.model_shape), sampler=choice.sampler, steps=choice.steps,
+                         generator=torch.Generator().manual_seed(0)).samples
+        assert out.shape == (2, 1, 8, 16) and torch.isfinite(out).all(), name
 
 
 def test_guidance_is_the_cfg_combination_of_one_batched_call(text_run):
