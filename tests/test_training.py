@@ -508,7 +508,8 @@ def test_ema_warmup_follows_the_reference_ramp() -> None:
 
 
 # ---------------------------------------------------------------------------------- preemption
-@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
+# SIGUSR1 takes the same handler as SIGTERM: it runs with `make test-all` (slow), SIGTERM in `make test`.
+@pytest.mark.parametrize("signame", ["SIGTERM", pytest.param("SIGUSR1", marks=pytest.mark.slow)])
 def test_a_signal_mid_epoch_saves_and_the_resumed_run_ends_bit_identical(tmp_path: Path, signame: str) -> None:
     # 512 moons in batches of 64: 8 batches per epoch; the signal arrives at step 11, in epoch 1.
     # The resumed run must train on the same batches with the same draws as an uninterrupted one.
