@@ -325,7 +325,9 @@ class SampleJob(ModelJob):
         prompts = self.prompt_of(int(index[0]), len(index))
         with torch.no_grad():
             c = module.encode_prompts(prompts, use_ema=use_ema)
-            neg = module.encode_prompts([self.cfg.negative_prompt], use_ema=use_ema)
+            if getattr(self, "_negative", None) is None:  # the same for every batch: encoded once
+                self._negative = module.encode_prompts([self.cfg.negative_prompt], use_ema=use_ema)
+            neg = self._negative
         return ContextGuidance(self._score, c["context"].to(self.dtype), c["context_mask"], neg["context"].to(self.dtype),
                                neg["context_mask"], self.cfg.guidance.scale)
 
