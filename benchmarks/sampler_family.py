@@ -58,7 +58,7 @@ import torch
 from sde_diffusion import sample
 from sde_diffusion.samplers import build_sampler
 from sde_diffusion.samplers.defaults import default_sampler
-from sde_diffusion.testing import SDE_NAMES, make_sde, marginal_sample, random_family, whitened_moment_kl
+from sde_diffusion.testing import SDE_NAMES, make_sde, marginal_sample, random_family, whitened_moment_kl, wide_family
 
 from .common import EDMDenoiser, load_kdiffusion_sampling, md_table, write_results_section
 from .samplers import _kd_call, kd_steps_for
@@ -105,7 +105,50 @@ for _s in (0.001, 0.003, 0.01, 0.03):
     CANDIDATES_ROUND2[f"unipc2-karras-s{_s:g}"] = ("dpm_solver", {"corrector": True, "grid": "karras", "end_sigma": _s})
     CANDIDATES_ROUND2[f"unipc3-logsnr-s{_s:g}"] = ("dpm_solver", {"order": 3, "corrector": True, "grid": "logsnr",
                                                                  "end_sigma": _s})
-CANDIDATE_SETS = {"1": CANDIDATES_ROUND1, "2": CANDIDATES_ROUND2}
+# Round 3, on the wider family (``--family wide``): the order schedule (2 or 3, with and without the
+# corrector) and the end point, on the log-SNR and the Karras grid.
+CANDIDATES_ROUND3: Dict[str, Tuple[str, Dict[str, Any]]] = {}
+for _s in (0.001, 0.003, 0.01, 0.03):
+    for _g in ("logsnr", "karras"):
+        CANDIDATES_ROUND3[f"unipc2-{_g}-s{_s:g}"] = ("dpm_solver", {"corrector": True, "grid": _g, "end_sigma": _s})
+        CANDIDATES_ROUND3[f"unipc3-{_g}-s{_s:g}"] = ("dpm_solver", {"order": 3, "corrector": True, "grid": _g, "end_sigma": _s})
+        if _g == "logsnr" and _s in (0.003, 0.01):
+            CANDIDATES_ROUND3[f"dpm2-{_g}-s{_s:g}"] = ("dpm_solver", {"grid": _g, "end_sigma": _s})
+# Round 4: the named samplers' own settings (``sampler=<name>``), from which their config defaults are chosen:
+# grid, end point and the denoising step, besides each sampler as it shipped before (``…-shipped``).
+NAMED_SAMPLERS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    "dpm_solver": ("dpm_solver", {}),
+    "unipc": ("dpm_solver", {"corrector": True}),
+    "dpm_solver_sde": ("dpm_solver", {"stochastic": True}),
+    "dpm_solver_2s": ("dpm_solver_2s", {}),
+    "ddim": ("ddim", {}),
+    "edm_heun": ("edm_heun", {}),
+    "ode_heun": ("ode_heun", {}),
+    "ode_rk4": ("ode_rk4", {}),
+}
+CANDIDATES_ROUND4: Dict[str, Tuple[str, Dict[str, Any]]] = {}
+for _n, (_cls, _o) in NAMED_SAMPLERS.items():
+    CANDIDATES_ROUND4[f"{_n}-shipped"] = (_cls, dict(_o))
+    for _g in ("logsnr", "karras"):
+        for _s in (0.003, 0.01, 0.03):
+            for _d in (False, True):
+                CANDIDATES_ROUND4[f"{_n}-{_g}-s{_s:g}{'-d' if _d else ''}"] = (_cls, {**_o, "grid": _g, "end_sigma": _s, "denoise": _d})
+CANDIDATE_SETS = {"1": CANDIDATES_ROUND1, "2": CANDIDATES_ROUND2, "3": CANDIDATES_ROUND3, "4": CANDIDATES_ROUND4}
+
+# The wider family (``sde_diffusion.testing.wide_family``): its own seeds, drawn after the family was
+# fixed and before any result on it was seen.
+WIDE_TUNING_SEEDS = tuple(range(2000, 2016))
+WIDE_HELD_OUT_SEEDS = tuple(range(3000, 3030))
+LOW_DIM = 8  # the report splits problems at D <= 8 (low) and D > 8 (high)
+
+
+def family_draw(family: str, seed: int):
+    return wide_family(seed) if family == "wide" else random_family(seed)
+
+
+def n_samples(family: str, dim: int) -> int:
+    """Sample size: 4000 for the wider family's low-D problems (up to 64 modes need the draws), else 1000."""
+    return 4000 if family == "wide" and dim <= LOW_DIM else N_SAMPLES
 
 
 # --------------------------------------------------------------------------------- runs
@@ -124,26 +167,26 @@ def kd_steps(fn: str, budget: int) -> Optional[int]:
 
 def ours_steps(sampler_name: str, options: Dict[str, Any], budget: int) -> Optional[int]:
     s = build_sampler(sampler_name, **options)
-    per = s.nfe_per_step or 1
-    steps = (budget - int(s.denoise)) // per
-    return steps if steps >= 1 else None
+    fits = [n for n in range(1, budget + 1) if s.expected_nfe(n) <= budget]
+    return max(fits) if fits else None
 
 
-def run_case(task: Tuple[int, str, bool, bool]) -> List[Dict[str, Any]]:
+def run_case(task: Tuple[int, str, Optional[str], bool, str, bool]) -> List[Dict[str, Any]]:
     """Every configuration at every budget on one (seed, SDE)."""
-    seed, sde_name, candidate_set, with_kd = task
+    seed, sde_name, candidate_set, with_kd, family, with_pc = task
     torch.set_num_threads(1)
-    gm = random_family(seed)
+    gm = family_draw(family, seed)
+    n_pts = n_samples(family, gm.dim)
     sde = make_sde(sde_name, gm.diameter())
     score_fn = gm.score_fn(sde, compute_dtype=None)  # the exact score in the samples' float32
     # Two independent draws of the start (and of the step noise): the peer's best setting is
     # selected on draw A and scored on draw B, so that picking the luckiest of 40 noisy runs does
     # not count as sampler quality; ours (one fixed rule, nothing selected) is scored on draw B.
-    x_T_sel = marginal_sample(gm, sde, N_SAMPLES, sde.T, torch.Generator().manual_seed(PRIOR_SEED + seed), torch.float32)
-    x_T = marginal_sample(gm, sde, N_SAMPLES, sde.T, torch.Generator().manual_seed(PRIOR_SEED + 500_000 + seed), torch.float32)
+    x_T_sel = marginal_sample(gm, sde, n_pts, sde.T, torch.Generator().manual_seed(PRIOR_SEED + seed), torch.float32)
+    x_T = marginal_sample(gm, sde, n_pts, sde.T, torch.Generator().manual_seed(PRIOR_SEED + 500_000 + seed), torch.float32)
     rows: List[Dict[str, Any]] = []
-    base = {"seed": seed, "sde": sde_name, "dim": gm.dim, "modes": gm.num_components}
-    floors = [whitened_moment_kl(gm, gm.sample(N_SAMPLES, torch.Generator().manual_seed(FLOOR_SEED + i))) for i in range(3)]
+    base = {"seed": seed, "sde": sde_name, "dim": gm.dim, "modes": gm.num_components, "n": n_pts}
+    floors = [whitened_moment_kl(gm, gm.sample(n_pts, torch.Generator().manual_seed(FLOOR_SEED + i))) for i in range(3)]
     rows.append({**base, "kind": "floor", "label": "floor", "nfe": 0, "budget": 0, "metric": statistics.mean(floors),
                  "metric_sd": statistics.stdev(floors)})
 
@@ -167,6 +210,13 @@ def run_case(task: Tuple[int, str, bool, bool]) -> List[Dict[str, Any]]:
         rows.append({**base, "kind": "ours", "label": label, "budget": budget, "nfe": nfe, "metric": metric,
                      "seconds": time.perf_counter() - t0})
 
+    if with_pc:
+        # The paper's predictor-corrector sampler at 1000 steps (2000 NFE): the 50-NFE target's yardstick.
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(NOISE_SEED + 1)
+        out = sample(sde, score_fn, x_T.shape, sampler="pc", steps=1000, x_T=x_T, generator=g)
+        rows.append({**base, "kind": "pc1000", "label": "pc 1000 steps", "budget": out.nfe, "nfe": out.nfe,
+                     "metric": whitened_moment_kl(gm, out.samples), "seconds": time.perf_counter() - t0})
     for budget in NFES:
         ours("default", None, {}, budget)
         if candidate_set:
@@ -258,6 +308,44 @@ def summary_rows(rows: List[Dict[str, Any]], label: str) -> List[List[str]]:
     return table
 
 
+def split_rows(rows: List[Dict[str, Any]], label: str) -> List[List[str]]:
+    """Per budget, pooled over the SDEs: win rate and geometric-mean ratio for low-D (D ≤ 8) and high-D problems."""
+    rs = ratios(rows, label)
+    dims = {(r["seed"], r["sde"]): r["dim"] for r in rows}
+    table = []
+    for budget in NFES:
+        line = [str(budget)]
+        for low in (True, False):
+            v = [x[1] for sde in SDES for x in rs.get((sde, budget), [])
+                 if (dims[(x[0], sde)] <= LOW_DIM) == low]
+            finite = [x for x in v if math.isfinite(x) and x > 0]
+            wins = sum(1 for x in v if x <= 1.0)
+            line += [f"{wins}/{len(v)} ({100 * wins / len(v):.0f} %)" if v else "–",
+                     f"{geo_mean(finite):.3f}" if finite else "–"]
+        table.append(line)
+    return table
+
+
+def pc_rows(rows: List[Dict[str, Any]], label: str, budget: int = 50) -> Optional[List[List[str]]]:
+    """At ``budget``: problems where ours is within 5 % of the floor or at most PC at 1000 steps."""
+    pc = {(r["seed"], r["sde"]): r["metric"] for r in rows if r["kind"] == "pc1000"}
+    if not pc:
+        return None
+    floors = {(r["seed"], r["sde"]): r["metric"] for r in rows if r["kind"] == "floor"}
+    mine = {(r["seed"], r["sde"]): r["metric"] for r in rows
+            if r["kind"] == "ours" and r["label"] == label and r["budget"] == budget}
+    table = []
+    for sde in SDES:
+        keys = [k for k in mine if k[1] == sde and k in pc]
+        if not keys:
+            continue
+        ok = [mine[k] <= 1.05 * floors[k] or mine[k] <= pc[k] for k in keys]
+        ratio = [mine[k] / pc[k] for k in keys if pc[k] > 0 and math.isfinite(pc[k]) and mine[k] > 0]
+        table.append([sde, f"{sum(ok)}/{len(ok)}", f"{geo_mean(ratio):.3f}" if ratio else "–",
+                      f"{statistics.median(pc[k] / floors[k] for k in keys):.2f}"])
+    return table
+
+
 def candidate_table(rows: List[Dict[str, Any]]) -> Tuple[List[str], List[List[str]]]:
     labels = sorted({r["label"] for r in rows if r["kind"] == "ours"})
     header = ["config"] + [f"{s} {b}" for s in SDES for b in NFES]
@@ -290,13 +378,21 @@ def report(path: Path, write: bool) -> str:
     text = [f"Seeds: {data['seeds_name']} ({len(data['seeds'])} problems). Command: `{data['command']}`.",
             f"Wall time {data['wall_seconds'] / 60:.0f} min on {data['jobs']} processes.", "",
             md_table(header, summary_rows(rows, "default"))]
+    text += ["", "Per budget, the three SDEs pooled; low-D is D ≤ 8:", "",
+             md_table(["NFE", "low-D wins", "low-D geo-mean ratio", "high-D wins", "high-D geo-mean ratio"],
+                      split_rows(rows, "default"))]
+    pcr = pc_rows(rows, "default")
+    if pcr:
+        text += ["", "At 50 NFE against the floor and the paper's PC sampler at 1000 steps (2000 NFE):", "",
+                 md_table(["SDE", "≤ 1.05 × floor or ≤ PC 1000", "geo-mean ours / PC 1000", "median PC 1000 / floor"], pcr)]
     if any(r["label"] != "default" for r in rows if r["kind"] == "ours"):
         h, b = candidate_table(rows)
         text += ["", "Geometric-mean ratio to the best k-diffusion setting, per configuration:", "", md_table(h, b)]
     out = "\n".join(text)
     print(out)
     if write:
-        heading = f"## Random family: {data['seeds_name']} seeds"
+        fam = "Wider family" if data.get("family") == "wide" else "Random family"
+        heading = f"## {fam}: {data['seeds_name']} seeds"
         write_results_section(HERE / "RESULTS.md", heading, f"{heading}\n\n{out}\n")
     return out
 
@@ -304,6 +400,9 @@ def report(path: Path, write: bool) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", choices=("tuning", "held-out"), default="held-out")
+    ap.add_argument("--family", choices=("random", "wide"), default="wide",
+                    help="wide: sde_diffusion.testing.wide_family (many-mode low-D half); random: the original family")
+    ap.add_argument("--pc-reference", action="store_true", help="also the PC sampler at 1000 steps (the 50-NFE yardstick)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N seeds")
     ap.add_argument("--sdes", default=",".join(SDES))
     ap.add_argument("--candidates", choices=sorted(CANDIDATE_SETS), default=None,
@@ -323,33 +422,46 @@ def main() -> None:
     if args.report:
         report(args.report, args.write)
         return
-    seeds = list(TUNING_SEEDS if args.seeds == "tuning" else HELD_OUT_SEEDS)[: args.limit]
+    if args.family == "wide":
+        seeds = list(WIDE_TUNING_SEEDS if args.seeds == "tuning" else WIDE_HELD_OUT_SEEDS)[: args.limit]
+    else:
+        seeds = list(TUNING_SEEDS if args.seeds == "tuning" else HELD_OUT_SEEDS)[: args.limit]
     sdes = [s for s in args.sdes.split(",") if s]
     reuse = not args.no_kdiffusion and args.reuse_peers is not None
-    tasks = [(s, d, args.candidates, not args.no_kdiffusion and not reuse) for s in seeds for d in sdes]
+    tasks = [(s, d, args.candidates, not args.no_kdiffusion and not reuse, args.family, args.pc_reference)
+             for s in seeds for d in sdes]
     # Big problems first, so that the pool ends together.
-    tasks.sort(key=lambda t: -random_family(t[0]).dim)
+    tasks.sort(key=lambda t: -family_draw(args.family, t[0]).dim)
+    out = args.out or HERE / "results" / f"family_{args.family}_{args.seeds}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     rows: List[Dict[str, Any]] = []
+
+    def save(done: int) -> None:
+        # After every case, atomically: a killed run leaves its finished cases (``"done"``) readable.
+        payload = {"family": args.family, "seeds_name": args.seeds, "seeds": seeds, "sdes": sdes,
+                   "command": " ".join(["python -m benchmarks.sampler_family", *sys.argv[1:]]),
+                   "jobs": args.jobs, "wall_seconds": time.time() - t0, "done": done, "cases": len(tasks), "rows": rows}
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(payload))
+        os.replace(tmp, out)
+
+    def finished(i: int, part: List[Dict[str, Any]]) -> None:
+        rows.extend(part)
+        save(i + 1)
+        print(f"[{i + 1}/{len(tasks)}] {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as pool:
             for i, part in enumerate(pool.map(run_case, tasks)):
-                rows += part
-                print(f"[{i + 1}/{len(tasks)}] {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+                finished(i, part)
     else:
         for i, t in enumerate(tasks):
-            rows += run_case(t)
-            print(f"[{i + 1}/{len(tasks)}] {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+            finished(i, run_case(t))
     if reuse:
         old = load_results(args.reuse_peers)["rows"]
         rows += [r for r in old if r["kind"] in ("kd", "kd_select") and r["seed"] in seeds and r["sde"] in sdes]
-    payload = {"seeds_name": args.seeds, "seeds": seeds, "sdes": sdes, "command": " ".join(["python -m benchmarks.sampler_family", *sys.argv[1:]]),
-               "jobs": args.jobs, "wall_seconds": time.time() - t0, "rows": rows}
-    out = args.out or HERE / "results" / f"family_{args.seeds}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, out)
+    save(len(tasks))
     report(out, args.write)
 
 

@@ -20,10 +20,25 @@ digits classifier's features, against all 1797 digits) for the digits, sliced W2
 against fresh draws of the data distribution for the moons. The seed-to-seed spread is the noise
 against which "the default must not lose" is judged.
 
+With ``--peer`` it runs the comparison against k-diffusion (``pip install .[peers]``, see
+:func:`benchmarks.common.load_kdiffusion_sampling`) instead, at 5, 10, 20 and 50 NFE:
+
+* ``default`` — ``python sample.py steps=N`` (the learned-score rule);
+* ``schedule=fit`` — the same sampler on the grid fitted to the model (``python sample.py steps=N schedule=fit``;
+  fitted once per model and budget on 64 prior draws of seed 12345, as sample.py does);
+* ``k-diffusion`` — its 8 main samplers (:data:`KD_MAIN`) on its Karras grid (ρ = 7) from σ̃(T) down to
+  σ_min ∈ :data:`KD_SIGMA_MINS` (σ̃(eps) and four fixed levels), then to 0, with the toolkit's score
+  wrapped as its denoiser (σ̃ = σ(t)/m(t), x̃ = x/m); its step count is the largest whose NFE fits the budget.
+  The best of these 40 settings per model and budget is chosen on the selection seed and scored on the others.
+
+Each is scored on ``--scoring-seeds`` seeds (disjoint from the selection seed); the tables give mean ± standard
+error and the verdict of the default and of the fit against the peer's best at 2 standard errors of the difference.
+
 Usage::
 
     python -m sde_diffusion.demo --quiet                       # once: trains outputs/demo/{digits,toy}_run
     python -m benchmarks.trained_samplers --seeds 3 --write    # → RESULTS.md, "Trained models"
+    python -m benchmarks.trained_samplers --peer --scoring-seeds 8 --write   # → "Trained networks against k-diffusion"
 """
 from __future__ import annotations
 
@@ -123,6 +138,188 @@ def table(rows: List[Dict[str, Any]], label: str) -> str:
     return md_table(header, body)
 
 
+# ------------------------------------------------------------------ the peer on trained networks
+PEER_NFES = (5, 10, 20, 50)
+KD_MAIN = ("sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_lms",
+           "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde")
+KD_SIGMA_MINS = ("eps", 0.002, 0.01, 0.03, 0.1)
+SELECTION_SEED = 0
+FIT_SEED = 12345
+
+
+def _mean_se(v: List[float]) -> Tuple[float, float]:
+    import math
+
+    return statistics.mean(v), (statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else float("nan"))
+
+
+def verdict(a: List[float], b: List[float]) -> str:
+    """``better`` / ``worse`` / ``tie``: a against b (lower is better) at 2 standard errors of the difference."""
+    import math
+
+    (ma, sa), (mb, sb) = _mean_se(a), _mean_se(b)
+    if not (math.isfinite(ma) and math.isfinite(mb)):
+        return "better" if math.isfinite(ma) else ("worse" if math.isfinite(mb) else "tie")
+    se = math.sqrt(sa**2 + sb**2)
+    return "better" if ma < mb - 2 * se else ("worse" if ma > mb + 2 * se else "tie")
+
+
+def peer_benchmark(label: str, model: Any, metric: Callable[[torch.Tensor], float], n: int, batch: int,
+                   scoring: List[int], rows: List[Dict[str, Any]], log: Callable[[Dict[str, Any]], None]) -> None:
+    """Rows for ``default``, ``schedule=fit`` and k-diffusion's best on one trained model."""
+    from sde_diffusion.samplers import make_sampler
+    from sde_diffusion.samplers.fitted import fit_schedule
+
+    from .common import EDMDenoiser, load_kdiffusion_sampling, sigma_tilde_range
+    from .samplers import _kd_call, kd_steps_for
+
+    kd, status = load_kdiffusion_sampling()
+    if kd is None:
+        sys.exit(f"k-diffusion is needed for --peer: {status} (pip install .[peers])")
+    sde, score = model.sde, model.score_model(use_ema=True)
+    shape = tuple(model.model_shape)
+    s_lo, s_hi = sigma_tilde_range(sde)
+    m_T = float(sde.mean_coeff(torch.tensor(sde.T, dtype=torch.float64)))
+
+    def ours(nfe: int, seed: int, schedule: Any) -> torch.Tensor:
+        out = []
+        for b, lo in enumerate(range(0, n, batch)):
+            k = min(batch, n - lo)
+            gen = torch.Generator().manual_seed(1000 * seed + b)
+            with torch.no_grad():
+                res = sample(sde, score, (k, *shape), sampler=None, steps=nfe, generator=gen, score_kind="learned",
+                             schedule=schedule)
+            out.append(model.module.to_data(res.samples))
+        return torch.cat(out)
+
+    def peer(fn: str, steps: int, s_min: float, seed: int) -> Tuple[torch.Tensor, int]:
+        sig = kd.get_sigmas_karras(steps, s_min, s_hi, rho=7.0).to(torch.float32)
+        den = EDMDenoiser(sde, score)
+        out = []
+        for b, lo in enumerate(range(0, n, batch)):
+            k = min(batch, n - lo)
+            gen = torch.Generator().manual_seed(1000 * seed + b)
+            torch.manual_seed(1000 * seed + b)
+            x_T = sde.prior_sample((k, *shape), generator=gen)
+            with torch.no_grad():
+                x = _kd_call(fn, den, x_T / m_T, sig, gen)
+            out.append(model.module.to_data(x))
+        return torch.cat(out), den.nfe // max(1, len(range(0, n, batch)))
+
+    x_fit = sde.prior_sample((64, *shape), generator=torch.Generator().manual_seed(FIT_SEED))
+    for nfe in PEER_NFES:
+        smp, steps, _ = make_sampler(sde, None, nfe, {}, "learned")
+        t0 = time.perf_counter()
+        fitted = fit_schedule(sde, score, smp, steps, x_fit)
+        fit_row = {"model": label, "setting": "fit-cost", "nfe": nfe, "fit_nfe": fitted.fit_nfe,
+                   "seconds": time.perf_counter() - t0}
+        rows.append(fit_row)
+        log(fit_row)
+        for seed in scoring:
+            for setting, sched in (("default", None), ("schedule=fit", fitted)):
+                t0 = time.perf_counter()
+                m = metric(ours(nfe, seed, sched))
+                rows.append({"model": label, "setting": setting, "nfe": nfe, "seed": seed, "metric": m,
+                             "seconds": time.perf_counter() - t0})
+                log(rows[-1])
+        best = None
+        for fn in KD_MAIN:
+            kd_n = kd_steps_for(fn, nfe)
+            if kd_n is None:
+                continue
+            for smin in KD_SIGMA_MINS:
+                s_min = s_lo if smin == "eps" else float(smin)
+                t0 = time.perf_counter()
+                x, used = peer(fn, kd_n, s_min, SELECTION_SEED)
+                m = metric(x)
+                rows.append({"model": label, "setting": "kd-select", "nfe": nfe, "used_nfe": used, "seed": SELECTION_SEED,
+                             "kd": fn[7:], "sigma_min": smin, "metric": m, "seconds": time.perf_counter() - t0})
+                log(rows[-1])
+                if used <= nfe and (best is None or m < best[0]):
+                    best = (m, fn, kd_n, s_min, smin)
+        if best is None:
+            continue
+        for seed in scoring:
+            t0 = time.perf_counter()
+            x, used = peer(best[1], best[2], best[3], seed)
+            rows.append({"model": label, "setting": "k-diffusion best", "nfe": nfe, "used_nfe": used, "seed": seed,
+                         "kd": best[1][7:], "sigma_min": best[4], "metric": metric(x),
+                         "seconds": time.perf_counter() - t0})
+            log(rows[-1])
+
+
+def peer_table(rows: List[Dict[str, Any]], label: str) -> str:
+    body = []
+    for nfe in PEER_NFES:
+        get = lambda s: [r["metric"] for r in rows if r["model"] == label and r["setting"] == s and r["nfe"] == nfe]  # noqa: E731
+        d, f, k = get("default"), get("schedule=fit"), get("k-diffusion best")
+        if not d:
+            continue
+        kd_row = next((r for r in rows if r["model"] == label and r["setting"] == "k-diffusion best" and r["nfe"] == nfe), None)
+        cost = next((r for r in rows if r["model"] == label and r["setting"] == "fit-cost" and r["nfe"] == nfe), {})
+        ms = lambda v: "–" if not v else "{:.4g} ± {:.2g}".format(*_mean_se(v))  # noqa: E731
+        body.append([str(nfe), ms(d), ms(f), ms(k),
+                     f"{kd_row['kd']}, σ_min={kd_row['sigma_min']}" if kd_row else "–",
+                     verdict(d, k) if k else "–", verdict(f, k) if k else "–", verdict(f, d),
+                     f"{cost.get('fit_nfe', '–')} / {cost.get('seconds', 0):.0f} s"])
+    return md_table(["NFE", "default", "schedule=fit", "k-diffusion best", "its setting", "default vs peer",
+                     "fit vs peer", "fit vs default", "fit NFE / time"], body)
+
+
+def _print_row(row: Dict[str, Any]) -> None:
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
+
+
+def peer_main(args: Any) -> None:
+    import json
+    import os
+
+    from sde_diffusion.evaluation.digits_classifier import digits_fd, get_classifier
+    from sde_diffusion.metrics import sliced_wasserstein
+
+    scoring = list(range(1, 1 + args.scoring_seeds))
+    out = args.out or HERE / "results" / "trained_vs_peer.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows: List[Dict[str, Any]] = json.loads(out.read_text())["rows"] if args.resume and out.exists() else []
+    t0 = time.time()
+
+    def log(row: Dict[str, Any]) -> None:
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"command": command, "scoring_seeds": scoring, "rows": rows}))
+        os.replace(tmp, out)
+
+    command = "python -m benchmarks.trained_samplers " + " ".join(sys.argv[1:])
+    models = []
+    if "digits" in args.models:
+        clf = get_classifier()
+        models.append(("digits", load_model(args.digits_run), lambda x: digits_fd(x, classifier=clf), args.n_digits, 250))
+    if "moons" in args.models:
+        toy = load_model(args.toy_run)
+        truth = toy.build_datamodule({}).reference(20000, torch.Generator().manual_seed(123))
+        models.append(("moons", toy, lambda x: sliced_wasserstein(x, truth, generator=torch.Generator().manual_seed(0)),
+                       args.n_toy, 2000))
+    for label, model, metric, n, batch in models:
+        if any(r["model"] == label for r in rows):
+            continue  # --resume: finished in an earlier run
+        part: List[Dict[str, Any]] = []
+        peer_benchmark(label, model, metric, n, batch, scoring, part, _print_row)
+        rows.extend(part)
+        log({"model": label, "finished_s": time.time() - t0})
+    text = "\n".join([
+        f"Command: `{command}`; selection seed {SELECTION_SEED}, scoring seeds {scoring[0]}–{scoring[-1]}; "
+        f"{time.time() - t0:.0f} s on this run. Models: `python -m sde_diffusion.demo --quiet` (digits 800 steps, "
+        "moons 1500 steps, VP). Mean ± standard error over the scoring seeds; verdicts at 2 standard errors.", "",
+        f"Digits, digits-FD of {args.n_digits} samples against the 1797 digits (lower is better):", "",
+        peer_table(rows, "digits"), "",
+        f"Moons, sliced W2 of {args.n_toy} samples against 20000 fresh draws (lower is better):", "",
+        peer_table(rows, "moons")])
+    print(text)
+    if args.write:
+        heading = "## Trained networks against k-diffusion"
+        write_results_section(HERE / "RESULTS.md", heading, f"{heading}\n\n{text}\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--digits-run", type=Path, default=ROOT / "outputs" / "demo" / "digits_run")
@@ -134,7 +331,15 @@ def main() -> None:
                     help="more 2-D networks, trained after the rule was chosen (sliced W2 tables)")
     ap.add_argument("--only-held-out", action="store_true", help="skip the two demo networks")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--peer", action="store_true", help="default and schedule=fit against k-diffusion at its best")
+    ap.add_argument("--scoring-seeds", type=int, default=8, help="--peer: seeds 1..N score (seed 0 selects the peer's setting)")
+    ap.add_argument("--models", default="digits,moons", help="--peer: which demo models")
+    ap.add_argument("--out", type=Path, default=None, help="--peer: raw rows (JSON), saved as they come")
+    ap.add_argument("--resume", action="store_true", help="--peer: keep the models already finished in --out")
     args = ap.parse_args()
+    if args.peer:
+        peer_main(args)
+        return
     held_out = [(spec.split("=", 1)[0], Path(spec.split("=", 1)[1])) for spec in args.held_out]
     runs = [] if args.only_held_out else [args.digits_run, args.toy_run]
     for run in runs + [r for _, r in held_out]:

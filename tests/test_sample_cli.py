@@ -149,9 +149,15 @@ def test_clip_denoised_clamps_the_denoiser_for_images(digits_run: Path, tmp_path
     rj = json.loads((tmp_path / "a" / "run.json").read_text())
     assert rj["sampler"]["default_rule"]["score"] == "learned" and rj["sampler"]["options"]["stochastic"] is True
     assert rj["sampler"]["clip_denoised"] is None
-    # A named sampler is not clamped unless asked; clip_denoised=true asks, and is bit for bit DataRangeClip.
+    # A named deterministic sampler at its measured settings is clamped too (auto); the paper's pc is not, and
+    # clip_denoised=false turns the clamp off. clip_denoised=true asks for it, and is bit for bit DataRangeClip.
     run(_sample_cfg(digits_run, "sampler=ddim", "steps=2", "n=2", "batch_size=2", f"out={tmp_path / 'b'}", "figures=false"))
-    assert json.loads((tmp_path / "b" / "run.json").read_text())["sampler"]["clip_denoised"] is None
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["sampler"]["clip_denoised"] == [-1.0, 1.0]
+    run(_sample_cfg(digits_run, "sampler=ddim", "steps=2", "n=2", "batch_size=2", "clip_denoised=false",
+                    f"out={tmp_path / 'b2'}", "figures=false"))
+    assert json.loads((tmp_path / "b2" / "run.json").read_text())["sampler"]["clip_denoised"] is None
+    run(_sample_cfg(digits_run, "sampler=pc", "steps=2", "n=2", "batch_size=2", f"out={tmp_path / 'b3'}", "figures=false"))
+    assert json.loads((tmp_path / "b3" / "run.json").read_text())["sampler"]["clip_denoised"] is None
     cfg = _sample_cfg(digits_run, "sampler=ddim", "steps=3", "n=3", "batch_size=3", "label=2", "clip_denoised=true",
                       f"out={tmp_path / 'c'}", "figures=false")
     options = _options(cfg)

@@ -38,7 +38,8 @@ from ..guidance import ClassifierFreeGuidance, ClassifierGuidance, ContextGuidan
 from ..io import write_json
 from ..registry import MODES, SAMPLE_TASKS
 from ..samplers import make_sampler, sample
-from ..samplers.defaults import DefaultChoice
+from ..samplers.defaults import DefaultChoice, fill_tuned
+from ..samplers.sampler import is_deterministic
 from ..score import DataRangeClip
 from .model import LoadedClassifier, LoadedModel, ModelJob, load_guidance_classifier
 from .runner import BatchHook, Progress, Runner, RunResult, batch_generator
@@ -74,6 +75,7 @@ class SamplerChoice:
     steps: int
     options: Dict[str, Any]
     default_rule: Optional[DefaultChoice]
+    tuned: Optional[str] = None  # the named sampler's measured-best table its `auto` options came from
 
 
 def choose_sampler(sde: Any, cfg: SampleConfig) -> SamplerChoice:
@@ -81,10 +83,19 @@ def choose_sampler(sde: Any, cfg: SampleConfig) -> SamplerChoice:
     network and the budget ``steps``, its options overridden by the group's), built and checked
     (:func:`~sde_diffusion.samplers.make_sampler`; ``sampler._target_`` names a class of the user's)."""
     name, steps, options = cfg.sampler_name, cfg.sampler_steps, cfg.sampler_options
+    tuned = options.get("tuned") if name != "auto" else None
+    if tuned is not None:  # sampler=<name>: its `auto` options become the measured best for this budget
+        options = fill_tuned(sde, name, _steps(steps), options, "learned")
     sampler, steps, rule = make_sampler(sde, name, steps, options, score_kind="learned")  # a trained network
     if rule is not None:  # what the rule chose, with the group's options on top (as make_sampler built it)
         name, options = rule.name, {**rule.options, **options}
-    return SamplerChoice(sampler, name, steps, dict(options), rule)
+    return SamplerChoice(sampler, name, steps, dict(options), rule, tuned)
+
+
+def _steps(steps: Any) -> int:
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be an integer ≥ 1, got {steps}")
+    return int(steps)
 
 
 # ---------------------------------------------------------------------------------- the job
@@ -142,8 +153,8 @@ class SampleJob(ModelJob):
         """
         mode = self.cfg.clip_denoised
         bounded = bool(getattr(self.dm, "is_image", False)) and not self.model.is_latent
-        stochastic = bool(self.choice.options.get("stochastic", False))
-        deterministic_default = self.choice.default_rule is not None and not stochastic
+        measured = self.choice.default_rule is not None or self.choice.tuned is not None
+        deterministic_default = measured and is_deterministic(self.choice.sampler, self.model.sde)
         if mode is False or (mode == "auto" and (not bounded or not deterministic_default)):
             return None
         if not bounded:

@@ -62,13 +62,20 @@ _SHARED: Tuple[Rule, ...] = (
 )
 RULES: Dict[str, Tuple[Rule, ...]] = {"vp": _SHARED, "subvp": _SHARED, "ve": _SHARED}
 
-# For a trained network. Measured on the demo's networks (benchmarks/RESULTS.md, "Trained models"):
-# the probability-flow ODE of a learned score can be poor whatever the solver (on the moons model
-# every deterministic solver, converged or not, puts ~1.5 % of samples far outside the data),
-# while the stochastic DPM-Solver++(2M) SDE — whose injected noise corrects errors of the score,
-# as in EDM's stochastic sampler — matched Euler–Maruyama at 200 NFE from 20 NFE on, and tied
-# the exact-score rule (with the denoiser clamped) at 10 NFE on the digits.
-_LEARNED: Tuple[Rule, ...] = (Rule(1, "dpm_solver", {"order": 2, "stochastic": True}),)
+# For a trained network. Measured on the demo's networks (benchmarks/RESULTS.md, "Trained models" and
+# "Learned-score rule per budget"): the probability-flow ODE of a learned score can be poor whatever the solver
+# (on the moons model every deterministic solver, converged or not, puts ~1.5 % of samples far outside the
+# data), while the stochastic DPM-Solver++(2M) SDE — whose injected noise corrects errors of the score, as in
+# EDM's stochastic sampler — matched Euler–Maruyama at 200 NFE from 20 NFE on. Its end point depends on the
+# budget: at 5 NFE, ending at the network's eps (σ/m ≈ 0.003 on the demo's VP) wastes the last step where the
+# score is worst (digits-FD 210 at 5 NFE); stopping at σ/m = 0.03 gives 14, and is the best or tied at 10 NFE
+# too. A final denoising step does not pay below 15 NFE: the step it costs is worth more (at 5 NFE, four steps
+# and a denoising step leave the stochastic multistep solver unstable on the demo's digits). From 15 NFE,
+# σ/m = 0.01 with the denoising step ties the rest.
+_LEARNED: Tuple[Rule, ...] = (
+    Rule(1, "dpm_solver", {"order": 2, "stochastic": True, "end_sigma": 0.03}),
+    Rule(15, "dpm_solver", {"order": 2, "stochastic": True, "end_sigma": 0.01, "denoise": True}),
+)
 LEARNED_RULES: Dict[str, Tuple[Rule, ...]] = {"vp": _LEARNED, "subvp": _LEARNED, "ve": _LEARNED}
 SCORE_KINDS = ("exact", "learned")
 
@@ -147,6 +154,89 @@ def default_sampler(sde: SDE, nfe: int, score: str = "exact") -> DefaultChoice:
     return DefaultChoice(rule.sampler, options, nfe - int(denoise), family, nfe, score)
 
 
+# ------------------------------------------------------------------------- named samplers at their best
+#: The measured best options of each named sampler config (``sampler=<name>``, its ``tuned:`` key) per score
+#: kind, chosen like :data:`RULES`: benchmarks/sampler_family.py round 4 (exact scores, the wider family's tuning
+#: seeds) and benchmarks/learned_rule.py (the demo's networks). ``min_nfe`` compares with the NFE of the
+#: requested steps (steps × evaluations per step). Only options whose config value is ``auto`` are filled.
+def _end(end_sigma: float, denoise: bool, grid: str, **more: Any) -> Dict[str, Any]:
+    return {"grid": grid, "end_sigma": end_sigma, "denoise": denoise, **more}
+
+
+def _named(cls: str, exact: Tuple[Tuple[int, Dict[str, Any]], ...],
+           learned: Tuple[Tuple[int, Dict[str, Any]], ...]) -> Dict[str, Tuple[Rule, ...]]:
+    return {"exact": tuple(Rule(n, cls, o) for n, o in exact), "learned": tuple(Rule(n, cls, o) for n, o in learned)}
+
+
+NAMED_RULES: Dict[str, Dict[str, Tuple[Rule, ...]]] = {
+    "dpm_solver": _named("dpm_solver",
+                         ((1, _end(0.03, False, "logsnr", order=2)), (8, _end(0.01, False, "logsnr", order=2)),
+                          (13, _end(0.003, False, "logsnr", order=2))),
+                         ((1, _end(0.03, True, "logsnr", order=2)), (15, _end(0.01, True, "logsnr", order=2)))),
+    "unipc": _named("dpm_solver",
+                    ((1, _end(0.03, False, "logsnr", order=2)), (8, _end(0.01, False, "logsnr", order=2)),
+                     (13, _end(0.003, False, "logsnr", order=2)), (18, _end(0.003, False, "logsnr", order=3)),
+                     (25, _end(0.001, False, "logsnr", order=3))),
+                    ((1, _end(0.03, True, "logsnr", order=2)), (15, _end(0.01, True, "logsnr", order=2)))),
+    "dpm_solver_sde": _named("dpm_solver",
+                             ((1, _end(0.03, True, "logsnr")), (15, _end(0.01, True, "logsnr"))),
+                             ((1, _end(0.03, True, "logsnr")), (15, _end(0.01, True, "logsnr")))),
+    "dpm_solver_2s": _named("dpm_solver_2s",
+                            ((1, _end(0.03, False, "logsnr")), (15, _end(0.01, False, "logsnr"))),
+                            ((1, _end(0.03, True, "logsnr")), (15, _end(0.01, True, "logsnr")))),
+    "ddim": _named("ddim",
+                   ((1, _end(0.03, True, "logsnr")), (15, _end(0.01, True, "logsnr"))),
+                   ((1, _end(0.03, True, "logsnr")), (15, _end(0.01, True, "logsnr")))),
+    "edm_heun": _named("edm_heun",
+                       ((1, _end(0.03, False, "karras")), (15, _end(0.01, False, "karras"))),
+                       ((1, _end(0.03, True, "karras")), (15, _end(0.01, True, "karras")))),
+    "ode_heun": _named("ode_heun",
+                       ((1, _end(0.03, False, "logsnr")), (15, _end(0.01, False, "logsnr"))),
+                       ((1, _end(0.03, True, "logsnr")), (15, _end(0.01, True, "logsnr")))),
+    "ode_rk4": _named("ode_rk4",
+                      ((1, _end(0.03, False, "logsnr")), (15, _end(0.01, False, "logsnr"))),
+                      ((1, _end(0.03, True, "logsnr")), (15, _end(0.01, True, "logsnr")))),
+}
+TUNED_KEY = "tuned"
+AUTO = "auto"
+
+
+def tuned_options(tuned: str, sde: SDE, nfe: int, score: str = "exact") -> Dict[str, Any]:
+    """The options :data:`NAMED_RULES` gives sampler config ``tuned`` at ``nfe`` score evaluations for ``score``."""
+    if tuned not in NAMED_RULES:
+        raise ValueError(f"no measured settings for sampler {tuned!r} (tuned: …); choose one of: "
+                         f"{', '.join(sorted(NAMED_RULES))}, or set its options and remove the tuned key")
+    if score not in SCORE_KINDS:
+        raise ValueError(f"score must be one of {SCORE_KINDS}, got {score!r}")
+    rules = NAMED_RULES[tuned][score]
+    return dict([r for r in rules if r.min_nfe <= max(int(nfe), 1)][-1].options)
+
+
+def fill_tuned(sde: SDE, name: str, steps: int, options: Dict[str, Any], score: str = "exact") -> Dict[str, Any]:
+    """``options`` with every ``auto`` value replaced by the measured best (:func:`tuned_options`) when they name
+    a ``tuned`` table; the ``tuned`` key itself removed. Options set to anything else are the user's and stay."""
+    options = dict(options)
+    tuned = options.pop(TUNED_KEY, None)
+    if tuned is None:
+        return options
+    autos = [k for k, v in options.items() if isinstance(v, str) and v == AUTO]
+    if not autos:
+        return options
+    from .sampler import build_sampler
+
+    probe = build_sampler(name, **{k: v for k, v in options.items() if k not in autos})
+    nfe = steps * (probe.nfe_per_step or 1)
+    best = tuned_options(str(tuned), sde, nfe, score)
+    for key in autos:
+        if key == "end_sigma" and options.get("eps") is not None:
+            del options[key]  # the user's end time stands
+        elif key in best:
+            options[key] = best[key]
+        elif key != "grid":  # grid: auto is a sampler's own choice; other keys fall back to the class default
+            del options[key]
+    return options
+
+
 AUTO_SAMPLER = "auto"
 
 
@@ -158,7 +248,7 @@ def resolve_sampler(sde: SDE, name: Any, steps: int, options: Dict[str, Any],
     :class:`DefaultChoice`. :func:`~sde_diffusion.samplers.make_sampler` builds and checks the
     sampler from this; call that unless only the names are wanted."""
     if name is not None and name != AUTO_SAMPLER:
-        return name, steps, options, None
+        return name, steps, fill_tuned(sde, name, steps, options, score), None
     choice = default_sampler(sde, steps, score)
     merged = {**choice.options, **options}
     steps_ = choice.steps
@@ -179,4 +269,4 @@ def rules_table(score: str = "exact") -> List[Tuple[str, str, str]]:
     return rows
 
 
-__all__ = ["AUTO_SAMPLER", "LEARNED_RULES", "SCORE_KINDS", "is_learned_score", "resolve_sampler", "FAMILIES", "Rule", "RULES", "DefaultChoice", "sde_family", "default_sampler", "rules_table"]
+__all__ = ["NAMED_RULES", "tuned_options", "fill_tuned", "AUTO_SAMPLER", "LEARNED_RULES", "SCORE_KINDS", "is_learned_score", "resolve_sampler", "FAMILIES", "Rule", "RULES", "DefaultChoice", "sde_family", "default_sampler", "rules_table"]

@@ -295,6 +295,23 @@ def _progress(it: Sequence[int], enabled: bool, desc: str):
     return tqdm(it, desc=desc, leave=False)
 
 
+def is_deterministic(sampler: "Sampler", sde: SDE) -> bool:
+    """Whether ``sampler`` maps a start to one result: two 2-step runs on a toy score with different step noise agree."""
+    import copy
+
+    smp = copy.copy(sampler)
+    if smp.fixed_times is not None:
+        smp._fixed_times = None  # the grid does not decide it; two steps on the rule's grid do
+    x = torch.linspace(-1.0, 1.0, 8, dtype=torch.float64).reshape(2, 4)
+    score = lambda x, t: -x  # noqa: E731 - any score will do
+    runs = []
+    for seed in (1, 2):
+        gen = torch.Generator().manual_seed(seed)
+        out, _, _ = smp.run(sde, score, x.clone(), 2, gen)
+        runs.append(out)
+    return bool(torch.equal(runs[0], runs[1]))
+
+
 def _check_steps(steps: Any) -> int:
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be an integer ≥ 1, got {steps}")
@@ -460,6 +477,7 @@ __all__ = [
     "StepSampler",
     "StepHook",
     "build_sampler",
+    "is_deterministic",
     "make_sampler",
     "sample",
 ]

@@ -25,7 +25,7 @@ from torch import Tensor
 from ..sdes import SubVPSDE, VESDE, VPSDE
 from ..sdes.sde import SDE
 from ..toy import GaussianMixture
-from .draws import random_family_parameters
+from .draws import random_family_parameters, wide_family_parameters
 
 
 def random_family(seed: int) -> GaussianMixture:
@@ -34,6 +34,12 @@ def random_family(seed: int) -> GaussianMixture:
     Its extent, a VE σ_max for it, is :meth:`GaussianMixture.diameter`.
     """
     return GaussianMixture(*random_family_parameters(seed))
+
+
+def wide_family(seed: int) -> GaussianMixture:
+    """Draw ``seed`` of the wider family: half the original family, half many sharp modes (2–64) in
+    2–8 D on lattices, rings and scatters (:func:`~sde_diffusion.testing.draws.wide_family_parameters`)."""
+    return GaussianMixture(*wide_family_parameters(seed))
 
 
 def grid_mixture(side: int = 5, spacing: float = 2.5, std: float = 0.25, weight_ratio: float = 20.0) -> GaussianMixture:
@@ -107,6 +113,7 @@ def marginal_sample(mixture: GaussianMixture, sde: SDE, n: int, t: float, genera
 
 __all__ = [
     "random_family",
+    "wide_family",
     "grid_mixture",
     "Problem",
     "make_problems",

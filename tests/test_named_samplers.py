@@ -1,0 +1,130 @@
+"""Named samplers at their measured best: the `auto` options of conf/sampler/<name>.yaml (NAMED_RULES)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sde_diffusion import sample
+from sde_diffusion.config import parse_sample
+from sde_diffusion.jobs import cli
+from sde_diffusion.jobs.sample_job import choose_sampler
+from sde_diffusion.samplers import build_sampler
+from sde_diffusion.samplers.defaults import NAMED_RULES, SCORE_KINDS, fill_tuned, tuned_options
+from sde_diffusion.sdes import SubVPSDE, VESDE, VPSDE
+from sde_diffusion.testing import grid_mixture, make_sde, marginal_sample, whitened_moment_kl
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+TUNED = {p.stem: yaml.safe_load(p.read_text()).get("tuned") for p in sorted((CONF / "sampler").glob("*.yaml"))}
+TUNED_CONFIGS = sorted(k for k, v in TUNED.items() if v)
+PAPER = ("pc", "euler_maruyama", "reverse_diffusion", "ancestral", "ddpm")
+
+
+def _choice(config: str, steps: int, *overrides: str, sde=None):
+    cfg = parse_sample(cli.compose([f"sampler={config}", f"steps={steps}", *overrides], CONF))
+    return choose_sampler(sde or VPSDE(), cfg)
+
+
+def test_every_fast_named_sampler_has_a_measured_table() -> None:
+    assert set(TUNED_CONFIGS) >= {"dpm_solver", "unipc", "dpm_solver_sde", "dpm_solver_2s", "ddim", "edm_heun",
+                                  "ode_heun", "ode_rk4"}
+    for config in TUNED_CONFIGS:
+        assert TUNED[config] == config and TUNED[config] in NAMED_RULES
+        for kind in SCORE_KINDS:
+            rules = NAMED_RULES[config][kind]
+            assert rules[0].min_nfe == 1 and [r.min_nfe for r in rules] == sorted(r.min_nfe for r in rules)
+
+
+@pytest.mark.parametrize("config", ["dpm_solver", "unipc", "ddim", "edm_heun", "dpm_solver_sde"])
+@pytest.mark.parametrize("steps", [3, 10, 25])
+def test_named_config_takes_the_table_for_its_budget(config: str, steps: int) -> None:
+    choice = _choice(config, steps)
+    assert "tuned" not in choice.options and "auto" not in choice.options.values()
+    nfe = steps * (choice.sampler.nfe_per_step or 1)
+    best = tuned_options(config, VPSDE(), nfe, "learned")
+    for key, value in best.items():
+        assert choice.options[key] == value, (config, steps, key)
+    assert choice.tuned == config and choice.default_rule is None
+    # The built sampler carries them.
+    if "end_sigma" in best:
+        assert choice.sampler.end.end_sigma == pytest.approx(best["end_sigma"])
+    assert choice.sampler.end.denoise == bool(best.get("denoise", False))
+
+
+def test_a_value_given_on_the_command_line_beats_the_table() -> None:
+    choice = _choice("dpm_solver", 10, "sampler.end_sigma=0.05", "sampler.grid=uniform", "sampler.order=1")
+    assert choice.options["end_sigma"] == 0.05 and choice.options["grid"] == "uniform" and choice.options["order"] == 1
+    # An end time given by the user replaces the table's end noise level (both cannot hold).
+    choice = _choice("ddim", 10, "sampler.eps=0.002")
+    assert "end_sigma" not in choice.options and choice.sampler.end.eps == 0.002
+    # null keeps the class default (the SDE's eps).
+    assert _choice("ddim", 10, "sampler.end_sigma=null").sampler.end.end_sigma is None
+
+
+@pytest.mark.parametrize("config", PAPER)
+def test_the_papers_algorithms_keep_their_own_settings(config: str) -> None:
+    raw = yaml.safe_load((CONF / "sampler" / f"{config}.yaml").read_text())
+    assert "tuned" not in raw and "auto" not in [v for v in raw.values() if isinstance(v, str)]
+    choice = _choice(config, 10)
+    assert choice.tuned is None
+    assert choice.sampler.end.end_sigma is None and not choice.sampler.end.denoise
+    if config in ("pc", "euler_maruyama"):
+        assert choice.options["grid"] == "uniform"
+
+
+def test_fill_tuned_errors_and_passthrough() -> None:
+    with pytest.raises(ValueError, match="no measured settings for sampler 'nope'.*dpm_solver"):
+        fill_tuned(VPSDE(), "dpm_solver", 10, {"tuned": "nope", "grid": "auto"})
+    # Without `auto` values nothing is looked up, and the key is removed.
+    assert fill_tuned(VPSDE(), "ddim", 10, {"tuned": "nope", "grid": "uniform"}) == {"grid": "uniform"}
+    with pytest.raises(ValueError, match="score must be one of"):
+        tuned_options("ddim", VPSDE(), 10, "trained")
+
+
+def test_python_api_takes_the_same_table() -> None:
+    torch.manual_seed(0)
+    x_T = torch.randn(16, 2, dtype=torch.float64)
+    score = lambda x, t: -x  # noqa: E731
+    opts = {"tuned": "unipc", "order": "auto", "grid": "auto", "end_sigma": "auto", "denoise": "auto", "corrector": True}
+    a = sample(VPSDE(), score, x_T.shape, sampler="dpm_solver", steps=8, x_T=x_T, dtype=torch.float64, **opts)
+    resolved = fill_tuned(VPSDE(), "dpm_solver", 8, opts, "exact")
+    b = sample(VPSDE(), score, x_T.shape, sampler="dpm_solver", steps=8, x_T=x_T, dtype=torch.float64, **resolved)
+    assert torch.equal(a.samples, b.samples)
+
+
+@pytest.mark.numeric
+@pytest.mark.parametrize("config", ["dpm_solver", "ddim", "edm_heun"])
+@pytest.mark.parametrize("sde_name", ["vp", "ve"])
+def test_measured_defaults_beat_the_shipped_ones_on_a_mixture_nobody_tuned(config: str, sde_name: str) -> None:
+    """On a 25-mode lattice (not among the tuning problems), at 10 NFE, with the exact score: the named sampler
+    with its table's options lands closer to p_0 than with the options it shipped with (grid and end time of
+    the class, no denoising step)."""
+    gm = grid_mixture(side=5, spacing=2.0, std=0.1)
+    sde = make_sde(sde_name, gm.diameter())
+    score = gm.score_fn(sde, compute_dtype=None)
+    x_T = marginal_sample(gm, sde, 2000, sde.T, torch.Generator().manual_seed(3), torch.float32)
+    cls = {"dpm_solver": "dpm_solver", "ddim": "ddim", "edm_heun": "edm_heun"}[config]
+    probe = build_sampler(cls)
+    steps = max(n for n in range(1, 11) if probe.expected_nfe(n) <= 10)
+    shipped = sample(sde, score, x_T.shape, sampler=cls, steps=steps, x_T=x_T)
+    best = tuned_options(config, sde, steps * (probe.nfe_per_step or 1), "exact")
+    if best.get("denoise"):
+        steps = max(n for n in range(1, 11) if build_sampler(cls, **best).expected_nfe(n) <= 10)
+    tuned = sample(sde, score, x_T.shape, sampler=cls, steps=steps, x_T=x_T, **best)
+    assert tuned.nfe <= 10 and shipped.nfe <= 10
+    assert whitened_moment_kl(gm, tuned.samples) < whitened_moment_kl(gm, shipped.samples)
+
+
+def test_named_deterministic_sampler_is_clamped_on_images_by_default() -> None:
+    """clip_denoised=auto: the data-range clamp for a measured (default or named, tuned) deterministic sampler on
+    bounded image data; not for a stochastic one, and never for the paper's algorithms."""
+    from sde_diffusion.samplers.sampler import is_deterministic
+
+    assert is_deterministic(_choice("ddim", 5).sampler, VPSDE())
+    assert not is_deterministic(_choice("dpm_solver_sde", 5).sampler, VPSDE())
+    assert not is_deterministic(_choice("pc", 5).sampler, VPSDE())
+    for sde in (SubVPSDE(), VESDE()):
+        assert is_deterministic(_choice("edm_heun", 5, sde=sde).sampler, sde)
