@@ -57,7 +57,7 @@ import torch
 
 from sde_diffusion import sample
 from sde_diffusion.samplers import build_sampler
-from sde_diffusion.samplers.defaults import default_sampler
+from sde_diffusion.samplers.defaults import default_sampler, fill_tuned
 from sde_diffusion.testing import SDE_NAMES, make_sde, marginal_sample, random_family, whitened_moment_kl, wide_family
 
 from .common import EDMDenoiser, load_kdiffusion_sampling, md_table, write_results_section
@@ -142,6 +142,23 @@ WIDE_HELD_OUT_SEEDS = tuple(range(3000, 3030))
 LOW_DIM = 8  # the report splits problems at D <= 8 (low) and D > 8 (high)
 
 
+def named_configs() -> Dict[str, Tuple[str, Dict[str, Any]]]:
+    """label → (sampler, options) of conf/sampler/<label>.yaml for every named sampler of round 4, as sample.py
+    composes it (``auto`` options and the ``tuned`` key included)."""
+    from hydra import compose, initialize_config_dir
+
+    from sde_diffusion.config import parse_sample
+
+    if "named" in _KD:
+        return _KD["named"]
+    out = _KD["named"] = {}
+    with initialize_config_dir(str(HERE.parent / "conf"), version_base="1.3"):
+        for label in NAMED_SAMPLERS:
+            cfg = parse_sample(compose("sample", overrides=[f"sampler={label}"]))
+            out[label] = (cfg.sampler_name, dict(cfg.sampler_options))
+    return out
+
+
 def family_draw(family: str, seed: int):
     return wide_family(seed) if family == "wide" else random_family(seed)
 
@@ -217,9 +234,36 @@ def run_case(task: Tuple[int, str, Optional[str], bool, str, bool]) -> List[Dict
         out = sample(sde, score_fn, x_T.shape, sampler="pc", steps=1000, x_T=x_T, generator=g)
         rows.append({**base, "kind": "pc1000", "label": "pc 1000 steps", "budget": out.nfe, "nfe": out.nfe,
                      "metric": whitened_moment_kl(gm, out.samples), "seconds": time.perf_counter() - t0})
+    def named(label: str, cls: str, options: Dict[str, Any], budget: int) -> None:
+        # What `python sample.py sampler=<label> steps=n` runs: its config's options, `auto` ones filled from
+        # NAMED_RULES for n steps; n is the largest whose NFE fits the budget.
+        fits = []
+        for n in range(1, budget + 1):
+            opts = fill_tuned(sde, cls, n, options, "exact")
+            if build_sampler(cls, **opts).expected_nfe(n) <= budget:
+                fits.append((n, opts))
+        if fits:
+            n, opts = fits[-1]
+            ours_fixed(label, cls, opts, n, budget)
+
+    def ours_fixed(label: str, name_: str, opts: Dict[str, Any], steps: int, budget: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            g = torch.Generator().manual_seed(NOISE_SEED + 1)
+            out = sample(sde, score_fn, x_T.shape, sampler=name_, steps=steps, x_T=x_T, generator=g, **opts)
+            metric, nfe = whitened_moment_kl(gm, out.samples), out.nfe
+        except Exception as err:  # noqa: BLE001 - a failure is a result
+            metric, nfe = math.inf, budget
+            print(f"  {label} seed {seed} {sde_name} NFE {budget}: {type(err).__name__}: {err}", file=sys.stderr)
+        rows.append({**base, "kind": "ours", "label": label, "budget": budget, "nfe": nfe, "metric": metric,
+                     "seconds": time.perf_counter() - t0})
+
     for budget in NFES:
         ours("default", None, {}, budget)
-        if candidate_set:
+        if candidate_set == "named":
+            for label, (cls, options) in named_configs().items():
+                named(label, cls, options, budget)
+        elif candidate_set:
             for label, (name, options) in CANDIDATE_SETS[candidate_set].items():
                 ours(label, name, options, budget)
     if with_kd and kdiffusion() is not None:
@@ -346,6 +390,31 @@ def pc_rows(rows: List[Dict[str, Any]], label: str, budget: int = 50) -> Optiona
     return table
 
 
+def pooled_ratio(rows: List[Dict[str, Any]], label: str, budget: int) -> Optional[float]:
+    """Geometric-mean ratio to the best k-diffusion setting at ``budget``, over every problem and SDE."""
+    rs = ratios(rows, label)
+    v = [min(x[1], 1e3) for sde in SDES for x in rs.get((sde, budget), []) if x[1] > 0]
+    return geo_mean(v) if v else None
+
+
+def named_table(rows: List[Dict[str, Any]]) -> Tuple[List[str], List[List[str]]]:
+    """Round 4: per named sampler and budget, the shipped setting and the best of its candidates (pooled
+    geometric-mean ratio to the best k-diffusion setting)."""
+    body = []
+    for name in NAMED_SAMPLERS:
+        labels = [lab for lab in CANDIDATES_ROUND4 if lab.startswith(name + "-") and
+                  not any(lab.startswith(o + "-") for o in NAMED_SAMPLERS if o != name and o.startswith(name))]
+        for budget in NFES:
+            scored = [(pooled_ratio(rows, lab, budget), lab) for lab in labels]
+            scored = [(r, lab) for r, lab in scored if r is not None]
+            if not scored:
+                continue
+            shipped = next((r for r, lab in scored if lab.endswith("-shipped")), None)
+            best = min(scored)
+            body.append([name, str(budget), f"{shipped:.2f}" if shipped else "–", best[1][len(name) + 1:], f"{best[0]:.2f}"])
+    return ["sampler", "NFE", "shipped: geo-mean ratio", "best setting", "its geo-mean ratio"], body
+
+
 def candidate_table(rows: List[Dict[str, Any]]) -> Tuple[List[str], List[List[str]]]:
     labels = sorted({r["label"] for r in rows if r["kind"] == "ours"})
     header = ["config"] + [f"{s} {b}" for s in SDES for b in NFES]
@@ -385,7 +454,11 @@ def report(path: Path, write: bool) -> str:
     if pcr:
         text += ["", "At 50 NFE against the floor and the paper's PC sampler at 1000 steps (2000 NFE):", "",
                  md_table(["SDE", "≤ 1.05 × floor or ≤ PC 1000", "geo-mean ours / PC 1000", "median PC 1000 / floor"], pcr)]
-    if any(r["label"] != "default" for r in rows if r["kind"] == "ours"):
+    if any(r["label"].endswith("-shipped") for r in rows if r["kind"] == "ours"):
+        h, b = named_table(rows)
+        text += ["", "Named samplers (round 4): as shipped, and the best of their settings, per budget "
+                 "(geometric-mean ratio to the best k-diffusion setting over all problems and SDEs):", "", md_table(h, b)]
+    elif any(r["label"] != "default" for r in rows if r["kind"] == "ours"):
         h, b = candidate_table(rows)
         text += ["", "Geometric-mean ratio to the best k-diffusion setting, per configuration:", "", md_table(h, b)]
     out = "\n".join(text)
@@ -405,7 +478,7 @@ def main() -> None:
     ap.add_argument("--pc-reference", action="store_true", help="also the PC sampler at 1000 steps (the 50-NFE yardstick)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N seeds")
     ap.add_argument("--sdes", default=",".join(SDES))
-    ap.add_argument("--candidates", choices=sorted(CANDIDATE_SETS), default=None,
+    ap.add_argument("--candidates", choices=sorted(CANDIDATE_SETS) + ["named"], default=None,
                     help="also run this round of the configurations the default was chosen from")
     ap.add_argument("--reuse-peers", type=Path, default=None,
                     help="take the k-diffusion rows from this earlier results file instead of running them again")

@@ -96,26 +96,31 @@ def test_python_api_takes_the_same_table() -> None:
 
 
 @pytest.mark.numeric
-@pytest.mark.parametrize("config", ["dpm_solver", "ddim", "edm_heun"])
-@pytest.mark.parametrize("sde_name", ["vp", "ve"])
-def test_measured_defaults_beat_the_shipped_ones_on_a_mixture_nobody_tuned(config: str, sde_name: str) -> None:
-    """On a 25-mode lattice (not among the tuning problems), at 10 NFE, with the exact score: the named sampler
-    with its table's options lands closer to p_0 than with the options it shipped with (grid and end time of
-    the class, no denoising step)."""
+def test_measured_defaults_beat_the_shipped_ones_on_a_mixture_nobody_tuned() -> None:
+    """On a 25-mode lattice (not among the tuning problems), with the exact score, over VP, sub-VP and VE,
+    dpm_solver, ddim and edm_heun, and 5, 10 and 20 NFE: the named samplers with their table's options land
+    closer to p_0 than with the options they shipped with (the class's grid and end time, no denoising step),
+    by a geometric mean of the error ratio below 0.7. Cells may go either way; the table is a rule for the
+    family, not for this problem."""
+    import math
+
     gm = grid_mixture(side=5, spacing=2.0, std=0.1)
-    sde = make_sde(sde_name, gm.diameter())
-    score = gm.score_fn(sde, compute_dtype=None)
-    x_T = marginal_sample(gm, sde, 2000, sde.T, torch.Generator().manual_seed(3), torch.float32)
-    cls = {"dpm_solver": "dpm_solver", "ddim": "ddim", "edm_heun": "edm_heun"}[config]
-    probe = build_sampler(cls)
-    steps = max(n for n in range(1, 11) if probe.expected_nfe(n) <= 10)
-    shipped = sample(sde, score, x_T.shape, sampler=cls, steps=steps, x_T=x_T)
-    best = tuned_options(config, sde, steps * (probe.nfe_per_step or 1), "exact")
-    if best.get("denoise"):
-        steps = max(n for n in range(1, 11) if build_sampler(cls, **best).expected_nfe(n) <= 10)
-    tuned = sample(sde, score, x_T.shape, sampler=cls, steps=steps, x_T=x_T, **best)
-    assert tuned.nfe <= 10 and shipped.nfe <= 10
-    assert whitened_moment_kl(gm, tuned.samples) < whitened_moment_kl(gm, shipped.samples)
+    logs = []
+    for sde_name in ("vp", "subvp", "ve"):
+        sde = make_sde(sde_name, gm.diameter())
+        score = gm.score_fn(sde, compute_dtype=None)
+        x_T = marginal_sample(gm, sde, 2000, sde.T, torch.Generator().manual_seed(3), torch.float32)
+        for cls in ("dpm_solver", "ddim", "edm_heun"):
+            for budget in (5, 10, 20):
+                probe = build_sampler(cls)
+                steps = max(n for n in range(1, budget + 1) if probe.expected_nfe(n) <= budget)
+                shipped = sample(sde, score, x_T.shape, sampler=cls, steps=steps, x_T=x_T)
+                best = tuned_options(cls, sde, steps * (probe.nfe_per_step or 1), "exact")
+                steps = max(n for n in range(1, budget + 1) if build_sampler(cls, **best).expected_nfe(n) <= budget)
+                tuned = sample(sde, score, x_T.shape, sampler=cls, steps=steps, x_T=x_T, **best)
+                assert tuned.nfe <= budget and shipped.nfe <= budget
+                logs.append(math.log(whitened_moment_kl(gm, tuned.samples) / whitened_moment_kl(gm, shipped.samples)))
+    assert math.exp(sum(logs) / len(logs)) < 0.7
 
 
 def test_named_deterministic_sampler_is_clamped_on_images_by_default() -> None:

@@ -17,6 +17,7 @@ from .ddpm import DDPM
 from .dpm_solver import DPMSolverPP, DPMSolverPP2S
 from .dpm_solver_adaptive import AdaptiveDPMSolverPP
 from .edm import EDMHeun
+from .defaults import NAMED_RULES, tuned_options
 
 __all__ = [
     "SAMPLERS",
@@ -54,4 +55,6 @@ __all__ = [
     "DPMSolverPP2S",
     "AdaptiveDPMSolverPP",
     "EDMHeun",
+    "NAMED_RULES",
+    "tuned_options",
 ]

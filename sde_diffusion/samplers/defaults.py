@@ -48,17 +48,18 @@ def _unipc(order: int, end_sigma: float) -> Dict[str, Any]:
     return {"order": order, "corrector": True, "grid": "logsnr", "end_sigma": end_sigma}
 
 
-# Measured on the tuning seeds (benchmarks/RESULTS.md, "Random family"): the same configurations
-# won on VP, sub-VP and VE once the end point is a noise level σ/m rather than a time. UniPC
-# (DPM-Solver++ with the UniC corrector) on a uniform log-SNR grid; the fewer the steps, the
-# higher the noise level to stop at (a step spent below σ/m ≈ 0.01 at 5–10 NFE is a step missing
-# where the modes separate); order 3 pays from ~20 NFE.
+# Measured on the tuning seeds (benchmarks/RESULTS.md, "Random family", and re-derived on the wider family's
+# tuning seeds, "Wider family: tuning seeds"): the same configurations won on VP, sub-VP and VE once the end
+# point is a noise level σ/m rather than a time. UniPC (DPM-Solver++ with the UniC corrector) on a uniform
+# log-SNR grid; the fewer the steps, the higher the noise level to stop at (a step spent below σ/m ≈ 0.01 at
+# 5–10 NFE is a step missing where the modes separate). The order schedule: order 2 up to 17 NFE (at 15 NFE
+# order 3 is 5 % worse on the wider family), order 3 from 18 (a tie at 20, 1 % better at 30 and 50).
 _SHARED: Tuple[Rule, ...] = (
     Rule(1, "dpm_solver", _unipc(2, 0.03)),
     Rule(8, "dpm_solver", _unipc(2, 0.01)),
     Rule(13, "dpm_solver", _unipc(2, 0.003)),
     Rule(18, "dpm_solver", _unipc(3, 0.003)),
-    Rule(25, "dpm_solver", _unipc(3, 0.001)),
+    Rule(40, "dpm_solver", _unipc(3, 0.001)),
 )
 RULES: Dict[str, Tuple[Rule, ...]] = {"vp": _SHARED, "subvp": _SHARED, "ve": _SHARED}
 
@@ -168,34 +169,39 @@ def _named(cls: str, exact: Tuple[Tuple[int, Dict[str, Any]], ...],
     return {"exact": tuple(Rule(n, cls, o) for n, o in exact), "learned": tuple(Rule(n, cls, o) for n, o in learned)}
 
 
+def _ls(end_sigma: float, denoise: bool = False, **more: Any) -> Dict[str, Any]:
+    return _end(end_sigma, denoise, "logsnr", **more)
+
+
+# Learned scores, for every table until measured otherwise per sampler (benchmarks/learned_rule.py --named):
+# stop at σ/m = 0.03 below 15 NFE, at 0.01 with the denoising step from 15, as the learned default does.
+_LEARNED_END = ((1, _ls(0.03)), (15, _ls(0.01, True)))
+
 NAMED_RULES: Dict[str, Dict[str, Tuple[Rule, ...]]] = {
     "dpm_solver": _named("dpm_solver",
-                         ((1, _end(0.03, False, "logsnr", order=2)), (8, _end(0.01, False, "logsnr", order=2)),
-                          (13, _end(0.003, False, "logsnr", order=2))),
-                         ((1, _end(0.03, True, "logsnr", order=2)), (15, _end(0.01, True, "logsnr", order=2)))),
-    "unipc": _named("dpm_solver",
-                    ((1, _end(0.03, False, "logsnr", order=2)), (8, _end(0.01, False, "logsnr", order=2)),
-                     (13, _end(0.003, False, "logsnr", order=2)), (18, _end(0.003, False, "logsnr", order=3)),
-                     (25, _end(0.001, False, "logsnr", order=3))),
-                    ((1, _end(0.03, True, "logsnr", order=2)), (15, _end(0.01, True, "logsnr", order=2)))),
+                         ((1, _ls(0.01, order=2)), (18, _ls(0.003, order=2)), (25, _ls(0.003, True, order=2))),
+                         tuple((n, {**o, "order": 2}) for n, o in _LEARNED_END)),
+    # UniPC is the exact-score default's configuration: its table is RULES.
+    "unipc": {"exact": RULES["vp"],
+              "learned": tuple(Rule(n, "dpm_solver", {**o, "order": 2}) for n, o in _LEARNED_END)},
     "dpm_solver_sde": _named("dpm_solver",
-                             ((1, _end(0.03, True, "logsnr")), (15, _end(0.01, True, "logsnr"))),
-                             ((1, _end(0.03, True, "logsnr")), (15, _end(0.01, True, "logsnr")))),
+                             ((1, _ls(0.03)), (13, _ls(0.01)), (18, _ls(0.003)), (25, _ls(0.003, True))),
+                             _LEARNED_END),
     "dpm_solver_2s": _named("dpm_solver_2s",
-                            ((1, _end(0.03, False, "logsnr")), (15, _end(0.01, False, "logsnr"))),
-                            ((1, _end(0.03, True, "logsnr")), (15, _end(0.01, True, "logsnr")))),
-    "ddim": _named("ddim",
-                   ((1, _end(0.03, True, "logsnr")), (15, _end(0.01, True, "logsnr"))),
-                   ((1, _end(0.03, True, "logsnr")), (15, _end(0.01, True, "logsnr")))),
+                            ((1, _ls(0.03, True)), (8, _ls(0.01)), (13, _ls(0.01, True)), (25, _ls(0.003)),
+                             (40, _ls(0.003, True))),
+                            _LEARNED_END),
+    "ddim": _named("ddim", ((1, _ls(0.01)), (8, _ls(0.03, True)), (13, _ls(0.01, True))), _LEARNED_END),
     "edm_heun": _named("edm_heun",
-                       ((1, _end(0.03, False, "karras")), (15, _end(0.01, False, "karras"))),
-                       ((1, _end(0.03, True, "karras")), (15, _end(0.01, True, "karras")))),
-    "ode_heun": _named("ode_heun",
-                       ((1, _end(0.03, False, "logsnr")), (15, _end(0.01, False, "logsnr"))),
-                       ((1, _end(0.03, True, "logsnr")), (15, _end(0.01, True, "logsnr")))),
+                       ((1, _end(0.03, False, "karras")), (8, _end(0.03, True, "karras")), (13, _ls(0.03)),
+                        (18, _ls(0.01)), (40, _ls(0.003))),
+                       _LEARNED_END),
+    "ode_heun": _named("ode_heun", ((1, _ls(0.01, True)), (8, _ls(0.03)), (13, _ls(0.03, True)), (25, _ls(0.01, True))),
+                       _LEARNED_END),
     "ode_rk4": _named("ode_rk4",
-                      ((1, _end(0.03, False, "logsnr")), (15, _end(0.01, False, "logsnr"))),
-                      ((1, _end(0.03, True, "logsnr")), (15, _end(0.01, True, "logsnr")))),
+                      ((1, _end(0.03, True, "karras")), (8, _ls(0.01, True)), (13, _ls(0.03, True)), (18, _ls(0.01)),
+                       (25, _ls(0.01, True)), (40, _ls(0.003, True))),
+                      _LEARNED_END),
 }
 TUNED_KEY = "tuned"
 AUTO = "auto"
