@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--nfe", type=int, nargs="+", default=[5, 10])
     ap.add_argument("--out", type=Path, default=HERE / "results" / "learned_rule.json")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--models", default="digits,moons", help="which demo models")
     ap.add_argument("--only", nargs="*", default=None, metavar="LABEL", help="only these candidates")
     ap.add_argument("--named", action="store_true", help="the named samplers' settings (round 4) instead of the rule's")
     args = ap.parse_args()
@@ -108,6 +109,7 @@ def main() -> None:
     clip = tuple(float(v) for v in dm.scaler(torch.tensor([0.0, 1.0])))
     models = [("digits", digits, lambda x: digits_fd(x, classifier=clf), 500, 250, clip),
               ("moons", toy, lambda x: sliced_wasserstein(x, truth, generator=torch.Generator().manual_seed(0)), 2000, 2000, None)]
+    models = [m for m in models if m[0] in args.models.split(",")]
     rows: List[Dict[str, Any]] = []
     candidates = named_candidates() if args.named else CANDIDATES
     if args.only:

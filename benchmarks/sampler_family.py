@@ -454,6 +454,20 @@ def report(path: Path, write: bool) -> str:
     if pcr:
         text += ["", "At 50 NFE against the floor and the paper's PC sampler at 1000 steps (2000 NFE):", "",
                  md_table(["SDE", "≤ 1.05 × floor or ≤ PC 1000", "geo-mean ours / PC 1000", "median PC 1000 / floor"], pcr)]
+    if any(r["label"] in NAMED_SAMPLERS for r in rows if r["kind"] == "ours"):
+        body = []
+        for name in NAMED_SAMPLERS:
+            line = [name]
+            for budget in NFES:
+                rs = ratios(rows, name)
+                v = [x[1] for sde in SDES for x in rs.get((sde, budget), []) if x[1] > 0]
+                g = geo_mean([min(x, 1e3) for x in v]) if v else None
+                line.append("–" if g is None else f"{g:.2f} ({sum(1 for x in v if x <= 1.5)}/{len(v)})")
+            body.append(line)
+        text += ["", "Named samplers at their config defaults (`sampler=<name>`, the `auto` options filled from "
+                 "NAMED_RULES): geometric-mean ratio to the best k-diffusion setting over all problems and SDEs, "
+                 "and (in brackets) the problems where it is within 1.5× of it:", "",
+                 md_table(["sampler"] + [f"NFE {b}" for b in NFES], body)]
     if any(r["label"].endswith("-shipped") for r in rows if r["kind"] == "ours"):
         h, b = named_table(rows)
         text += ["", "Named samplers (round 4): as shipped, and the best of their settings, per budget "
@@ -466,6 +480,8 @@ def report(path: Path, write: bool) -> str:
     if write:
         fam = "Wider family" if data.get("family") == "wide" else "Random family"
         heading = f"## {fam}: {data['seeds_name']} seeds"
+        if any(r["label"].endswith("-shipped") for r in rows if r["kind"] == "ours"):
+            heading = f"## Named samplers: {data['seeds_name']} seeds of the wider family"
         write_results_section(HERE / "RESULTS.md", heading, f"{heading}\n\n{out}\n")
     return out
 
@@ -488,6 +504,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--report", type=Path, default=None, help="print (and --write) the tables of a results file")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="keep the cases already finished in --out")
     args = ap.parse_args()
     if args.kd_all:
         global KD_FUNCS
@@ -501,14 +518,18 @@ def main() -> None:
         seeds = list(TUNING_SEEDS if args.seeds == "tuning" else HELD_OUT_SEEDS)[: args.limit]
     sdes = [s for s in args.sdes.split(",") if s]
     reuse = not args.no_kdiffusion and args.reuse_peers is not None
+    out = args.out or HERE / "results" / f"family_{args.family}_{args.seeds}.json"
+    kept: List[Dict[str, Any]] = []
+    if args.resume and out.exists():  # keep the cases an interrupted run finished
+        kept = load_results(out)["rows"]
+    finished_cases = {(r["seed"], r["sde"]) for r in kept}
     tasks = [(s, d, args.candidates, not args.no_kdiffusion and not reuse, args.family, args.pc_reference)
-             for s in seeds for d in sdes]
+             for s in seeds for d in sdes if (s, d) not in finished_cases]
     # Big problems first, so that the pool ends together.
     tasks.sort(key=lambda t: -family_draw(args.family, t[0]).dim)
-    out = args.out or HERE / "results" / f"family_{args.family}_{args.seeds}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    rows: List[Dict[str, Any]] = []
+    rows: List[Dict[str, Any]] = list(kept)
 
     def save(done: int) -> None:
         # After every case, atomically: a killed run leaves its finished cases (``"done"``) readable.

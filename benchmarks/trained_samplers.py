@@ -165,8 +165,13 @@ def verdict(a: List[float], b: List[float]) -> str:
 
 
 def peer_benchmark(label: str, model: Any, metric: Callable[[torch.Tensor], float], n: int, batch: int,
-                   scoring: List[int], rows: List[Dict[str, Any]], log: Callable[[Dict[str, Any]], None]) -> None:
-    """Rows for ``default``, ``schedule=fit`` and k-diffusion's best on one trained model."""
+                   scoring: List[int], rows: List[Dict[str, Any]], log: Callable[[Dict[str, Any]], None],
+                   nfes: Tuple[int, ...] = PEER_NFES, kd_top: Optional[int] = None,
+                   save: Callable[[], None] = lambda: None) -> None:
+    """Rows for ``default``, ``schedule=fit`` and k-diffusion's best on one trained model, appended to ``rows``
+    (budgets already there are skipped; ``save`` is called after each budget). ``kd_top``: from the third
+    budget on, only the k-diffusion samplers that ranked in the top ``kd_top`` on the selection seed at the
+    budget before (every σ_min of them is still swept)."""
     from sde_diffusion.samplers import make_sampler
     from sde_diffusion.samplers.fitted import fit_schedule
 
@@ -207,7 +212,19 @@ def peer_benchmark(label: str, model: Any, metric: Callable[[torch.Tensor], floa
         return torch.cat(out), den.nfe // max(1, len(range(0, n, batch)))
 
     x_fit = sde.prior_sample((64, *shape), generator=torch.Generator().manual_seed(FIT_SEED))
-    for nfe in PEER_NFES:
+    done = {r["nfe"] for r in rows if r["model"] == label and r["setting"] == "k-diffusion best"}
+    previous: Optional[int] = None
+    for i, nfe in enumerate(nfes):
+        if nfe in done:
+            previous = nfe
+            continue
+        kd_funcs: Tuple[str, ...] = KD_MAIN
+        if kd_top and previous is not None and i >= 2:
+            sel = [r for r in rows if r["model"] == label and r["setting"] == "kd-select" and r["nfe"] == previous]
+            best_of = {fn: min(r["metric"] for r in sel if r["kd"] == fn[7:]) for fn in KD_MAIN
+                       if any(r["kd"] == fn[7:] for r in sel)}
+            kd_funcs = tuple(sorted(best_of, key=best_of.get)[:kd_top])
+        previous = nfe
         smp, steps, _ = make_sampler(sde, None, nfe, {}, "learned")
         t0 = time.perf_counter()
         fitted = fit_schedule(sde, score, smp, steps, x_fit)
@@ -223,7 +240,7 @@ def peer_benchmark(label: str, model: Any, metric: Callable[[torch.Tensor], floa
                              "seconds": time.perf_counter() - t0})
                 log(rows[-1])
         best = None
-        for fn in KD_MAIN:
+        for fn in kd_funcs:
             kd_n = kd_steps_for(fn, nfe)
             if kd_n is None:
                 continue
@@ -244,8 +261,9 @@ def peer_benchmark(label: str, model: Any, metric: Callable[[torch.Tensor], floa
             x, used = peer(best[1], best[2], best[3], seed)
             rows.append({"model": label, "setting": "k-diffusion best", "nfe": nfe, "used_nfe": used, "seed": seed,
                          "kd": best[1][7:], "sigma_min": best[4], "metric": metric(x),
-                         "seconds": time.perf_counter() - t0})
+                         "seconds": time.perf_counter() - t0, "kd_swept": [f[7:] for f in kd_funcs]})
             log(rows[-1])
+        save()
 
 
 def peer_table(rows: List[Dict[str, Any]], label: str) -> str:
@@ -300,12 +318,9 @@ def peer_main(args: Any) -> None:
         models.append(("moons", toy, lambda x: sliced_wasserstein(x, truth, generator=torch.Generator().manual_seed(0)),
                        args.n_toy, 2000))
     for label, model, metric, n, batch in models:
-        if any(r["model"] == label for r in rows):
-            continue  # --resume: finished in an earlier run
-        part: List[Dict[str, Any]] = []
-        peer_benchmark(label, model, metric, n, batch, scoring, part, _print_row)
-        rows.extend(part)
-        log({"model": label, "finished_s": time.time() - t0})
+        nfes = tuple(args.digits_nfes) if label == "digits" and args.digits_nfes else PEER_NFES
+        peer_benchmark(label, model, metric, n, batch, scoring, rows, _print_row, nfes, args.kd_top,
+                       save=lambda: log({"model": label, "saved_s": time.time() - t0}))
     text = "\n".join([
         f"Command: `{command}`; selection seed {SELECTION_SEED}, scoring seeds {scoring[0]}–{scoring[-1]}; "
         f"{time.time() - t0:.0f} s on this run. Models: `python -m sde_diffusion.demo --quiet` (digits 800 steps, "
@@ -335,7 +350,10 @@ def main() -> None:
     ap.add_argument("--scoring-seeds", type=int, default=8, help="--peer: seeds 1..N score (seed 0 selects the peer's setting)")
     ap.add_argument("--models", default="digits,moons", help="--peer: which demo models")
     ap.add_argument("--out", type=Path, default=None, help="--peer: raw rows (JSON), saved as they come")
-    ap.add_argument("--resume", action="store_true", help="--peer: keep the models already finished in --out")
+    ap.add_argument("--resume", action="store_true", help="--peer: keep the budgets already finished in --out")
+    ap.add_argument("--digits-nfes", type=int, nargs="*", default=None, help="--peer: the digits' budgets (default 5 10 20 50)")
+    ap.add_argument("--kd-top", type=int, default=None,
+                    help="--peer: from the third budget, sweep only the k-diffusion samplers in the top N at the budget before")
     args = ap.parse_args()
     if args.peer:
         peer_main(args)
