@@ -87,6 +87,40 @@ def draw(model: Any, name: Any, options: Dict[str, Any], nfe: int, seed: int, n:
     return torch.cat(out)
 
 
+def report(paths: List[Path], named: bool, write: bool, note: str = "") -> str:
+    """Tables (mean ± standard error over the seeds) of one or more result files of this script."""
+    rows: List[Dict[str, Any]] = []
+    commands = []
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        rows += data["rows"]
+        if data.get("command"):
+            commands.append(data["command"])
+    parts = ["Commands: " + "; ".join(f"`{c}`" for c in commands) + f". Seeds {list(SEEDS)}; mean ± standard error. "
+             "A deterministic sampler has the digits' data-range clamp (what clip_denoised=auto gives it)." + note]
+    for label in ("digits", "moons"):
+        nfes = sorted({r["nfe"] for r in rows if r["model"] == label})
+        tags = list(dict.fromkeys(r["setting"] for r in rows if r["model"] == label))
+        if not tags:
+            continue
+        body = []
+        for tag in tags:
+            line = [tag]
+            for nfe in nfes:
+                v = [r["metric"] for r in rows if r["model"] == label and r["setting"] == tag and r["nfe"] == nfe]
+                line.append("–" if not v else (f"{statistics.mean(v):.4g} ± {statistics.stdev(v) / math.sqrt(len(v)):.2g}"
+                                               if len(v) > 1 else f"{v[0]:.4g}"))
+            body.append(line)
+        metric = "digits-FD of 500 samples" if label == "digits" else "sliced W2 of 2000 samples"
+        parts += ["", f"{label} ({metric}; lower is better):", "", md_table(["setting"] + [f"NFE {n}" for n in nfes], body)]
+    text = "\n".join(parts)
+    print(text)
+    if write:
+        heading = "## Named samplers on trained networks" if named else "## Learned-score rule per budget"
+        write_results_section(HERE / "RESULTS.md", heading, f"{heading}\n\n{text}\n")
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--digits-run", type=Path, default=ROOT / "outputs" / "demo" / "digits_run")
@@ -97,7 +131,11 @@ def main() -> None:
     ap.add_argument("--models", default="digits,moons", help="which demo models")
     ap.add_argument("--only", nargs="*", default=None, metavar="LABEL", help="only these candidates")
     ap.add_argument("--named", action="store_true", help="the named samplers' settings (round 4) instead of the rule's")
+    ap.add_argument("--report", type=Path, nargs="+", default=None, help="print (and --write) the tables of result files")
     args = ap.parse_args()
+    if args.report:
+        report(args.report, args.named, args.write)
+        return
     from sde_diffusion.evaluation.digits_classifier import digits_fd, get_classifier
     from sde_diffusion.metrics import sliced_wasserstein
 
@@ -123,7 +161,7 @@ def main() -> None:
                     print(f"{label} NFE {nfe} {tag} seed {seed}: {m:.4f}", file=sys.stderr, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"rows": rows}))
+    tmp.write_text(json.dumps({"command": "python -m benchmarks.learned_rule " + " ".join(sys.argv[1:]), "rows": rows}))
     os.replace(tmp, args.out)
     parts = [f"Command: `python -m benchmarks.learned_rule {' '.join(sys.argv[1:])}`; seeds {list(SEEDS)}, "
              f"{time.time() - t0:.0f} s. Mean ± standard error; a deterministic sampler has the digits' clamp."]

@@ -288,6 +288,34 @@ def _print_row(row: Dict[str, Any]) -> None:
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
 
 
+def peer_report(paths: List[Path], write: bool) -> str:
+    """The tables of one or more ``--peer`` result files (e.g. the digits and the moons run separately)."""
+    import json
+
+    rows: List[Dict[str, Any]] = []
+    commands = []
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        rows += data["rows"]
+        commands.append(data["command"])
+    seeds = sorted({r["seed"] for r in rows if r.get("setting") == "default"})
+    n_digits = 500
+    text = "\n".join([
+        "Commands: " + "; ".join(f"`{c}`" for c in commands) + ".",
+        f"Selection seed {SELECTION_SEED}; scoring seeds {seeds[0]}–{seeds[-1]} ({len(seeds)}). Models: "
+        "`python -m sde_diffusion.demo --quiet` (digits 800 steps, moons 1500 steps, VP). Mean ± standard error over "
+        "the scoring seeds; verdicts at 2 standard errors of the difference.", "",
+        f"Digits, digits-FD of {n_digits} samples against the 1797 digits (lower is better):", "",
+        peer_table(rows, "digits"), "",
+        "Moons, sliced W2 of 2000 samples against 20000 fresh draws (lower is better):", "",
+        peer_table(rows, "moons")])
+    print(text)
+    if write:
+        heading = "## Trained networks against k-diffusion"
+        write_results_section(HERE / "RESULTS.md", heading, f"{heading}\n\n{text}\n")
+    return text
+
+
 def peer_main(args: Any) -> None:
     import json
     import os
@@ -354,7 +382,11 @@ def main() -> None:
     ap.add_argument("--digits-nfes", type=int, nargs="*", default=None, help="--peer: the digits' budgets (default 5 10 20 50)")
     ap.add_argument("--kd-top", type=int, default=None,
                     help="--peer: from the third budget, sweep only the k-diffusion samplers in the top N at the budget before")
+    ap.add_argument("--peer-report", type=Path, nargs="+", default=None, help="print (and --write) the tables of --peer runs")
     args = ap.parse_args()
+    if args.peer_report:
+        peer_report(args.peer_report, args.write)
+        return
     if args.peer:
         peer_main(args)
         return
