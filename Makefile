@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-roundings test-all bench clean
+.PHONY: demo test test-roundings test-all bench peers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test-roundings: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
+
+# k-diffusion for the benchmarks' peer columns, without letting pip swap the installed torch for another build
+peers: $(STAMP)
+	$(PY) -m pip install ".[peers]" "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.samplers

@@ -505,6 +505,7 @@ def main() -> None:
     ap.add_argument("--report", type=Path, default=None, help="print (and --write) the tables of a results file")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--resume", action="store_true", help="keep the cases already finished in --out")
+    ap.add_argument("--small-first", action="store_true", help="run the low-dimensional problems first")
     args = ap.parse_args()
     if args.kd_all:
         global KD_FUNCS
@@ -525,8 +526,8 @@ def main() -> None:
     finished_cases = {(r["seed"], r["sde"]) for r in kept}
     tasks = [(s, d, args.candidates, not args.no_kdiffusion and not reuse, args.family, args.pc_reference)
              for s in seeds for d in sdes if (s, d) not in finished_cases]
-    # Big problems first, so that the pool ends together.
-    tasks.sort(key=lambda t: -family_draw(args.family, t[0]).dim)
+    # Big problems first, so that the pool ends together (--small-first: the many small ones first).
+    tasks.sort(key=lambda t: (1 if args.small_first else -1) * family_draw(args.family, t[0]).dim)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     rows: List[Dict[str, Any]] = list(kept)

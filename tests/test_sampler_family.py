@@ -23,6 +23,7 @@ from sde_diffusion.testing import (
     reference_quantiles,
     sliced_w2,
     whitened_moment_kl,
+    wide_family,
 )
 
 pytestmark = [pytest.mark.numeric, pytest.mark.usefixtures("single_thread")]
@@ -42,6 +43,30 @@ def test_family_spans_what_it_states() -> None:
     again = random_family(7)
     assert torch.equal(again.means, draws[7].means) and torch.equal(again.covs, draws[7].covs)
     assert [(g.dim, g.num_components) for g in (draws[s] for s in FAMILY_SEEDS)] == [(221, 3), (3, 7), (2, 9)]
+
+
+def test_wide_family_spans_what_it_states() -> None:
+    """Half the draws are the original family; the other half have 2–64 sharp modes in 2–8 D whose std to
+    nearest-neighbour spacing runs down to 1:50."""
+    from sde_diffusion.testing.draws import random_family_parameters, wide_family_kind
+
+    seeds = range(300)
+    kinds = [wide_family_kind(s) for s in seeds]
+    assert 0.4 < kinds.count("structured") / len(kinds) < 0.6
+    structured = [wide_family(s) for s, k in zip(seeds, kinds) if k == "structured"]
+    assert {g.dim for g in structured} == set(range(2, 9))
+    modes = [g.num_components for g in structured]
+    assert min(modes) == 2 and 56 <= max(modes) <= 64
+    spread = []
+    for g in structured:
+        d = torch.cdist(g.means, g.means).fill_diagonal_(math.inf).min(1).values
+        spread.append(float(g.eigvals.sqrt().mean() / d.median()))
+    assert min(spread) < 1 / 30 and max(spread) < 1.5  # down to ~1:50, never overlapping beyond ~1:2 (×anisotropy)
+    for s, k in list(zip(seeds, kinds))[:20]:
+        if k == "random":  # the original family's draw, unchanged
+            w, m, c = random_family_parameters(s)
+            assert torch.equal(wide_family(s).means, m) and torch.equal(wide_family(s).covs, c)
+    assert torch.equal(wide_family(3011).means, wide_family(3011).means)
 
 
 @pytest.mark.parametrize("seed", FAMILY_SEEDS)
