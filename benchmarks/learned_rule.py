@@ -92,7 +92,9 @@ def report(paths: List[Path], named: bool, write: bool, note: str = "") -> str:
     rows: List[Dict[str, Any]] = []
     commands = []
     for p in paths:
-        data = json.loads(Path(p).read_text())
+        from .sampler_family import load_results
+
+        data = load_results(Path(p))  # .json or .json.gz
         rows += data["rows"]
         if data.get("command"):
             commands.append(data["command"])

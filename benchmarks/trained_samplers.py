@@ -295,7 +295,9 @@ def peer_report(paths: List[Path], write: bool) -> str:
     rows: List[Dict[str, Any]] = []
     commands = []
     for p in paths:
-        data = json.loads(Path(p).read_text())
+        from .sampler_family import load_results
+
+        data = load_results(Path(p))  # .json or .json.gz
         rows += data["rows"]
         commands.append(data["command"])
     seeds = sorted({r["seed"] for r in rows if r.get("setting") == "default"})
