@@ -152,7 +152,9 @@ def test_clip_denoised_clamps_the_denoiser_for_images(digits_run: Path, tmp_path
     # A named deterministic sampler at its measured settings is clamped too (auto); the paper's pc is not, and
     # clip_denoised=false turns the clamp off. clip_denoised=true asks for it, and is bit for bit DataRangeClip.
     run(_sample_cfg(digits_run, "sampler=ddim", "steps=2", "n=2", "batch_size=2", f"out={tmp_path / 'b'}", "figures=false"))
-    assert json.loads((tmp_path / "b" / "run.json").read_text())["sampler"]["clip_denoised"] == [-1.0, 1.0]
+    rj_b = json.loads((tmp_path / "b" / "run.json").read_text())["sampler"]
+    assert rj_b["clip_denoised"] == [-1.0, 1.0] and rj_b["tuned"].endswith("NAMED_RULES['ddim']['learned']")
+    assert "auto" not in rj_b["options"].values() and "tuned" not in rj_b["options"]
     run(_sample_cfg(digits_run, "sampler=ddim", "steps=2", "n=2", "batch_size=2", "clip_denoised=false",
                     f"out={tmp_path / 'b2'}", "figures=false"))
     assert json.loads((tmp_path / "b2" / "run.json").read_text())["sampler"]["clip_denoised"] is None

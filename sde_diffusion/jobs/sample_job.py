@@ -422,6 +422,9 @@ class SampleJob(ModelJob):
             "sampler": {"name": c.name, "steps": c.steps, "options": c.options,
                         "expected_nfe_per_batch": c.sampler.expected_nfe(c.steps),
                         "default_rule": c.default_rule.as_dict() if c.default_rule is not None else None,
+                        # the measured-best table the named sampler's `auto` options came from
+                        "tuned": (f"sde_diffusion.samplers.defaults.NAMED_RULES[{c.tuned!r}]['learned']"
+                                  if c.tuned is not None else None),
                         "clip_denoised": list(self.clip_range) if self.clip_range is not None else None,
                         "schedule": self.schedule},
             "task": cfg.task,
