@@ -239,7 +239,7 @@ def run_case(task: Tuple[int, str, Optional[str], bool, str, bool]) -> List[Dict
         # NAMED_RULES for n steps; n is the largest whose NFE fits the budget.
         fits = []
         for n in range(1, budget + 1):
-            opts = fill_tuned(sde, cls, n, options, "exact")
+            opts = fill_tuned(sde, cls, n, options, "exact", build=build_sampler)
             if build_sampler(cls, **opts).expected_nfe(n) <= budget:
                 fits.append((n, opts))
         if fits:

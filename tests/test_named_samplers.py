@@ -77,9 +77,9 @@ def test_the_papers_algorithms_keep_their_own_settings(config: str) -> None:
 
 def test_fill_tuned_errors_and_passthrough() -> None:
     with pytest.raises(ValueError, match="no measured settings for sampler 'nope'.*dpm_solver"):
-        fill_tuned(VPSDE(), "dpm_solver", 10, {"tuned": "nope", "grid": "auto"})
+        fill_tuned(VPSDE(), "dpm_solver", 10, {"tuned": "nope", "grid": "auto"}, build=build_sampler)
     # Without `auto` values nothing is looked up, and the key is removed.
-    assert fill_tuned(VPSDE(), "ddim", 10, {"tuned": "nope", "grid": "uniform"}) == {"grid": "uniform"}
+    assert fill_tuned(VPSDE(), "ddim", 10, {"tuned": "nope", "grid": "uniform"}, build=build_sampler) == {"grid": "uniform"}
     with pytest.raises(ValueError, match="score must be one of"):
         tuned_options("ddim", VPSDE(), 10, "trained")
 
@@ -90,7 +90,7 @@ def test_python_api_takes_the_same_table() -> None:
     score = lambda x, t: -x  # noqa: E731
     opts = {"tuned": "unipc", "order": "auto", "grid": "auto", "end_sigma": "auto", "denoise": "auto", "corrector": True}
     a = sample(VPSDE(), score, x_T.shape, sampler="dpm_solver", steps=8, x_T=x_T, dtype=torch.float64, **opts)
-    resolved = fill_tuned(VPSDE(), "dpm_solver", 8, opts, "exact")
+    resolved = fill_tuned(VPSDE(), "dpm_solver", 8, opts, "exact", build=build_sampler)
     b = sample(VPSDE(), score, x_T.shape, sampler="dpm_solver", steps=8, x_T=x_T, dtype=torch.float64, **resolved)
     assert torch.equal(a.samples, b.samples)
 

@@ -37,7 +37,7 @@ from ..config import SampleConfig, to_plain
 from ..guidance import ClassifierFreeGuidance, ClassifierGuidance, ContextGuidance
 from ..io import write_json
 from ..registry import MODES, SAMPLE_TASKS
-from ..samplers import make_sampler, sample
+from ..samplers import build_sampler, make_sampler, sample
 from ..samplers.defaults import DefaultChoice, fill_tuned
 from ..samplers.sampler import is_deterministic
 from ..score import DataRangeClip
@@ -85,7 +85,7 @@ def choose_sampler(sde: Any, cfg: SampleConfig) -> SamplerChoice:
     name, steps, options = cfg.sampler_name, cfg.sampler_steps, cfg.sampler_options
     tuned = options.get("tuned") if name != "auto" else None
     if tuned is not None:  # sampler=<name>: its `auto` options become the measured best for this budget
-        options = fill_tuned(sde, name, _steps(steps), options, "learned")
+        options = fill_tuned(sde, name, _steps(steps), options, "learned", build=build_sampler)
     sampler, steps, rule = make_sampler(sde, name, steps, options, score_kind="learned")  # a trained network
     if rule is not None:  # what the rule chose, with the group's options on top (as make_sampler built it)
         name, options = rule.name, {**rule.options, **options}

@@ -222,9 +222,12 @@ def tuned_options(tuned: str, sde: SDE, nfe: int, score: str = "exact") -> Dict[
     return dict([r for r in rules if r.min_nfe <= max(int(nfe), 1)][-1].options)
 
 
-def fill_tuned(sde: SDE, name: str, steps: int, options: Dict[str, Any], score: str = "exact") -> Dict[str, Any]:
+def fill_tuned(sde: SDE, name: str, steps: int, options: Dict[str, Any], score: str = "exact", *,
+               build: Any) -> Dict[str, Any]:
     """``options`` with every ``auto`` value replaced by the measured best (:func:`tuned_options`) when they name
-    a ``tuned`` table; the ``tuned`` key itself removed. Options set to anything else are the user's and stay."""
+    a ``tuned`` table; the ``tuned`` key itself removed. Options set to anything else are the user's and stay.
+    ``build(name, **options)`` makes the sampler (for its evaluations per step: the table is keyed by NFE);
+    :func:`~.sampler.build_sampler` in practice."""
     options = dict(options)
     tuned = options.pop(TUNED_KEY, None)
     if tuned is None:
@@ -232,9 +235,7 @@ def fill_tuned(sde: SDE, name: str, steps: int, options: Dict[str, Any], score: 
     autos = [k for k, v in options.items() if isinstance(v, str) and v == AUTO]
     if not autos:
         return options
-    from .sampler import build_sampler
-
-    probe = build_sampler(name, **{k: v for k, v in options.items() if k not in autos})
+    probe = build(name, **{k: v for k, v in options.items() if k not in autos})
     nfe = steps * (probe.nfe_per_step or 1)
     best = tuned_options(str(tuned), sde, nfe, score)
     for key in autos:
@@ -251,14 +252,16 @@ AUTO_SAMPLER = "auto"
 
 
 def resolve_sampler(sde: SDE, name: Any, steps: int, options: Dict[str, Any],
-                    score: str = "exact") -> Tuple[str, int, Dict[str, Any], Any]:
+                    score: str = "exact", build: Any = None) -> Tuple[str, int, Dict[str, Any], Any]:
     """``(name, steps, options, choice)``: a named sampler passes through (``choice`` None); ``None``
     or ``"auto"`` becomes :func:`default_sampler` for the budget ``steps`` (NFE) and the ``score``
     kind, with ``options`` overriding the chosen ones (e.g. ``eps=``) and ``choice`` the
     :class:`DefaultChoice`. :func:`~sde_diffusion.samplers.make_sampler` builds and checks the
     sampler from this; call that unless only the names are wanted."""
     if name is not None and name != AUTO_SAMPLER:
-        return name, steps, fill_tuned(sde, name, steps, options, score), None
+        if options.get(TUNED_KEY) is not None and build is None:
+            raise ValueError("options name a tuned table; pass build= (make_sampler does)")
+        return name, steps, (fill_tuned(sde, name, steps, options, score, build=build) if build else options), None
     choice = default_sampler(sde, steps, score)
     merged = {**choice.options, **options}
     steps_ = choice.steps

@@ -362,7 +362,8 @@ def make_sampler(
         ValueError: bad ``steps``, an unknown name (listing the registered ones) or option
         (listing the accepted ones), or a sampler that cannot run on ``sde``.
     """
-    name, steps, opts, choice = resolve_sampler(sde, name, _check_steps(steps), dict(options or {}), score_kind)
+    name, steps, opts, choice = resolve_sampler(sde, name, _check_steps(steps), dict(options or {}), score_kind,
+                                                build=build_sampler)
     sampler = build_sampler(name, **opts)
     sampler.validate(sde)
     return sampler, steps, choice
