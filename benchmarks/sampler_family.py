@@ -208,24 +208,13 @@ def run_case(task: Tuple[int, str, Optional[str], bool, str, bool]) -> List[Dict
                  "metric_sd": statistics.stdev(floors)})
 
     def ours(label: str, name: Optional[str], options: Dict[str, Any], budget: int) -> None:
-        t0 = time.perf_counter()
-        try:
-            if name is None:
-                choice = default_sampler(sde, budget)
-                name_, opts, steps = choice.name, choice.options, choice.steps
-            else:
-                name_, opts = name, options
-                steps = ours_steps(name, options, budget)
-                if steps is None:
-                    return
-            g = torch.Generator().manual_seed(NOISE_SEED + 1)
-            out = sample(sde, score_fn, x_T.shape, sampler=name_, steps=steps, x_T=x_T, generator=g, **opts)
-            metric, nfe = whitened_moment_kl(gm, out.samples), out.nfe
-        except Exception as err:  # noqa: BLE001 - a failure is a result
-            metric, nfe = math.inf, budget
-            print(f"  {label} seed {seed} {sde_name} NFE {budget}: {type(err).__name__}: {err}", file=sys.stderr)
-        rows.append({**base, "kind": "ours", "label": label, "budget": budget, "nfe": nfe, "metric": metric,
-                     "seconds": time.perf_counter() - t0})
+        if name is None:
+            choice = default_sampler(sde, budget)
+            ours_fixed(label, choice.name, choice.options, choice.steps, budget)
+            return
+        steps = ours_steps(name, options, budget)
+        if steps is not None:
+            ours_fixed(label, name, options, steps, budget)
 
     if with_pc:
         # The paper's predictor-corrector sampler at 1000 steps (2000 NFE): the 50-NFE target's yardstick.

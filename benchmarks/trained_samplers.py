@@ -148,9 +148,9 @@ FIT_SEED = 12345
 
 
 def _mean_se(v: List[float]) -> Tuple[float, float]:
-    import math
+    from .fitted_schedules import _stats  # mean and standard error, as that benchmark reports them
 
-    return statistics.mean(v), (statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else float("nan"))
+    return _stats(v)
 
 
 def verdict(a: List[float], b: List[float]) -> str:

@@ -39,7 +39,7 @@ from ..io import write_json
 from ..registry import MODES, SAMPLE_TASKS
 from ..samplers import build_sampler, make_sampler, sample
 from ..samplers.defaults import DefaultChoice, fill_tuned
-from ..samplers.sampler import is_deterministic
+from ..samplers.sampler import _check_steps, is_deterministic
 from ..score import DataRangeClip
 from .model import LoadedClassifier, LoadedModel, ModelJob, load_guidance_classifier
 from .runner import BatchHook, Progress, Runner, RunResult, batch_generator
@@ -85,17 +85,12 @@ def choose_sampler(sde: Any, cfg: SampleConfig) -> SamplerChoice:
     name, steps, options = cfg.sampler_name, cfg.sampler_steps, cfg.sampler_options
     tuned = options.get("tuned") if name != "auto" else None
     if tuned is not None:  # sampler=<name>: its `auto` options become the measured best for this budget
-        options = fill_tuned(sde, name, _steps(steps), options, "learned", build=build_sampler)
+        options = fill_tuned(sde, name, _check_steps(steps), options, "learned", build=build_sampler)
     sampler, steps, rule = make_sampler(sde, name, steps, options, score_kind="learned")  # a trained network
     if rule is not None:  # what the rule chose, with the group's options on top (as make_sampler built it)
         name, options = rule.name, {**rule.options, **options}
     return SamplerChoice(sampler, name, steps, dict(options), rule, tuned)
 
-
-def _steps(steps: Any) -> int:
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be an integer ≥ 1, got {steps}")
-    return int(steps)
 
 
 # ---------------------------------------------------------------------------------- the job
