@@ -133,7 +133,17 @@ for _n, (_cls, _o) in NAMED_SAMPLERS.items():
         for _s in (0.003, 0.01, 0.03):
             for _d in (False, True):
                 CANDIDATES_ROUND4[f"{_n}-{_g}-s{_s:g}{'-d' if _d else ''}"] = (_cls, {**_o, "grid": _g, "end_sigma": _s, "denoise": _d})
-CANDIDATE_SETS = {"1": CANDIDATES_ROUND1, "2": CANDIDATES_ROUND2, "3": CANDIDATES_ROUND3, "4": CANDIDATES_ROUND4}
+# Round 5: the fixed-step ODE integrators in EDM's variables σ̃ = σ/m, x̃ = x/m (``variable="sigma"``), where on VE
+# the same steps in t diverge at 5–20 NFE (round 4).
+CANDIDATES_ROUND5: Dict[str, Tuple[str, Dict[str, Any]]] = {}
+for _n in ("ode_heun", "ode_rk4"):
+    for _g in ("logsnr", "karras"):
+        for _s in (0.003, 0.01, 0.03):
+            for _d in (False, True):
+                CANDIDATES_ROUND5[f"{_n}-sigma-{_g}-s{_s:g}{'-d' if _d else ''}"] = (
+                    _n, {"variable": "sigma", "grid": _g, "end_sigma": _s, "denoise": _d})
+CANDIDATE_SETS = {"1": CANDIDATES_ROUND1, "2": CANDIDATES_ROUND2, "3": CANDIDATES_ROUND3, "4": CANDIDATES_ROUND4,
+                  "5": CANDIDATES_ROUND5}
 
 # The wider family (``sde_diffusion.testing.wide_family``): its own seeds, drawn after the family was
 # fixed and before any result on it was seen.
@@ -404,6 +414,35 @@ def named_table(rows: List[Dict[str, Any]]) -> Tuple[List[str], List[List[str]]]
     return ["sampler", "NFE", "shipped: geo-mean ratio", "best setting", "its geo-mean ratio"], body
 
 
+# Each named sampler's own method in the peer, where the peer's sweep has it (``KD_FUNCS``).
+PEER_COUNTERPART = {"dpm_solver": "dpmpp_2m", "dpm_solver_sde": "dpmpp_2m_sde", "edm_heun": "heun", "ode_heun": "heun"}
+
+
+def counterpart_table(rows: List[Dict[str, Any]]) -> Tuple[List[str], List[List[str]]]:
+    """Per named sampler with a counterpart in the peer (:data:`PEER_COUNTERPART`) and budget: the geometric-mean
+    ratio of its error to the best σ_min/ρ setting of that same method in k-diffusion, and the problems where it
+    is within 1.5×. The peer's setting is the best in hindsight on the selection draw (``kd_select`` rows), ours is
+    scored on the scoring draw: the comparison leans towards the peer."""
+    peer: Dict[Tuple[int, str, int, str], float] = {}
+    mine: Dict[Tuple[int, str, int, str], float] = {}
+    for r in rows:
+        key = (r["seed"], r["sde"], r["budget"])
+        if r["kind"] == "kd_select" and r["nfe"] <= r["budget"] and math.isfinite(r["metric"]):
+            k = key + (r["label"].split(" ")[0],)
+            peer[k] = min(peer.get(k, math.inf), r["metric"])
+        elif r["kind"] == "ours" and r["label"] in PEER_COUNTERPART:
+            mine[key + (r["label"],)] = r["metric"]
+    body = []
+    for name, fn in PEER_COUNTERPART.items():
+        line = [f"{name} / {fn}"]
+        for budget in NFES:
+            v = [min(m / peer[k[:3] + (fn,)], 1e3) if math.isfinite(m) else 1e3
+                 for k, m in mine.items() if k[3] == name and k[2] == budget and k[:3] + (fn,) in peer]
+            line.append(f"{geo_mean(v):.2f} ({sum(1 for x in v if x <= 1.5)}/{len(v)})" if v else "–")
+        body.append(line)
+    return ["ours / peer's same method"] + [f"NFE {b}" for b in NFES], body
+
+
 def candidate_table(rows: List[Dict[str, Any]]) -> Tuple[List[str], List[List[str]]]:
     labels = sorted({r["label"] for r in rows if r["kind"] == "ours"})
     header = ["config"] + [f"{s} {b}" for s in SDES for b in NFES]
@@ -457,6 +496,11 @@ def report(path: Path, write: bool) -> str:
                  "NAMED_RULES): geometric-mean ratio to the best k-diffusion setting over all problems and SDEs, "
                  "and (in brackets) the problems where it is within 1.5× of it:", "",
                  md_table(["sampler"] + [f"NFE {b}" for b in NFES], body)]
+        h, b = counterpart_table(rows)
+        if any(cell != "–" for line in b for cell in line[1:]):
+            text += ["", "The same samplers against the peer's implementation of the same method at its best σ_min "
+                     "and ρ (chosen in hindsight on the selection draw, per problem): geometric-mean ratio, and "
+                     "(in brackets) the problems within 1.5×:", "", md_table(h, b)]
     if any(r["label"].endswith("-shipped") for r in rows if r["kind"] == "ours"):
         h, b = named_table(rows)
         text += ["", "Named samplers (round 4): as shipped, and the best of their settings, per budget "
@@ -486,7 +530,8 @@ def main() -> None:
     ap.add_argument("--candidates", choices=sorted(CANDIDATE_SETS) + ["named"], default=None,
                     help="also run this round of the configurations the default was chosen from")
     ap.add_argument("--reuse-peers", type=Path, default=None,
-                    help="take the k-diffusion rows from this earlier results file instead of running them again")
+                    help="take the k-diffusion rows (and PC's at 1000 steps, unless --pc-reference) from this earlier "
+                         "results file instead of running them again")
     ap.add_argument("--no-kdiffusion", action="store_true")
     ap.add_argument("--kd-all", action="store_true", help="also sample_euler (never best on the tuning seeds)")
     ap.add_argument("--jobs", type=int, default=1)
@@ -544,7 +589,9 @@ def main() -> None:
             finished(i, run_case(t))
     if reuse:
         old = load_results(args.reuse_peers)["rows"]
-        rows += [r for r in old if r["kind"] in ("kd", "kd_select") and r["seed"] in seeds and r["sde"] in sdes]
+        # The peer's rows, and PC at 1000 steps where the earlier run has it (not run again).
+        rows += [r for r in old if r["kind"] in ("kd", "kd_select", "pc1000") and r["seed"] in seeds and r["sde"] in sdes
+                 and not (r["kind"] == "pc1000" and args.pc_reference)]
     save(len(tasks))
     report(out, args.write)
 

@@ -38,7 +38,7 @@ from ..guidance import ClassifierFreeGuidance, ClassifierGuidance, ContextGuidan
 from ..io import write_json
 from ..registry import MODES, SAMPLE_TASKS
 from ..samplers import build_sampler, make_sampler, sample
-from ..samplers.defaults import DefaultChoice, fill_tuned
+from ..samplers.defaults import DefaultChoice, fill_tuned, tuned_table
 from ..samplers.sampler import _check_steps, is_deterministic
 from ..score import DataRangeClip
 from .model import LoadedClassifier, LoadedModel, ModelJob, load_guidance_classifier
@@ -418,7 +418,8 @@ class SampleJob(ModelJob):
                         "expected_nfe_per_batch": c.sampler.expected_nfe(c.steps),
                         "default_rule": c.default_rule.as_dict() if c.default_rule is not None else None,
                         # the measured-best table the named sampler's `auto` options came from
-                        "tuned": (f"sde_diffusion.samplers.defaults.NAMED_RULES[{c.tuned!r}]['learned']"
+                        "tuned": (f"sde_diffusion.samplers.defaults.NAMED_RULES[{c.tuned!r}]"
+                                  f"[{tuned_table(c.tuned, self.model.sde, 'learned')!r}]"
                                   if c.tuned is not None else None),
                         "clip_denoised": list(self.clip_range) if self.clip_range is not None else None,
                         "schedule": self.schedule},

@@ -169,6 +169,12 @@ def _named(cls: str, exact: Tuple[Tuple[int, Dict[str, Any]], ...],
     return {"exact": tuple(Rule(n, cls, o) for n, o in exact), "learned": tuple(Rule(n, cls, o) for n, o in learned)}
 
 
+def _named_family(family: str, cls: str, exact: Tuple[Tuple[int, Dict[str, Any]], ...],
+                  learned: Tuple[Tuple[int, Dict[str, Any]], ...]) -> Dict[str, Tuple[Rule, ...]]:
+    """Tables measured apart for one process family: keys ``"exact/<family>"``, ``"learned/<family>"``."""
+    return {f"{k}/{family}": v for k, v in _named(cls, exact, learned).items()}
+
+
 def _ls(end_sigma: float, denoise: bool = False, **more: Any) -> Dict[str, Any]:
     return _end(end_sigma, denoise, "logsnr", **more)
 
@@ -200,26 +206,52 @@ NAMED_RULES: Dict[str, Dict[str, Tuple[Rule, ...]]] = {
                         (18, _ls(0.01)), (40, _ls(0.003))),
                        ((1, {"grid": "karras", **_SHIPPED_END}), (8, _ls(0.03)), (15, _ls(0.01, True)))),
     # The ODE integrators on learned scores: σ/m = 0.01 best on the moons at 5 and 10 NFE (all diverge on the digits).
-    "ode_heun": _named("ode_heun", ((1, _ls(0.01, True)), (8, _ls(0.03)), (13, _ls(0.03, True)), (25, _ls(0.01, True))),
-                       ((1, _ls(0.01)), (15, _ls(0.01, True)))),
-    "ode_rk4": _named("ode_rk4",
-                      ((1, _end(0.03, True, "karras")), (8, _ls(0.01, True)), (13, _ls(0.03, True)), (18, _ls(0.01)),
-                       (25, _ls(0.01, True)), (40, _ls(0.003, True))),
-                      ((1, _ls(0.01)), (15, _ls(0.01, True)))),
+    # They step in t on VP and sub-VP; on VE (own tables, "<score>/ve") in σ̃ = σ/m: round 5 of sampler_family, where
+    # 2–15 steps in t across VE's σ range are unstable (the learned VE table follows that evidence; no VE network
+    # was measured).
+    **{name: {**_named(name, exact, learned), **_named_family("ve", name, exact_ve, learned_ve)}
+       for name, exact, learned, exact_ve, learned_ve in (
+           ("ode_heun",
+            ((1, _ls(0.01, True, variable="t")), (8, _ls(0.03, variable="t")), (13, _ls(0.03, True, variable="t")),
+             (25, _ls(0.01, True, variable="t"))),
+            ((1, _ls(0.01, variable="t")), (15, _ls(0.01, True, variable="t"))),
+            ((1, _end(0.03, True, "karras", variable="sigma")), (8, _ls(0.03, variable="sigma")),
+             (13, _end(0.03, True, "karras", variable="sigma")), (18, _end(0.01, True, "karras", variable="sigma")),
+             (40, _end(0.003, True, "karras", variable="sigma"))),
+            ((1, _ls(0.01, variable="sigma")), (15, _ls(0.01, True, variable="sigma")))),
+           ("ode_rk4",
+            ((1, _end(0.03, True, "karras", variable="t")), (8, _ls(0.01, True, variable="t")),
+             (13, _ls(0.03, True, variable="t")), (18, _ls(0.01, variable="t")), (25, _ls(0.01, True, variable="t")),
+             (40, _ls(0.003, True, variable="t"))),
+            ((1, _ls(0.01, variable="t")), (15, _ls(0.01, True, variable="t"))),
+            ((1, _end(0.01, True, "karras", variable="sigma")), (8, _ls(0.03, True, variable="sigma")),
+             (13, _end(0.03, True, "karras", variable="sigma")), (18, _end(0.003, False, "karras", variable="sigma")),
+             (25, _end(0.003, True, "karras", variable="sigma")), (40, _ls(0.003, True, variable="sigma"))),
+            ((1, _ls(0.01, variable="sigma")), (15, _ls(0.01, True, variable="sigma")))),
+       )},
 }
 TUNED_KEY = "tuned"
 AUTO = "auto"
 
 
 def tuned_options(tuned: str, sde: SDE, nfe: int, score: str = "exact") -> Dict[str, Any]:
-    """The options :data:`NAMED_RULES` gives sampler config ``tuned`` at ``nfe`` score evaluations for ``score``."""
+    """The options :data:`NAMED_RULES` gives sampler config ``tuned`` at ``nfe`` score evaluations for ``score``:
+    the table ``"<score>/<family>"`` for ``sde``'s family (:func:`sde_family`) where one was measured apart, else
+    the table ``score`` shared by the families."""
     if tuned not in NAMED_RULES:
         raise ValueError(f"no measured settings for sampler {tuned!r} (tuned: …); choose one of: "
                          f"{', '.join(sorted(NAMED_RULES))}, or set its options and remove the tuned key")
     if score not in SCORE_KINDS:
         raise ValueError(f"score must be one of {SCORE_KINDS}, got {score!r}")
-    rules = NAMED_RULES[tuned][score]
+    rules = NAMED_RULES[tuned][tuned_table(tuned, sde, score)]
     return dict([r for r in rules if r.min_nfe <= max(int(nfe), 1)][-1].options)
+
+
+def tuned_table(tuned: str, sde: SDE, score: str = "exact") -> str:
+    """The key of ``NAMED_RULES[tuned]`` that serves ``sde`` and ``score``: ``"<score>/<family>"`` if that family
+    has a table of its own, else ``score``."""
+    own = f"{score}/{sde_family(sde)}"
+    return own if own in NAMED_RULES[tuned] else score
 
 
 def fill_tuned(sde: SDE, name: str, steps: int, options: Dict[str, Any], score: str = "exact", *,
@@ -282,4 +314,4 @@ def rules_table(score: str = "exact") -> List[Tuple[str, str, str]]:
     return rows
 
 
-__all__ = ["NAMED_RULES", "tuned_options", "fill_tuned", "AUTO_SAMPLER", "LEARNED_RULES", "SCORE_KINDS", "is_learned_score", "resolve_sampler", "FAMILIES", "Rule", "RULES", "DefaultChoice", "sde_family", "default_sampler", "rules_table"]
+__all__ = ["NAMED_RULES", "tuned_options", "tuned_table", "fill_tuned", "AUTO_SAMPLER", "LEARNED_RULES", "SCORE_KINDS", "is_learned_score", "resolve_sampler", "FAMILIES", "Rule", "RULES", "DefaultChoice", "sde_family", "default_sampler", "rules_table"]

@@ -1,7 +1,8 @@
 r"""Samplers that integrate the probability-flow ODE dx/dt = f(t)x − ½ g(t)² s(x, t) from T to eps.
 
 * ``ode_heun``, ``ode_rk4`` — fixed steps on the sampler's time grid (any grid kind), torch on the
-  device: NFE = 2·steps (Heun), 4·steps (RK4).
+  device: NFE = 2·steps (Heun), 4·steps (RK4). They integrate in t (``variable="t"``) or in EDM's
+  variables σ̃ = σ/m, x̃ = x/m (``variable="sigma"``), where the linear part of the ODE is exact.
 * ``ode_dopri5`` — adaptive Dormand–Prince 5(4) in torch with a per-sample step size
   (:func:`~sde_diffusion.ode.odeint_dopri5`), so a sample does not depend on the rest of the batch.
 * ``ode_scipy`` — ``scipy.integrate.solve_ivp`` (RK45, DOP853, …) on the flattened batch, in
@@ -35,23 +36,52 @@ def _check_tol(rtol: float, atol: float) -> Tuple[float, float]:
     return float(rtol), float(atol)
 
 
-class FixedStepODE(StepSampler):
-    """One Runge–Kutta step of the probability-flow ODE per grid interval (``method`` of odeint_fixed).
+VARIABLES = ("t", "sigma")
 
-    The drift k(x, t) = f(t) x − ½ g(t)² s(x, t) reads f and g² from the run's table; RK4's
-    midpoint times t + h/2 (in the state's dtype, as odeint_fixed forms them) are tabulated in
-    :meth:`begin`.
+
+class FixedStepODE(StepSampler):
+    r"""One Runge–Kutta step of the probability-flow ODE per grid interval, in one of two variables.
+
+    * ``variable="t"``: the ODE as it stands, dx/dt = k(x, t) = f(t) x − ½ g(t)² s(x, t), stepped in t
+      (``method`` of :func:`~sde_diffusion.ode.odeint_fixed`). f and g² come from the run's table; RK4's
+      midpoint times t + h/2 (in the state's dtype, as odeint_fixed forms them) are tabulated in :meth:`begin`.
+    * ``variable="sigma"``: the same ODE in σ̃ = σ(t)/m(t) and x̃ = x/m(t), where it reads
+
+      .. math:: \frac{d\tilde x}{d\tilde\sigma} = -\sigma(t)\, s(m\tilde x, t) = \frac{\tilde x - D}{\tilde\sigma}
+
+      with D the denoised estimate (EDM's form). Its solution is exactly linear in σ̃ when D does not
+      change, so a large step on the long σ̃ range of a VE process stays stable, where the same number
+      of steps in t (or in log σ̃, which t is for VE) blows up. The steps run between the grid's σ̃
+      values; RK4's midpoint is the time whose σ̃ is the mean of the interval's end values
+      (``SDE.t_from_log_snr``). Heun in σ̃ is ``edm_heun`` without its final Euler step.
+
+    Both variables integrate the same ODE on the same grid times and converge to the same solution.
     """
 
     method: str = "heun"
 
+    def __init__(self, variable: str = "t", **end: Any) -> None:
+        super().__init__(**end)
+        if variable not in VARIABLES:
+            raise ValueError(f"variable must be one of {', '.join(VARIABLES)} (the ODE's integration variable), "
+                             f"got {variable!r}")
+        self.variable = variable
+
     def begin(self, x: Tensor, grid: GridCoeffs, ctx: SamplingContext) -> Tensor:
         if self.method == "rk4":
             ts = torch.stack(grid.times)
-            ctx.state["mid"] = GridCoeffs.build(ctx.sde, ts[:-1] + 0.5 * (ts[1:] - ts[:-1]))
+            if self.variable == "t":
+                mids = ts[:-1] + 0.5 * (ts[1:] - ts[:-1])
+            else:
+                st = torch.tensor([lv.sigma_tilde for lv in grid.levels], dtype=torch.float64)
+                mid_sigma = 0.5 * (st[:-1] + st[1:])
+                mids = ctx.sde.t_from_log_snr(-2.0 * torch.log(mid_sigma)).to(dtype=ts.dtype, device=ts.device)
+            ctx.state["mid"] = GridCoeffs.build(ctx.sde, mids)
         return x
 
     def step(self, x: Tensor, i: int, grid: GridCoeffs, ctx: SamplingContext) -> Tensor:
+        if self.variable == "sigma":
+            return self._step_sigma(x, i, grid, ctx)
         h = grid.t[i + 1] - grid.t[i]
 
         def k(y: Tensor, f: float, g2: float, t: Tensor) -> Tensor:
@@ -69,10 +99,44 @@ class FixedStepODE(StepSampler):
         out = torch.add(x, k1, alpha=h / 6).add_(k2, alpha=h / 3).add_(k3, alpha=h / 3)
         return out.add_(k4, alpha=h / 6)
 
+    def _step_sigma(self, x: Tensor, i: int, grid: GridCoeffs, ctx: SamplingContext) -> Tensor:
+        cur, nxt = grid.levels[i], grid.levels[i + 1]
+        h = nxt.sigma_tilde - cur.sigma_tilde
+
+        def k(xt: Tensor, m: float, sigma: float, t: Tensor) -> Tensor:
+            # dx̃/dσ̃ = −σ(t) s(m x̃, t): the slope (x̃ − D)/σ̃ without the division by σ̃
+            return torch.mul(ctx.score(xt if m == 1.0 else xt * m, t), -sigma)
+
+        xt = x if cur.m == 1.0 else x * (1.0 / cur.m)
+        k1 = k(xt, cur.m, cur.sigma, cur.t)
+        if self.method == "heun":
+            k2 = k(torch.add(xt, k1, alpha=h), nxt.m, nxt.sigma, nxt.t)
+            out = torch.add(xt, k1, alpha=0.5 * h).add_(k2, alpha=0.5 * h)
+        else:
+            mid = ctx.state["mid"].levels[i]
+            k2 = k(torch.add(xt, k1, alpha=0.5 * h), mid.m, mid.sigma, mid.t)
+            k3 = k(torch.add(xt, k2, alpha=0.5 * h), mid.m, mid.sigma, mid.t)
+            k4 = k(torch.add(xt, k3, alpha=h), nxt.m, nxt.sigma, nxt.t)
+            out = torch.add(xt, k1, alpha=h / 6).add_(k2, alpha=h / 3).add_(k3, alpha=h / 3).add_(k4, alpha=h / 6)
+        return out if nxt.m == 1.0 else out.mul_(nxt.m)
+
     def encode(self, sde: SDE, score_fn: ScoreFn, x: Tensor, steps: int) -> ODEResult:
         """Integrate the ODE from eps to T on the reversed grid: x ``[B, ...]`` → latent ``[B, ...]``."""
         ts = self.times(sde, steps, x.device, x.dtype).flip(0)
-        return odeint_fixed(sde.probability_flow(score_fn), x, ts, method=self.method)
+        if self.variable == "t":
+            return odeint_fixed(sde.probability_flow(score_fn), x, ts, method=self.method)
+        grid = GridCoeffs.build(sde, ts)
+        calls = [0]
+
+        def counted(y: Tensor, t: Tensor) -> Tensor:
+            calls[0] += 1
+            return score_fn(y, t)
+
+        ctx = SamplingContext(sde, counted, None)
+        y = self.begin(x, grid, ctx)
+        for i in range(steps):
+            y = self.step(y, i, grid, ctx)
+        return ODEResult(y, calls[0], steps)
 
 
 @SAMPLERS.register("ode_heun")
