@@ -515,6 +515,8 @@ def report(path: Path, write: bool) -> str:
         heading = f"## {fam}: {data['seeds_name']} seeds"
         if any(r["label"].endswith("-shipped") for r in rows if r["kind"] == "ours"):
             heading = f"## Named samplers: {data['seeds_name']} seeds of the wider family"
+        elif any("-sigma-" in r["label"] for r in rows if r["kind"] == "ours"):
+            heading = f"## ODE integrators in σ̃ (round 5): {data['seeds_name']} seeds of the wider family"
         write_results_section(HERE / "RESULTS.md", heading, f"{heading}\n\n{out}\n")
     return out
 
