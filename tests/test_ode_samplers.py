@@ -13,6 +13,8 @@ import torch
 from sde_diffusion.samplers import build_sampler, sample
 from sde_diffusion.sdes import SDE, SubVPSDE, VESDE, VPSDE
 
+pytestmark = pytest.mark.numeric
+
 MU, S = 1.5, 0.3
 
 
