@@ -601,6 +601,8 @@ def main() -> None:
         for i, t in enumerate(tasks):
             finished(i, run_case(t))
     if reuse:
+        # Taken afresh, so that a --resume run refreshes them from a peer file that has grown since.
+        rows[:] = [r for r in rows if r["kind"] not in ("kd", "kd_select") and not (r["kind"] == "pc1000" and not args.pc_reference)]
         old = load_results(args.reuse_peers)["rows"]
         # The peer's rows, and PC at 1000 steps where the earlier run has it (not run again).
         rows += [r for r in old if r["kind"] in ("kd", "kd_select", "pc1000") and r["seed"] in seeds and r["sde"] in sdes
