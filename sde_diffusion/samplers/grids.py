@@ -147,7 +147,8 @@ class EndPoint:
         eps: final time of the reverse process (default ``sde.sampling_eps``); must lie in (0, T).
         end_sigma: stop where the noise-to-signal ratio σ(t)/m(t) equals this (instead of at a
             time ``eps``): the same noise level on every process, whose times differ (VP's default
-            eps = 1e-3 is σ/m ≈ 0.01; sub-VP's is ≈ 1e-4). Clipped to [sde.eps, T).
+            eps = 1e-3 is σ/m ≈ 0.01; sub-VP's is ≈ 1e-4). Clipped to [sde.eps, T). ``sample`` then
+            returns the end state in the data's scale, x/m = x_0 + σ̃ ε (:func:`~.sampler.to_data_scale`).
         denoise: after the last step, return Tweedie's x̂_0 = (x + σ² s)/m at the final time (one
             more NFE).
     """
