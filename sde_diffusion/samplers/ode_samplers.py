@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..ode import SCIPY_SOLVERS, ODEResult, odeint_dopri5, odeint_fixed, odeint_scipy
 from ..sdes.sde import SDE, ScoreFn, broadcast_to_x
-from .sampler import SAMPLERS, Sampler, SamplingContext, StepHook, StepSampler
+from .sampler import SAMPLERS, Sampler, SamplingContext, StepHook, StepSampler, from_data_scale
 from .coeffs import GridCoeffs
 
 
@@ -121,8 +121,13 @@ class FixedStepODE(StepSampler):
         return out if nxt.m == 1.0 else out.mul_(nxt.m)
 
     def encode(self, sde: SDE, score_fn: ScoreFn, x: Tensor, steps: int) -> ODEResult:
-        """Integrate the ODE from eps to T on the reversed grid: x ``[B, ...]`` → latent ``[B, ...]``."""
+        """Integrate the ODE from eps to T on the reversed grid: x ``[B, ...]`` → latent ``[B, ...]``.
+
+        With ``end_sigma`` the data are taken in the data's scale, as ``sample`` returns them, and first brought to
+        the state m(t_end) x at the end time (:func:`~.sampler.from_data_scale`)."""
         ts = self.times(sde, steps, x.device, x.dtype).flip(0)
+        if self.end.end_sigma is not None:
+            x = from_data_scale(sde, x, self.end_time(sde))
         if self.variable == "t":
             return odeint_fixed(sde.probability_flow(score_fn), x, ts, method=self.method)
         grid = GridCoeffs.build(sde, ts)
@@ -218,7 +223,11 @@ class AdaptiveODE(Sampler):
         return torch.tensor([sde.T, self.end.end_time(sde)], dtype=x.dtype, device=x.device) if record else None
 
     def encode(self, sde: SDE, score_fn: ScoreFn, x: Tensor, steps: Optional[int] = None) -> ODEResult:
-        """Integrate the ODE from eps to T: data x ``[B, ...]`` → latent ``[B, ...]`` (``steps`` ignored)."""
+        """Integrate the ODE from eps to T: data x ``[B, ...]`` → latent ``[B, ...]`` (``steps`` ignored).
+
+        With ``end_sigma`` the data are taken in the data's scale, as ``sample`` returns them, and first brought to
+        the state m(t_end) x at the end time (:func:`~.sampler.from_data_scale`)."""
+        x = from_data_scale(sde, x, self.end.end_time(sde)) if self.end.end_sigma is not None else x
         return self.solve(sde, score_fn, x, self.end.end_time(sde), sde.T, record=False)
 
 

@@ -458,6 +458,12 @@ def to_data_scale(sde: SDE, x: Tensor, t_end: float) -> Tensor:
     return x if m == 1.0 else x * (1.0 / m)
 
 
+def from_data_scale(sde: SDE, x: Tensor, t_end: float) -> Tensor:
+    """The inverse of :func:`to_data_scale`: x̃ ``[B, ...]`` → the state m(t_end) x̃ (where an encoder starts)."""
+    m = float(sde.mean_coeff(torch.tensor(t_end, dtype=torch.float64)))
+    return x if m == 1.0 else x * m
+
+
 def _with_schedule(sde: SDE, score_fn: ScoreFn, sampler: Sampler, steps: int, shape: Sequence[int], schedule: Any,
                    device: Any, dtype: torch.dtype) -> Tuple[Sampler, Any]:
     """A copy of ``sampler`` on the requested grid, and the :class:`~.fitted.FittedSchedule` (None for raw times)."""
