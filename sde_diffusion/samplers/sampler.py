@@ -410,7 +410,9 @@ def sample(
             reuse), a :class:`~.fitted.FittedSchedule`, the path of a stored one, or ``[steps + 1]`` times.
 
     Returns:
-        :class:`SampleResult` with the samples, the exact NFE, and the trajectory if requested.
+        :class:`SampleResult` with the samples, the exact NFE, and the trajectory if requested. The samples are
+        the state at the end time, or x̂_0 with ``denoise``; a run that stops at a noise level (``end_sigma``)
+        returns them in the data's scale, x/m = x_0 + σ̃ ε (:func:`to_data_scale`; the trajectory keeps the states).
     """
     steps = _check_steps(steps)
     choice = None
