@@ -62,6 +62,8 @@ def named_candidates() -> List[Tuple[str, Any, Dict[str, Any]]]:
         out.append((f"{n}-shipped", cls, dict(o)))
         for e in (0.01, 0.03):
             out.append((f"{n}-logsnr-s{e:g}", cls, {**o, "grid": "logsnr", "end_sigma": e}))
+            if cls in ("ode_heun", "ode_rk4"):  # round 5: steps in σ̃ (the VE tables)
+                out.append((f"{n}-sigma-logsnr-s{e:g}", cls, {**o, "variable": "sigma", "grid": "logsnr", "end_sigma": e}))
     return out
 
 

@@ -48,10 +48,12 @@ def test_a_family_with_its_own_table_takes_it(config: str) -> None:
         assert tuned_table(config, VESDE(), kind) == f"{kind}/ve"
         assert tuned_table(config, VPSDE(), kind) == tuned_table(config, SubVPSDE(), kind) == kind
     assert tuned_table("ddim", VESDE(), "exact") == "exact"
+    per_step = build_sampler(config).nfe_per_step
     for steps in (2, 5, 12):
         ve, vp = _choice(config, steps, sde=VESDE()), _choice(config, steps, sde=VPSDE())
-        assert ve.options["variable"] == ve.sampler.variable == "sigma"
+        assert ve.sampler.variable == ve.options["variable"] == tuned_options(config, VESDE(), steps * per_step, "learned")["variable"]
         assert vp.options["variable"] == vp.sampler.variable == "t"
+    assert _choice(config, 12, sde=VESDE()).sampler.variable == "sigma"  # 24–48 NFE: σ̃ on VE
     # A value given on the command line still wins.
     assert _choice(config, 5, "sampler.variable=t", sde=VESDE()).sampler.variable == "t"
 

@@ -207,8 +207,9 @@ NAMED_RULES: Dict[str, Dict[str, Tuple[Rule, ...]]] = {
                        ((1, {"grid": "karras", **_SHIPPED_END}), (8, _ls(0.03)), (15, _ls(0.01, True)))),
     # The ODE integrators on learned scores: σ/m = 0.01 best on the moons at 5 and 10 NFE (all diverge on the digits).
     # They step in t on VP and sub-VP; on VE (own tables, "<score>/ve") in σ̃ = σ/m: round 5 of sampler_family, where
-    # 2–15 steps in t across VE's σ range are unstable (the learned VE table follows that evidence; no VE network
-    # was measured).
+    # 2–15 steps in t across VE's σ range are unstable. The learned VE tables keep the shared grid and end point and
+    # take the variable measured on a VE moons network (benchmarks/learned_rule.py --named; RESULTS.md "ODE
+    # integrators in σ̃"): σ̃ from 15 NFE for both, and where it won at 5 and 10 NFE.
     **{name: {**_named(name, exact, learned), **_named_family("ve", name, exact_ve, learned_ve)}
        for name, exact, learned, exact_ve, learned_ve in (
            ("ode_heun",
@@ -218,7 +219,7 @@ NAMED_RULES: Dict[str, Dict[str, Tuple[Rule, ...]]] = {
             ((1, _end(0.03, True, "karras", variable="sigma")), (8, _ls(0.03, variable="sigma")),
              (13, _end(0.03, True, "karras", variable="sigma")), (18, _end(0.01, True, "karras", variable="sigma")),
              (40, _end(0.003, True, "karras", variable="sigma"))),
-            ((1, _ls(0.01, variable="sigma")), (15, _ls(0.01, True, variable="sigma")))),
+            ((1, _ls(0.01, variable="t")), (8, _ls(0.01, variable="sigma")), (15, _ls(0.01, True, variable="sigma")))),
            ("ode_rk4",
             ((1, _end(0.03, True, "karras", variable="t")), (8, _ls(0.01, True, variable="t")),
              (13, _ls(0.03, True, variable="t")), (18, _ls(0.01, variable="t")), (25, _ls(0.01, True, variable="t")),
@@ -227,7 +228,7 @@ NAMED_RULES: Dict[str, Dict[str, Tuple[Rule, ...]]] = {
             ((1, _end(0.01, True, "karras", variable="sigma")), (8, _ls(0.03, True, variable="sigma")),
              (13, _end(0.03, True, "karras", variable="sigma")), (18, _end(0.003, False, "karras", variable="sigma")),
              (25, _end(0.003, True, "karras", variable="sigma")), (40, _ls(0.003, True, variable="sigma"))),
-            ((1, _ls(0.01, variable="sigma")), (15, _ls(0.01, True, variable="sigma")))),
+            ((1, _ls(0.01, variable="sigma")), (8, _ls(0.01, variable="t")), (15, _ls(0.01, True, variable="sigma")))),
        )},
 }
 TUNED_KEY = "tuned"
