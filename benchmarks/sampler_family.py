@@ -61,7 +61,7 @@ from sde_diffusion.samplers.defaults import default_sampler, fill_tuned
 from sde_diffusion.testing import SDE_NAMES, make_sde, marginal_sample, random_family, whitened_moment_kl, wide_family
 
 from .common import EDMDenoiser, load_kdiffusion_sampling, md_table, write_results_section
-from .samplers import _kd_call, kd_steps_for
+from .samplers import _kd_call, kd_settings
 
 HERE = Path(__file__).resolve().parent
 
@@ -188,10 +188,6 @@ def kdiffusion():
     return _KD["mod"]
 
 
-def kd_steps(fn: str, budget: int) -> Optional[int]:
-    return kd_steps_for(fn, budget)
-
-
 def ours_steps(sampler_name: str, options: Dict[str, Any], budget: int) -> Optional[int]:
     s = build_sampler(sampler_name, **options)
     fits = [n for n in range(1, budget + 1) if s.expected_nfe(n) <= budget]
@@ -290,19 +286,14 @@ def run_case(task: Tuple[int, str, Optional[str], bool, str, bool, bool]) -> Lis
 
         for budget in NFES:
             best = None
-            for fn in KD_FUNCS:
-                n = kd_steps(fn, budget)
-                if n is None:
-                    continue
-                for smin in KD_SIGMA_MINS:
-                    s_min = st[0] if smin == "eps" else float(smin)
-                    for rho in KD_RHOS:
-                        metric, nfe, sec = kd_run(fn, n, s_min, rho, x_T_sel, NOISE_SEED)
-                        label = f"{fn[7:]} σmin={smin} ρ={rho:g}"
-                        rows.append({**base, "kind": "kd_select", "label": label, "budget": budget, "nfe": nfe,
-                                     "metric": metric, "seconds": sec})
-                        if nfe <= budget and (best is None or metric < best[0]):
-                            best = (metric, label, fn, n, s_min, rho)
+            for fn, n, smin, s_min in kd_settings(KD_FUNCS, budget, KD_SIGMA_MINS, st[0]):
+                for rho in KD_RHOS:
+                    metric, nfe, sec = kd_run(fn, n, s_min, rho, x_T_sel, NOISE_SEED)
+                    label = f"{fn[7:]} σmin={smin} ρ={rho:g}"
+                    rows.append({**base, "kind": "kd_select", "label": label, "budget": budget, "nfe": nfe,
+                                 "metric": metric, "seconds": sec})
+                    if nfe <= budget and (best is None or metric < best[0]):
+                        best = (metric, label, fn, n, s_min, rho)
             if best is not None:
                 metric, nfe, sec = kd_run(best[2], best[3], best[4], best[5], x_T, NOISE_SEED + 1)
                 rows.append({**base, "kind": "kd", "label": best[1], "budget": budget, "nfe": nfe, "metric": metric,
@@ -601,12 +592,12 @@ def main() -> None:
         for i, t in enumerate(tasks):
             finished(i, run_case(t))
     if reuse:
-        # Taken afresh, so that a --resume run refreshes them from a peer file that has grown since.
-        rows[:] = [r for r in rows if r["kind"] not in ("kd", "kd_select") and not (r["kind"] == "pc1000" and not args.pc_reference)]
-        old = load_results(args.reuse_peers)["rows"]
-        # The peer's rows, and PC at 1000 steps where the earlier run has it (not run again).
-        rows += [r for r in old if r["kind"] in ("kd", "kd_select", "pc1000") and r["seed"] in seeds and r["sde"] in sdes
-                 and not (r["kind"] == "pc1000" and args.pc_reference)]
+        # The peer's rows, and PC's at 1000 steps unless this run made its own; taken afresh, so that a --resume
+        # run refreshes them from a peer file that has grown since.
+        taken = ("kd", "kd_select") if args.pc_reference else ("kd", "kd_select", "pc1000")
+        rows[:] = [r for r in rows if r["kind"] not in taken]
+        rows += [r for r in load_results(args.reuse_peers)["rows"]
+                 if r["kind"] in taken and r["seed"] in seeds and r["sde"] in sdes]
     save(len(tasks))
     report(out, args.write)
 

@@ -45,7 +45,7 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -248,6 +248,17 @@ def kd_steps_for(fn_name: str, target: int) -> Optional[int]:
     a, b = kd_nfe_law(fn_name)
     n = (target - b) // a
     return int(n) if n >= 1 else None
+
+
+def kd_settings(funcs: Sequence[str], budget: int, sigma_mins: Sequence[Any], eps_sigma: float) -> Iterator[Tuple[str, int, Any, float]]:
+    """The peer's sweep at ``budget`` NFE: ``(function, steps, σ_min as given, σ_min)`` for every function of ``funcs``
+    with at least one step in the budget and every σ_min (``"eps"`` stands for ``eps_sigma``, σ̃ at the SDE's eps)."""
+    for fn in funcs:
+        n = kd_steps_for(fn, budget)
+        if n is None:
+            continue
+        for smin in sigma_mins:
+            yield fn, n, smin, eps_sigma if smin == "eps" else float(smin)
 
 
 # --------------------------------------------------------------------------------- runs

@@ -176,7 +176,7 @@ def peer_benchmark(label: str, model: Any, metric: Callable[[torch.Tensor], floa
     from sde_diffusion.samplers.fitted import fit_schedule
 
     from .common import EDMDenoiser, load_kdiffusion_sampling, sigma_tilde_range
-    from .samplers import _kd_call, kd_steps_for
+    from .samplers import _kd_call, kd_settings
 
     kd, status = load_kdiffusion_sampling()
     if kd is None:
@@ -240,20 +240,15 @@ def peer_benchmark(label: str, model: Any, metric: Callable[[torch.Tensor], floa
                              "seconds": time.perf_counter() - t0})
                 log(rows[-1])
         best = None
-        for fn in kd_funcs:
-            kd_n = kd_steps_for(fn, nfe)
-            if kd_n is None:
-                continue
-            for smin in KD_SIGMA_MINS:
-                s_min = s_lo if smin == "eps" else float(smin)
-                t0 = time.perf_counter()
-                x, used = peer(fn, kd_n, s_min, SELECTION_SEED)
-                m = metric(x)
-                rows.append({"model": label, "setting": "kd-select", "nfe": nfe, "used_nfe": used, "seed": SELECTION_SEED,
-                             "kd": fn[7:], "sigma_min": smin, "metric": m, "seconds": time.perf_counter() - t0})
-                log(rows[-1])
-                if used <= nfe and (best is None or m < best[0]):
-                    best = (m, fn, kd_n, s_min, smin)
+        for fn, kd_n, smin, s_min in kd_settings(kd_funcs, nfe, KD_SIGMA_MINS, s_lo):
+            t0 = time.perf_counter()
+            x, used = peer(fn, kd_n, s_min, SELECTION_SEED)
+            m = metric(x)
+            rows.append({"model": label, "setting": "kd-select", "nfe": nfe, "used_nfe": used, "seed": SELECTION_SEED,
+                         "kd": fn[7:], "sigma_min": smin, "metric": m, "seconds": time.perf_counter() - t0})
+            log(rows[-1])
+            if used <= nfe and (best is None or m < best[0]):
+                best = (m, fn, kd_n, s_min, smin)
         if best is None:
             continue
         for seed in scoring:

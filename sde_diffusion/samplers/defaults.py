@@ -175,6 +175,11 @@ def _named_family(family: str, cls: str, exact: Tuple[Tuple[int, Dict[str, Any]]
     return {f"{k}/{family}": v for k, v in _named(cls, exact, learned).items()}
 
 
+def _in(variable: str, *rules: Tuple[int, Dict[str, Any]]) -> Tuple[Tuple[int, Dict[str, Any]], ...]:
+    """``rules`` for an ODE integrator stepping in ``variable`` (``t`` or ``sigma``)."""
+    return tuple((n, {**o, "variable": variable}) for n, o in rules)
+
+
 def _ls(end_sigma: float, denoise: bool = False, **more: Any) -> Dict[str, Any]:
     return _end(end_sigma, denoise, "logsnr", **more)
 
@@ -210,26 +215,25 @@ NAMED_RULES: Dict[str, Dict[str, Tuple[Rule, ...]]] = {
     # 2–15 steps in t across VE's σ range are unstable. The learned VE tables keep the shared grid and end point and
     # take the variable measured on a VE moons network (benchmarks/learned_rule.py --named; RESULTS.md "ODE
     # integrators in σ̃"): σ̃ from 15 NFE for both, and where it won at 5 and 10 NFE.
-    **{name: {**_named(name, exact, learned), **_named_family("ve", name, exact_ve, learned_ve)}
-       for name, exact, learned, exact_ve, learned_ve in (
-           ("ode_heun",
-            ((1, _ls(0.01, True, variable="t")), (8, _ls(0.03, variable="t")), (13, _ls(0.03, True, variable="t")),
-             (25, _ls(0.01, True, variable="t"))),
-            ((1, _ls(0.01, variable="t")), (15, _ls(0.01, True, variable="t"))),
-            ((1, _end(0.03, True, "karras", variable="sigma")), (8, _ls(0.03, variable="sigma")),
-             (13, _end(0.03, True, "karras", variable="sigma")), (18, _end(0.01, True, "karras", variable="sigma")),
-             (40, _end(0.003, True, "karras", variable="sigma"))),
-            ((1, _ls(0.01, variable="t")), (8, _ls(0.01, variable="sigma")), (15, _ls(0.01, True, variable="sigma")))),
-           ("ode_rk4",
-            ((1, _end(0.03, True, "karras", variable="t")), (8, _ls(0.01, True, variable="t")),
-             (13, _ls(0.03, True, variable="t")), (18, _ls(0.01, variable="t")), (25, _ls(0.01, True, variable="t")),
-             (40, _ls(0.003, True, variable="t"))),
-            ((1, _ls(0.01, variable="t")), (15, _ls(0.01, True, variable="t"))),
-            ((1, _end(0.01, True, "karras", variable="sigma")), (8, _ls(0.03, True, variable="sigma")),
-             (13, _end(0.03, True, "karras", variable="sigma")), (18, _end(0.003, False, "karras", variable="sigma")),
-             (25, _end(0.003, True, "karras", variable="sigma")), (40, _ls(0.003, True, variable="sigma"))),
-            ((1, _ls(0.01, variable="sigma")), (8, _ls(0.01, variable="t")), (15, _ls(0.01, True, variable="sigma")))),
-       )},
+    "ode_heun": {
+        **_named("ode_heun",
+                 _in("t", (1, _ls(0.01, True)), (8, _ls(0.03)), (13, _ls(0.03, True)), (25, _ls(0.01, True))),
+                 _in("t", (1, _ls(0.01)), (15, _ls(0.01, True)))),
+        **_named_family("ve", "ode_heun",
+                        _in("sigma", (1, _end(0.03, True, "karras")), (8, _ls(0.03)), (13, _end(0.03, True, "karras")),
+                            (18, _end(0.01, True, "karras")), (40, _end(0.003, True, "karras"))),
+                        _in("t", (1, _ls(0.01))) + _in("sigma", (8, _ls(0.01)), (15, _ls(0.01, True)))),
+    },
+    "ode_rk4": {
+        **_named("ode_rk4",
+                 _in("t", (1, _end(0.03, True, "karras")), (8, _ls(0.01, True)), (13, _ls(0.03, True)), (18, _ls(0.01)),
+                     (25, _ls(0.01, True)), (40, _ls(0.003, True))),
+                 _in("t", (1, _ls(0.01)), (15, _ls(0.01, True)))),
+        **_named_family("ve", "ode_rk4",
+                        _in("sigma", (1, _end(0.01, True, "karras")), (8, _ls(0.03, True)), (13, _end(0.03, True, "karras")),
+                            (18, _end(0.003, False, "karras")), (25, _end(0.003, True, "karras")), (40, _ls(0.003, True))),
+                        _in("sigma", (1, _ls(0.01))) + _in("t", (8, _ls(0.01))) + _in("sigma", (15, _ls(0.01, True)))),
+    },
 }
 TUNED_KEY = "tuned"
 AUTO = "auto"

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..ode import SCIPY_SOLVERS, ODEResult, odeint_dopri5, odeint_fixed, odeint_scipy
+from ..score import CountingScore
 from ..sdes.sde import SDE, ScoreFn, broadcast_to_x
 from .sampler import SAMPLERS, Sampler, SamplingContext, StepHook, StepSampler, from_data_scale
 from .coeffs import GridCoeffs
@@ -79,46 +80,39 @@ class FixedStepODE(StepSampler):
             ctx.state["mid"] = GridCoeffs.build(ctx.sde, mids)
         return x
 
-    def step(self, x: Tensor, i: int, grid: GridCoeffs, ctx: SamplingContext) -> Tensor:
-        if self.variable == "sigma":
-            return self._step_sigma(x, i, grid, ctx)
-        h = grid.t[i + 1] - grid.t[i]
-
-        def k(y: Tensor, f: float, g2: float, t: Tensor) -> Tensor:
-            s = ctx.score(y, t)
-            return torch.mul(s, -0.5 * g2) if f == 0.0 else torch.mul(y, f).add_(s, alpha=-0.5 * g2)
-
-        k1 = k(x, grid.f[i], grid.g2[i], grid.times[i])
+    def _tableau(self, y: Tensor, h: float, slope: Callable[[Tensor, Any], Tensor], start: Any, mid: Any, end: Any) -> Tensor:
+        """One Heun or RK4 step of size h from y, with ``slope(y, point)`` at the interval's start, midpoint, end."""
+        k1 = slope(y, start)
         if self.method == "heun":
-            k2 = k(torch.add(x, k1, alpha=h), grid.f[i + 1], grid.g2[i + 1], grid.times[i + 1])
-            return torch.add(x, k1, alpha=0.5 * h).add_(k2, alpha=0.5 * h)
-        mid = ctx.state["mid"]  # the midpoint of interval i is time i of this table
-        k2 = k(torch.add(x, k1, alpha=0.5 * h), mid.f[i], mid.g2[i], mid.times[i])
-        k3 = k(torch.add(x, k2, alpha=0.5 * h), mid.f[i], mid.g2[i], mid.times[i])
-        k4 = k(torch.add(x, k3, alpha=h), grid.f[i + 1], grid.g2[i + 1], grid.times[i + 1])
-        out = torch.add(x, k1, alpha=h / 6).add_(k2, alpha=h / 3).add_(k3, alpha=h / 3)
+            k2 = slope(torch.add(y, k1, alpha=h), end)
+            return torch.add(y, k1, alpha=0.5 * h).add_(k2, alpha=0.5 * h)
+        k2 = slope(torch.add(y, k1, alpha=0.5 * h), mid)
+        k3 = slope(torch.add(y, k2, alpha=0.5 * h), mid)
+        k4 = slope(torch.add(y, k3, alpha=h), end)
+        out = torch.add(y, k1, alpha=h / 6).add_(k2, alpha=h / 3).add_(k3, alpha=h / 3)
         return out.add_(k4, alpha=h / 6)
 
-    def _step_sigma(self, x: Tensor, i: int, grid: GridCoeffs, ctx: SamplingContext) -> Tensor:
-        cur, nxt = grid.levels[i], grid.levels[i + 1]
-        h = nxt.sigma_tilde - cur.sigma_tilde
+    def step(self, x: Tensor, i: int, grid: GridCoeffs, ctx: SamplingContext) -> Tensor:
+        mid = ctx.state.get("mid")  # RK4: the midpoint of interval i is time i of this table
+        if self.variable == "sigma":
+            cur, nxt = grid.levels[i], grid.levels[i + 1]
 
-        def k(xt: Tensor, m: float, sigma: float, t: Tensor) -> Tensor:
-            # dx̃/dσ̃ = −σ(t) s(m x̃, t): the slope (x̃ − D)/σ̃ without the division by σ̃
-            return torch.mul(ctx.score(xt if m == 1.0 else xt * m, t), -sigma)
+            def in_sigma(xt: Tensor, lv: Any) -> Tensor:
+                # dx̃/dσ̃ = −σ(t) s(m x̃, t): the slope (x̃ − D)/σ̃ without the division by σ̃
+                return torch.mul(ctx.score(xt if lv.m == 1.0 else xt * lv.m, lv.t), -lv.sigma)
 
-        xt = x if cur.m == 1.0 else x * (1.0 / cur.m)
-        k1 = k(xt, cur.m, cur.sigma, cur.t)
-        if self.method == "heun":
-            k2 = k(torch.add(xt, k1, alpha=h), nxt.m, nxt.sigma, nxt.t)
-            out = torch.add(xt, k1, alpha=0.5 * h).add_(k2, alpha=0.5 * h)
-        else:
-            mid = ctx.state["mid"].levels[i]
-            k2 = k(torch.add(xt, k1, alpha=0.5 * h), mid.m, mid.sigma, mid.t)
-            k3 = k(torch.add(xt, k2, alpha=0.5 * h), mid.m, mid.sigma, mid.t)
-            k4 = k(torch.add(xt, k3, alpha=h), nxt.m, nxt.sigma, nxt.t)
-            out = torch.add(xt, k1, alpha=h / 6).add_(k2, alpha=h / 3).add_(k3, alpha=h / 3).add_(k4, alpha=h / 6)
-        return out if nxt.m == 1.0 else out.mul_(nxt.m)
+            xt = x if cur.m == 1.0 else x * (1.0 / cur.m)
+            out = self._tableau(xt, nxt.sigma_tilde - cur.sigma_tilde, in_sigma, cur,
+                                mid.levels[i] if mid is not None else None, nxt)
+            return out if nxt.m == 1.0 else out.mul_(nxt.m)
+
+        def in_t(y: Tensor, j: Tuple[GridCoeffs, int]) -> Tensor:
+            table, k = j
+            f, g2 = table.f[k], table.g2[k]
+            s = ctx.score(y, table.times[k])
+            return torch.mul(s, -0.5 * g2) if f == 0.0 else torch.mul(y, f).add_(s, alpha=-0.5 * g2)
+
+        return self._tableau(x, grid.t[i + 1] - grid.t[i], in_t, (grid, i), (mid, i), (grid, i + 1))
 
     def encode(self, sde: SDE, score_fn: ScoreFn, x: Tensor, steps: int) -> ODEResult:
         """Integrate the ODE from eps to T on the reversed grid: x ``[B, ...]`` → latent ``[B, ...]``.
@@ -131,17 +125,12 @@ class FixedStepODE(StepSampler):
         if self.variable == "t":
             return odeint_fixed(sde.probability_flow(score_fn), x, ts, method=self.method)
         grid = GridCoeffs.build(sde, ts)
-        calls = [0]
-
-        def counted(y: Tensor, t: Tensor) -> Tensor:
-            calls[0] += 1
-            return score_fn(y, t)
-
+        counted = CountingScore(score_fn)
         ctx = SamplingContext(sde, counted, None)
         y = self.begin(x, grid, ctx)
         for i in range(steps):
             y = self.step(y, i, grid, ctx)
-        return ODEResult(y, calls[0], steps)
+        return ODEResult(y, counted.nfe, steps)
 
 
 @SAMPLERS.register("ode_heun")
