@@ -92,7 +92,6 @@ def choose_sampler(sde: Any, cfg: SampleConfig) -> SamplerChoice:
     return SamplerChoice(sampler, name, steps, dict(options), rule, tuned)
 
 
-
 # ---------------------------------------------------------------------------------- the job
 class SampleJob(ModelJob):
     """The sampling run of one config: the payload the :class:`~.runner.Runner` draws batches of.
