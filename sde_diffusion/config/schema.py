@@ -568,7 +568,10 @@ class SampleConfig:
     # The time grid: null = the sampler's rule; fit = fitted to this model once (stored in <run>/schedules,
     # keyed by sampler, options, steps and weights; reused after); or the path of a stored grid (JSON).
     schedule: Optional[str] = None
-    schedule_objective: str = "curvature"  # curvature (equidistributed local error of a teacher path) | path (DP against it)
+    # The fit's objective: null = the default for a trained network (samplers.fitted.DEFAULT_OBJECTIVES: curvature);
+    # curvature | whitened (equidistributed local error of a teacher path, Euclidean / in the density's Hessian
+    # norm) | path (dynamic programming against that path).
+    schedule_objective: Optional[str] = None
     seed: int = 0                    # batch b draws from a generator seeded by f(seed, b): same seed, same samples
     ema: bool = True                 # the EMA weights (falls back to the trained weights, with a warning, if none)
     device: str = "auto"             # auto | cpu | cuda | cuda:<k> (ignored when trainer is set)
@@ -614,7 +617,8 @@ class SampleConfig:
             _require(self.checkpoints == "all" and self.mode == "metrics",
                      f"checkpoints={self.checkpoints!r}: only checkpoints=all (every saved checkpoint of the run) with "
                      "mode=metrics is known; leave it null otherwise")
-        _choice("schedule_objective", self.schedule_objective, ("path", "curvature"))
+        if self.schedule_objective is not None:
+            _choice("schedule_objective", self.schedule_objective, ("whitened", "curvature", "path"))
         if self.schedule is not None:
             _require(isinstance(self.schedule, str) and bool(self.schedule.strip()),
                      f"schedule must be fit, the path of a stored grid, or null; got {self.schedule!r}")

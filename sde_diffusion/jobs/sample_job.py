@@ -161,7 +161,7 @@ class SampleJob(ModelJob):
         """Put the sampler on a grid fitted to this model (``schedule=fit``, stored and reused) or read from a file;
         returns what run.json records about it."""
         from ..latent import weights_digest
-        from ..samplers.fitted import FittedSchedule, check_times, fit_schedule, schedule_key
+        from ..samplers.fitted import DEFAULT_OBJECTIVES, FittedSchedule, check_times, fit_schedule, schedule_key
 
         cfg, c, model = self.cfg, self.choice, self.model
         score = model.score_model(use_ema=cfg.ema)
@@ -169,7 +169,8 @@ class SampleJob(ModelJob):
         digest = weights_digest(net.state_dict())
         end = c.sampler.end.end_time(model.sde)
         if cfg.schedule == "fit":
-            key = schedule_key(c.name, c.options, c.steps, digest, cfg.schedule_objective)
+            objective = cfg.schedule_objective or DEFAULT_OBJECTIVES["learned"]
+            key = schedule_key(c.name, c.options, c.steps, digest, objective)
             path = model.run_dir / "schedules" / f"{key}.json"
             reused = path.is_file()
             if reused:
@@ -178,7 +179,7 @@ class SampleJob(ModelJob):
                 gen = torch.Generator(device=self.runtime.device).manual_seed(batch_seed(0, "schedule-fit", 0))
                 x_fit = model.sde.prior_sample((64, *model.model_shape), generator=gen, device=self.runtime.device,
                                                dtype=self.dtype)
-                sched = fit_schedule(model.sde, score, c.sampler, c.steps, x_fit, objective=cfg.schedule_objective,
+                sched = fit_schedule(model.sde, score, c.sampler, c.steps, x_fit, objective=objective,
                                      sampler_name=c.name, options=c.options, digest=digest)
                 sched.save(path)
             verb = "reused" if reused else f"fitted in {sched.fit_nfe} NFE, {sched.fit_seconds:.1f} s"

@@ -18,13 +18,25 @@ Method (dynamic programming against a teacher path, as in Chen et al. 2024, "GIT
 3. The N-step grid from j = 0 (T) to j = M (the end time) with the least total cost is found exactly by
    dynamic programming, O(N M²).
 
-``objective="curvature"`` (the default) places the times so that each step carries an equal share of
+``objective="curvature"`` places the times so that each step carries an equal share of
 ∫ (m ‖dD/dλ‖)^{1/2} dλ along the same teacher path, which equidistributes the local error of a first-order step
-(∝ h² m ‖dD/dλ‖); it costs the teacher's M evaluations only. On trained networks it gave the better samples of
-the two (benchmarks/RESULTS.md, "Fitted schedules"): a learned score's probability-flow path is itself
-imperfect, and matching it closely (``path``) is not the same as sampling well.
+(∝ h² m ‖dD/dλ‖); it costs the teacher's M evaluations only. It is the default for a trained network: there it
+gave the better samples (benchmarks/RESULTS.md, "Fitted schedules"): a learned score's probability-flow path is
+itself imperfect, and matching it closely (``path``) is not the same as sampling well.
 
-For a deterministic sampler either objective ends with a check: the sampler runs from the teacher's x_T on the
+``objective="whitened"`` (the default for an exact score) measures the same local error where it matters: at the
+end of the run, relative to the spread of p_0 there. An error δ made at noise level σ̃ = σ/m is carried to the end
+by the linearised flow in x̃ = x/m, and then weighed by the inverse covariance of p_0 near the sample; for a
+Gaussian p_0 the two together are exactly the quadratic form of H̃ = −∇²_x̃ log p̃_σ̃ at the level where the
+error is made (component by component, (s² + σ̃_end²)/(s² + σ̃²) · 1/(s² + σ̃_end²) = 1/(s² + σ̃²)). So the step
+density is (E ΔDᵀ H̃ ΔD)^{1/4} / Δλ^{1/2} along the teacher path, H̃ applied by one finite difference of the
+score per fine step (M − 1 more evaluations), blended half and half with the uniform log-SNR density
+(:data:`WHITENED_BLEND`) for robustness. Errors made at high noise are contracted away and errors in a mode's
+narrow directions are not, which the Euclidean ``curvature`` ignores: on VE it put most steps above σ̃ = 1. On the
+wider exact-score family it beats the rule's grid at every budget on low-dimensional problems and ties it on
+high-dimensional ones (RESULTS.md, "Fit objectives on the exact-score family").
+
+For a deterministic sampler every objective ends with a check: the sampler runs from the teacher's x_T on the
 rule's grid and on the fitted one(s) (``path``: the programme with error exponents 1, (p + 1)/2 and 2 for a
 p-th order step), and the grid landing closest to the teacher's end state is kept, so a fit is never worse
 than the rule by that measure (a few N more evaluations; whether the sampler is deterministic is seen from two
@@ -53,7 +65,12 @@ from torch import Tensor
 from ..score import CountingScore
 from ..sdes.sde import SDE, ScoreFn
 
-OBJECTIVES = ("path", "curvature")
+OBJECTIVES = ("whitened", "curvature", "path")
+#: The objective when none is named, by the kind of score (benchmarks/RESULTS.md, "Fitted schedules" and "Fit
+#: objectives on the exact-score family"): ``whitened`` on exact scores, ``curvature`` on trained networks.
+DEFAULT_OBJECTIVES = {"exact": "whitened", "learned": "curvature"}
+#: ``whitened``: the weight of the uniform log-SNR grid in the step density (robustness where the probe is noisy).
+WHITENED_BLEND = 0.5
 FORMAT = 1
 
 
@@ -196,24 +213,68 @@ def _dp(C: Tensor, steps: int) -> List[int]:
     return path
 
 
-def _curvature_indices(sde: SDE, fine: Tensor, dens: List[Tensor], steps: int) -> List[int]:
-    """Times equidistributing ∫ (m‖dD/dλ‖)^{1/2} dλ, rounded to fine indices (distinct)."""
+def _curvature_rates(sde: SDE, fine: Tensor, dens: List[Tensor]) -> Tensor:
+    """(m ‖dD/dλ‖)^{1/2} per fine interval, ``[M]`` (‖·‖: root mean square over the batch and coordinates)."""
     M = fine.numel() - 1
     m = sde.mean_coeff(fine)
     lam = torch.log(m / sde.marginal_std(fine))
     D = torch.stack([d.double().reshape(d.shape[0], -1) for d in dens])  # [M, B, Dim]
     dD = (D[1:] - D[:-1]).pow(2).mean(dim=(1, 2)).sqrt() / (lam[1:M] - lam[: M - 1])  # at interval mids
-    dens_rate = (m[1:M] * dD).clamp(min=0).sqrt()
-    rate = torch.cat([dens_rate[:1], dens_rate, dens_rate[-1:]])  # per fine interval (M of them)
-    rate = rate[:M] + 1e-3 * rate.mean()  # never zero
-    w = rate * (lam[1:] - lam[:-1])
-    cum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(w, 0)])
+    rate = (m[1:M] * dD).clamp(min=0).sqrt()
+    return torch.cat([rate[:1], rate, rate[-1:]])[:M]
+
+
+def _whitened_rates(sde: SDE, score_fn: ScoreFn, fine: Tensor, states: List[Tensor], dens: List[Tensor]) -> Tensor:
+    r"""(E_b |ΔD_jᵀ H̃_j ΔD_j|)^{1/4} / Δλ_j^{1/2} per fine interval, ``[M]``: ΔD_j = D_{j+1} − D_j and
+    H̃_j = −∇²_x̃ log p̃_j (x̃ = x/m) at the teacher's state X_j, applied to ΔD_j by one finite difference of the
+    score (one evaluation per interval; the teacher's own evaluation at X_j is reused)."""
+    M = fine.numel() - 1
+    m = sde.mean_coeff(fine).tolist()
+    s = sde.marginal_std(fine).tolist()
+    lam = [math.log(a / b) for a, b in zip(m, s)]
+    q: List[float] = []
+    for j in range(M - 1):
+        x, e = states[j], dens[j + 1] - dens[j]
+        B = x.shape[0]
+        shape = (B,) + (1,) * (x.dim() - 1)
+        t = torch.full((B,), float(fine[j]), dtype=x.dtype, device=x.device)
+        # Move x̃ by 0.1 σ̃ (root mean square per coordinate) along ΔD: small against the scale on which the
+        # noised density bends, large against float32 rounding.
+        rms = e.reshape(B, -1).pow(2).mean(1).sqrt().clamp(min=torch.finfo(e.dtype).tiny)
+        eps = ((0.1 * s[j] / m[j]) / rms).reshape(shape)
+        score0 = (m[j] * dens[j] - x) / s[j] ** 2  # the teacher's evaluation at X_j
+        h_e = -(m[j] / eps) * (score_fn(x + m[j] * eps * e, t) - score0)
+        quad = (h_e.double() * e.double()).reshape(B, -1).sum(1).abs().mean()
+        q.append(float(quad) / (lam[j + 1] - lam[j]) ** 2)
+    q.append(q[-1])
+    return torch.tensor(q, dtype=torch.float64).clamp(min=0) ** 0.25
+
+
+def _equidistribute(sde: SDE, fine: Tensor, rate: Tensor, steps: int, blend: float = 0.0) -> List[int]:
+    """Fine indices 0 = j_0 < … < j_N = M splitting ∫ ρ dλ into equal parts, ρ = (1 − blend)·rate +
+    blend·mean(rate) (``blend`` = 1: the uniform log-SNR grid)."""
+    M = fine.numel() - 1
+    lam = torch.log(sde.mean_coeff(fine) / sde.marginal_std(fine))
+    h = lam[1:] - lam[:-1]
+    mean = float((rate * h).sum() / h.sum())
+    rho = (1 - blend) * rate + (blend + 1e-3) * mean  # never zero
+    cum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(rho * h, 0)])
     targets = torch.linspace(0, float(cum[-1]), steps + 1, dtype=torch.float64)
     idx = torch.searchsorted(cum, targets).clamp(0, M).tolist()
     idx[0], idx[-1] = 0, M
     for k in range(1, steps):  # keep strictly increasing with room for the rest
         idx[k] = min(max(idx[k], idx[k - 1] + 1), M - (steps - k))
     return idx
+
+
+def default_objective(score_fn: Any = None, score_kind: Optional[str] = None) -> str:
+    """:data:`DEFAULT_OBJECTIVES` for ``score_kind`` (``"exact"`` / ``"learned"``; None: detected from ``score_fn``)."""
+    from .defaults import is_learned_score
+
+    kind = score_kind or ("learned" if is_learned_score(score_fn) else "exact")
+    if kind not in DEFAULT_OBJECTIVES:
+        raise ValueError(f"unknown score kind {kind!r}; choose one of: {', '.join(DEFAULT_OBJECTIVES)}")
+    return DEFAULT_OBJECTIVES[kind]
 
 
 def fit_schedule(
@@ -223,11 +284,12 @@ def fit_schedule(
     steps: int,
     x_T: Tensor,
     *,
-    objective: str = "curvature",
+    objective: Optional[str] = None,
     fine_steps: Optional[int] = None,
     sampler_name: str = "",
     options: Optional[Mapping[str, Any]] = None,
     digest: Optional[str] = None,
+    score_kind: Optional[str] = None,
 ) -> FittedSchedule:
     """Fit the ``steps``-step grid of ``sampler`` to ``score_fn`` from the prior batch ``x_T [B, ...]``.
 
@@ -239,6 +301,8 @@ def fit_schedule(
         fine_steps: M, the teacher's steps (default max(100, 8·steps), capped at 400): M score evaluations.
         sampler_name, options, digest: recorded with the grid (``digest``: the weights it was fitted to).
     """
+    if objective is None:
+        objective = default_objective(score_fn, score_kind)
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown schedule objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
     if isinstance(steps, bool) or int(steps) != steps or steps < 1:
@@ -254,6 +318,7 @@ def fit_schedule(
     fine = time_grid(sde, M, "logsnr", eps=end, dtype=torch.float64)
     with torch.no_grad():
         states, dens = _teacher(sde, score_fn, x_T, fine)
+        nfe = M
         idx: Optional[List[int]]
         if steps == 1:
             idx = [0, M]
@@ -262,17 +327,20 @@ def fit_schedule(
             # pairwise first-order costs, raised to (p + 1)/2, model the sampler's own steps.
             order = max(1, int(getattr(sampler, "order", 1) or 1))
             idx = _dp(_path_costs(sde, fine, states, dens) ** ((order + 1) / 2), int(steps))
+        elif objective == "whitened":
+            idx = _equidistribute(sde, fine, _whitened_rates(sde, score_fn, fine, states, dens), int(steps),
+                                  WHITENED_BLEND)
+            nfe += M - 1
         else:
-            idx = _curvature_indices(sde, fine, dens, int(steps))
+            idx = _equidistribute(sde, fine, _curvature_rates(sde, fine, dens), int(steps))
         extra: Dict[str, Any] = {}
-        nfe = M
         if steps > 1:
             if objective == "path":
                 C = _path_costs(sde, fine, states, dens)
                 order = max(1, int(getattr(sampler, "order", 1) or 1))
                 candidates = {f"dp^{p:g}": _dp(C**p, int(steps)) for p in sorted({1.0, (order + 1) / 2, 2.0})}
             else:
-                candidates = {"curvature": idx}
+                candidates = {objective: idx}
             idx, extra, used = _select(sde, score_fn, sampler, int(steps), fine, states, idx, candidates, end)
             nfe += used
     times = fine[idx] if idx is not None else sampler.end.times(sde, int(steps), dtype=torch.float64)
@@ -318,4 +386,4 @@ def _select(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, fine: Tensor,
     return options[best], {"selection": best, "rms_to_teacher": errors}, used
 
 
-__all__ = ["FittedSchedule", "OBJECTIVES", "fit_schedule", "schedule_key", "check_times"]
+__all__ = ["DEFAULT_OBJECTIVES", "FittedSchedule", "OBJECTIVES", "default_objective", "fit_schedule", "schedule_key", "check_times"]

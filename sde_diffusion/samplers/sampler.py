@@ -416,8 +416,8 @@ def sample(
     """
     steps = _check_steps(steps)
     choice = None
+    kind = score_kind or ("learned" if is_learned_score(score_fn) else "exact")
     if sampler is None or isinstance(sampler, str):
-        kind = score_kind or ("learned" if is_learned_score(score_fn) else "exact")
         sampler, steps, choice = make_sampler(sde, sampler, steps, options, kind)
     elif options:
         raise ValueError(f"options {sorted(options)} given with a Sampler instance; set them on the instance")
@@ -427,7 +427,7 @@ def sample(
         device = generator.device
     fitted = None
     if schedule is not None:
-        sampler, fitted = _with_schedule(sde, score_fn, sampler, steps, shape, schedule, device, dtype)
+        sampler, fitted = _with_schedule(sde, score_fn, sampler, steps, shape, schedule, device, dtype, kind)
     if x_T is None:
         x = sde.prior_sample(shape, generator=generator, device=device, dtype=dtype)
     else:
@@ -467,7 +467,7 @@ def from_data_scale(sde: SDE, x: Tensor, t_end: float) -> Tensor:
 
 
 def _with_schedule(sde: SDE, score_fn: ScoreFn, sampler: Sampler, steps: int, shape: Sequence[int], schedule: Any,
-                   device: Any, dtype: torch.dtype) -> Tuple[Sampler, Any]:
+                   device: Any, dtype: torch.dtype, score_kind: str) -> Tuple[Sampler, Any]:
     """A copy of ``sampler`` on the requested grid, and the :class:`~.fitted.FittedSchedule` (None for raw times)."""
     import copy
 
@@ -477,7 +477,8 @@ def _with_schedule(sde: SDE, score_fn: ScoreFn, sampler: Sampler, steps: int, sh
     if isinstance(schedule, str) and schedule == "fit":
         gen = torch.Generator(device=device or "cpu").manual_seed(0)
         x_fit = sde.prior_sample((min(64, int(shape[0])), *shape[1:]), generator=gen, device=device, dtype=dtype)
-        fitted = fit_schedule(sde, score_fn, sampler, steps, x_fit, sampler_name=type(sampler).__name__)
+        fitted = fit_schedule(sde, score_fn, sampler, steps, x_fit, sampler_name=type(sampler).__name__,
+                              score_kind=score_kind)
         times: Any = fitted.times
     elif isinstance(schedule, FittedSchedule):
         fitted, times = schedule, schedule.times
