@@ -295,11 +295,14 @@ def fit_schedule(
 
     Args:
         sampler: a step sampler (its end point fixes the last time).
-        objective: ``curvature`` (the default: equidistributed local error along the teacher path) or ``path``
-            (dynamic programming against the teacher path; for a deterministic sampler the best of its candidates
-            and the rule's own grid, judged by the distance to the teacher's end state).
+        objective: ``whitened`` (equidistributed local error along the teacher path in the noised density's
+            Hessian norm; M − 1 more evaluations), ``curvature`` (the same in the Euclidean norm, scaled by m) or
+            ``path`` (dynamic programming against the teacher path); None: :data:`DEFAULT_OBJECTIVES` for the
+            score's kind. For a deterministic sampler the fitted grid(s) and the rule's own grid are run from the
+            teacher's start and the one ending closest to the teacher's end state is kept.
         fine_steps: M, the teacher's steps (default max(100, 8·steps), capped at 400): M score evaluations.
         sampler_name, options, digest: recorded with the grid (``digest``: the weights it was fitted to).
+        score_kind: ``"exact"`` or ``"learned"`` for the default objective; None: detected from ``score_fn``.
     """
     if objective is None:
         objective = default_objective(score_fn, score_kind)
