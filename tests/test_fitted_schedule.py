@@ -195,3 +195,25 @@ def test_the_whitened_fit_beats_the_rule_and_the_curvature_fit_on_a_mixture_nobo
     assert math.exp(sum(vs_curvature) / len(vs_curvature)) < 0.5
     for budget in (5, 10, 15):
         torch.testing.assert_close(sigmas[("vp", budget)], sigmas[("subvp", budget)], rtol=0.02, atol=0)
+
+
+def test_the_default_objective_follows_the_kind_of_score() -> None:
+    """schedule=fit in sample(): ``whitened`` for an exact score, ``curvature`` for a trained network (an
+    nn.Module), and ``score_kind`` overrides the detection; an unknown kind is refused."""
+    from sde_diffusion.samplers.fitted import DEFAULT_OBJECTIVES, default_objective
+
+    sde = VPSDE()
+    exact = _score(sde)
+
+    class Net(torch.nn.Module):
+        def forward(self, x, t):
+            return exact(x, t)
+
+    x_T = sde.prior_sample((8, 2), generator=torch.Generator().manual_seed(0))
+    a = sample(sde, exact, (8, 2), sampler="ddim", steps=4, x_T=x_T, schedule="fit")
+    b = sample(sde, Net(), (8, 2), sampler="ddim", steps=4, x_T=x_T, schedule="fit")
+    c = sample(sde, Net(), (8, 2), sampler="ddim", steps=4, x_T=x_T, schedule="fit", score_kind="exact")
+    assert (a.schedule.objective, b.schedule.objective, c.schedule.objective) == ("whitened", "curvature", "whitened")
+    assert DEFAULT_OBJECTIVES == {"exact": "whitened", "learned": "curvature"}
+    with pytest.raises(ValueError, match="unknown score kind 'pixel'"):
+        default_objective(exact, "pixel")
