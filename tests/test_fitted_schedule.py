@@ -217,3 +217,24 @@ def test_the_default_objective_follows_the_kind_of_score() -> None:
     assert DEFAULT_OBJECTIVES == {"exact": "whitened", "learned": "curvature"}
     with pytest.raises(ValueError, match="unknown score kind 'pixel'"):
         default_objective(exact, "pixel")
+
+
+@pytest.mark.parametrize("objective", ["whitened", "curvature"])
+def test_a_point_mass_gets_the_uniform_log_snr_grid(objective: str) -> None:
+    """Data at one point: the denoiser never moves along the teacher path, there is nothing to fit, and the grid
+    is the teacher's own log-SNR spacing (uniform in λ), not a degenerate one."""
+    from sde_diffusion.samplers.grids import time_grid
+
+    sde = VPSDE()
+
+    def score(x, t):
+        shape = (-1, *([1] * (x.dim() - 1)))
+        return -(x - sde.mean_coeff(t).reshape(shape) * MU) / sde.marginal_std(t).reshape(shape) ** 2
+
+    smp = build_sampler("dpm_solver", stochastic=True)  # stochastic: no check against the teacher, the fit itself
+    x_fit = sde.prior_sample((16, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sched = fit_schedule(sde, score, smp, 4, x_fit, objective=objective, fine_steps=100)
+    assert sched.extra == {"selection": "stochastic sampler: no selection"}
+    fine = time_grid(sde, 100, "logsnr", eps=smp.end.end_time(sde), dtype=torch.float64)
+    expected = fine[[0, 25, 50, 75, 100]]
+    torch.testing.assert_close(torch.tensor(sched.times, dtype=torch.float64)[1:-1], expected[1:-1], rtol=1e-9, atol=0)

@@ -250,17 +250,29 @@ def _whitened_rates(sde: SDE, score_fn: ScoreFn, fine: Tensor, states: List[Tens
     return torch.tensor(q, dtype=torch.float64).clamp(min=0) ** 0.25
 
 
+def _still(dens: List[Tensor]) -> bool:
+    """Whether the denoised estimates along the teacher path moved by no more than rounding noise in all."""
+    D = torch.stack([d.double().reshape(d.shape[0], -1) for d in dens])  # [M, B, Dim]
+    moved = float((D[1:] - D[:-1]).pow(2).mean(dim=(1, 2)).sqrt().sum())
+    scale = float(D.pow(2).mean().sqrt())
+    return moved <= 100 * len(dens) * torch.finfo(dens[0].dtype).eps * max(scale, torch.finfo(dens[0].dtype).tiny)
+
+
 def _equidistribute(sde: SDE, fine: Tensor, rate: Tensor, steps: int, blend: float = 0.0) -> List[int]:
     """Fine indices 0 = j_0 < … < j_N = M splitting ∫ ρ dλ into equal parts, ρ = (1 − blend)·rate +
     blend·mean(rate) (``blend`` = 1: the uniform log-SNR grid)."""
     M = fine.numel() - 1
     lam = torch.log(sde.mean_coeff(fine) / sde.marginal_std(fine))
     h = lam[1:] - lam[:-1]
+    rate = torch.nan_to_num(rate, nan=0.0, posinf=0.0).clamp(min=0)
     mean = float((rate * h).sum() / h.sum())
+    if not mean > 0:
+        rate, mean = torch.ones_like(rate), 1.0
     rho = (1 - blend) * rate + (blend + 1e-3) * mean  # never zero
     cum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(rho * h, 0)])
     targets = torch.linspace(0, float(cum[-1]), steps + 1, dtype=torch.float64)
-    idx = torch.searchsorted(cum, targets).clamp(0, M).tolist()
+    # A target that falls on a fine point up to rounding takes that point, not the next one.
+    idx = torch.searchsorted(cum, targets * (1 - 1e-12)).clamp(0, M).tolist()
     idx[0], idx[-1] = 0, M
     for k in range(1, steps):  # keep strictly increasing with room for the rest
         idx[k] = min(max(idx[k], idx[k - 1] + 1), M - (steps - k))
@@ -330,6 +342,10 @@ def fit_schedule(
             # pairwise first-order costs, raised to (p + 1)/2, model the sampler's own steps.
             order = max(1, int(getattr(sampler, "order", 1) or 1))
             idx = _dp(_path_costs(sde, fine, states, dens) ** ((order + 1) / 2), int(steps))
+        elif _still(dens):
+            # The denoiser never moved along the teacher path (data at one point): nothing to fit, and rates made
+            # of rounding noise would give a random grid. The teacher's own spacing, uniform in λ.
+            idx = _equidistribute(sde, fine, torch.ones(M, dtype=torch.float64), int(steps))
         elif objective == "whitened":
             idx = _equidistribute(sde, fine, _whitened_rates(sde, score_fn, fine, states, dens), int(steps),
                                   WHITENED_BLEND)
