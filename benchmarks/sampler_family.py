@@ -58,7 +58,7 @@ import torch
 from sde_diffusion import sample
 from sde_diffusion.samplers import build_sampler
 from sde_diffusion.samplers.defaults import default_sampler, fill_tuned
-from sde_diffusion.samplers.fitted import OBJECTIVES as FIT_OBJECTIVES, fit_schedule
+from sde_diffusion.samplers.fitted import DEFAULT_OBJECTIVES, OBJECTIVES as FIT_OBJECTIVES
 from sde_diffusion.testing import SDE_NAMES, make_sde, marginal_sample, random_family, whitened_moment_kl, wide_family
 
 from .common import EDMDenoiser, load_kdiffusion_sampling, md_table, write_results_section
@@ -261,14 +261,9 @@ def run_case(task: Tuple[int, str, Optional[str], bool, str, bool, Tuple[str, ..
             # draws from seed 0, not the scoring draw); the fit's evaluations are a one-off cost, not in the budget.
             # Other objectives than fit_schedule's default are fitted the same way and labelled with their name.
             choice = default_sampler(sde, budget)
-            if objective == FIT_OBJECTIVES[0]:
-                ours_fixed("default+fit", choice.name, {**choice.options, "schedule": "fit"}, choice.steps, budget)
-            else:
-                x_fit = sde.prior_sample((min(64, n_pts), gm.dim), generator=torch.Generator().manual_seed(0))
-                sched = fit_schedule(sde, score_fn, build_sampler(choice.name, **choice.options), choice.steps, x_fit,
-                                     objective=objective)
-                ours_fixed(f"default+fit:{objective}", choice.name, {**choice.options, "schedule": sched},
-                           choice.steps, budget)
+            label = "default+fit" if objective == DEFAULT_OBJECTIVES["exact"] else f"default+fit:{objective}"
+            ours_fixed(label, choice.name, {**choice.options, "schedule": "fit", "schedule_objective": objective},
+                       choice.steps, budget)
         if candidate_set == "named":
             for label, (cls, options) in named_configs().items():
                 named(label, cls, options, budget)
@@ -379,7 +374,7 @@ def fit_vs_rule(rows: List[Dict[str, Any]], labels: List[str]) -> List[List[str]
     rule = {(r["seed"], r["sde"], r["budget"]): r["metric"] for r in rows if r["kind"] == "ours" and r["label"] == "default"}
     body = []
     for label in labels:
-        line = [label.partition(":")[2] or FIT_OBJECTIVES[0]]
+        line = [label.partition(":")[2] or DEFAULT_OBJECTIVES["exact"]]
         for budget in NFES:
             v = [r["metric"] / rule[(r["seed"], r["sde"], budget)] for r in rows
                  if r["kind"] == "ours" and r["label"] == label and r["budget"] == budget
@@ -530,7 +525,7 @@ def report(path: Path, write: bool) -> str:
                       split_rows(rows, "default"))]
     fit_labels = sorted({r["label"] for r in rows if r["kind"] == "ours" and r["label"].startswith("default+fit")})
     for label in fit_labels:
-        objective = label.partition(":")[2] or FIT_OBJECTIVES[0]
+        objective = label.partition(":")[2] or DEFAULT_OBJECTIVES["exact"]
         text += ["", f"The default on a grid fitted to each problem's score (`schedule=fit`, objective `{objective}`, "
                  "64 prior draws; the fit's evaluations are not in the budget), per budget as above:", "",
                  md_table(["NFE", "low-D wins", "low-D geo-mean ratio", "high-D wins", "high-D geo-mean ratio"],
@@ -629,7 +624,7 @@ def main() -> None:
     if args.resume and out.exists():  # keep the cases an interrupted run finished
         kept = load_results(out)["rows"]
     finished_cases = {(r["seed"], r["sde"]) for r in kept}
-    fits = tuple(args.fit_objectives or FIT_OBJECTIVES[:1]) if args.fit else ()
+    fits = tuple(args.fit_objectives or [DEFAULT_OBJECTIVES["exact"]]) if args.fit else ()
     tasks = [(s, d, args.candidates, not args.no_kdiffusion and not reuse, args.family, args.pc_reference, fits)
              for s in seeds for d in sdes if (s, d) not in finished_cases]
     # Big problems first, so that the pool ends together (--small-first: the many small ones first).

@@ -213,7 +213,13 @@ def test_the_default_objective_follows_the_kind_of_score() -> None:
     a = sample(sde, exact, (8, 2), sampler="ddim", steps=4, x_T=x_T, schedule="fit")
     b = sample(sde, Net(), (8, 2), sampler="ddim", steps=4, x_T=x_T, schedule="fit")
     c = sample(sde, Net(), (8, 2), sampler="ddim", steps=4, x_T=x_T, schedule="fit", score_kind="exact")
+    d = sample(sde, exact, (8, 2), sampler="ddim", steps=4, x_T=x_T, schedule="fit", schedule_objective="path")
     assert (a.schedule.objective, b.schedule.objective, c.schedule.objective) == ("whitened", "curvature", "whitened")
+    assert d.schedule.objective == "path"
+    with pytest.raises(ValueError, match="without schedule='fit'"):
+        sample(sde, exact, (8, 2), sampler="ddim", steps=4, schedule_objective="path")
+    with pytest.raises(ValueError, match="unknown schedule objective 'kl'"):
+        sample(sde, exact, (8, 2), sampler="ddim", steps=4, schedule="fit", schedule_objective="kl")
     assert DEFAULT_OBJECTIVES == {"exact": "whitened", "learned": "curvature"}
     with pytest.raises(ValueError, match="unknown score kind 'pixel'"):
         default_objective(exact, "pixel")

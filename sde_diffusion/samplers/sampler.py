@@ -384,6 +384,7 @@ def sample(
     hook: Optional[StepHook] = None,
     score_kind: Optional[str] = None,
     schedule: Any = None,
+    schedule_objective: Optional[str] = None,
     **options: Any,
 ) -> SampleResult:
     """Draw samples by integrating the reverse-time dynamics of ``sde`` from T to eps.
@@ -408,6 +409,8 @@ def sample(
         schedule: the time grid instead of the sampler's rule: ``"fit"`` (fit it to ``score_fn`` now, on a batch
             of 64 prior draws from seed 0: :func:`~.fitted.fit_schedule`; returned as ``result.schedule`` for
             reuse), a :class:`~.fitted.FittedSchedule`, the path of a stored one, or ``[steps + 1]`` times.
+        schedule_objective: with ``schedule="fit"``, the fit's objective (``whitened``, ``curvature``, ``path``);
+            None: the default for the kind of score (:data:`~.fitted.DEFAULT_OBJECTIVES`).
 
     Returns:
         :class:`SampleResult` with the samples, the exact NFE, and the trajectory if requested. The samples are
@@ -426,8 +429,12 @@ def sample(
     if device is None and generator is not None:
         device = generator.device
     fitted = None
+    if schedule_objective is not None and not (isinstance(schedule, str) and schedule == "fit"):
+        raise ValueError(f"schedule_objective={schedule_objective!r} is given without schedule='fit'; it chooses how a "
+                         "grid is fitted, so fit one (schedule='fit') or leave it out")
     if schedule is not None:
-        sampler, fitted = _with_schedule(sde, score_fn, sampler, steps, shape, schedule, device, dtype, kind)
+        sampler, fitted = _with_schedule(sde, score_fn, sampler, steps, shape, schedule, device, dtype, kind,
+                                         schedule_objective)
     if x_T is None:
         x = sde.prior_sample(shape, generator=generator, device=device, dtype=dtype)
     else:
@@ -467,7 +474,8 @@ def from_data_scale(sde: SDE, x: Tensor, t_end: float) -> Tensor:
 
 
 def _with_schedule(sde: SDE, score_fn: ScoreFn, sampler: Sampler, steps: int, shape: Sequence[int], schedule: Any,
-                   device: Any, dtype: torch.dtype, score_kind: str) -> Tuple[Sampler, Any]:
+                   device: Any, dtype: torch.dtype, score_kind: str, objective: Optional[str] = None
+                   ) -> Tuple[Sampler, Any]:
     """A copy of ``sampler`` on the requested grid, and the :class:`~.fitted.FittedSchedule` (None for raw times)."""
     import copy
 
@@ -478,7 +486,7 @@ def _with_schedule(sde: SDE, score_fn: ScoreFn, sampler: Sampler, steps: int, sh
         gen = torch.Generator(device=device or "cpu").manual_seed(0)
         x_fit = sde.prior_sample((min(64, int(shape[0])), *shape[1:]), generator=gen, device=device, dtype=dtype)
         fitted = fit_schedule(sde, score_fn, sampler, steps, x_fit, sampler_name=type(sampler).__name__,
-                              score_kind=score_kind)
+                              score_kind=score_kind, objective=objective)
         times: Any = fitted.times
     elif isinstance(schedule, FittedSchedule):
         fitted, times = schedule, schedule.times
