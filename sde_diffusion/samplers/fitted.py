@@ -240,11 +240,14 @@ def _whitened_rates(sde: SDE, score_fn: ScoreFn, fine: Tensor, states: List[Tens
         t = torch.full((B,), float(fine[j]), dtype=x.dtype, device=x.device)
         # Move x̃ by 0.1 σ̃ (root mean square per coordinate) along ΔD: small against the scale on which the
         # noised density bends, large against float32 rounding.
-        rms = e.reshape(B, -1).pow(2).mean(1).sqrt().clamp(min=torch.finfo(e.dtype).tiny)
-        eps = ((0.1 * s[j] / m[j]) / rms).reshape(shape)
+        rms = e.double().reshape(B, -1).pow(2).mean(1).sqrt()
+        moved = rms > 0  # a draw whose estimate did not move contributes 0 (and is not probed)
+        eps = torch.where(moved, (0.1 * s[j] / m[j]) / rms.clamp(min=1e-300), torch.ones_like(rms))
+        eps_x = torch.where(moved, eps, torch.zeros_like(eps)).to(x.dtype).reshape(shape)
         score0 = (m[j] * dens[j] - x) / s[j] ** 2  # the teacher's evaluation at X_j
-        h_e = -(m[j] / eps) * (score_fn(x + m[j] * eps * e, t) - score0)
-        quad = (h_e.double() * e.double()).reshape(B, -1).sum(1).abs().mean()
+        ds = (score_fn(x + m[j] * eps_x * e, t) - score0).double()
+        quad_b = -(m[j] / eps) * (ds * e.double()).reshape(B, -1).sum(1)
+        quad = torch.where(moved, quad_b, torch.zeros_like(quad_b)).abs().mean()
         q.append(float(quad) / (lam[j + 1] - lam[j]) ** 2)
     q.append(q[-1])
     return torch.tensor(q, dtype=torch.float64).clamp(min=0) ** 0.25
