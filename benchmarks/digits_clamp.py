@@ -1,6 +1,6 @@
 """Digits-FD of the same samples raw and clamped to [−1, 1] (as images are shown), for the default sampler and the
-k-diffusion setting that ``trained_samplers --peer`` selected at each budget (RESULTS.md, "Trained networks against
-k-diffusion"): whether the verdicts depend on the post-processing. The protocol is that benchmark's (scoring seeds
+k-diffusion setting that ``trained_samplers --peer`` selected at each budget (read from its results file;
+RESULTS.md, "Trained networks against k-diffusion"): whether the verdicts depend on the post-processing. The protocol is that benchmark's (scoring seeds
 1–8, batches of 250 seeded 1000·seed + b, the demo's digits model).
 
 Usage::
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
@@ -24,15 +24,25 @@ from sde_diffusion.jobs.model import load_model
 from .common import EDMDenoiser, load_kdiffusion_sampling, md_table, sigma_tilde_range
 from .samplers import _kd_call, kd_settings
 
-#: (NFE, k-diffusion sampler, σ_min) as selected on seed 0 by ``trained_samplers --peer`` (RESULTS.md).
-PEER_SETTINGS: Tuple[Tuple[int, str, float], ...] = (
-    (5, "sample_dpmpp_2m", 0.03), (10, "sample_dpmpp_2m_sde", 0.1), (20, "sample_dpmpp_2m_sde", 0.03))
 N, BATCH, SEEDS = 500, 250, range(1, 9)
+HERE = Path(__file__).resolve().parent
+
+
+def peer_settings(path: Path, nfes: List[int]) -> List[Tuple[int, str, Any]]:
+    """(NFE, k-diffusion sampler, σ_min as recorded) that ``trained_samplers --peer`` selected on the digits."""
+    from .sampler_family import load_results
+
+    chosen = {(r["nfe"], f"sample_{r['kd']}", r["sigma_min"]) for r in load_results(path)["rows"]
+              if r["model"] == "digits" and r["setting"] == "k-diffusion best" and r["nfe"] in nfes}
+    return sorted(chosen)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--digits-run", type=Path, default=Path("outputs/demo/digits_run"))
+    ap.add_argument("--peer-run", type=Path, default=HERE / "results" / "trained_vs_peer.json.gz",
+                    help="the trained_samplers --peer results whose selected settings are re-scored")
+    ap.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20])
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     kd, status = load_kdiffusion_sampling()
@@ -58,8 +68,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         return lambda gen, k: sample(sde, score, (k, *shape), sampler=None, steps=nfe, generator=gen,
                                      score_kind="learned").samples
 
-    def peer(fn: str, nfe: int, s_min: float) -> Callable[[torch.Generator, int], torch.Tensor]:
-        steps = next(s for _, s, _, _ in kd_settings([fn], nfe, [s_min], s_lo))
+    def peer(fn: str, nfe: int, smin: Any) -> Callable[[torch.Generator, int], torch.Tensor]:
+        _, steps, _, s_min = next(kd_settings([fn], nfe, [smin], s_lo))
         sig = kd.get_sigmas_karras(steps, s_min, s_hi, rho=7.0).to(torch.float32)
 
         def draw(gen: torch.Generator, k: int) -> torch.Tensor:
@@ -71,8 +81,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         return f"{statistics.mean(v):.2f} ± {statistics.stdev(v) / len(v) ** 0.5:.2f}"
 
     rows = []
-    for nfe, fn, s_min in PEER_SETTINGS:
-        for name, draw in (("default", ours(nfe)), (f"k-diffusion {fn[7:]}, σ_min={s_min}", peer(fn, nfe, s_min))):
+    for nfe, fn, smin in peer_settings(args.peer_run, args.nfe):
+        for name, draw in (("default", ours(nfe)), (f"k-diffusion {fn[7:]}, σ_min={smin}", peer(fn, nfe, smin))):
             raw, clamped = [], []
             for seed in SEEDS:
                 x = batches(draw, seed)

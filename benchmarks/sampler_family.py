@@ -189,6 +189,17 @@ def kdiffusion():
     return _KD["mod"]
 
 
+def fit_label(objective: str) -> str:
+    """The rows' label for the default on a grid fitted with ``objective`` (``default+fit`` for the exact-score
+    default objective, ``default+fit:<objective>`` for the others)."""
+    return "default+fit" if objective == DEFAULT_OBJECTIVES["exact"] else f"default+fit:{objective}"
+
+
+def fit_objective(label: str) -> str:
+    """The inverse of :func:`fit_label`."""
+    return label.partition(":")[2] or DEFAULT_OBJECTIVES["exact"]
+
+
 def ours_steps(sampler_name: str, options: Dict[str, Any], budget: int) -> Optional[int]:
     s = build_sampler(sampler_name, **options)
     fits = [n for n in range(1, budget + 1) if s.expected_nfe(n) <= budget]
@@ -197,7 +208,7 @@ def ours_steps(sampler_name: str, options: Dict[str, Any], budget: int) -> Optio
 
 def run_case(task: Tuple[int, str, Optional[str], bool, str, bool, Tuple[str, ...]]) -> List[Dict[str, Any]]:
     """Every configuration at every budget on one (seed, SDE)."""
-    seed, sde_name, candidate_set, with_kd, family, with_pc, with_fit = task
+    seed, sde_name, candidate_set, with_kd, family, with_pc, fit_objectives = task
     torch.set_num_threads(1)
     gm = family_draw(family, seed)
     n_pts = n_samples(family, gm.dim)
@@ -256,14 +267,12 @@ def run_case(task: Tuple[int, str, Optional[str], bool, str, bool, Tuple[str, ..
 
     for budget in NFES:
         ours("default", None, {}, budget)
-        for objective in with_fit:
+        for objective in fit_objectives:
             # The default on the grid fitted to this problem's score (``sample(..., schedule="fit")``: 64 prior
             # draws from seed 0, not the scoring draw); the fit's evaluations are a one-off cost, not in the budget.
-            # Other objectives than fit_schedule's default are fitted the same way and labelled with their name.
             choice = default_sampler(sde, budget)
-            label = "default+fit" if objective == DEFAULT_OBJECTIVES["exact"] else f"default+fit:{objective}"
-            ours_fixed(label, choice.name, {**choice.options, "schedule": "fit", "schedule_objective": objective},
-                       choice.steps, budget)
+            opts = {**choice.options, "schedule": "fit", "schedule_objective": objective}
+            ours_fixed(fit_label(objective), choice.name, opts, choice.steps, budget)
         if candidate_set == "named":
             for label, (cls, options) in named_configs().items():
                 named(label, cls, options, budget)
@@ -374,7 +383,7 @@ def fit_vs_rule(rows: List[Dict[str, Any]], labels: List[str]) -> List[List[str]
     rule = {(r["seed"], r["sde"], r["budget"]): r["metric"] for r in rows if r["kind"] == "ours" and r["label"] == "default"}
     body = []
     for label in labels:
-        line = [label.partition(":")[2] or DEFAULT_OBJECTIVES["exact"]]
+        line = [fit_objective(label)]
         for budget in NFES:
             v = [r["metric"] / rule[(r["seed"], r["sde"], budget)] for r in rows
                  if r["kind"] == "ours" and r["label"] == label and r["budget"] == budget
@@ -525,15 +534,15 @@ def report(path: Path, write: bool) -> str:
                       split_rows(rows, "default"))]
     fit_labels = sorted({r["label"] for r in rows if r["kind"] == "ours" and r["label"].startswith("default+fit")})
     for label in fit_labels:
-        objective = label.partition(":")[2] or DEFAULT_OBJECTIVES["exact"]
-        text += ["", f"The default on a grid fitted to each problem's score (`schedule=fit`, objective `{objective}`, "
+        text += ["", "The default on a grid fitted to each problem's score (`schedule=fit`, objective "
+                 f"`{fit_objective(label)}`, "
                  "64 prior draws; the fit's evaluations are not in the budget), per budget as above:", "",
                  md_table(["NFE", "low-D wins", "low-D geo-mean ratio", "high-D wins", "high-D geo-mean ratio"],
                           split_rows(rows, label))]
     if len(fit_labels) > 1:
         text += ["", "Fitted grids against the rule's grid (the default as it is), per budget: geometric-mean ratio "
                  "of the error, and (in brackets) the cases where the fitted grid is better:", "",
-                 md_table(["objective"] + [f"NFE {b}" for b in NFES] , fit_vs_rule(rows, fit_labels))]
+                 md_table(["objective"] + [f"NFE {b}" for b in NFES], fit_vs_rule(rows, fit_labels))]
     pcr = pc_rows(rows, "default")
     if pcr:
         text += ["", "At 50 NFE against the floor and the paper's PC sampler at 1000 steps (2000 NFE):", "",

@@ -213,13 +213,19 @@ def _dp(C: Tensor, steps: int) -> List[int]:
     return path
 
 
-def _curvature_rates(sde: SDE, fine: Tensor, dens: List[Tensor]) -> Tensor:
-    """(m ‖dD/dλ‖)^{1/2} per fine interval, ``[M]`` (‖·‖: root mean square over the batch and coordinates)."""
+def _motion(dens: List[Tensor]) -> tuple[Tensor, float]:
+    """‖D_{j+1} − D_j‖ for j = 0..M−2 (``[M − 1]``, root mean square over the batch and coordinates) and the root
+    mean square of D itself."""
+    D = torch.stack([d.double().reshape(d.shape[0], -1) for d in dens])  # [M, B, Dim]
+    return (D[1:] - D[:-1]).pow(2).mean(dim=(1, 2)).sqrt(), float(D.pow(2).mean().sqrt())
+
+
+def _curvature_rates(sde: SDE, fine: Tensor, moved: Tensor) -> Tensor:
+    """(m ‖dD/dλ‖)^{1/2} per fine interval, ``[M]``, from the teacher's motion ``moved`` (:func:`_motion`)."""
     M = fine.numel() - 1
     m = sde.mean_coeff(fine)
     lam = torch.log(m / sde.marginal_std(fine))
-    D = torch.stack([d.double().reshape(d.shape[0], -1) for d in dens])  # [M, B, Dim]
-    dD = (D[1:] - D[:-1]).pow(2).mean(dim=(1, 2)).sqrt() / (lam[1:M] - lam[: M - 1])  # at interval mids
+    dD = moved / (lam[1:M] - lam[: M - 1])  # at interval mids
     rate = (m[1:M] * dD).clamp(min=0).sqrt()
     return torch.cat([rate[:1], rate, rate[-1:]])[:M]
 
@@ -253,12 +259,11 @@ def _whitened_rates(sde: SDE, score_fn: ScoreFn, fine: Tensor, states: List[Tens
     return torch.tensor(q, dtype=torch.float64).clamp(min=0) ** 0.25
 
 
-def _still(dens: List[Tensor]) -> bool:
-    """Whether the denoised estimates along the teacher path moved by no more than rounding noise in all."""
-    D = torch.stack([d.double().reshape(d.shape[0], -1) for d in dens])  # [M, B, Dim]
-    moved = float((D[1:] - D[:-1]).pow(2).mean(dim=(1, 2)).sqrt().sum())
-    scale = float(D.pow(2).mean().sqrt())
-    return moved <= 100 * len(dens) * torch.finfo(dens[0].dtype).eps * max(scale, torch.finfo(dens[0].dtype).tiny)
+def _still(moved: Tensor, scale: float, dtype: torch.dtype) -> bool:
+    """Whether the denoised estimates along the teacher path (:func:`_motion`) moved by no more than rounding noise
+    of ``dtype`` in all."""
+    info = torch.finfo(dtype)
+    return float(moved.sum()) <= 100 * (moved.numel() + 1) * info.eps * max(scale, info.tiny)
 
 
 def _equidistribute(sde: SDE, fine: Tensor, rate: Tensor, steps: int, blend: float = 0.0) -> List[int]:
@@ -337,15 +342,20 @@ def fit_schedule(
     with torch.no_grad():
         states, dens = _teacher(sde, score_fn, x_T, fine)
         nfe = M
+        moved, scale = _motion(dens)
         idx: Optional[List[int]]
+        candidates: Dict[str, List[int]] = {}
         if steps == 1:
             idx = [0, M]
         elif objective == "path":
             # A p-th order step's local error scales as h^(p+1) where the first-order one's scales as h²: the
-            # pairwise first-order costs, raised to (p + 1)/2, model the sampler's own steps.
+            # pairwise first-order costs, raised to (p + 1)/2, model the sampler's own steps; exponents 1 and 2
+            # bracket that model, and the check below keeps the best of the three.
             order = max(1, int(getattr(sampler, "order", 1) or 1))
-            idx = _dp(_path_costs(sde, fine, states, dens) ** ((order + 1) / 2), int(steps))
-        elif _still(dens):
+            C = _path_costs(sde, fine, states, dens)
+            candidates = {f"dp^{p:g}": _dp(C**p, int(steps)) for p in sorted({1.0, (order + 1) / 2, 2.0})}
+            idx = candidates[f"dp^{(order + 1) / 2:g}"]
+        elif _still(moved, scale, dens[0].dtype):
             # The denoiser never moved along the teacher path (data at one point): nothing to fit, and rates made
             # of rounding noise would give a random grid. The teacher's own spacing, uniform in λ.
             idx = _equidistribute(sde, fine, torch.ones(M, dtype=torch.float64), int(steps))
@@ -354,15 +364,10 @@ def fit_schedule(
                                   WHITENED_BLEND)
             nfe += M - 1
         else:
-            idx = _equidistribute(sde, fine, _curvature_rates(sde, fine, dens), int(steps))
+            idx = _equidistribute(sde, fine, _curvature_rates(sde, fine, moved), int(steps))
         extra: Dict[str, Any] = {}
         if steps > 1:
-            if objective == "path":
-                C = _path_costs(sde, fine, states, dens)
-                order = max(1, int(getattr(sampler, "order", 1) or 1))
-                candidates = {f"dp^{p:g}": _dp(C**p, int(steps)) for p in sorted({1.0, (order + 1) / 2, 2.0})}
-            else:
-                candidates = {objective: idx}
+            candidates = candidates or {objective: idx}
             idx, extra, used = _select(sde, score_fn, sampler, int(steps), fine, states, idx, candidates, end)
             nfe += used
     times = fine[idx] if idx is not None else sampler.end.times(sde, int(steps), dtype=torch.float64)
