@@ -220,3 +220,62 @@ def test_vp_and_subvp_give_the_same_samples_at_a_noise_level() -> None:
         outs.append(out.samples)
     gap = (outs[0] - outs[1]).norm(dim=1)
     assert float(gap.max()) < 0.002  # well below a mode's width, 0.002·√2
+
+
+class _ConstantBeta8(LinearSDE):
+    """VP-type with a constant β = 8: σ̃(eps = 1e-5) = 0.0089, above the rules' σ/m = 0.003 and 0.001."""
+
+    def f(self, t):
+        return -4.0 * torch.ones_like(t)
+
+    def g(self, t):
+        return math.sqrt(8.0) * torch.ones_like(t)
+
+
+def test_an_end_point_the_process_cannot_reach_adds_the_denoising_step() -> None:
+    from sde_diffusion.samplers.defaults import UNREACHABLE_END, lowest_noise_level, tuned_options
+
+    sde = _ConstantBeta8()
+    assert lowest_noise_level(sde) == pytest.approx(math.sqrt(-math.expm1(-8e-5)) / math.exp(-4e-5), rel=1e-6)
+    for nfe in (5, 10, 15, 20, 30, 50):
+        rule = [r for r in RULES["vp"] if r.min_nfe <= nfe][-1]
+        choice = default_sampler(sde, nfe)
+        far = lowest_noise_level(sde) > UNREACHABLE_END * rule.options["end_sigma"]
+        assert far == (nfe >= 13)  # σ/m = 0.003 from 13 NFE is 3× below 0.0089; 0.01 and 0.03 are reached
+        assert choice.options.get("denoise", False) == far
+        assert choice.steps == nfe - int(far)
+        assert build_sampler(choice.name, **choice.options).expected_nfe(choice.steps) == nfe
+        named = tuned_options("dpm_solver_sde", sde, nfe)  # the named samplers' tables get the same step
+        assert named["denoise"] == (lowest_noise_level(sde) > UNREACHABLE_END * named["end_sigma"]), nfe
+    assert tuned_options("dpm_solver_sde", sde, 20)["denoise"] is True  # its table ends at σ/m = 0.003 there
+    # The library's processes reach every level of the rules: their choices are the table's, untouched.
+    for name, lib_sde in SDES.items():
+        for nfe in (5, 10, 20, 50):
+            rule = [r for r in RULES[sde_family(lib_sde)] if r.min_nfe <= nfe][-1]
+            assert default_sampler(lib_sde, nfe).options == rule.options, (name, nfe)
+    # Just out of reach (σ̃(eps) = σ_min = 0.01 against the 10-NFE rule's 0.01): no step, which would cost one.
+    ve_ref = VESDE(sigma_min=0.01, sigma_max=20.0, exact_kernel=False)
+    assert "denoise" not in default_sampler(ve_ref, 10).options
+    assert default_sampler(ve_ref, 20).options["denoise"] is True
+
+
+@pytest.mark.numeric
+def test_the_denoising_step_at_an_unreachable_end_is_exact_on_a_gaussian() -> None:
+    # p_0 = N(0, s² I) with s = 0.01, near the process's floor σ̃(eps) = 0.0089. The exact ODE ends at eps with
+    # x̃ ~ N(0, s² + σ̃²); the Tweedie step maps x̃ to s²/(s² + σ̃²) x̃, variance s⁴/(s² + σ̃²). Per dimension,
+    # KL(q ‖ p_0) with r = σ̃²/s²: ½(r − log(1 + r)) = 0.106 stopping, ½(1/(1+r) − 1 + log(1 + r)) = 0.072 with the step.
+    from sde_diffusion.samplers.defaults import lowest_noise_level
+
+    sde, s, dim, n = _ConstantBeta8(), 0.01, 4, 20_000
+    gm = GaussianMixture([1.0], torch.zeros(1, dim), [s**2])
+    sig2 = lowest_noise_level(sde) ** 2
+    x_T = torch.randn(n, dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x_T = x_T * math.sqrt(float(sde.mean_coeff(torch.tensor(1.0))) ** 2 * s**2 + float(sde.marginal_std(torch.tensor(1.0))) ** 2)
+    out = sample(sde, gm.score_fn(sde), x_T.shape, steps=30, x_T=x_T, dtype=torch.float64)
+    assert out.choice.options["denoise"] is True and out.nfe == 30
+    var = float(out.samples.var())
+    assert var == pytest.approx(s**4 / (s**2 + sig2), rel=0.03)  # MC: 80 000 values, relative SE 0.5 %
+    r = var / s**2
+    kl = 0.5 * (r - 1 - math.log(r))
+    assert kl == pytest.approx(0.5 * (1 / (1 + sig2 / s**2) - 1 + math.log(1 + sig2 / s**2)), abs=0.01)
+    assert kl < 0.5 * (sig2 / s**2 - math.log(1 + sig2 / s**2)) - 0.02  # below stopping at eps
