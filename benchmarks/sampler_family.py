@@ -10,7 +10,9 @@ before any result was seen:
 * ``HELD_OUT_SEEDS`` (1000–1039): reported separately; nothing was chosen on them.
 
 SDEs (``sde_diffusion.testing.make_sde``): VP and sub-VP with the library defaults, VE with
-σ_min = 0.01 and σ_max = the mixture's diameter (``GaussianMixture.diameter``). NFE budgets 5, 10, 15, 20, 30, 50.
+σ_min = 0.01 and σ_max = the mixture's diameter (``GaussianMixture.diameter``); ``--sdes`` also takes the
+processes of ``OTHER_SDE_NAMES`` (cosine VP, VP with β ≤ 10, a constant-β LinearSDE, VE on EDM's σ range, VE with
+the reference kernel), on which nothing was tuned. NFE budgets 5, 10, 15, 20, 30, 50.
 
 Every run starts from an exact draw of p_T (n = 1000 points). Selection and scoring use two
 independent draws (start and step noise): k-diffusion's best setting per problem, SDE and budget
@@ -59,7 +61,7 @@ from sde_diffusion import sample
 from sde_diffusion.samplers import build_sampler
 from sde_diffusion.samplers.defaults import default_sampler, fill_tuned
 from sde_diffusion.samplers.fitted import DEFAULT_OBJECTIVES, OBJECTIVES as FIT_OBJECTIVES
-from sde_diffusion.testing import SDE_NAMES, make_sde, marginal_sample, random_family, whitened_moment_kl, wide_family
+from sde_diffusion.testing import OTHER_SDE_NAMES, SDE_NAMES, make_sde, marginal_sample, random_family, whitened_moment_kl, wide_family
 
 from .common import EDMDenoiser, load_kdiffusion_sampling, md_table, write_results_section
 from .samplers import _kd_call, kd_settings
@@ -598,7 +600,9 @@ def main() -> None:
                     help="wide: sde_diffusion.testing.wide_family (many-mode low-D half); random: the original family")
     ap.add_argument("--pc-reference", action="store_true", help="also the PC sampler at 1000 steps (the 50-NFE yardstick)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N seeds")
-    ap.add_argument("--sdes", default=",".join(SDES))
+    ap.add_argument("--sdes", default=",".join(SDES),
+                    help=f"comma-separated processes: {', '.join(SDE_NAMES)}, or others with other parameters: "
+                         f"{', '.join(OTHER_SDE_NAMES)} (sde_diffusion.testing.make_sde)")
     ap.add_argument("--candidates", choices=sorted(CANDIDATE_SETS) + ["named"], default=None,
                     help="also run this round of the configurations the default was chosen from")
     ap.add_argument("--reuse-peers", type=Path, default=None,
@@ -627,6 +631,9 @@ def main() -> None:
     else:
         seeds = list(TUNING_SEEDS if args.seeds == "tuning" else HELD_OUT_SEEDS)[: args.limit]
     sdes = [s for s in args.sdes.split(",") if s]
+    unknown = sorted(set(sdes) - set(SDE_NAMES + OTHER_SDE_NAMES))
+    if unknown:
+        raise SystemExit(f"unknown SDE(s) {', '.join(unknown)}; choose from {', '.join(SDE_NAMES + OTHER_SDE_NAMES)}")
     reuse = not args.no_kdiffusion and args.reuse_peers is not None
     out = args.out or HERE / "results" / f"family_{args.family}_{args.seeds}.json"
     kept: List[Dict[str, Any]] = []

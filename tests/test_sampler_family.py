@@ -93,8 +93,24 @@ def test_make_sde_and_the_benchmark_problems() -> None:
     assert [type(make_sde(n, 7.0)).__name__ for n in SDE_NAMES] == ["VPSDE", "SubVPSDE", "VESDE"]
     ve = make_sde("ve", 7.0)
     assert isinstance(ve, VESDE) and ve.sigma_min == 0.01 and ve.sigma_max == 7.0
-    with pytest.raises(ValueError, match="unknown SDE 'cosine'"):
-        make_sde("cosine", 1.0)
+    with pytest.raises(ValueError, match="unknown SDE 'heat'; choose one of: vp, subvp, ve, cosine"):
+        make_sde("heat", 1.0)
+    # The processes with other parameters, checked against their closed forms at the ends of time.
+    from sde_diffusion.samplers.defaults import lowest_noise_level
+    from sde_diffusion.testing import OTHER_SDE_NAMES
+
+    other = {n: make_sde(n, 7.0) for n in OTHER_SDE_NAMES}
+    one = torch.tensor(1.0, dtype=torch.float64)
+
+    def sigma_tilde(sde, t):
+        return float(sde.marginal_std(t) / sde.mean_coeff(t))
+
+    assert sigma_tilde(other["vp_beta10"], one) == pytest.approx(math.sqrt(math.expm1(0.05 + 0.5 * 9.95)), rel=1e-9)
+    assert sigma_tilde(other["linear_beta8"], one) == pytest.approx(math.sqrt(math.expm1(8.0)), rel=1e-9)
+    assert lowest_noise_level(other["linear_beta8"]) == pytest.approx(math.sqrt(math.expm1(8e-5)), rel=1e-6)
+    assert float(other["ve_edm"].marginal_std(one)) == pytest.approx(math.sqrt(80.0**2 - 0.002**2), rel=1e-12)
+    assert float(other["ve_ref"].marginal_std(torch.tensor(0.0, dtype=torch.float64))) == pytest.approx(0.01)
+    assert type(other["cosine"]).__name__ == "CosineVPSDE"
     problems = make_problems()
     assert list(problems) == ["ring8", "grid25", "gmm16", "gmm64"]
     assert [(p.mixture.dim, p.mixture.num_components) for p in problems.values()] == [(2, 8), (2, 25), (16, 10), (64, 8)]

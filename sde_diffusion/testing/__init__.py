@@ -13,7 +13,7 @@ The mixture itself, with its perturbed densities and scores, is the library's
 :class:`sde_diffusion.toy.GaussianMixture`.
 """
 from .draws import random_family_parameters
-from .families import SDE_NAMES, Problem, grid_mixture, make_problems, make_sde, marginal_sample, random_family, wide_family
+from .families import OTHER_SDE_NAMES, SDE_NAMES, ConstantBetaSDE, Problem, grid_mixture, make_problems, make_sde, marginal_sample, random_family, wide_family
 from .mixture_metrics import (
     METRIC_LABELS,
     METRICS,
@@ -35,6 +35,8 @@ __all__ = [
     "Problem",
     "make_problems",
     "SDE_NAMES",
+    "OTHER_SDE_NAMES",
+    "ConstantBetaSDE",
     "make_sde",
     "wide_family",
     "marginal_sample",

@@ -10,7 +10,8 @@ against p_0 itself.
 * :func:`grid_mixture` — a 2-D lattice of modes with unequal weights;
 * :func:`make_problems` — the fixed benchmark problems (ring8, grid25, gmm16, gmm64), each with
   its sample sizes and a VE σ_max;
-* :func:`make_sde` — the processes a problem is run on (VP, sub-VP, VE with a given σ_max);
+* :func:`make_sde` — the processes a problem is run on (VP, sub-VP, VE with a given σ_max, and the
+  :data:`OTHER_SDE_NAMES` with other parameters);
 * :func:`marginal_sample` — an exact draw of p_t (a start x_T that is not the prior's).
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Dict
 import torch
 from torch import Tensor
 
-from ..sdes import SubVPSDE, VESDE, VPSDE
+from ..sdes import CosineVPSDE, LinearSDE, SubVPSDE, VESDE, VPSDE
 from ..sdes.sde import SDE
 from ..toy import GaussianMixture
 from .draws import random_family_parameters, wide_family_parameters
@@ -89,18 +90,48 @@ def make_problems() -> Dict[str, Problem]:
 
 
 SDE_NAMES = ("vp", "subvp", "ve")
+#: Processes with parameters other than the library's defaults, as users set them: the cosine VP schedule, VP with
+#: β ∈ [0.05, 10] (σ̃(T) = 12 instead of 152), a user's LinearSDE with a constant β = 8 (the LinearSDE docstring's
+#: example; its lowest noise level σ̃(eps) = 0.009), VE on EDM's σ range 0.002–80 whatever the data's scale, and VE
+#: with the reference code's kernel (``exact_kernel=False``: σ(0) = σ_min = 0.01).
+OTHER_SDE_NAMES = ("cosine", "vp_beta10", "linear_beta8", "ve_edm", "ve_ref")
+
+
+class ConstantBetaSDE(LinearSDE):
+    """dx = −½β x dt + √β dw with a constant β, written as a user would subclass :class:`LinearSDE`."""
+
+    def __init__(self, beta: float = 8.0) -> None:
+        super().__init__()
+        self.beta = float(beta)
+
+    def f(self, t: Tensor) -> Tensor:
+        return -0.5 * self.beta * torch.ones_like(t)
+
+    def g(self, t: Tensor) -> Tensor:
+        return math.sqrt(self.beta) * torch.ones_like(t)
 
 
 def make_sde(name: str, ve_sigma_max: float) -> SDE:
     """VP and sub-VP with the library defaults; VE with σ_min = 0.01 and σ_max = ``ve_sigma_max``
-    (a problem's ``ve_sigma_max``, or a mixture's :meth:`~GaussianMixture.diameter`)."""
+    (a problem's ``ve_sigma_max``, or a mixture's :meth:`~GaussianMixture.diameter`); or one of
+    :data:`OTHER_SDE_NAMES`."""
     if name == "vp":
         return VPSDE()
     if name == "subvp":
         return SubVPSDE()
     if name == "ve":
         return VESDE(sigma_min=0.01, sigma_max=float(ve_sigma_max))
-    raise ValueError(f"unknown SDE {name!r}; choose one of: {', '.join(SDE_NAMES)}")
+    if name == "cosine":
+        return CosineVPSDE()
+    if name == "vp_beta10":
+        return VPSDE(beta_min=0.05, beta_max=10.0)
+    if name == "linear_beta8":
+        return ConstantBetaSDE(8.0)
+    if name == "ve_edm":
+        return VESDE(sigma_min=0.002, sigma_max=80.0)
+    if name == "ve_ref":
+        return VESDE(sigma_min=0.01, sigma_max=float(ve_sigma_max), exact_kernel=False)
+    raise ValueError(f"unknown SDE {name!r}; choose one of: {', '.join(SDE_NAMES + OTHER_SDE_NAMES)}")
 
 
 def marginal_sample(mixture: GaussianMixture, sde: SDE, n: int, t: float, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
@@ -118,6 +149,8 @@ __all__ = [
     "Problem",
     "make_problems",
     "SDE_NAMES",
+    "OTHER_SDE_NAMES",
+    "ConstantBetaSDE",
     "make_sde",
     "marginal_sample",
 ]
