@@ -317,6 +317,12 @@ def run_case(task: Tuple[int, str, Optional[str], bool, str, bool, Tuple[str, ..
 
 
 # --------------------------------------------------------------------------------- report
+def sdes_of(rows: List[Dict[str, Any]]) -> Tuple[str, ...]:
+    """The processes a results file holds, in the order of ``SDE_NAMES + OTHER_SDE_NAMES``."""
+    held = {r["sde"] for r in rows}
+    return tuple(s for s in SDE_NAMES + OTHER_SDE_NAMES if s in held)
+
+
 def geo_mean(v: Sequence[float]) -> float:
     return math.exp(statistics.mean(math.log(x) for x in v))
 
@@ -346,7 +352,7 @@ def summary_rows(rows: List[Dict[str, Any]], label: str) -> List[List[str]]:
     rs = ratios(rows, label)
     floors = {(r["seed"], r["sde"]): r["metric"] for r in rows if r["kind"] == "floor"}
     mine = {(r["seed"], r["sde"], r["budget"]): r["metric"] for r in rows if r["kind"] == "ours" and r["label"] == label}
-    for sde in SDES:
+    for sde in sdes_of(rows):
         for budget in NFES:
             v = rs.get((sde, budget))
             if not v:
@@ -370,7 +376,7 @@ def split_rows(rows: List[Dict[str, Any]], label: str) -> List[List[str]]:
     for budget in NFES:
         line = [str(budget)]
         for low in (True, False):
-            v = [x[1] for sde in SDES for x in rs.get((sde, budget), [])
+            v = [x[1] for sde in sdes_of(rows) for x in rs.get((sde, budget), [])
                  if (dims[(x[0], sde)] <= LOW_DIM) == low]
             finite = [x for x in v if math.isfinite(x) and x > 0]
             wins = sum(1 for x in v if x <= 1.0)
@@ -404,7 +410,7 @@ def pc_rows(rows: List[Dict[str, Any]], label: str, budget: int = 50) -> Optiona
     mine = {(r["seed"], r["sde"]): r["metric"] for r in rows
             if r["kind"] == "ours" and r["label"] == label and r["budget"] == budget}
     table = []
-    for sde in SDES:
+    for sde in sdes_of(rows):
         keys = [k for k in mine if k[1] == sde and k in pc]
         if not keys:
             continue
@@ -418,7 +424,7 @@ def pc_rows(rows: List[Dict[str, Any]], label: str, budget: int = 50) -> Optiona
 def pooled_ratio(rows: List[Dict[str, Any]], label: str, budget: int) -> Optional[float]:
     """Geometric-mean ratio to the best k-diffusion setting at ``budget``, over every problem and SDE."""
     rs = ratios(rows, label)
-    v = [min(x[1], 1e3) for sde in SDES for x in rs.get((sde, budget), []) if x[1] > 0]
+    v = [min(x[1], 1e3) for sde in sdes_of(rows) for x in rs.get((sde, budget), []) if x[1] > 0]
     return geo_mean(v) if v else None
 
 
@@ -471,12 +477,12 @@ def counterpart_table(rows: List[Dict[str, Any]]) -> Tuple[List[str], List[List[
 
 def candidate_table(rows: List[Dict[str, Any]]) -> Tuple[List[str], List[List[str]]]:
     labels = sorted({r["label"] for r in rows if r["kind"] == "ours"})
-    header = ["config"] + [f"{s} {b}" for s in SDES for b in NFES]
+    header = ["config"] + [f"{s} {b}" for s in sdes_of(rows) for b in NFES]
     body = []
     for label in labels:
         rs = ratios(rows, label)
         line = [label]
-        for s in SDES:
+        for s in sdes_of(rows):
             for b in NFES:
                 v = [x[1] for x in rs.get((s, b), []) if math.isfinite(x[1]) and x[1] > 0]
                 line.append(f"{geo_mean(v):.2f}" if v else "–")
@@ -531,7 +537,7 @@ def report(path: Path, write: bool) -> str:
     text = [f"Seeds: {data['seeds_name']} ({len(data['seeds'])} problems). Command: `{data['command']}`.",
             f"Wall time {data['wall_seconds'] / 60:.0f} min on {data['jobs']} processes.", "",
             md_table(header, summary_rows(rows, "default"))]
-    text += ["", "Per budget, the three SDEs pooled; low-D is D ≤ 8:", "",
+    text += ["", f"Per budget, the {len(sdes_of(rows))} SDEs pooled; low-D is D ≤ 8:", "",
              md_table(["NFE", "low-D wins", "low-D geo-mean ratio", "high-D wins", "high-D geo-mean ratio"],
                       split_rows(rows, "default"))]
     fit_labels = sorted({r["label"] for r in rows if r["kind"] == "ours" and r["label"].startswith("default+fit")})
@@ -555,7 +561,7 @@ def report(path: Path, write: bool) -> str:
             line = [name]
             for budget in NFES:
                 rs = ratios(rows, name)
-                v = [x[1] for sde in SDES for x in rs.get((sde, budget), []) if x[1] > 0]
+                v = [x[1] for sde in sdes_of(rows) for x in rs.get((sde, budget), []) if x[1] > 0]
                 g = geo_mean([min(x, 1e3) for x in v]) if v else None
                 line.append("–" if g is None else f"{g:.2f} ({sum(1 for x in v if x <= 1.5)}/{len(v)})")
             body.append(line)
@@ -585,6 +591,8 @@ def report(path: Path, write: bool) -> str:
     if write:
         fam = "Wider family" if data.get("family") == "wide" else "Random family"
         heading = f"## {fam}: {data['seeds_name']} seeds"
+        if set(sdes_of(rows)) <= set(OTHER_SDE_NAMES):
+            heading = f"## Other processes: {data['seeds_name']} seeds of the {fam.lower()}"
         if any(r["label"].endswith("-shipped") for r in rows if r["kind"] == "ours"):
             heading = f"## Named samplers: {data['seeds_name']} seeds of the wider family"
         elif any("-sigma-" in r["label"] for r in rows if r["kind"] == "ours"):
