@@ -222,20 +222,17 @@ def test_vp_and_subvp_give_the_same_samples_at_a_noise_level() -> None:
     assert float(gap.max()) < 0.002  # well below a mode's width, 0.002·√2
 
 
-class _ConstantBeta8(LinearSDE):
+def _constant_beta_8() -> LinearSDE:
     """VP-type with a constant β = 8: σ̃(eps = 1e-5) = 0.0089, above the rules' σ/m = 0.003 and 0.001."""
+    from sde_diffusion.testing import ConstantBetaSDE
 
-    def f(self, t):
-        return -4.0 * torch.ones_like(t)
-
-    def g(self, t):
-        return math.sqrt(8.0) * torch.ones_like(t)
+    return ConstantBetaSDE(8.0)
 
 
 def test_an_end_point_the_process_cannot_reach_adds_the_denoising_step() -> None:
     from sde_diffusion.samplers.defaults import UNREACHABLE_END, lowest_noise_level, tuned_options
 
-    sde = _ConstantBeta8()
+    sde = _constant_beta_8()
     assert lowest_noise_level(sde) == pytest.approx(math.sqrt(-math.expm1(-8e-5)) / math.exp(-4e-5), rel=1e-6)
     for nfe in (5, 10, 15, 20, 30, 50):
         rule = [r for r in RULES["vp"] if r.min_nfe <= nfe][-1]
@@ -266,7 +263,7 @@ def test_the_denoising_step_at_an_unreachable_end_is_exact_on_a_gaussian() -> No
     # KL(q ‖ p_0) with r = σ̃²/s²: ½(r − log(1 + r)) = 0.106 stopping, ½(1/(1+r) − 1 + log(1 + r)) = 0.072 with the step.
     from sde_diffusion.samplers.defaults import lowest_noise_level
 
-    sde, s, dim, n = _ConstantBeta8(), 0.01, 4, 20_000
+    sde, s, dim, n = _constant_beta_8(), 0.01, 4, 20_000
     gm = GaussianMixture([1.0], torch.zeros(1, dim), [s**2])
     sig2 = lowest_noise_level(sde) ** 2
     x_T = torch.randn(n, dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
