@@ -15,7 +15,7 @@ Usage::
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -177,15 +177,21 @@ def counting(score_fn: Callable[[Tensor, Tensor], Tensor]) -> "CountingScore":
 
 
 class CountingScore:
-    """A score function that counts its evaluations in ``nfe``."""
+    """A score function that counts its evaluations in ``nfe`` and keeps the latest ``keep`` of them in ``recent``
+    as ``(t, score)`` pairs, oldest first (for a final step that extrapolates along the path)."""
 
-    def __init__(self, score_fn: Callable[[Tensor, Tensor], Tensor]) -> None:
+    def __init__(self, score_fn: Callable[[Tensor, Tensor], Tensor], keep: int = 0) -> None:
         self.score_fn = score_fn
         self.nfe = 0
+        self.keep = int(keep)
+        self.recent: List[Tuple[Tensor, Tensor]] = []
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.nfe += 1
-        return self.score_fn(x, t)
+        s = self.score_fn(x, t)
+        if self.keep:
+            self.recent = (self.recent + [(t, s)])[-self.keep:]
+        return s
 
 
 class DataRangeClip:

@@ -149,8 +149,11 @@ class EndPoint:
             time ``eps``): the same noise level on every process, whose times differ (VP's default
             eps = 1e-3 is σ/m ≈ 0.01; sub-VP's is ≈ 1e-4). Clipped to [sde.eps, T). ``sample`` then
             returns the end state in the data's scale, x/m = x_0 + σ̃ ε (:func:`~.sampler.to_data_scale`).
-        denoise: after the last step, return Tweedie's x̂_0 = (x + σ² s)/m at the final time (one
-            more NFE).
+        denoise: after the last step, take a final step to σ̃ = 0 (one more NFE): Tweedie's
+            x̂_0 = (x + σ² s)/m, or with ``denoise_order`` > 1 the probability-flow ODE's flow to σ̃ = 0
+            (:mod:`.final_step`).
+        denoise_order: order 1–4 of that step: 1 is Tweedie's mean; k extrapolates the noise prediction
+            ε̂ = −σ s in σ̃ through the end point and the k − 1 evaluations before it (no further NFE).
     """
 
     grid: Optional[str] = None
@@ -158,6 +161,7 @@ class EndPoint:
     eps: Optional[float] = None
     end_sigma: Optional[float] = None
     denoise: bool = False
+    denoise_order: int = 1
 
     def __post_init__(self) -> None:
         if self.eps is not None and self.end_sigma is not None:
@@ -175,6 +179,12 @@ class EndPoint:
         object.__setattr__(self, "eps", None if self.eps is None else float(self.eps))
         object.__setattr__(self, "end_sigma", None if self.end_sigma is None else float(self.end_sigma))
         object.__setattr__(self, "denoise", bool(self.denoise))
+        if int(self.denoise_order) != self.denoise_order or not 1 <= int(self.denoise_order) <= 4:
+            raise ValueError(f"denoise_order must be 1, 2, 3 or 4, got {self.denoise_order}")
+        object.__setattr__(self, "denoise_order", int(self.denoise_order))
+        if self.denoise_order > 1 and not self.denoise:
+            raise ValueError(f"denoise_order={self.denoise_order} is the order of the final denoising step; set "
+                             "denoise=true as well (or leave denoise_order at 1)")
 
     def end_time(self, sde: SDE) -> float:
         """The final time on ``sde``: ``eps``, or the time where σ/m = ``end_sigma``, or ``sde.sampling_eps``."""

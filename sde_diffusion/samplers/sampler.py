@@ -42,10 +42,11 @@ import torch
 from torch import Tensor
 
 from ..registry import SAMPLERS
-from ..score import CountingScore, x0_from_score
+from ..score import CountingScore
 from ..sdes.sde import SDE, ScoreFn
 from .coeffs import GridCoeffs
 from .defaults import DefaultChoice, is_learned_score, resolve_sampler
+from .final_step import final_step
 from .grids import EndPoint
 
 
@@ -101,7 +102,7 @@ class Sampler(abc.ABC):
 
     Args:
         end: the end-point options as one object, or else
-        grid, rho, eps, end_sigma, denoise: its fields as flat keys (None: the field's default;
+        grid, rho, eps, end_sigma, denoise, denoise_order: its fields as flat keys (None: the field's default;
             ``grid`` None: the class's :attr:`default_grid`). A sampler without a grid
             (``default_grid = None``) takes no ``grid`` or ``rho``.
     """
@@ -122,8 +123,9 @@ class Sampler(abc.ABC):
         eps: Optional[float] = None,
         end_sigma: Optional[float] = None,
         denoise: Optional[bool] = None,
+        denoise_order: Optional[int] = None,
     ) -> None:
-        given = {k: v for k, v in zip(_END_KEYS, (grid, rho, eps, end_sigma, denoise)) if v is not None}
+        given = {k: v for k, v in zip(_END_KEYS, (grid, rho, eps, end_sigma, denoise, denoise_order)) if v is not None}
         if end is not None and given:
             raise ValueError(f"give end=EndPoint(...) or the keys {', '.join(given)}, not both")
         end = EndPoint(**given) if end is None else end
@@ -441,12 +443,10 @@ def sample(
         if tuple(x_T.shape) != tuple(shape):
             raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)} was requested")
         x = x_T
-    counter = CountingScore(score_fn)
+    counter = CountingScore(score_fn, keep=sampler.end.denoise_order - 1)
     x, traj, ts = sampler.run(sde, counter, x, steps, generator, progress, return_trajectory, hook)
     if sampler.end.denoise:
-        eps_t = torch.as_tensor(sampler.end_time(sde), dtype=x.dtype, device=x.device)
-        tb = eps_t.expand(x.shape[0])
-        x = x0_from_score(x, counter(x, tb), sde.mean_coeff(tb), sde.marginal_std(tb))
+        x = final_step(sde, x, sampler.end_time(sde), counter, sampler.end.denoise_order)
         if hook is not None:
             x = hook(x, torch.zeros((), dtype=x.dtype, device=x.device))
         if traj is not None:
