@@ -511,10 +511,10 @@ def test_end_point_validates_when_built() -> None:
 
 
 def test_option_defaults_list_own_and_end_point_options() -> None:
-    assert list(SAMPLERS.get("ddim").option_defaults()) == ["eta", "grid", "rho", "eps", "end_sigma", "denoise"]
+    assert list(SAMPLERS.get("ddim").option_defaults()) == ["eta", "grid", "rho", "eps", "end_sigma", "denoise", "denoise_order"]
     assert SAMPLERS.get("dpm_solver").option_defaults()["grid"] == "auto"
-    assert list(SAMPLERS.get("torchsde").option_defaults()) == ["method", "eps", "end_sigma", "denoise"]
-    with pytest.raises(ValueError, match="accepted options: eta, grid, rho, eps, end_sigma, denoise"):
+    assert list(SAMPLERS.get("torchsde").option_defaults()) == ["method", "eps", "end_sigma", "denoise", "denoise_order"]
+    with pytest.raises(ValueError, match="accepted options: eta, grid, rho, eps, end_sigma, denoise, denoise_order"):
         build_sampler("ddim", not_an_option=1)
 
 
@@ -602,7 +602,7 @@ def test_a_user_step_sampler_runs_through_sample(monkeypatch: pytest.MonkeyPatch
             return x + (grid.f[i] * x - 0.5 * self.scale * grid.g2[i] * s) * dt
 
     assert "pf_euler" in SAMPLERS
-    assert list(PFEuler.option_defaults()) == ["scale", "grid", "rho", "eps", "end_sigma", "denoise"]
+    assert list(PFEuler.option_defaults()) == ["scale", "grid", "rho", "eps", "end_sigma", "denoise", "denoise_order"]
     sde = VPSDE()
     mu, s2 = 0.8, 0.3
     fn = gaussian_score(mu, s2, sde)
