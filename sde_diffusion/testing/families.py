@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict
+from typing import Any, Dict
 
 import torch
 from torch import Tensor
@@ -100,8 +100,8 @@ OTHER_SDE_NAMES = ("cosine", "vp_beta10", "linear_beta8", "ve_edm", "ve_ref")
 class ConstantBetaSDE(LinearSDE):
     """dx = −½β x dt + √β dw with a constant β, written as a user would subclass :class:`LinearSDE`."""
 
-    def __init__(self, beta: float = 8.0) -> None:
-        super().__init__()
+    def __init__(self, beta: float = 8.0, **kw: Any) -> None:
+        super().__init__(**kw)
         self.beta = float(beta)
 
     def f(self, t: Tensor) -> Tensor:
