@@ -145,8 +145,19 @@ for _n in ("ode_heun", "ode_rk4"):
             for _d in (False, True):
                 CANDIDATES_ROUND5[f"{_n}-sigma-{_g}-s{_s:g}{'-d' if _d else ''}"] = (
                     _n, {"variable": "sigma", "grid": _g, "end_sigma": _s, "denoise": _d})
+# Round 6: the final step to σ̃ = 0 of order k (``denoise_order``, samplers/final_step.py) after the rule's UniPC
+# (its order for the budget: ``RULE_ORDER``) stopped at σ/m = s, against stopping at the rule's own end point. The
+# peer's settings that beat the rule at 15–30 NFE were mostly LMS with σ_min = 0.05, whose last step extrapolates
+# to 0 in the same way.
+RULE_ORDER = "rule"
+CANDIDATES_ROUND6: Dict[str, Tuple[str, Dict[str, Any]]] = {}
+for _s in (0.003, 0.005, 0.007, 0.01, 0.015, 0.02, 0.03, 0.05):
+    for _k in (1, 3, 4):
+        CANDIDATES_ROUND6[f"unipc-logsnr-s{_s:g}-f{_k}"] = (
+            "dpm_solver", {"order": RULE_ORDER, "corrector": True, "grid": "logsnr", "end_sigma": _s, "denoise": True,
+                           "denoise_order": _k})
 CANDIDATE_SETS = {"1": CANDIDATES_ROUND1, "2": CANDIDATES_ROUND2, "3": CANDIDATES_ROUND3, "4": CANDIDATES_ROUND4,
-                  "5": CANDIDATES_ROUND5}
+                  "5": CANDIDATES_ROUND5, "6": CANDIDATES_ROUND6}
 
 # The wider family (``sde_diffusion.testing.wide_family``): its own seeds, drawn after the family was
 # fixed and before any result on it was seen.
@@ -232,6 +243,8 @@ def run_case(task: Tuple[int, str, Optional[str], bool, str, bool, Tuple[str, ..
             choice = default_sampler(sde, budget)
             ours_fixed(label, choice.name, choice.options, choice.steps, budget)
             return
+        if options.get("order") == RULE_ORDER:
+            options = {**options, "order": default_sampler(sde, budget).options["order"]}
         steps = ours_steps(name, options, budget)
         if steps is not None:
             ours_fixed(label, name, options, steps, budget)
@@ -595,6 +608,8 @@ def report(path: Path, write: bool) -> str:
             heading = f"## Other processes: {data['seeds_name']} seeds of the {fam.lower()}"
         if any(r["label"].endswith("-shipped") for r in rows if r["kind"] == "ours"):
             heading = f"## Named samplers: {data['seeds_name']} seeds of the wider family"
+        elif any(r["label"] in CANDIDATES_ROUND6 for r in rows if r["kind"] == "ours"):
+            heading = f"## Final step to σ̃ = 0 (round 6): {data['seeds_name']} seeds of the wider family"
         elif any("-sigma-" in r["label"] for r in rows if r["kind"] == "ours"):
             heading = f"## ODE integrators in σ̃ (round 5): {data['seeds_name']} seeds of the wider family"
         write_results_section(HERE / "RESULTS.md", heading, f"{heading}\n\n{out}\n")

@@ -94,6 +94,9 @@ def test_a_stored_grid_round_trips(tmp_path: Path) -> None:
     k = schedule_key("ddim", {"eta": 0.0}, 6, "abc", "path")
     assert k != schedule_key("ddim", {"eta": 0.0}, 7, "abc", "path") != schedule_key("ddim", {"eta": 0.0}, 6, "abd", "path")
     assert k == schedule_key("ddim", {"eta": 0.0}, 6, "abc", "path")
+    # ... and on nothing after it: the final step's order leaves the key of a grid stored before it existed.
+    assert schedule_key("ddim", {"eta": 0.0, "denoise_order": 3}, 6, "abc", "path") == k
+    assert schedule_key("ddim", {"eta": 0.0, "denoise": True}, 6, "abc", "path") != k
 
 
 def test_bad_grids_and_inputs_are_refused(tmp_path: Path) -> None:

@@ -121,8 +121,10 @@ class FittedSchedule:
 
 
 def schedule_key(sampler: str, options: Mapping[str, Any], steps: int, digest: Optional[str], objective: str) -> str:
-    """The name under which a fitted grid is stored: a digest of what it depends on."""
-    blob = json.dumps({"sampler": sampler, "options": {k: options[k] for k in sorted(options)}, "steps": int(steps),
+    """The name under which a fitted grid is stored: a digest of what it depends on (not ``denoise_order``: the final
+    step comes after the grid, and grids stored before the option existed keep their key)."""
+    kept = {k: options[k] for k in sorted(options) if k != "denoise_order"}
+    blob = json.dumps({"sampler": sampler, "options": kept, "steps": int(steps),
                        "digest": digest, "objective": objective, "format": FORMAT}, sort_keys=True, default=str)
     return f"{sampler}-{steps}steps-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
