@@ -280,3 +280,14 @@ def test_the_denoising_step_at_an_unreachable_end_is_exact_on_a_gaussian() -> No
     torch.testing.assert_close(out.samples, at_eps * (s**2 / (s**2 + sig2)), rtol=1e-6, atol=1e-9)
     r = sig2 / s**2
     assert 0.5 * (1 / (1 + r) - 1 + math.log1p(r)) < 0.7 * 0.5 * (r - math.log1p(r))
+
+
+def test_turning_the_rules_final_step_off_keeps_the_budget() -> None:
+    # From 13 NFE the rule ends with a final step of order 3; denoise=false turns it off with its order, and the
+    # step's evaluation goes back to the run.
+    sde, gm = VPSDE(), random_family(3)
+    out = sample(sde, gm.score_fn(sde), (8, gm.dim), steps=20, denoise=False, generator=torch.Generator().manual_seed(0))
+    assert out.nfe == 20 and torch.isfinite(out.samples).all()
+    name, steps, options, _ = resolve_sampler(sde, None, 20, {"denoise": False})
+    assert (steps, options.get("denoise"), "denoise_order" in options) == (20, False, False)
+    assert default_sampler(sde, 1).options.get("denoise_order") is None

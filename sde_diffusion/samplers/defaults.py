@@ -188,6 +188,7 @@ def default_sampler(sde: SDE, nfe: int, score: str = "exact") -> DefaultChoice:
     denoise = bool(options.get("denoise", False))
     if denoise and nfe < 2:
         options["denoise"] = False  # one evaluation cannot pay for a step and a denoising step
+        options.pop("denoise_order", None)
         denoise = False
     return DefaultChoice(rule.sampler, options, nfe - int(denoise), family, nfe, score)
 
@@ -338,6 +339,8 @@ def resolve_sampler(sde: SDE, name: Any, steps: int, options: Dict[str, Any],
         return name, steps, (fill_tuned(sde, name, steps, options, score, build=build) if build else options), None
     choice = default_sampler(sde, steps, score)
     merged = {**choice.options, **options}
+    if not merged.get("denoise", False) and "denoise_order" not in options:
+        merged.pop("denoise_order", None)  # the rule's final-step order goes with its step, turned off here
     steps_ = choice.steps
     if bool(merged.get("denoise", False)) != bool(choice.options.get("denoise", False)):
         steps_ = choice.nfe - int(bool(merged.get("denoise", False)))  # keep the NFE budget
