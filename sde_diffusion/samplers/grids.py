@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..registry import Registry
 from ..sdes.sde import SDE
+from .final_step import MAX_FINAL_ORDER
 
 #: ``fn(sde, u [N + 1] float64 in [0, 1], eps, rho) -> [N + 1] float64 times``, t = T at u = 0 and
 #: eps at u = 1, decreasing.
@@ -179,7 +180,7 @@ class EndPoint:
         object.__setattr__(self, "eps", None if self.eps is None else float(self.eps))
         object.__setattr__(self, "end_sigma", None if self.end_sigma is None else float(self.end_sigma))
         object.__setattr__(self, "denoise", bool(self.denoise))
-        if int(self.denoise_order) != self.denoise_order or not 1 <= int(self.denoise_order) <= 4:
+        if int(self.denoise_order) != self.denoise_order or not 1 <= int(self.denoise_order) <= MAX_FINAL_ORDER:
             raise ValueError(f"denoise_order must be 1, 2, 3 or 4, got {self.denoise_order}")
         object.__setattr__(self, "denoise_order", int(self.denoise_order))
         if self.denoise_order > 1 and not self.denoise:
