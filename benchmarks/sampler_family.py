@@ -385,11 +385,12 @@ def split_rows(rows: List[Dict[str, Any]], label: str) -> List[List[str]]:
     """Per budget, pooled over the SDEs: win rate and geometric-mean ratio for low-D (D ≤ 8) and high-D problems."""
     rs = ratios(rows, label)
     dims = {(r["seed"], r["sde"]): r["dim"] for r in rows}
+    sdes = sdes_of(rows)
     table = []
     for budget in NFES:
         line = [str(budget)]
         for low in (True, False):
-            v = [x[1] for sde in sdes_of(rows) for x in rs.get((sde, budget), [])
+            v = [x[1] for sde in sdes for x in rs.get((sde, budget), [])
                  if (dims[(x[0], sde)] <= LOW_DIM) == low]
             finite = [x for x in v if math.isfinite(x) and x > 0]
             wins = sum(1 for x in v if x <= 1.0)
@@ -490,12 +491,13 @@ def counterpart_table(rows: List[Dict[str, Any]]) -> Tuple[List[str], List[List[
 
 def candidate_table(rows: List[Dict[str, Any]]) -> Tuple[List[str], List[List[str]]]:
     labels = sorted({r["label"] for r in rows if r["kind"] == "ours"})
-    header = ["config"] + [f"{s} {b}" for s in sdes_of(rows) for b in NFES]
+    sdes = sdes_of(rows)
+    header = ["config"] + [f"{s} {b}" for s in sdes for b in NFES]
     body = []
     for label in labels:
         rs = ratios(rows, label)
         line = [label]
-        for s in sdes_of(rows):
+        for s in sdes:
             for b in NFES:
                 v = [x[1] for x in rs.get((s, b), []) if math.isfinite(x[1]) and x[1] > 0]
                 line.append(f"{geo_mean(v):.2f}" if v else "–")
@@ -569,12 +571,12 @@ def report(path: Path, write: bool) -> str:
         text += ["", "At 50 NFE against the floor and the paper's PC sampler at 1000 steps (2000 NFE):", "",
                  md_table(["SDE", "≤ 1.05 × floor or ≤ PC 1000", "geo-mean ours / PC 1000", "median PC 1000 / floor"], pcr)]
     if any(r["label"] in NAMED_SAMPLERS for r in rows if r["kind"] == "ours"):
-        body = []
+        body, sdes = [], sdes_of(rows)
         for name in NAMED_SAMPLERS:
             line = [name]
+            rs = ratios(rows, name)
             for budget in NFES:
-                rs = ratios(rows, name)
-                v = [x[1] for sde in sdes_of(rows) for x in rs.get((sde, budget), []) if x[1] > 0]
+                v = [x[1] for sde in sdes for x in rs.get((sde, budget), []) if x[1] > 0]
                 g = geo_mean([min(x, 1e3) for x in v]) if v else None
                 line.append("–" if g is None else f"{g:.2f} ({sum(1 for x in v if x <= 1.5)}/{len(v)})")
             body.append(line)
