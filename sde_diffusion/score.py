@@ -15,7 +15,8 @@ Usage::
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Tuple
+from collections import deque
+from typing import Any, Callable, Deque, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -183,14 +184,12 @@ class CountingScore:
     def __init__(self, score_fn: Callable[[Tensor, Tensor], Tensor], keep: int = 0) -> None:
         self.score_fn = score_fn
         self.nfe = 0
-        self.keep = int(keep)
-        self.recent: List[Tuple[Tensor, Tensor]] = []
+        self.recent: Deque[Tuple[Tensor, Tensor]] = deque(maxlen=int(keep))
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.nfe += 1
         s = self.score_fn(x, t)
-        if self.keep:
-            self.recent = (self.recent + [(t, s)])[-self.keep:]
+        self.recent.append((t, s))  # keeps none with keep = 0
         return s
 
 

@@ -165,7 +165,7 @@ def reach_end(sde: SDE, options: Dict[str, Any]) -> Dict[str, Any]:
     """``options`` with ``denoise=True`` where they stop at an ``end_sigma`` the process cannot reach by more than
     :data:`UNREACHABLE_END` (see there); unchanged otherwise, and where ``denoise`` is already set to True."""
     end_sigma = options.get("end_sigma")
-    if end_sigma is None or isinstance(end_sigma, str) or options.get("denoise") is True:
+    if end_sigma is None or options.get("denoise") is True:
         return options
     if lowest_noise_level(sde) > UNREACHABLE_END * float(end_sigma):
         return {**options, "denoise": True}

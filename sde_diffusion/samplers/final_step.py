@@ -41,42 +41,33 @@ def lagrange_weights(nodes: Sequence[float], upper: float) -> List[float]:
     return (w * float(upper)).tolist()
 
 
-def _sigma_tilde(sde: SDE, t: Tensor) -> Tensor:
-    t64 = t.to(torch.float64)
-    return sde.marginal_std(t64) / sde.mean_coeff(t64)
-
-
 def final_step(sde: SDE, x: Tensor, t_end: float, counter: CountingScore, order: int = 1) -> Tensor:
     """x̂_0 ``[B, ...]`` from the state x ``[B, ...]`` at ``t_end``: one evaluation of ``counter`` there, then the
     step of ``order`` (module docstring) through it and the latest distinct noise levels in ``counter.recent``
-    (fewer where the run made fewer evaluations)."""
+    (fewer where the run made fewer evaluations). With one node it is Tweedie's (x + σ² s)/m."""
     if not 1 <= int(order) <= MAX_FINAL_ORDER:
         raise ValueError(f"the final step's order must be 1–{MAX_FINAL_ORDER}, got {order}")
-    B = x.shape[0]
-    t = torch.full((B,), float(t_end), dtype=x.dtype, device=x.device)
     earlier: List[Tuple[Tensor, Tensor]] = list(counter.recent)
-    score = counter(x, t)
-    t64 = torch.tensor(float(t_end), dtype=torch.float64)
-    m, sigma = float(sde.mean_coeff(t64)), float(sde.marginal_std(t64))
-    x_tilde = x / m
-    sig_end = sigma / m
-    nodes: List[float] = [sig_end]
-    eps: List[Tensor] = [-sigma * score]
-    for t_j, s_j in reversed(earlier):
+    t = torch.full((x.shape[0],), float(t_end), dtype=x.dtype, device=x.device)
+    points = [(torch.tensor([float(t_end)], dtype=torch.float64), counter(x, t))] + earlier[::-1]
+    nodes: List[float] = []  # σ̃ of each node, the end point's first
+    eps: List[Tensor] = []  # ε̂ = −σ s there
+    for t_j, s_j in points:
         if len(nodes) >= order:
             break
         t_j = torch.as_tensor(t_j).reshape(-1)
         if t_j.numel() > 1 and not bool((t_j == t_j[0]).all()):
             raise ValueError("a final step of order > 1 needs one time per step for the whole batch; this run "
                              "stepped each sample on its own (step_control=sample): use denoise_order=1")
-        st = float(_sigma_tilde(sde, t_j[:1]))
-        if all(abs(st - n) > 1e-6 * n for n in nodes) and st > sig_end:
+        t64 = t_j[:1].to(torch.float64)
+        sigma, m = float(sde.marginal_std(t64)), float(sde.mean_coeff(t64))
+        st = sigma / m
+        if not nodes or (st > nodes[0] and all(abs(st - n) > 1e-6 * n for n in nodes)):
             nodes.append(st)
-            eps.append(-float(sde.marginal_std(t_j[:1].to(torch.float64))) * s_j)
-    if len(nodes) == 1:
-        return x_tilde - sig_end * eps[0]  # Tweedie: (x + σ² s)/m
-    out = x_tilde
-    for w_j, e_j in zip(lagrange_weights(nodes, sig_end), eps):
+            eps.append(-sigma * s_j)
+    m_end = float(sde.mean_coeff(torch.tensor(float(t_end), dtype=torch.float64)))
+    out = x / m_end
+    for w_j, e_j in zip(lagrange_weights(nodes, nodes[0]), eps):
         out = out - w_j * e_j
     return out
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 import torch
 from torch import Tensor
@@ -111,27 +111,25 @@ class ConstantBetaSDE(LinearSDE):
         return math.sqrt(self.beta) * torch.ones_like(t)
 
 
+_MAKERS: Dict[str, Callable[[float], SDE]] = {
+    "vp": lambda d: VPSDE(),
+    "subvp": lambda d: SubVPSDE(),
+    "ve": lambda d: VESDE(sigma_min=0.01, sigma_max=float(d)),
+    "cosine": lambda d: CosineVPSDE(),
+    "vp_beta10": lambda d: VPSDE(beta_min=0.05, beta_max=10.0),
+    "linear_beta8": lambda d: ConstantBetaSDE(8.0),
+    "ve_edm": lambda d: VESDE(sigma_min=0.002, sigma_max=80.0),
+    "ve_ref": lambda d: VESDE(sigma_min=0.01, sigma_max=float(d), exact_kernel=False),
+}
+
+
 def make_sde(name: str, ve_sigma_max: float) -> SDE:
     """VP and sub-VP with the library defaults; VE with σ_min = 0.01 and σ_max = ``ve_sigma_max``
     (a problem's ``ve_sigma_max``, or a mixture's :meth:`~GaussianMixture.diameter`); or one of
     :data:`OTHER_SDE_NAMES`."""
-    if name == "vp":
-        return VPSDE()
-    if name == "subvp":
-        return SubVPSDE()
-    if name == "ve":
-        return VESDE(sigma_min=0.01, sigma_max=float(ve_sigma_max))
-    if name == "cosine":
-        return CosineVPSDE()
-    if name == "vp_beta10":
-        return VPSDE(beta_min=0.05, beta_max=10.0)
-    if name == "linear_beta8":
-        return ConstantBetaSDE(8.0)
-    if name == "ve_edm":
-        return VESDE(sigma_min=0.002, sigma_max=80.0)
-    if name == "ve_ref":
-        return VESDE(sigma_min=0.01, sigma_max=float(ve_sigma_max), exact_kernel=False)
-    raise ValueError(f"unknown SDE {name!r}; choose one of: {', '.join(SDE_NAMES + OTHER_SDE_NAMES)}")
+    if name not in _MAKERS:
+        raise ValueError(f"unknown SDE {name!r}; choose one of: {', '.join(SDE_NAMES + OTHER_SDE_NAMES)}")
+    return _MAKERS[name](ve_sigma_max)
 
 
 def marginal_sample(mixture: GaussianMixture, sde: SDE, n: int, t: float, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
