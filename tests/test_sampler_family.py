@@ -179,3 +179,15 @@ def test_truth_floors_are_the_metrics_of_exact_draws() -> None:
     assert abs(truth.entropy - h) < 5 * truth.entropy_se + 1e-3
     far = truth.evaluate(gm.sample(300, torch.Generator().manual_seed(5)) * 2.0)
     assert all(far[k] > truth.floor[k][0] + 5 * truth.floor[k][1] for k in ("mkl", "sw2"))
+
+
+def test_the_family_benchmark_names_its_processes_and_refuses_unknown_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import sampler_family as sf
+
+    rows = [{"sde": s} for s in ("ve_ref", "vp", "cosine", "vp")]
+    assert sf.sdes_of(rows) == ("vp", "cosine", "ve_ref")  # the order of SDE_NAMES + OTHER_SDE_NAMES
+    monkeypatch.setattr("sys.argv", ["sampler_family", "--sdes", "vp,heat", "--limit", "1"])
+    with pytest.raises(SystemExit, match="unknown SDE\\(s\\) heat; choose from vp, subvp, ve, cosine"):
+        sf.main()
+    # Round 6's candidates take the rule's solver order for the budget.
+    assert all(opts["order"] == sf.RULE_ORDER and opts["denoise"] for _, opts in sf.CANDIDATES_ROUND6.values())
