@@ -29,7 +29,7 @@ test-all: $(STAMP)
 
 # k-diffusion for the benchmarks' peer columns, without letting pip swap the installed torch for another build
 peers: $(STAMP)
-	$(PY) -m pip install ".[peers]" "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
+	$(PY) -m pip install -e ".[peers]" "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.samplers

@@ -156,8 +156,17 @@ for _s in (0.003, 0.005, 0.007, 0.01, 0.015, 0.02, 0.03, 0.05):
         CANDIDATES_ROUND6[f"unipc-logsnr-s{_s:g}-f{_k}"] = (
             "dpm_solver", {"order": RULE_ORDER, "corrector": True, "grid": "logsnr", "end_sigma": _s, "denoise": True,
                            "denoise_order": _k})
+# Round 7: the named deterministic samplers with that final step. Each entry is (named sampler, overrides): the
+# sampler's config as ``sampler=<name>`` runs it (its NAMED_RULES setting for the budget: grid, order, variable),
+# stopped at σ/m = s and ending with the step of order k; the config itself is run beside them as ``<name>``.
+NAMED_DETERMINISTIC = ("dpm_solver", "dpm_solver_2s", "ddim", "edm_heun", "ode_heun", "ode_rk4")
+CANDIDATES_ROUND7: Dict[str, Tuple[str, Dict[str, Any]]] = {}
+for _n in NAMED_DETERMINISTIC:
+    for _s in (0.01, 0.03, 0.05):
+        for _k in (2, 3, 4):
+            CANDIDATES_ROUND7[f"{_n}-s{_s:g}-f{_k}"] = (_n, {"end_sigma": _s, "denoise": True, "denoise_order": _k})
 CANDIDATE_SETS = {"1": CANDIDATES_ROUND1, "2": CANDIDATES_ROUND2, "3": CANDIDATES_ROUND3, "4": CANDIDATES_ROUND4,
-                  "5": CANDIDATES_ROUND5, "6": CANDIDATES_ROUND6}
+                  "5": CANDIDATES_ROUND5, "6": CANDIDATES_ROUND6, "7": CANDIDATES_ROUND7}
 
 # The wider family (``sde_diffusion.testing.wide_family``): its own seeds, drawn after the family was
 # fixed and before any result on it was seen.
@@ -256,12 +265,12 @@ def run_case(task: Tuple[int, str, Optional[str], bool, str, bool, Tuple[str, ..
         out = sample(sde, score_fn, x_T.shape, sampler="pc", steps=1000, x_T=x_T, generator=g)
         rows.append({**base, "kind": "pc1000", "label": "pc 1000 steps", "budget": out.nfe, "nfe": out.nfe,
                      "metric": whitened_moment_kl(gm, out.samples), "seconds": time.perf_counter() - t0})
-    def named(label: str, cls: str, options: Dict[str, Any], budget: int) -> None:
+    def named(label: str, cls: str, options: Dict[str, Any], budget: int, overrides: Optional[Dict[str, Any]] = None) -> None:
         # What `python sample.py sampler=<label> steps=n` runs: its config's options, `auto` ones filled from
-        # NAMED_RULES for n steps; n is the largest whose NFE fits the budget.
+        # NAMED_RULES for n steps (then ``overrides``); n is the largest whose NFE fits the budget.
         fits = []
         for n in range(1, budget + 1):
-            opts = fill_tuned(sde, cls, n, options, "exact", build=build_sampler)
+            opts = {**fill_tuned(sde, cls, n, options, "exact", build=build_sampler), **(overrides or {})}
             if build_sampler(cls, **opts).expected_nfe(n) <= budget:
                 fits.append((n, opts))
         if fits:
@@ -291,6 +300,12 @@ def run_case(task: Tuple[int, str, Optional[str], bool, str, bool, Tuple[str, ..
         if candidate_set == "named":
             for label, (cls, options) in named_configs().items():
                 named(label, cls, options, budget)
+        elif candidate_set == "7":
+            configs = named_configs()
+            for label in NAMED_DETERMINISTIC:
+                named(label, *configs[label], budget)
+            for label, (base_name, overrides) in CANDIDATES_ROUND7.items():
+                named(label, *configs[base_name], budget, overrides)
         elif candidate_set:
             for label, (name, options) in CANDIDATE_SETS[candidate_set].items():
                 ours(label, name, options, budget)

@@ -331,6 +331,18 @@ def test_adaptive_samplers_ignore_steps_and_reject_hooks() -> None:
         build_sampler("ode_scipy", method="Euler")
 
 
+@pytest.mark.parametrize("name", [n for n in SAMPLERS.names() if SAMPLERS.get(n).nfe_per_step])
+def test_evaluations_per_step_match_a_counted_run(name: str) -> None:
+    # ``nfe_per_step`` turns steps into the NFE that the named samplers' tables are keyed by, and sizes what a run
+    # keeps for the final step: it must be what a run really spends per step (the last step may save one).
+    sde = VPSDE()
+    fn = gaussian_score(0.0, 0.5, sde)
+    per_step = build_sampler(name).nfe_per_step
+    for steps in (3, 6):
+        nfe = sample(sde, fn, (4, 2), sampler=name, steps=steps, generator=torch.Generator().manual_seed(0)).nfe
+        assert steps * per_step - 1 <= nfe <= steps * per_step, (name, steps, nfe)
+
+
 def test_trajectories() -> None:
     sde = VPSDE(eps=1e-3)
     fn = gaussian_score(0.0, 1.0, sde)

@@ -47,6 +47,7 @@ class EDMHeun(StepSampler):
     """
 
     order = 2
+    nfe_per_step = 2  # the last step's one evaluation is in expected_nfe
 
     default_grid = "karras"
 

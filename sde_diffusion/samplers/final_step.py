@@ -30,6 +30,18 @@ from ..sdes.sde import SDE
 MAX_FINAL_ORDER = 4
 
 
+#: Noise levels closer than this (relative) count as one node of the final step.
+SAME_LEVEL = 1e-3
+
+
+def evaluations_to_keep(order: int, nfe_per_step: int) -> int:
+    """How many of the latest evaluations a run keeps for a final step of ``order``: order − 1 noise levels above
+    the end point, each step of ``nfe_per_step`` evaluations (0: adaptive, taken as up to 8) giving at least one.
+    A multi-stage step evaluates at repeated levels (Heun's second stage at the end point itself, RK4's two
+    midpoint stages), which the step skips; keeping a step's worth per level leaves it enough distinct ones."""
+    return (int(order) - 1) * (int(nfe_per_step) if nfe_per_step else 8)
+
+
 def lagrange_weights(nodes: Sequence[float], upper: float) -> List[float]:
     """w_j = ∫_0^upper L_j(σ) dσ for the Lagrange basis L_j on the distinct ``nodes``: the weights with
     ∫_0^upper p = Σ_j w_j p(σ_j) for every polynomial p of degree < len(nodes). Solved in u = σ/upper (nodes ≥
@@ -62,7 +74,9 @@ def final_step(sde: SDE, x: Tensor, t_end: float, counter: CountingScore, order:
         t64 = t_j[:1].to(torch.float64)
         sigma, m = float(sde.marginal_std(t64)), float(sde.mean_coeff(t64))
         st = sigma / m
-        if not nodes or (st > nodes[0] and all(abs(st - n) > 1e-6 * n for n in nodes)):
+        # A later stage at a level already taken (Heun's second stage at the end point, RK4's second midpoint) is
+        # skipped; its time can differ from the level's by rounding, hence the relative margin.
+        if not nodes or st > max(nodes) * (1.0 + SAME_LEVEL):
             nodes.append(st)
             eps.append(-sigma * s_j)
     m_end = float(sde.mean_coeff(torch.tensor(float(t_end), dtype=torch.float64)))
@@ -72,4 +86,4 @@ def final_step(sde: SDE, x: Tensor, t_end: float, counter: CountingScore, order:
     return out
 
 
-__all__ = ["MAX_FINAL_ORDER", "final_step", "lagrange_weights"]
+__all__ = ["MAX_FINAL_ORDER", "evaluations_to_keep", "final_step", "lagrange_weights"]

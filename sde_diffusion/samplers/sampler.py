@@ -46,7 +46,7 @@ from ..score import CountingScore
 from ..sdes.sde import SDE, ScoreFn
 from .coeffs import GridCoeffs
 from .defaults import DefaultChoice, is_learned_score, resolve_sampler
-from .final_step import final_step
+from .final_step import evaluations_to_keep, final_step
 from .grids import EndPoint
 
 
@@ -443,7 +443,7 @@ def sample(
         if tuple(x_T.shape) != tuple(shape):
             raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)} was requested")
         x = x_T
-    counter = CountingScore(score_fn, keep=sampler.end.denoise_order - 1)
+    counter = CountingScore(score_fn, keep=evaluations_to_keep(sampler.end.denoise_order, sampler.nfe_per_step))
     x, traj, ts = sampler.run(sde, counter, x, steps, generator, progress, return_trajectory, hook)
     if sampler.end.denoise:
         x = final_step(sde, x, sampler.end_time(sde), counter, sampler.end.denoise_order)
