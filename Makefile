@@ -27,9 +27,12 @@ test-roundings: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
-# k-diffusion for the benchmarks' peer columns, without letting pip swap the installed torch for another build
+# k-diffusion for the benchmarks' peer columns (only its sampling module is loaded). Without its dependencies:
+# they include torchvision, whose PyPI build does not import beside the local torch wheel and, once installed,
+# breaks every `import lightning` (torchmetrics imports it when present). The sampling module needs torchdiffeq.
 peers: $(STAMP)
-	$(PY) -m pip install -e ".[peers]" "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
+	$(PY) -m pip install --quiet "torchdiffeq>=0.2" "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
+	$(PY) -m pip install --quiet --no-deps "k-diffusion==0.1.1"
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.samplers

@@ -61,7 +61,7 @@ def load_kdiffusion_sampling() -> Tuple[Optional[types.ModuleType], str]:
         first_error = f"{type(err).__name__}: {err}"
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None or not spec.submodule_search_locations:
-        return None, "k-diffusion is not installed (make peers, or pip install .[peers])"
+        return None, "k-diffusion is not installed (make peers)"
     pkg_dir = Path(list(spec.submodule_search_locations)[0])
     path = pkg_dir / "sampling.py"
     if not path.exists():

@@ -47,7 +47,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     torch.set_num_threads(1)
     kd, status = load_kdiffusion_sampling()
     if kd is None:
-        raise SystemExit(f"k-diffusion is needed: {status} (pip install .[peers])")
+        raise SystemExit(f"k-diffusion is needed: {status} (make peers)")
     clf = get_classifier()
     model = load_model(args.digits_run)
     sde, score = model.sde, model.score_model(use_ema=True)

@@ -457,22 +457,30 @@ def pooled_ratio(rows: List[Dict[str, Any]], label: str, budget: int) -> Optiona
     return geo_mean(v) if v else None
 
 
-def named_table(rows: List[Dict[str, Any]]) -> Tuple[List[str], List[List[str]]]:
-    """Round 4: per named sampler and budget, the shipped setting and the best of its candidates (pooled
-    geometric-mean ratio to the best k-diffusion setting)."""
+def named_table(rows: List[Dict[str, Any]], round7: bool = False) -> Tuple[List[str], List[List[str]]]:
+    """Per named sampler and budget, a baseline and the best of its candidates (pooled geometric-mean ratio to the
+    best k-diffusion setting). Round 4: the sampler as shipped (``<name>-shipped``) among its round-4 candidates;
+    round 7: its config as it was (``<name>``) and its round-7 candidates with the final step."""
     body = []
-    for name in NAMED_SAMPLERS:
-        labels = [lab for lab in CANDIDATES_ROUND4 if lab.startswith(name + "-") and
-                  not any(lab.startswith(o + "-") for o in NAMED_SAMPLERS if o != name and o.startswith(name))]
+    names = NAMED_DETERMINISTIC if round7 else tuple(NAMED_SAMPLERS)
+    for name in names:
+        if round7:
+            labels = [name] + [lab for lab, (base, _) in CANDIDATES_ROUND7.items() if base == name]
+        else:
+            labels = [lab for lab in CANDIDATES_ROUND4 if lab.startswith(name + "-") and
+                      not any(lab.startswith(o + "-") for o in NAMED_SAMPLERS if o != name and o.startswith(name))]
+        baseline = name if round7 else f"{name}-shipped"
         for budget in NFES:
             scored = [(pooled_ratio(rows, lab, budget), lab) for lab in labels]
             scored = [(r, lab) for r, lab in scored if r is not None]
             if not scored:
                 continue
-            shipped = next((r for r, lab in scored if lab.endswith("-shipped")), None)
+            base = next((r for r, lab in scored if lab == baseline), None)
             best = min(scored)
-            body.append([name, str(budget), f"{shipped:.2f}" if shipped else "–", best[1][len(name) + 1:], f"{best[0]:.2f}"])
-    return ["sampler", "NFE", "shipped: geo-mean ratio", "best setting", "its geo-mean ratio"], body
+            body.append([name, str(budget), f"{base:.2f}" if base else "–", best[1][len(name) + 1:] or "(config)",
+                         f"{best[0]:.2f}"])
+    first = "config before: geo-mean ratio" if round7 else "shipped: geo-mean ratio"
+    return ["sampler", "NFE", first, "best setting", "its geo-mean ratio"], body
 
 
 # Each named sampler's own method in the peer, where the peer's sweep has it (``KD_FUNCS``).
@@ -560,7 +568,7 @@ def load_results(path: Path) -> Dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def report(path: Path, write: bool) -> str:
+def report(path: Path, write: bool, section: Optional[str] = None) -> str:
     data = load_results(path)
     rows = data["rows"]
     header = ["SDE", "NFE", "wins vs best k-diffusion", "geo-mean ratio", "worst ratio", "≤ 1.05 × floor"]
@@ -608,6 +616,11 @@ def report(path: Path, write: bool) -> str:
         h, b = named_table(rows)
         text += ["", "Named samplers (round 4): as shipped, and the best of their settings, per budget "
                  "(geometric-mean ratio to the best k-diffusion setting over all problems and SDEs):", "", md_table(h, b)]
+    elif any(r["label"] in CANDIDATES_ROUND7 for r in rows if r["kind"] == "ours"):
+        h, b = named_table(rows, round7=True)
+        text += ["", "Named deterministic samplers (round 7): their config before, and the best of their settings "
+                 "with the final step, per budget (geometric-mean ratio to the best k-diffusion setting over all "
+                 "problems and SDEs):", "", md_table(h, b)]
     elif any(r["label"] != "default" for r in rows if r["kind"] == "ours"):
         h, b = candidate_table(rows)
         text += ["", "Geometric-mean ratio to the best k-diffusion setting, per configuration:", "", md_table(h, b)]
@@ -625,10 +638,14 @@ def report(path: Path, write: bool) -> str:
             heading = f"## Other processes: {data['seeds_name']} seeds of the {fam.lower()}"
         if any(r["label"].endswith("-shipped") for r in rows if r["kind"] == "ours"):
             heading = f"## Named samplers: {data['seeds_name']} seeds of the wider family"
+        elif any(r["label"] in CANDIDATES_ROUND7 for r in rows if r["kind"] == "ours"):
+            heading = f"## Named samplers with the final step (round 7): {data['seeds_name']} seeds of the wider family"
         elif any(r["label"] in CANDIDATES_ROUND6 for r in rows if r["kind"] == "ours"):
             heading = f"## Final step to σ̃ = 0 (round 6): {data['seeds_name']} seeds of the wider family"
         elif any("-sigma-" in r["label"] for r in rows if r["kind"] == "ours"):
             heading = f"## ODE integrators in σ̃ (round 5): {data['seeds_name']} seeds of the wider family"
+        if section:
+            heading = f"## {section}"
         write_results_section(HERE / "RESULTS.md", heading, f"{heading}\n\n{out}\n")
     return out
 
@@ -657,6 +674,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--report", type=Path, default=None, help="print (and --write) the tables of a results file")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--section", default=None,
+                    help="with --write: the RESULTS.md heading to write under (default: named from the file's rows)")
     ap.add_argument("--resume", action="store_true", help="keep the cases already finished in --out")
     ap.add_argument("--small-first", action="store_true", help="run the low-dimensional problems first")
     args = ap.parse_args()
@@ -664,7 +683,7 @@ def main() -> None:
         global KD_FUNCS
         KD_FUNCS = ("sample_euler",) + KD_FUNCS
     if args.report:
-        report(args.report, args.write)
+        report(args.report, args.write, args.section)
         return
     if args.family == "wide":
         seeds = list(WIDE_TUNING_SEEDS if args.seeds == "tuning" else WIDE_HELD_OUT_SEEDS)[: args.limit]
@@ -718,7 +737,7 @@ def main() -> None:
         rows += [r for r in load_results(args.reuse_peers)["rows"]
                  if r["kind"] in taken and r["seed"] in seeds and r["sde"] in sdes]
     save(len(tasks))
-    report(out, args.write)
+    report(out, args.write, args.section)
 
 
 if __name__ == "__main__":

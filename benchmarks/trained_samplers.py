@@ -20,7 +20,7 @@ digits classifier's features, against all 1797 digits) for the digits, sliced W2
 against fresh draws of the data distribution for the moons. The seed-to-seed spread is the noise
 against which "the default must not lose" is judged.
 
-With ``--peer`` it runs the comparison against k-diffusion (``pip install .[peers]``, see
+With ``--peer`` it runs the comparison against k-diffusion (``make peers``, see
 :func:`benchmarks.common.load_kdiffusion_sampling`) instead, at 5, 10, 20 and 50 NFE:
 
 * ``default`` — ``python sample.py steps=N`` (the learned-score rule);
@@ -180,7 +180,7 @@ def peer_benchmark(label: str, model: Any, metric: Callable[[torch.Tensor], floa
 
     kd, status = load_kdiffusion_sampling()
     if kd is None:
-        sys.exit(f"k-diffusion is needed for --peer: {status} (pip install .[peers])")
+        sys.exit(f"k-diffusion is needed for --peer: {status} (make peers)")
     sde, score = model.sde, model.score_model(use_ema=True)
     shape = tuple(model.model_shape)
     s_lo, s_hi = sigma_tilde_range(sde)
