@@ -196,8 +196,10 @@ def default_sampler(sde: SDE, nfe: int, score: str = "exact") -> DefaultChoice:
 # ------------------------------------------------------------------------- named samplers at their best
 #: The measured best options of each named sampler config (``sampler=<name>``, its ``tuned:`` key) per score
 #: kind, chosen like :data:`RULES`: benchmarks/sampler_family.py round 4 (exact scores, the wider family's tuning
-#: seeds) and benchmarks/learned_rule.py (the demo's networks). ``min_nfe`` compares with the NFE of the
-#: requested steps (steps × evaluations per step). Only options whose config value is ``auto`` are filled.
+#: seeds) and round 7 (the deterministic ones: end point and final step of order 2–4 on top of round 4's grid,
+#: order and variable; a lower order where it was within 1 % of the best), and benchmarks/learned_rule.py (the
+#: demo's networks). ``min_nfe`` compares with the NFE of the requested steps (steps × evaluations per step).
+#: Only options whose config value is ``auto`` are filled.
 def _end(end_sigma: float, denoise: bool, grid: str, **more: Any) -> Dict[str, Any]:
     return {"grid": grid, "end_sigma": end_sigma, "denoise": denoise, **more}
 
@@ -229,7 +231,8 @@ _LEARNED_END = ((1, _ls(0.03)), (15, _ls(0.01, True)))
 _SHIPPED_END = {"end_sigma": None, "denoise": False}  # the class's own end time (the SDE's eps)
 NAMED_RULES: Dict[str, Dict[str, Tuple[Rule, ...]]] = {
     "dpm_solver": _named("dpm_solver",
-                         ((1, _ls(0.01, order=2)), (18, _ls(0.003, order=2)), (25, _ls(0.003, True, order=2))),
+                         ((1, _ls(0.05, True, order=2, denoise_order=3)), (8, _ls(0.01, order=2)),
+                          (18, _ls(0.01, True, order=2, denoise_order=3))),
                          tuple((n, {**o, "order": 2}) for n, o in _LEARNED_END)),
     # UniPC is the exact-score default's configuration: its table is RULES.
     "unipc": {"exact": RULES["vp"],
@@ -238,15 +241,15 @@ NAMED_RULES: Dict[str, Dict[str, Tuple[Rule, ...]]] = {
                              ((1, _ls(0.03)), (13, _ls(0.01)), (18, _ls(0.003)), (25, _ls(0.003, True))),
                              _LEARNED_END),
     "dpm_solver_2s": _named("dpm_solver_2s",
-                            ((1, _ls(0.03, True)), (8, _ls(0.01)), (13, _ls(0.01, True)), (25, _ls(0.003)),
-                             (40, _ls(0.003, True))),
+                            ((1, _ls(0.05, True, denoise_order=3)), (8, _ls(0.01)), (13, _ls(0.03, True, denoise_order=4)),
+                             (18, _ls(0.01, True, denoise_order=3))),
                             _LEARNED_END),
     # DDIM and EDM at 5 NFE on the digits: their own grids ending at eps beat σ/m = 0.03 (32.8 vs 36.7; 14.1 vs 90).
-    "ddim": _named("ddim", ((1, _ls(0.01)), (8, _ls(0.03, True)), (13, _ls(0.01, True))),
+    "ddim": _named("ddim", ((1, _ls(0.05, True, denoise_order=3)), (13, _ls(0.03, True, denoise_order=4))),
                    ((1, {"grid": "uniform", **_SHIPPED_END}), (8, _ls(0.03)), (15, _ls(0.01, True)))),
     "edm_heun": _named("edm_heun",
-                       ((1, _end(0.03, False, "karras")), (8, _end(0.03, True, "karras")), (13, _ls(0.03)),
-                        (18, _ls(0.01)), (40, _ls(0.003))),
+                       ((1, _end(0.03, False, "karras")), (8, _end(0.05, True, "karras", denoise_order=4)),
+                        (13, _ls(0.03)), (18, _ls(0.03, True, denoise_order=4)), (25, _ls(0.01, True, denoise_order=3))),
                        ((1, {"grid": "karras", **_SHIPPED_END}), (8, _ls(0.03)), (15, _ls(0.01, True)))),
     # The ODE integrators on learned scores: σ/m = 0.01 best on the moons at 5 and 10 NFE (all diverge on the digits).
     # They step in t on VP and sub-VP; on VE (own tables, "<score>/ve") in σ̃ = σ/m: round 5 of sampler_family, where
@@ -255,21 +258,25 @@ NAMED_RULES: Dict[str, Dict[str, Tuple[Rule, ...]]] = {
     # integrators in σ̃"): σ̃ from 15 NFE for both, and where it won at 5 and 10 NFE.
     "ode_heun": {
         **_named("ode_heun",
-                 _in("t", (1, _ls(0.01, True)), (8, _ls(0.03)), (13, _ls(0.03, True)), (25, _ls(0.01, True))),
+                 _in("t", (1, _ls(0.01, True)), (8, _ls(0.03)), (13, _ls(0.03, True, denoise_order=3)),
+                     (18, _ls(0.01, True, denoise_order=3))),
                  _in("t", (1, _ls(0.01)), (15, _ls(0.01, True)))),
         **_named_family("ve", "ode_heun",
-                        _in("sigma", (1, _end(0.03, True, "karras")), (8, _ls(0.03)), (13, _end(0.03, True, "karras")),
-                            (18, _end(0.01, True, "karras")), (40, _end(0.003, True, "karras"))),
+                        _in("sigma", (1, _end(0.05, True, "karras", denoise_order=3)), (8, _ls(0.03)),
+                            (13, _end(0.03, True, "karras")), (18, _end(0.01, True, "karras")),
+                            (40, _end(0.01, True, "karras", denoise_order=3))),
                         _in("t", (1, _ls(0.01))) + _in("sigma", (8, _ls(0.01)), (15, _ls(0.01, True)))),
     },
     "ode_rk4": {
         **_named("ode_rk4",
-                 _in("t", (1, _end(0.03, True, "karras")), (8, _ls(0.01, True)), (13, _ls(0.03, True)), (18, _ls(0.01)),
-                     (25, _ls(0.01, True)), (40, _ls(0.003, True))),
+                 _in("t", (1, _end(0.05, True, "karras", denoise_order=3)), (8, _ls(0.01, True)),
+                     (13, _ls(0.03, True, denoise_order=2)), (18, _ls(0.01)), (25, _ls(0.01, True, denoise_order=4)),
+                     (40, _ls(0.01, True, denoise_order=3))),
                  _in("t", (1, _ls(0.01)), (15, _ls(0.01, True)))),
         **_named_family("ve", "ode_rk4",
-                        _in("sigma", (1, _end(0.01, True, "karras")), (8, _ls(0.03, True)), (13, _end(0.03, True, "karras")),
-                            (18, _end(0.003, False, "karras")), (25, _end(0.003, True, "karras")), (40, _ls(0.003, True))),
+                        _in("sigma", (1, _end(0.01, True, "karras")), (8, _ls(0.05, True, denoise_order=3)),
+                            (13, _end(0.05, True, "karras", denoise_order=4)), (18, _end(0.003, False, "karras")),
+                            (25, _end(0.01, True, "karras", denoise_order=3)), (40, _ls(0.01, True, denoise_order=3))),
                         _in("sigma", (1, _ls(0.01))) + _in("t", (8, _ls(0.01))) + _in("sigma", (15, _ls(0.01, True)))),
     },
 }
