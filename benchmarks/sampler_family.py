@@ -602,13 +602,15 @@ def report(path: Path, write: bool, section: Optional[str] = None) -> str:
                 v = [x[1] for sde in sdes for x in rs.get((sde, budget), []) if x[1] > 0]
                 g = geo_mean([min(x, 1e3) for x in v]) if v else None
                 line.append("–" if g is None else f"{g:.2f} ({sum(1 for x in v if x <= 1.5)}/{len(v)})")
-            body.append(line)
+            if any(cell != "–" for cell in line[1:]):
+                body.append(line)
         text += ["", "Named samplers at their config defaults (`sampler=<name>`, the `auto` options filled from "
                  "NAMED_RULES): geometric-mean ratio to the best k-diffusion setting over all problems and SDEs, "
                  "and (in brackets) the problems where it is within 1.5× of it:", "",
                  md_table(["sampler"] + [f"NFE {b}" for b in NFES], body)]
         h, b = counterpart_table(rows)
-        if any(cell != "–" for line in b for cell in line[1:]):
+        b = [line for line in b if any(cell != "–" for cell in line[1:])]
+        if b:
             text += ["", "The same samplers against the peer's implementation of the same method at its best σ_min "
                      "and ρ (chosen in hindsight on the selection draw, per problem): geometric-mean ratio, and "
                      "(in brackets) the problems within 1.5×:", "", md_table(h, b)]

@@ -191,3 +191,23 @@ def test_the_family_benchmark_names_its_processes_and_refuses_unknown_ones(monke
         sf.main()
     # Round 6's candidates take the rule's solver order for the budget.
     assert all(opts["order"] == sf.RULE_ORDER and opts["denoise"] for _, opts in sf.CANDIDATES_ROUND6.values())
+
+
+def test_round_7_picks_each_named_samplers_best_setting_by_its_geometric_mean_ratio() -> None:
+    from benchmarks import sampler_family as sf
+
+    # Two problems: the peer's best error is 1 and 2; ddim's config is 4× / 4× it, the order-4 step at σ/m = 0.03
+    # 2× / 4.5× (geo-mean 3), the order-2 step at 0.05 3× / 3.5× (geo-mean 3.24).
+    rows = []
+    for seed, peer in ((1, 1.0), (2, 2.0)):
+        base = {"seed": seed, "sde": "vp", "budget": 15, "nfe": 15}
+        rows.append({**base, "kind": "kd", "label": "lms", "metric": peer})
+        for label, ratio in (("ddim", 4.0), ("ddim-s0.03-f4", 2.0 if seed == 1 else 4.5),
+                             ("ddim-s0.05-f2", 3.0 if seed == 1 else 3.5)):
+            rows.append({**base, "kind": "ours", "label": label, "metric": ratio * peer})
+    header, body = sf.named_table(rows, round7=True)
+    assert header[2] == "config before: geo-mean ratio"
+    assert body == [["ddim", "15", "4.00", "s0.03-f4", "3.00"]]
+    # Every round-7 candidate is a named deterministic sampler with the final step of order 2–4.
+    assert {base for base, _ in sf.CANDIDATES_ROUND7.values()} == set(sf.NAMED_DETERMINISTIC)
+    assert all(o["denoise"] and 2 <= o["denoise_order"] <= 4 for _, o in sf.CANDIDATES_ROUND7.values())
