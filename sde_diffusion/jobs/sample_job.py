@@ -161,13 +161,13 @@ class SampleJob(ModelJob):
         """Put the sampler on a grid fitted to this model (``schedule=fit``, stored and reused) or read from a file;
         returns what run.json records about it."""
         from ..latent import weights_digest
-        from ..samplers.fitted import DEFAULT_OBJECTIVES, FittedSchedule, check_times, fit_schedule, schedule_key
+        from ..samplers.fitted import (DEFAULT_OBJECTIVES, FittedSchedule, check_times, fit_schedule, on_schedule,
+                                       schedule_key)
 
         cfg, c, model = self.cfg, self.choice, self.model
         score = model.score_model(use_ema=cfg.ema)
         net = getattr(score.net, "net", score.net)  # an inference wrapper holds the module
         digest = weights_digest(net.state_dict())
-        end = c.sampler.end.end_time(model.sde)
         if cfg.schedule == "fit":
             objective = cfg.schedule_objective or DEFAULT_OBJECTIVES["learned"]
             key = schedule_key(c.name, c.options, c.steps, digest, objective)
@@ -191,11 +191,12 @@ class SampleJob(ModelJob):
             if sched.digest is not None and sched.digest != digest:
                 raise ValueError(f"the grid in {path} was fitted to other weights (digest {sched.digest[:12]}…, this "
                                  f"model's is {digest[:12]}…); fit one for this model with schedule=fit")
-        check_times(torch.tensor(sched.times), model.sde, c.steps, end, f"the grid in {path}")
-        c.sampler.use_times(sched.times)
+        c.sampler = on_schedule(c.sampler, sched.times, sched.end_sigma)
+        check_times(torch.tensor(sched.times), model.sde, c.steps, c.sampler.end.end_time(model.sde),
+                    f"the grid in {path}")
         return {"source": str(path), "reused": reused, "objective": sched.objective, "fit_nfe": sched.fit_nfe,
                 "fit_seconds": sched.fit_seconds, "fine_steps": sched.fine_steps, "times": sched.times,
-                "digest": digest}
+                "end_sigma": sched.end_sigma, "digest": digest}
 
     # ------------------------------------------------------------------ checks and identity
     @property

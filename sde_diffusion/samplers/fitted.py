@@ -42,8 +42,14 @@ p-th order step), and the grid landing closest to the teacher's end state is kep
 than the rule by that measure (a few N more evaluations; whether the sampler is deterministic is seen from two
 runs with different noise).
 
-The sampler's own end point (``eps`` / ``end_sigma``) and its final denoising step are kept; only the
-interior times move. Usage::
+The sampler's own end point (``eps`` / ``end_sigma``) and its final denoising step are kept, and only the
+interior times move, unless that step follows the probability-flow ODE to σ̃ = 0 (``denoise=True``,
+``denoise_order`` > 1, an ``end_sigma``): then the level where the steps stop is one more node of the
+discretisation, not where the samples end, and the fit also moves it. The teacher then runs down to the lowest
+level tried and on to σ̃ = 0 by the same final step on its fine nodes; the sampler's level times each of
+:data:`END_FACTORS` is tried, on the rule's grid and on the fitted one for that level, each run ending with the
+sampler's final step, and the run landing closest to the teacher's samples at σ̃ = 0 is kept (its level is stored
+with the grid as ``end_sigma``; a few N more evaluations per level). Usage::
 
     sched = fit_schedule(sde, score_fn, sampler, steps=10, x_T=sde.prior_sample((64, 2)))
     sample(sde, score_fn, (1000, 2), sampler=sampler, steps=10, schedule=sched)
@@ -57,7 +63,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -72,6 +78,11 @@ DEFAULT_OBJECTIVES = {"exact": "whitened", "learned": "curvature"}
 #: ``whitened``: the weight of the uniform log-SNR grid in the step density (robustness where the probe is noisy).
 WHITENED_BLEND = 0.5
 FORMAT = 1
+#: Multiples of the sampler's ``end_sigma`` the fit tries as the level to stop at, when a final step of order > 1
+#: follows the ODE on to σ̃ = 0 (module docstring). The best fixed level for the exact-score rule is 0.01; per
+#: problem the best lay anywhere in 0.003–0.05 on the wider family's tuning seeds (RESULTS.md, "Final step to σ̃ = 0
+#: (round 6)"): wide modes want the higher levels, sharp ones the lower.
+END_FACTORS = (1.0 / 3.0, 1.0, 2.0, 3.0, 5.0)
 
 
 @dataclass
@@ -90,6 +101,12 @@ class FittedSchedule:
     sde: str = ""
     format: int = FORMAT
     extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def end_sigma(self) -> Optional[float]:
+        """The level σ/m the fit chose to stop at (a sampler whose final step follows the ODE to 0), or None."""
+        v = self.extra.get("end_sigma")
+        return None if v is None else float(v)
 
     def tensor(self, device: Any = None, dtype: torch.dtype = torch.float32) -> Tensor:
         return torch.tensor(self.times, dtype=torch.float64).to(device=device, dtype=dtype)
@@ -121,9 +138,11 @@ class FittedSchedule:
 
 
 def schedule_key(sampler: str, options: Mapping[str, Any], steps: int, digest: Optional[str], objective: str) -> str:
-    """The name under which a fitted grid is stored: a digest of what it depends on (not ``denoise_order``: the final
-    step comes after the grid, and grids stored before the option existed keep their key)."""
-    kept = {k: options[k] for k in sorted(options) if k != "denoise_order"}
+    """The name under which a fitted grid is stored: a digest of what it depends on. ``denoise_order`` counts only
+    above 1, where the fit may move the end point (Tweedie's step comes after the grid, and grids stored before the
+    option existed keep their key)."""
+    kept = {k: options[k] for k in sorted(options)
+            if k != "denoise_order" or (isinstance(options[k], int) and options[k] > 1)}
     blob = json.dumps({"sampler": sampler, "options": kept, "steps": int(steps),
                        "digest": digest, "objective": objective, "format": FORMAT}, sort_keys=True, default=str)
     return f"{sampler}-{steps}steps-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
@@ -149,6 +168,87 @@ def check_times(times: Tensor, sde: SDE, steps: int, end_time: Optional[float] =
         raise ValueError(f"{what} ends at t={float(t[-1]):.6g} but the sampler ends at t={end_time:.6g} (its eps / "
                          "end_sigma differ from the fit's); fit again with these options")
     return t
+
+
+def movable_end(sampler: Any) -> bool:
+    """Whether the fit may move ``sampler``'s end level: it stops at an ``end_sigma`` and its final step follows the
+    probability-flow ODE on to σ̃ = 0 (``denoise=True``, ``denoise_order`` > 1)."""
+    end = sampler.end
+    return bool(end.denoise) and int(end.denoise_order) > 1 and end.end_sigma is not None
+
+
+def on_schedule(sampler: Any, times: Any, end_sigma: Optional[float] = None) -> Any:
+    """A copy of ``sampler`` running on ``times`` (``[steps + 1]``), ending at the level ``end_sigma`` where a fit
+    moved it there (:attr:`FittedSchedule.end_sigma`)."""
+    import copy
+    from dataclasses import replace
+
+    smp = copy.copy(sampler)
+    if end_sigma is not None and end_sigma != smp.end.end_sigma:
+        if not movable_end(smp):
+            raise ValueError(f"the grid stops at σ/m = {end_sigma:g}, a level its fit chose for a sampler whose final "
+                             "step follows the ODE to σ/m = 0 (denoise=true, denoise_order ≥ 2, an end_sigma); this "
+                             "sampler has no such step: fit again with these options (schedule=fit)")
+        smp.end = replace(smp.end, end_sigma=float(end_sigma))
+    return smp.use_times(times)
+
+
+def _end_levels(sde: SDE, sampler: Any) -> List[Optional[float]]:
+    """The levels the fit tries to stop at, highest first: ``[None]`` (the sampler's own end) where it cannot move
+    (:func:`movable_end`), else its ``end_sigma`` times :data:`END_FACTORS`, those the process reaches."""
+    if not movable_end(sampler):
+        return [None]
+    from .defaults import lowest_noise_level
+
+    own = float(sampler.end.end_sigma)
+    T = torch.tensor(sde.T, dtype=torch.float64)
+    top = float(sde.marginal_std(T) / sde.mean_coeff(T))
+    low = lowest_noise_level(sde)
+    levels = {own} | {own * f for f in END_FACTORS if low * 1.01 <= own * f <= top / 10}
+    return sorted(levels, reverse=True)
+
+
+def _fine_through(sde: SDE, ends: List[float], M: int) -> tuple[Tensor, List[int]]:
+    """About M fine times from T down through the end times ``ends`` (descending), uniform in log-SNR between
+    consecutive ones, and the index of each end time in it."""
+    bounds = [float(sde.T)] + list(ends)
+    lam = sde.log_snr(torch.tensor(bounds, dtype=torch.float64))
+    widths = (lam[1:] - lam[:-1]).tolist()
+    total = sum(widths)
+    parts, index = [torch.tensor([sde.T], dtype=torch.float64)], []
+    count = 0
+    for k, w in enumerate(widths):
+        n = max(1, round(M * w / total))
+        seg = sde.t_from_log_snr(torch.linspace(float(lam[k]), float(lam[k + 1]), n + 1, dtype=torch.float64))
+        seg[0], seg[-1] = bounds[k], bounds[k + 1]
+        parts.append(seg[1:])
+        count += n
+        index.append(count)
+    return torch.cat(parts), index
+
+
+def _teacher_at_zero(sde: SDE, score_fn: ScoreFn, fine: Tensor, states: List[Tensor], dens: List[Tensor],
+                     order: int) -> tuple[Tensor, Tensor]:
+    """The teacher's samples carried from its last fine time to σ̃ = 0 by the final step of ``order`` through its
+    last fine nodes (:mod:`.final_step`), in the data's scale, and the score at its last state (the one more
+    evaluation this takes)."""
+    from .final_step import lagrange_weights
+
+    x = states[-1]
+    t_end = torch.full((x.shape[0],), float(fine[-1]), dtype=x.dtype, device=x.device)
+    m = sde.mean_coeff(fine).tolist()
+    s = sde.marginal_std(fine).tolist()
+    M = fine.numel() - 1
+    score_end = score_fn(x, t_end)
+    d_end = (x + s[M] ** 2 * score_end) / m[M]
+    nodes, eps = [], []
+    for j, d in zip(range(M, M - order, -1), [d_end] + dens[::-1]):
+        nodes.append(s[j] / m[j])
+        eps.append((states[j] / m[j] - d) / (s[j] / m[j]))
+    out = x / m[M]
+    for w, e in zip(lagrange_weights(nodes, nodes[0]), eps):
+        out = out - w * e
+    return out, score_end
 
 
 def _teacher(sde: SDE, score_fn: ScoreFn, x: Tensor, fine: Tensor) -> tuple[List[Tensor], List[Tensor]]:
@@ -232,6 +332,23 @@ def _curvature_rates(sde: SDE, fine: Tensor, moved: Tensor) -> Tensor:
     return torch.cat([rate[:1], rate, rate[-1:]])[:M]
 
 
+def _hessian_quad(score_fn: ScoreFn, x: Tensor, t: float, m: float, sigma: float, score0: Tensor, e: Tensor) -> Tensor:
+    r"""eᵀ H̃ e per draw, ``[B]``: H̃ = −∇²_x̃ log p̃ (x̃ = x/m) at the state x ``[B, ...]`` at time t, applied to
+    e ``[B, ...]`` (in x̃) by one finite difference of the score (``score0``: its value at x). The probe moves x̃ by
+    0.1 σ̃ (root mean square per coordinate) along e: small against the scale on which the noised density bends,
+    large against float32 rounding. A draw with e = 0 gives 0 and is not probed."""
+    B = x.shape[0]
+    shape = (B,) + (1,) * (x.dim() - 1)
+    rms = e.double().reshape(B, -1).pow(2).mean(1).sqrt()
+    moved = rms > 0
+    eps = torch.where(moved, (0.1 * sigma / m) / rms.clamp(min=1e-300), torch.ones_like(rms))
+    eps_x = torch.where(moved, eps, torch.zeros_like(eps)).to(x.dtype).reshape(shape)
+    tt = torch.full((B,), t, dtype=x.dtype, device=x.device)
+    ds = (score_fn(x + m * eps_x * e, tt) - score0).double()
+    quad = -(m / eps) * (ds * e.double()).reshape(B, -1).sum(1)
+    return torch.where(moved, quad, torch.zeros_like(quad))
+
+
 def _whitened_rates(sde: SDE, score_fn: ScoreFn, fine: Tensor, states: List[Tensor], dens: List[Tensor]) -> Tensor:
     r"""(E_b |ΔD_jᵀ H̃_j ΔD_j|)^{1/4} / Δλ_j^{1/2} per fine interval, ``[M]``: ΔD_j = D_{j+1} − D_j and
     H̃_j = −∇²_x̃ log p̃_j (x̃ = x/m) at the teacher's state X_j, applied to ΔD_j by one finite difference of the
@@ -242,21 +359,9 @@ def _whitened_rates(sde: SDE, score_fn: ScoreFn, fine: Tensor, states: List[Tens
     lam = [math.log(a / b) for a, b in zip(m, s)]
     q: List[float] = []
     for j in range(M - 1):
-        x, e = states[j], dens[j + 1] - dens[j]
-        B = x.shape[0]
-        shape = (B,) + (1,) * (x.dim() - 1)
-        t = torch.full((B,), float(fine[j]), dtype=x.dtype, device=x.device)
-        # Move x̃ by 0.1 σ̃ (root mean square per coordinate) along ΔD: small against the scale on which the
-        # noised density bends, large against float32 rounding.
-        rms = e.double().reshape(B, -1).pow(2).mean(1).sqrt()
-        moved = rms > 0  # a draw whose estimate did not move contributes 0 (and is not probed)
-        eps = torch.where(moved, (0.1 * s[j] / m[j]) / rms.clamp(min=1e-300), torch.ones_like(rms))
-        eps_x = torch.where(moved, eps, torch.zeros_like(eps)).to(x.dtype).reshape(shape)
-        score0 = (m[j] * dens[j] - x) / s[j] ** 2  # the teacher's evaluation at X_j
-        ds = (score_fn(x + m[j] * eps_x * e, t) - score0).double()
-        quad_b = -(m[j] / eps) * (ds * e.double()).reshape(B, -1).sum(1)
-        quad = torch.where(moved, quad_b, torch.zeros_like(quad_b)).abs().mean()
-        q.append(float(quad) / (lam[j + 1] - lam[j]) ** 2)
+        score0 = (m[j] * dens[j] - states[j]) / s[j] ** 2  # the teacher's evaluation at X_j
+        quad = _hessian_quad(score_fn, states[j], float(fine[j]), m[j], s[j], score0, dens[j + 1] - dens[j])
+        q.append(float(quad.abs().mean()) / (lam[j + 1] - lam[j]) ** 2)
     q.append(q[-1])
     return torch.tensor(q, dtype=torch.float64).clamp(min=0) ** 0.25
 
@@ -337,46 +442,111 @@ def fit_schedule(
                          "grid (a step sampler such as dpm_solver, ddim, edm_heun, euler_maruyama)")
     M = int(fine_steps or min(400, max(100, 8 * int(steps))))
     start = time.perf_counter()
-    end = float(sampler.end.end_time(sde))
+    from dataclasses import replace
+
     from .grids import time_grid
 
-    fine = time_grid(sde, M, "logsnr", eps=end, dtype=torch.float64)
+    levels = _end_levels(sde, sampler)  # [None]: the sampler's own end point only
+    end_of = {e: float((sampler.end if e is None else replace(sampler.end, end_sigma=e)).end_time(sde)) for e in levels}
+    if levels == [None]:
+        fine = time_grid(sde, M, "logsnr", eps=end_of[None], dtype=torch.float64)
+        at = {None: M}
+    else:
+        fine, index = _fine_through(sde, [end_of[e] for e in levels], M)
+        at = dict(zip(levels, index))
+    M = fine.numel() - 1
     with torch.no_grad():
         states, dens = _teacher(sde, score_fn, x_T, fine)
         nfe = M
         moved, scale = _motion(dens)
-        idx: Optional[List[int]]
-        candidates: Dict[str, List[int]] = {}
-        if steps == 1:
-            idx = [0, M]
-        elif objective == "path":
-            # A p-th order step's local error scales as h^(p+1) where the first-order one's scales as h²: the
-            # pairwise first-order costs, raised to (p + 1)/2, model the sampler's own steps; exponents 1 and 2
-            # bracket that model, and the check below keeps the best of the three.
-            order = max(1, int(getattr(sampler, "order", 1) or 1))
+        still = _still(moved, scale, dens[0].dtype)
+        rates: Optional[Tensor] = None
+        C: Optional[Tensor] = None
+        if steps > 1 and objective == "path":
             C = _path_costs(sde, fine, states, dens)
-            candidates = {f"dp^{p:g}": _dp(C**p, int(steps)) for p in sorted({1.0, (order + 1) / 2, 2.0})}
-            idx = candidates[f"dp^{(order + 1) / 2:g}"]
-        elif _still(moved, scale, dens[0].dtype):
-            # The denoiser never moved along the teacher path (data at one point): nothing to fit, and rates made
-            # of rounding noise would give a random grid. The teacher's own spacing, uniform in λ.
-            idx = _equidistribute(sde, fine, torch.ones(M, dtype=torch.float64), int(steps))
-        elif objective == "whitened":
-            idx = _equidistribute(sde, fine, _whitened_rates(sde, score_fn, fine, states, dens), int(steps),
-                                  WHITENED_BLEND)
-            nfe += M - 1
-        else:
-            idx = _equidistribute(sde, fine, _curvature_rates(sde, fine, moved), int(steps))
-        extra: Dict[str, Any] = {}
-        if steps > 1:
-            candidates = candidates or {objective: idx}
-            idx, extra, used = _select(sde, score_fn, sampler, int(steps), fine, states, idx, candidates, end)
+        elif steps > 1 and not still:
+            if objective == "whitened":
+                rates = _whitened_rates(sde, score_fn, fine, states, dens)
+                nfe += M - 1
+            else:
+                rates = _curvature_rates(sde, fine, moved)
+
+        def grids(j: int) -> tuple[List[int], Dict[str, List[int]]]:
+            # The fitted indices of an N-step grid on the fine prefix 0..j (and, for ``path``, its candidates).
+            if steps == 1:
+                return [0, j], {}
+            if C is not None:
+                # A p-th order step's local error scales as h^(p+1) where the first-order one's scales as h²: the
+                # pairwise first-order costs, raised to (p + 1)/2, model the sampler's own steps; exponents 1 and 2
+                # bracket that model, and the check keeps the best of the three.
+                order = max(1, int(getattr(sampler, "order", 1) or 1))
+                cands = {f"dp^{p:g}": _dp(C[: j + 1, : j + 1] ** p, int(steps)) for p in sorted({1.0, (order + 1) / 2, 2.0})}
+                return cands[f"dp^{(order + 1) / 2:g}"], cands
+            if rates is None:
+                # The denoiser never moved along the teacher path (data at one point): nothing to fit, and rates
+                # made of rounding noise would give a random grid. The teacher's own spacing, uniform in λ.
+                return _equidistribute(sde, fine[: j + 1], torch.ones(j, dtype=torch.float64), int(steps)), {}
+            blend = WHITENED_BLEND if objective == "whitened" else 0.0
+            return _equidistribute(sde, fine[: j + 1], rates[:j], int(steps), blend), {}
+
+        fitted = {e: grids(at[e]) for e in levels}
+        level, extra = levels[0] if levels == [None] else float(sampler.end.end_sigma), {}
+        idx: Optional[List[int]] = fitted[level][0]
+        if levels != [None]:
+            target, score_end = _teacher_at_zero(sde, score_fn, fine, states, dens, int(sampler.end.denoise_order))
+            m_end = float(sde.mean_coeff(fine[-1:])[0])
+            s_end = float(sde.marginal_std(fine[-1:])[0])
+
+            def judge(out: Tensor) -> float:
+                # The error at σ̃ = 0 in the Hessian norm of the noised density at the teacher's lowest level: a
+                # sharp mode's narrow directions count as much as a wide mode's broad ones (the ``whitened`` idea).
+                q = _hessian_quad(score_fn, states[-1], float(fine[-1]), m_end, s_end, score_end, out - target)
+                return float(q.abs().median())
+
+            level, idx, extra, used = _select_end(sde, score_fn, sampler, int(steps), fine, x_T, judge, fitted,
+                                                  end_of)
+            nfe += 1 + used
+            extra["end_sigma"] = level
+        elif steps > 1:
+            idx, cands = fitted[None]
+            idx, extra, used = _select(sde, score_fn, sampler, int(steps), fine, states, idx,
+                                       cands or {objective: idx}, end_of[None])
             nfe += used
-    times = fine[idx] if idx is not None else sampler.end.times(sde, int(steps), dtype=torch.float64)
-    times[0], times[-1] = sde.T, end
+    if idx is not None:
+        times = fine[idx]
+    else:
+        times = (sampler.end if level is None else replace(sampler.end, end_sigma=level)).times(sde, int(steps),
+                                                                                               dtype=torch.float64)
+    times[0], times[-1] = sde.T, end_of[level]
     return FittedSchedule(times=[float(v) for v in times], sampler=sampler_name or type(sampler).__name__,
                           options=dict(options or {}), steps=int(steps), digest=digest, objective=objective,
                           fine_steps=M, fit_nfe=nfe, fit_seconds=time.perf_counter() - start, sde=repr(sde), extra=extra)
+
+
+def _deterministic(run: Any, times: Tensor) -> bool:
+    """Whether two runs on ``times`` with different noise seeds agree exactly."""
+    return bool(torch.equal(run(times, 1), run(times, 2)))
+
+
+def _runner(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, x_T: Tensor, final: bool = False) -> tuple[Any, List[int]]:
+    """``run(times, seed, end_sigma=None)``: ``sampler`` from ``x_T`` on ``times`` (ending at the level ``end_sigma``,
+    with its final step when ``final``), and the list whose one entry counts the evaluations spent."""
+    from .final_step import evaluations_to_keep, final_step
+
+    used = [0]
+
+    def run(times: Tensor, seed: int, end_sigma: Optional[float] = None) -> Tensor:
+        smp = on_schedule(sampler, times, end_sigma)
+        order = int(smp.end.denoise_order) if final else 1
+        counted = CountingScore(score_fn, keep=evaluations_to_keep(order, smp.nfe_per_step) if final else 0)
+        gen = torch.Generator(device=x_T.device).manual_seed(seed)
+        out, _, _ = smp.run(sde, counted, x_T, steps, gen)
+        if final:
+            out = final_step(sde, out, float(times[-1]), counted, order)
+        used[0] += counted.nfe
+        return out
+
+    return run, used
 
 
 def _select(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, fine: Tensor, states: List[Tensor],
@@ -387,24 +557,12 @@ def _select(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, fine: Tensor,
     that measure); a stochastic sampler keeps ``idx``. Returns (indices, or None for the rule's grid; what was
     measured; NFE spent)."""
     x_T, target = states[0], states[-1]
-    used = 0
-
-    def run(times: Tensor, seed: int) -> Tensor:
-        nonlocal used
-        import copy
-
-        smp = copy.copy(sampler).use_times(times)
-        counted = CountingScore(score_fn)
-        gen = torch.Generator(device=x_T.device).manual_seed(seed)
-        out, _, _ = smp.run(sde, counted, x_T, steps, gen)
-        used += counted.nfe
-        return out
-
+    run, used = _runner(sde, score_fn, sampler, steps, x_T)
     rule = sampler.end.times(sde, steps, dtype=torch.float64)
     rule[0], rule[-1] = sde.T, end
-    a, b = run(rule, 1), run(rule, 2)
-    if not torch.equal(a, b):
-        return idx, {"selection": "stochastic sampler: no selection"}, used
+    a = run(rule, 1)
+    if not torch.equal(a, run(rule, 2)):
+        return idx, {"selection": "stochastic sampler: no selection"}, used[0]
     options: Dict[str, Optional[List[int]]] = {"rule": None, **candidates}
     errors = {"rule": float((a - target).pow(2).mean().sqrt())}
     for name, cand in candidates.items():
@@ -412,7 +570,41 @@ def _select(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, fine: Tensor,
         t[0], t[-1] = sde.T, end
         errors[name] = float((run(t, 1) - target).pow(2).mean().sqrt())
     best = min(errors, key=errors.get)
-    return options[best], {"selection": best, "rms_to_teacher": errors}, used
+    return options[best], {"selection": best, "rms_to_teacher": errors}, used[0]
 
 
-__all__ = ["DEFAULT_OBJECTIVES", "FittedSchedule", "OBJECTIVES", "default_objective", "fit_schedule", "schedule_key", "check_times"]
+def _select_end(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, fine: Tensor, x_T: Tensor,
+                judge: Callable[[Tensor], float], fitted: Dict[Optional[float], tuple[List[int], Dict[str, List[int]]]],
+                end_of: Dict[Any, float]) -> tuple[float, Optional[List[int]], Dict[str, Any], int]:
+    """The level and grid whose run, with the sampler's final step, lands closest to the teacher's samples at σ̃ = 0
+    by ``judge`` (one evaluation each): at each level the rule's grid and the fitted one(s). A stochastic sampler
+    keeps its own level and the fitted grid there. Returns (level, indices or None for the rule's grid, what was
+    measured, NFE spent)."""
+    from dataclasses import replace
+
+    run, used = _runner(sde, score_fn, sampler, steps, x_T, final=True)
+    own = float(sampler.end.end_sigma)
+    errors: Dict[str, float] = {}
+    picks: Dict[str, tuple[float, Optional[List[int]]]] = {}
+    for level, (idx, cands) in fitted.items():
+        rule = replace(sampler.end, end_sigma=level).times(sde, steps, dtype=torch.float64)
+        rule[0], rule[-1] = sde.T, end_of[level]
+        if level == own and not _deterministic(lambda t, seed: run(t, seed, level), rule):
+            return own, idx, {"selection": "stochastic sampler: no selection"}, used[0]
+        grids: Dict[str, Optional[List[int]]] = {"rule": None, **(cands or {"fit": idx})}
+        for name, cand in grids.items():
+            if cand is None:
+                t = rule
+            else:
+                t = fine[cand].clone()
+                t[0], t[-1] = sde.T, end_of[level]
+            label = f"{name}@{level:g}"
+            errors[label] = judge(run(t, 1, level))
+            used[0] += 1
+            picks[label] = (level, cand)
+    best = min(errors, key=errors.get)
+    return picks[best][0], picks[best][1], {"selection": best, "whitened_error_to_teacher": errors}, used[0]
+
+
+__all__ = ["DEFAULT_OBJECTIVES", "END_FACTORS", "FittedSchedule", "OBJECTIVES", "check_times", "default_objective",
+           "fit_schedule", "movable_end", "on_schedule", "schedule_key"]

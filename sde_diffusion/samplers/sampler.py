@@ -476,10 +476,9 @@ def from_data_scale(sde: SDE, x: Tensor, t_end: float) -> Tensor:
 def _with_schedule(sde: SDE, score_fn: ScoreFn, sampler: Sampler, steps: int, shape: Sequence[int], schedule: Any,
                    device: Any, dtype: torch.dtype, score_kind: str, objective: Optional[str] = None
                    ) -> Tuple[Sampler, Any]:
-    """A copy of ``sampler`` on the requested grid, and the :class:`~.fitted.FittedSchedule` (None for raw times)."""
-    import copy
-
-    from .fitted import FittedSchedule, fit_schedule
+    """A copy of ``sampler`` on the requested grid (and at the level a fit chose to stop at), and the
+    :class:`~.fitted.FittedSchedule` (None for raw times)."""
+    from .fitted import FittedSchedule, fit_schedule, on_schedule
 
     fitted = None
     if isinstance(schedule, str) and schedule == "fit":
@@ -495,7 +494,7 @@ def _with_schedule(sde: SDE, score_fn: ScoreFn, sampler: Sampler, steps: int, sh
         times = fitted.times
     else:
         times = schedule
-    return copy.copy(sampler).use_times(times), fitted
+    return on_schedule(sampler, times, fitted.end_sigma if fitted is not None else None), fitted
 
 
 __all__ = [
