@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sde_diffusion.samplers import build_sampler, sample
+from sde_diffusion.score import CountingScore
 from sde_diffusion.samplers.fitted import FittedSchedule, check_times, fit_schedule, schedule_key
 from sde_diffusion.sdes import VESDE, VPSDE, SubVPSDE
 
@@ -94,9 +95,73 @@ def test_a_stored_grid_round_trips(tmp_path: Path) -> None:
     k = schedule_key("ddim", {"eta": 0.0}, 6, "abc", "path")
     assert k != schedule_key("ddim", {"eta": 0.0}, 7, "abc", "path") != schedule_key("ddim", {"eta": 0.0}, 6, "abd", "path")
     assert k == schedule_key("ddim", {"eta": 0.0}, 6, "abc", "path")
-    # ... and on nothing after it: the final step's order leaves the key of a grid stored before it existed.
-    assert schedule_key("ddim", {"eta": 0.0, "denoise_order": 3}, 6, "abc", "path") == k
+    # Tweedie's final step comes after the grid: order 1 leaves the key of a grid stored before the option existed.
+    # A higher order lets the fit move the end point, so the grid depends on it.
+    assert schedule_key("ddim", {"eta": 0.0, "denoise_order": 1}, 6, "abc", "path") == k
+    assert schedule_key("ddim", {"eta": 0.0, "denoise_order": 3}, 6, "abc", "path") != k
     assert schedule_key("ddim", {"eta": 0.0, "denoise": True}, 6, "abc", "path") != k
+
+
+def _gaussian_score(sde, mu: float, s2: float):
+    def score(x, t):
+        shape = (-1, *([1] * (x.dim() - 1)))
+        m, sig = sde.mean_coeff(t).reshape(shape), sde.marginal_std(t).reshape(shape)
+        return -(x - m * mu) / (m**2 * s2 + sig**2)
+
+    return score
+
+
+END_OPTS = dict(order=2, corrector=True, grid="logsnr", end_sigma=0.01, denoise=True, denoise_order=3)
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), VESDE(sigma_max=20.0)], ids=["vp", "ve"])
+@pytest.mark.parametrize("s2", [1.0, 1e-5], ids=["wide", "sharp"])
+def test_with_a_final_step_to_zero_the_fit_moves_the_end_point_where_it_belongs(sde, s2: float) -> None:
+    # Data N(0.5, s2 I); the exact ODE map sends x_T to 0.5 + √s2 (x_T − m_T 0.5)/√(m_T² s2 + σ_T²) at σ̃ = 0. With the
+    # rule's final step of order 3 from σ/m = 0.01, a wide Gaussian (s = 1) wants the steps to stop higher (the flow
+    # below is nearly polynomial in σ̃, and the steps are worth more above), a sharp one (s = 0.003) lower.
+    mu, steps, smp = 0.5, 9, build_sampler("dpm_solver", **END_OPTS)
+    score = _gaussian_score(sde, mu, s2)
+    x_T = sde.prior_sample((2000, 4), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    T = torch.tensor(sde.T, dtype=torch.float64)
+    m_T, s_T = sde.mean_coeff(T), sde.marginal_std(T)
+    exact = mu + math.sqrt(s2) * (x_T - m_T * mu) / torch.sqrt(m_T**2 * s2 + s_T**2)
+    counted = CountingScore(score)
+    x_fit = sde.prior_sample((64, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sched = fit_schedule(sde, counted, smp, steps, x_fit)
+    assert sched.fit_nfe == counted.nfe  # every evaluation the fit made is in its cost
+    run = dict(sampler="dpm_solver", steps=steps, x_T=x_T, dtype=torch.float64, **END_OPTS)
+    rule = sample(sde, score, x_T.shape, **run)
+    fit = sample(sde, score, x_T.shape, schedule=sched, **run)
+    assert fit.nfe == rule.nfe == steps + 1
+    assert float(fit.times[-1]) == pytest.approx(sched.times[-1]) and sched.extra["end_sigma"] == sched.end_sigma
+    if s2 == 1.0:
+        assert sched.end_sigma > 0.01
+    else:
+        assert sched.end_sigma < 0.01
+    err = {k: float((r.samples - exact).pow(2).mean().sqrt()) / math.sqrt(s2) for k, r in (("rule", rule), ("fit", fit))}
+    assert err["fit"] < err["rule"] / 2, err  # measured 4–9× lower
+
+
+def test_a_stored_grid_keeps_the_end_point_its_fit_chose(tmp_path: Path) -> None:
+    sde = VPSDE()
+    score = _gaussian_score(sde, 0.5, 1.0)
+    x_fit = sde.prior_sample((64, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sched = fit_schedule(sde, score, build_sampler("dpm_solver", **END_OPTS), 9, x_fit)
+    assert sched.end_sigma is not None and sched.end_sigma > END_OPTS["end_sigma"]  # as in the test above
+    path = sched.save(tmp_path / "grid.json")
+    assert FittedSchedule.load(path).end_sigma == sched.end_sigma
+    x_T = sde.prior_sample((16, 4), generator=torch.Generator().manual_seed(5))
+    a = sample(sde, score, (16, 4), sampler="dpm_solver", steps=9, x_T=x_T, schedule=sched, **END_OPTS)
+    b = sample(sde, score, (16, 4), sampler="dpm_solver", steps=9, x_T=x_T, schedule=str(path), **END_OPTS)
+    torch.testing.assert_close(a.samples, b.samples, rtol=0, atol=0)
+    # A sampler whose samples end at the level (no final step along the ODE) cannot take a moved end point.
+    with pytest.raises(ValueError, match="this sampler has no such step: fit again"):
+        sample(sde, score, (16, 4), sampler="dpm_solver", steps=9, x_T=x_T, schedule=str(path),
+               **{**END_OPTS, "denoise_order": 1})
+    # Without a final step of order > 1 the end point stays.
+    plain = fit_schedule(sde, score, build_sampler("dpm_solver", **{**END_OPTS, "denoise_order": 1}), 9, x_fit)
+    assert plain.end_sigma is None
 
 
 def test_bad_grids_and_inputs_are_refused(tmp_path: Path) -> None:
