@@ -143,6 +143,25 @@ def test_with_a_final_step_to_zero_the_fit_moves_the_end_point_where_it_belongs(
     assert err["fit"] < err["rule"] / 2, err  # measured 4–9× lower
 
 
+def test_the_end_level_check_leaves_out_draws_that_left_the_teachers_mode() -> None:
+    from sde_diffusion.samplers.fitted import LOST, _mean_within_modes
+
+    dim, B = 2, 40
+    a = torch.full((B,), 0.1)
+    b = torch.full((B,), 0.2)
+    a[0] = 1e4  # run a sent draw 0 to another mode: an error of its path, not of the distribution
+    b[1] = 5.0  # run b resolves draw 1 badly (within its mode): counted
+    got = _mean_within_modes({"a": a, "b": b}, dim)
+    keep = torch.ones(B, dtype=torch.bool)
+    keep[0] = False
+    assert got["a"] == pytest.approx(float(a[keep].mean())) and got["b"] == pytest.approx(float(b[keep].mean()))
+    assert got["a"] < got["b"]
+    # Where most draws are lost somewhere, each error is capped at LOST × dim instead.
+    c = torch.full((B,), 1e4)
+    got = _mean_within_modes({"a": a, "c": c}, dim)
+    assert got["c"] == pytest.approx(LOST * dim) and got["a"] == pytest.approx(float(a.clamp(max=LOST * dim).mean()))
+
+
 def test_a_stored_grid_keeps_the_end_point_its_fit_chose(tmp_path: Path) -> None:
     sde = VPSDE()
     score = _gaussian_score(sde, 0.5, 1.0)
