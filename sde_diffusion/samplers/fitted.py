@@ -426,6 +426,7 @@ def fit_schedule(
     options: Optional[Mapping[str, Any]] = None,
     digest: Optional[str] = None,
     score_kind: Optional[str] = None,
+    move_end: bool = True,
 ) -> FittedSchedule:
     """Fit the ``steps``-step grid of ``sampler`` to ``score_fn`` from the prior batch ``x_T [B, ...]``.
 
@@ -439,6 +440,8 @@ def fit_schedule(
         fine_steps: M, the teacher's steps (default max(100, 8·steps), capped at 400): M score evaluations.
         sampler_name, options, digest: recorded with the grid (``digest``: the weights it was fitted to).
         score_kind: ``"exact"`` or ``"learned"`` for the default objective; None: detected from ``score_fn``.
+        move_end: where the sampler's final step follows the ODE to σ̃ = 0, also choose the level it stops at
+            (module docstring); False keeps the sampler's own.
     """
     if objective is None:
         objective = default_objective(score_fn, score_kind)
@@ -455,7 +458,7 @@ def fit_schedule(
 
     from .grids import time_grid
 
-    levels = _end_levels(sde, sampler)  # [None]: the sampler's own end point only
+    levels = _end_levels(sde, sampler) if move_end else [None]  # [None]: the sampler's own end point only
     end_of = {e: float((sampler.end if e is None else replace(sampler.end, end_sigma=e)).end_time(sde)) for e in levels}
     if levels == [None]:
         fine = time_grid(sde, M, "logsnr", eps=end_of[None], dtype=torch.float64)
