@@ -211,3 +211,14 @@ def test_round_7_picks_each_named_samplers_best_setting_by_its_geometric_mean_ra
     # Every round-7 candidate is a named deterministic sampler with the final step of order 2–4.
     assert {base for base, _ in sf.CANDIDATES_ROUND7.values()} == set(sf.NAMED_DETERMINISTIC)
     assert all(o["denoise"] and 2 <= o["denoise_order"] <= 4 for _, o in sf.CANDIDATES_ROUND7.values())
+
+
+def test_the_end_level_benchmark_pairs_each_case_with_its_kept_level() -> None:
+    from benchmarks import fit_end_levels as fe
+
+    rows = []
+    for seed, (kept, moved) in enumerate(((1.0, 0.5), (2.0, 2.0), (1.0, 1.5))):
+        base = {"seed": seed, "sde": "vp", "dim": 3, "budget": 15, "level": 0.03}
+        rows += [{**base, "kind": fe.KINDS[1], "metric": kept}, {**base, "kind": fe.KINDS[2], "metric": moved}]
+    # Ratios 0.5, 1 and 1.5: geometric mean 0.75^(1/3) = 0.909; one better, one worse by more than 2 %.
+    assert fe.paired(rows) == [["low-D", "15", "0.909", "1 / 1 of 3"]]
