@@ -190,7 +190,6 @@ def on_schedule(sampler: Any, times: Any, end_sigma: Optional[float] = None) -> 
     """A copy of ``sampler`` running on ``times`` (``[steps + 1]``), ending at the level ``end_sigma`` where a fit
     moved it there (:attr:`FittedSchedule.end_sigma`)."""
     import copy
-    from dataclasses import replace
 
     smp = copy.copy(sampler)
     if end_sigma is not None and end_sigma != smp.end.end_sigma:
@@ -198,7 +197,7 @@ def on_schedule(sampler: Any, times: Any, end_sigma: Optional[float] = None) -> 
             raise ValueError(f"the grid stops at σ/m = {end_sigma:g}, a level its fit chose for a sampler whose final "
                              "step follows the ODE to σ/m = 0 (denoise=true, denoise_order ≥ 2, an end_sigma); this "
                              "sampler has no such step: fit again with these options (schedule=fit)")
-        smp.end = replace(smp.end, end_sigma=float(end_sigma))
+        smp.end = _end_at(smp, float(end_sigma))
     return smp.use_times(times)
 
 
@@ -454,12 +453,10 @@ def fit_schedule(
                          "grid (a step sampler such as dpm_solver, ddim, edm_heun, euler_maruyama)")
     M = int(fine_steps or min(400, max(100, 8 * int(steps))))
     start = time.perf_counter()
-    from dataclasses import replace
-
     from .grids import time_grid
 
     levels = _end_levels(sde, sampler) if move_end else [None]  # [None]: the sampler's own end point only
-    end_of = {e: float((sampler.end if e is None else replace(sampler.end, end_sigma=e)).end_time(sde)) for e in levels}
+    end_of = {e: float(_end_at(sampler, e).end_time(sde)) for e in levels}
     if levels == [None]:
         fine = time_grid(sde, M, "logsnr", eps=end_of[None], dtype=torch.float64)
         at = {None: M}
@@ -525,18 +522,26 @@ def fit_schedule(
             nfe += used
     if idx is not None:
         times = fine[idx]
+        times[0], times[-1] = sde.T, end_of[level]
     else:
-        times = (sampler.end if level is None else replace(sampler.end, end_sigma=level)).times(sde, int(steps),
-                                                                                               dtype=torch.float64)
-    times[0], times[-1] = sde.T, end_of[level]
+        times = _rule_times(sde, sampler, int(steps), level, end_of[level])
     return FittedSchedule(times=[float(v) for v in times], sampler=sampler_name or type(sampler).__name__,
                           options=dict(options or {}), steps=int(steps), digest=digest, objective=objective,
                           fine_steps=M, fit_nfe=nfe, fit_seconds=time.perf_counter() - start, sde=repr(sde), extra=extra)
 
 
-def _deterministic(run: Any, times: Tensor) -> bool:
-    """Whether two runs on ``times`` with different noise seeds agree exactly."""
-    return bool(torch.equal(run(times, 1), run(times, 2)))
+def _end_at(sampler: Any, level: Optional[float]) -> Any:
+    """``sampler``'s end point, stopping at the level σ/m = ``level`` (None: its own)."""
+    from dataclasses import replace
+
+    return sampler.end if level is None else replace(sampler.end, end_sigma=level)
+
+
+def _rule_times(sde: SDE, sampler: Any, steps: int, level: Optional[float], end: float) -> Tensor:
+    """The rule's ``[steps + 1]`` float64 grid of ``sampler`` stopping at ``level``, pinned to T and ``end``."""
+    t = _end_at(sampler, level).times(sde, steps, dtype=torch.float64)
+    t[0], t[-1] = sde.T, end
+    return t
 
 
 def _runner(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, x_T: Tensor, final: bool = False) -> tuple[Any, List[int]]:
@@ -569,8 +574,7 @@ def _select(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, fine: Tensor,
     measured; NFE spent)."""
     x_T, target = states[0], states[-1]
     run, used = _runner(sde, score_fn, sampler, steps, x_T)
-    rule = sampler.end.times(sde, steps, dtype=torch.float64)
-    rule[0], rule[-1] = sde.T, end
+    rule = _rule_times(sde, sampler, steps, None, end)
     a = run(rule, 1)
     if not torch.equal(a, run(rule, 2)):
         return idx, {"selection": "stochastic sampler: no selection"}, used[0]
@@ -588,19 +592,16 @@ def _select_end(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, fine: Ten
                 judge: Callable[[Tensor], Tensor], fitted: Dict[Optional[float], tuple[List[int], Dict[str, List[int]]]],
                 end_of: Dict[Any, float]) -> tuple[float, Optional[List[int]], Dict[str, Any], int]:
     """The level and grid whose run, with the sampler's final step, lands closest to the teacher's samples at σ̃ = 0
-    by ``judge`` (per draw; one evaluation each), averaged by :func:`_mean_within_modes`: at each level the rule's grid and the fitted one(s). A stochastic sampler
-    keeps its own level and the fitted grid there. Returns (level, indices or None for the rule's grid, what was
-    measured, NFE spent)."""
-    from dataclasses import replace
-
+    by ``judge`` (per draw; one evaluation each), averaged by :func:`_mean_within_modes`: at each level the rule's
+    grid and the fitted one(s). A stochastic sampler keeps its own level and the fitted grid there. Returns (level,
+    indices or None for the rule's grid, what was measured, NFE spent)."""
     run, used = _runner(sde, score_fn, sampler, steps, x_T, final=True)
     own = float(sampler.end.end_sigma)
     per_draw: Dict[str, Tensor] = {}
     picks: Dict[str, tuple[float, Optional[List[int]]]] = {}
     for level, (idx, cands) in fitted.items():
-        rule = replace(sampler.end, end_sigma=level).times(sde, steps, dtype=torch.float64)
-        rule[0], rule[-1] = sde.T, end_of[level]
-        if level == own and not _deterministic(lambda t, seed: run(t, seed, level), rule):
+        rule = _rule_times(sde, sampler, steps, level, end_of[level])
+        if level == own and not torch.equal(run(rule, 1, level), run(rule, 2, level)):
             return own, idx, {"selection": "stochastic sampler: no selection"}, used[0]
         grids: Dict[str, Optional[List[int]]] = {"rule": None, **(cands or {"fit": idx})}
         for name, cand in grids.items():
