@@ -48,8 +48,11 @@ interior times move, unless that step follows the probability-flow ODE to σ̃ =
 discretisation, not where the samples end, and the fit also moves it. The teacher then runs down to the lowest
 level tried and on to σ̃ = 0 by the same final step on its fine nodes; the sampler's level times each of
 :data:`END_FACTORS` is tried, on the rule's grid and on the fitted one for that level, each run ending with the
-sampler's final step, and the run landing closest to the teacher's samples at σ̃ = 0 is kept (its level is stored
-with the grid as ``end_sigma``; a few N more evaluations per level). Usage::
+sampler's final step, and the run landing closest to the teacher's samples at σ̃ = 0 is kept: the mean error in the
+noised density's Hessian norm at the teacher's lowest level, over the draws that stay in the teacher's mode in
+every run (:func:`_mean_within_modes`), and only where the best run follows the teacher to about 0.1 standard
+deviation per coordinate (:data:`TRUSTED`; further off the sampler's own level stays). Its level is stored with the
+grid as ``end_sigma``; it costs 2(N + 1) + 2 more evaluations per level. Usage::
 
     sched = fit_schedule(sde, score_fn, sampler, steps=10, x_T=sde.prior_sample((64, 2)))
     sample(sde, score_fn, (1000, 2), sampler=sampler, steps=10, schedule=sched)
