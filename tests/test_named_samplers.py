@@ -43,10 +43,12 @@ def test_every_fast_named_sampler_has_a_measured_table() -> None:
 
 @pytest.mark.parametrize("config", ["ode_heun", "ode_rk4"])
 def test_a_family_with_its_own_table_takes_it(config: str) -> None:
-    # VE has its own tables for the ODE integrators (they step in σ̃ there); VP and sub-VP share the others.
+    # VE has its own tables for the ODE integrators (they step in σ̃ there), and so has sub-VP, whose grid in t
+    # differs from VP's (its learned table is VP's own, copied).
     for kind in SCORE_KINDS:
         assert tuned_table(config, VESDE(), kind) == f"{kind}/ve"
-        assert tuned_table(config, VPSDE(), kind) == tuned_table(config, SubVPSDE(), kind) == kind
+        assert tuned_table(config, VPSDE(), kind) == kind and tuned_table(config, SubVPSDE(), kind) == f"{kind}/subvp"
+    assert NAMED_RULES[config]["learned/subvp"] == NAMED_RULES[config]["learned"]
     assert tuned_table("ddim", VESDE(), "exact") == "exact"
     per_step = build_sampler(config).nfe_per_step
     for steps in (2, 5, 12):

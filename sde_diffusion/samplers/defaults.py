@@ -229,6 +229,7 @@ def _ls(end_sigma: float, denoise: bool = False, **more: Any) -> Dict[str, Any]:
 # learned default (σ/m = 0.01 with the denoising step), measured for the default sampler only.
 _LEARNED_END = ((1, _ls(0.03)), (15, _ls(0.01, True)))
 _SHIPPED_END = {"end_sigma": None, "denoise": False}  # the class's own end time (the SDE's eps)
+_ODE_LEARNED_IN_T = _in("t", (1, _ls(0.01)), (15, _ls(0.01, True)))  # the ODE integrators' learned table in t
 NAMED_RULES: Dict[str, Dict[str, Tuple[Rule, ...]]] = {
     "dpm_solver": _named("dpm_solver",
                          ((1, _ls(0.05, True, order=2, denoise_order=3)), (8, _ls(0.01, order=2)),
@@ -256,11 +257,16 @@ NAMED_RULES: Dict[str, Dict[str, Tuple[Rule, ...]]] = {
     # 2–15 steps in t across VE's σ range are unstable. The learned VE tables keep the shared grid and end point and
     # take the variable measured on a VE moons network (benchmarks/learned_rule.py --named; RESULTS.md "ODE
     # integrators in σ̃"): σ̃ from 15 NFE for both, and where it won at 5 and 10 NFE.
+    # Sub-VP's grid in t is not VP's: its exact tables with the final step were measured apart (round 7 on sub-VP).
     "ode_heun": {
         **_named("ode_heun",
                  _in("t", (1, _ls(0.01, True)), (8, _ls(0.03)), (13, _ls(0.03, True, denoise_order=3)),
                      (18, _ls(0.01, True, denoise_order=3))),
-                 _in("t", (1, _ls(0.01)), (15, _ls(0.01, True)))),
+                 _ODE_LEARNED_IN_T),
+        **_named_family("subvp", "ode_heun",
+                        _in("t", (1, _ls(0.03, True, denoise_order=3)), (8, _ls(0.03)),
+                            (13, _ls(0.03, True, denoise_order=2)), (25, _ls(0.01, True, denoise_order=2))),
+                        _ODE_LEARNED_IN_T),
         **_named_family("ve", "ode_heun",
                         _in("sigma", (1, _end(0.05, True, "karras", denoise_order=3)), (8, _ls(0.03)),
                             (13, _end(0.03, True, "karras")), (18, _end(0.01, True, "karras")),
@@ -272,7 +278,12 @@ NAMED_RULES: Dict[str, Dict[str, Tuple[Rule, ...]]] = {
                  _in("t", (1, _end(0.05, True, "karras", denoise_order=3)), (8, _ls(0.01, True)),
                      (13, _ls(0.03, True, denoise_order=2)), (18, _ls(0.01)), (25, _ls(0.01, True, denoise_order=4)),
                      (40, _ls(0.01, True, denoise_order=3))),
-                 _in("t", (1, _ls(0.01)), (15, _ls(0.01, True)))),
+                 _ODE_LEARNED_IN_T),
+        **_named_family("subvp", "ode_rk4",
+                        _in("t", (1, _end(0.05, True, "karras", denoise_order=3)), (8, _ls(0.01, True)),
+                            (13, _ls(0.03, True, denoise_order=3)), (18, _ls(0.01, True, denoise_order=3)),
+                            (25, _ls(0.01, True, denoise_order=2))),
+                        _ODE_LEARNED_IN_T),
         **_named_family("ve", "ode_rk4",
                         _in("sigma", (1, _end(0.01, True, "karras")), (8, _ls(0.05, True, denoise_order=3)),
                             (13, _end(0.05, True, "karras", denoise_order=4)), (18, _end(0.003, False, "karras")),
