@@ -410,7 +410,9 @@ def sample(
         hook: ``hook(x, t) -> x`` applied after every step (used for inpainting).
         schedule: the time grid instead of the sampler's rule: ``"fit"`` (fit it to ``score_fn`` now, on a batch
             of 64 prior draws from seed 0: :func:`~.fitted.fit_schedule`; returned as ``result.schedule`` for
-            reuse), a :class:`~.fitted.FittedSchedule`, the path of a stored one, or ``[steps + 1]`` times.
+            reuse), a :class:`~.fitted.FittedSchedule`, the path of a stored one, or ``[steps + 1]`` times. Where
+            the sampler's final step follows the ODE to σ̃ = 0 (``denoise=True``, ``denoise_order`` ≥ 2, an
+            ``end_sigma``), a fit may also move the level its steps stop at (``result.schedule.end_sigma``).
         schedule_objective: with ``schedule="fit"``, the fit's objective (``whitened``, ``curvature``, ``path``);
             None: the default for the kind of score (:data:`~.fitted.DEFAULT_OBJECTIVES`).
 
