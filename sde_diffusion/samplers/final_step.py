@@ -80,10 +80,16 @@ def final_step(sde: SDE, x: Tensor, t_end: float, counter: CountingScore, order:
             nodes.append(st)
             eps.append(-sigma * s_j)
     m_end = float(sde.mean_coeff(torch.tensor(float(t_end), dtype=torch.float64)))
-    out = x / m_end
+    return step_to_zero(x / m_end, nodes, eps)
+
+
+def step_to_zero(x_tilde: Tensor, nodes: Sequence[float], eps: Sequence[Tensor]) -> Tensor:
+    """x̃_0 = x̃ − ∫_0^{σ̃_0} p(σ̃) dσ̃ for the polynomial p through ε̂ ``eps[j]`` ``[B, ...]`` at the distinct noise
+    levels ``nodes[j]``, the first of them x̃'s own (``x_tilde`` ``[B, ...]``, the state in the data's scale)."""
+    out = x_tilde
     for w_j, e_j in zip(lagrange_weights(nodes, nodes[0]), eps):
         out = out - w_j * e_j
     return out
 
 
-__all__ = ["MAX_FINAL_ORDER", "evaluations_to_keep", "final_step", "lagrange_weights"]
+__all__ = ["MAX_FINAL_ORDER", "evaluations_to_keep", "final_step", "lagrange_weights", "step_to_zero"]

@@ -243,7 +243,7 @@ def _teacher_at_zero(sde: SDE, score_fn: ScoreFn, fine: Tensor, states: List[Ten
     """The teacher's samples carried from its last fine time to σ̃ = 0 by the final step of ``order`` through its
     last fine nodes (:mod:`.final_step`), in the data's scale, and the score at its last state (the one more
     evaluation this takes)."""
-    from .final_step import lagrange_weights
+    from .final_step import step_to_zero
 
     x = states[-1]
     t_end = torch.full((x.shape[0],), float(fine[-1]), dtype=x.dtype, device=x.device)
@@ -256,10 +256,7 @@ def _teacher_at_zero(sde: SDE, score_fn: ScoreFn, fine: Tensor, states: List[Ten
     for j, d in zip(range(M, M - order, -1), [d_end] + dens[::-1]):
         nodes.append(s[j] / m[j])
         eps.append((states[j] / m[j] - d) / (s[j] / m[j]))
-    out = x / m[M]
-    for w, e in zip(lagrange_weights(nodes, nodes[0]), eps):
-        out = out - w * e
-    return out, score_end
+    return step_to_zero(x / m[M], nodes, eps), score_end
 
 
 def _teacher(sde: SDE, score_fn: ScoreFn, x: Tensor, fine: Tensor) -> tuple[List[Tensor], List[Tensor]]:
@@ -502,8 +499,9 @@ def fit_schedule(
             return _equidistribute(sde, fine[: j + 1], rates[:j], int(steps), blend), {}
 
         fitted = {e: grids(at[e]) for e in levels}
-        level, extra = levels[0] if levels == [None] else float(sampler.end.end_sigma), {}
-        idx: Optional[List[int]] = fitted[level][0]
+        level: Optional[float] = None
+        idx: Optional[List[int]] = fitted[levels[0]][0]
+        extra: Dict[str, Any] = {}
         if levels != [None]:
             target, score_end = _teacher_at_zero(sde, score_fn, fine, states, dens, int(sampler.end.denoise_order))
             m_end = float(sde.mean_coeff(fine[-1:])[0])
