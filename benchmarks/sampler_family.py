@@ -228,9 +228,11 @@ def ours_steps(sampler_name: str, options: Dict[str, Any], budget: int) -> Optio
     return max(fits) if fits else None
 
 
-def run_case(task: Tuple[int, str, Optional[str], bool, str, bool, Tuple[str, ...]]) -> List[Dict[str, Any]]:
-    """Every configuration at every budget on one (seed, SDE)."""
-    seed, sde_name, candidate_set, with_kd, family, with_pc, fit_objectives = task
+def run_case(task: Tuple[Any, ...]) -> List[Dict[str, Any]]:
+    """Every configuration at every budget on one (seed, SDE): ``task`` is (seed, SDE name, candidate set, with the
+    peer, family, with PC at 1000 steps, fit objectives[, the peer's functions (default :data:`KD_FUNCS`)])."""
+    seed, sde_name, candidate_set, with_kd, family, with_pc, fit_objectives, *more = task
+    kd_funcs = tuple(more[0]) if more else KD_FUNCS
     torch.set_num_threads(1)
     gm = family_draw(family, seed)
     n_pts = n_samples(family, gm.dim)
@@ -329,7 +331,7 @@ def run_case(task: Tuple[int, str, Optional[str], bool, str, bool, Tuple[str, ..
 
         for budget in NFES:
             best = None
-            for fn, n, smin, s_min in kd_settings(KD_FUNCS, budget, KD_SIGMA_MINS, st[0]):
+            for fn, n, smin, s_min in kd_settings(kd_funcs, budget, KD_SIGMA_MINS, st[0]):
                 for rho in KD_RHOS:
                     metric, nfe, sec = kd_run(fn, n, s_min, rho, x_T_sel, NOISE_SEED)
                     label = f"{fn[7:]} σmin={smin} ρ={rho:g}"
@@ -484,7 +486,11 @@ def named_table(rows: List[Dict[str, Any]], round7: bool = False) -> Tuple[List[
 
 
 # Each named sampler's own method in the peer, where the peer's sweep has it (``KD_FUNCS``).
-PEER_COUNTERPART = {"dpm_solver": "dpmpp_2m", "dpm_solver_sde": "dpmpp_2m_sde", "edm_heun": "heun", "ode_heun": "heun"}
+# DDIM is Euler's method on x̃ = x/m in σ̃ (k-diffusion's ``euler``); ``dpm_2`` is k-diffusion's DPM-Solver-2 (a
+# midpoint in log σ̃, two evaluations per step), the counterpart of the singlestep second-order ``dpm_solver_2s``.
+# ``euler`` and ``dpm_2`` are outside the default sweep: ``--kd-funcs euler,dpm_2``.
+PEER_COUNTERPART = {"dpm_solver": "dpmpp_2m", "dpm_solver_sde": "dpmpp_2m_sde", "edm_heun": "heun", "ode_heun": "heun",
+                    "ddim": "euler", "dpm_solver_2s": "dpm_2"}
 
 
 def counterpart_table(rows: List[Dict[str, Any]]) -> Tuple[List[str], List[List[str]]]:
@@ -568,9 +574,10 @@ def load_results(path: Path) -> Dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def report(path: Path, write: bool, section: Optional[str] = None) -> str:
+def report(path: Path, write: bool, section: Optional[str] = None, extra: Sequence[Path] = ()) -> str:
     data = load_results(path)
-    rows = data["rows"]
+    # Only the peer's selection sweeps of further files: they add counterparts, never change the peer's best.
+    rows = data["rows"] + [r for p in extra for r in load_results(p)["rows"] if r["kind"] == "kd_select"]
     header = ["SDE", "NFE", "wins vs best k-diffusion", "geo-mean ratio", "worst ratio", "≤ 1.05 × floor"]
     text = [f"Seeds: {data['seeds_name']} ({len(data['seeds'])} problems). Command: `{data['command']}`.",
             f"Wall time {data['wall_seconds'] / 60:.0f} min on {data['jobs']} processes.", "",
@@ -672,20 +679,27 @@ def main() -> None:
                     help="with --fit: the fit's objectives to compare (default: fit_schedule's own)")
     ap.add_argument("--no-kdiffusion", action="store_true")
     ap.add_argument("--kd-all", action="store_true", help="also sample_euler (never best on the tuning seeds)")
+    ap.add_argument("--kd-funcs", default=None,
+                    help="comma-separated k-diffusion samplers to sweep instead of the default ones, without "
+                         "'sample_' (e.g. euler,dpm_2: the counterparts of ddim and dpm_solver_2s)")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--report", type=Path, default=None, help="print (and --write) the tables of a results file")
+    ap.add_argument("--report", type=Path, nargs="+", default=None,
+                    help="print (and --write) the tables of a results file; the peer's selection sweeps of further files "
+                         "(e.g. --kd-funcs euler,dpm_2 on the same seeds) add the counterparts of more samplers")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--section", default=None,
                     help="with --write: the RESULTS.md heading to write under (default: named from the file's rows)")
     ap.add_argument("--resume", action="store_true", help="keep the cases already finished in --out")
     ap.add_argument("--small-first", action="store_true", help="run the low-dimensional problems first")
     args = ap.parse_args()
-    if args.kd_all:
-        global KD_FUNCS
-        KD_FUNCS = ("sample_euler",) + KD_FUNCS
+    kd_funcs = KD_FUNCS
+    if args.kd_funcs:
+        kd_funcs = tuple(f"sample_{f.strip()}" for f in args.kd_funcs.split(",") if f.strip())
+    elif args.kd_all:
+        kd_funcs = ("sample_euler",) + KD_FUNCS
     if args.report:
-        report(args.report, args.write, args.section)
+        report(args.report[0], args.write, args.section, extra=args.report[1:])
         return
     if args.family == "wide":
         seeds = list(WIDE_TUNING_SEEDS if args.seeds == "tuning" else WIDE_HELD_OUT_SEEDS)[: args.limit]
@@ -702,7 +716,7 @@ def main() -> None:
         kept = load_results(out)["rows"]
     finished_cases = {(r["seed"], r["sde"]) for r in kept}
     fits = tuple(args.fit_objectives or [DEFAULT_OBJECTIVES["exact"]]) if args.fit else ()
-    tasks = [(s, d, args.candidates, not args.no_kdiffusion and not reuse, args.family, args.pc_reference, fits)
+    tasks = [(s, d, args.candidates, not args.no_kdiffusion and not reuse, args.family, args.pc_reference, fits, kd_funcs)
              for s in seeds for d in sdes if (s, d) not in finished_cases]
     # Big problems first, so that the pool ends together (--small-first: the many small ones first).
     tasks.sort(key=lambda t: (1 if args.small_first else -1) * family_draw(args.family, t[0]).dim)

@@ -222,3 +222,37 @@ def test_the_end_level_benchmark_pairs_each_case_with_its_kept_level() -> None:
         rows += [{**base, "kind": fe.KINDS[1], "metric": kept}, {**base, "kind": fe.KINDS[2], "metric": moved}]
     # Ratios 0.5, 1 and 1.5: geometric mean 0.75^(1/3) = 0.909; one better, one worse by more than 2 %.
     assert fe.paired(rows) == [["low-D", "15", "0.909", "1 / 1 of 3"]]
+
+
+def test_counterparts_take_the_peers_best_sweep_of_the_same_method_and_extra_files_add_only_sweeps(tmp_path) -> None:
+    import gzip
+    import json
+
+    from benchmarks import sampler_family as sf
+
+    # ddim against k-diffusion's euler: two problems, the best of euler's σ_min sweep is 2 and 1 (its worse setting and
+    # dpm_2 do not count); ddim's errors 3 and 1.2 give ratios 1.5 and 1.2, geometric mean √1.8 = 1.34, both ≤ 1.5.
+    sweep, ours = [], []
+    for seed, (best, other, mine) in enumerate(((2.0, 5.0, 3.0), (1.0, 4.0, 1.2))):
+        base = {"seed": seed, "sde": "vp", "dim": 2, "budget": 10, "nfe": 10}
+        sweep += [{**base, "kind": "kd_select", "label": "euler σmin=0.01 ρ=7", "metric": best},
+                  {**base, "kind": "kd_select", "label": "euler σmin=0.05 ρ=7", "metric": other},
+                  {**base, "kind": "kd_select", "label": "dpm_2 σmin=0.01 ρ=7", "metric": 0.1},
+                  {**base, "kind": "kd", "label": "dpm_2 σmin=0.01 ρ=7", "metric": 0.1}]
+        ours += [{**base, "kind": "ours", "label": "ddim", "metric": mine},
+                 {**base, "kind": "kd", "label": "lms σmin=0.05 ρ=7", "metric": 1.0},
+                 {**base, "kind": "ours", "label": "default", "metric": 0.9},
+                 {**base, "kind": "floor", "label": "floor", "budget": 0, "metric": 0.5}]
+    header, body = sf.counterpart_table(ours + sweep)
+    line = next(b for b in body if b[0] == "ddim / euler")
+    assert line[header.index("NFE 10")] == "1.34 (2/2)"
+    # A results file and a peer sweep on the same seeds: the report takes only the sweep's kd_select rows, so the
+    # peer's best on the scoring draw (the "kd" rows) stays the first file's.
+    meta = {"seeds_name": "held-out", "seeds": [0, 1], "command": "c", "wall_seconds": 60, "jobs": 1, "family": "wide"}
+    main_file, extra = tmp_path / "named.json.gz", tmp_path / "sweep.json"
+    with gzip.open(main_file, "wt") as f:
+        json.dump({**meta, "rows": ours}, f)
+    extra.write_text(json.dumps({**meta, "rows": sweep}))
+    text = sf.report(main_file, write=False, extra=[extra])
+    assert "| ddim / euler | – | 1.34 (2/2) |" in text
+    assert "| vp | 10 | 2/2 (100 %) | 0.900 |" in text  # the default against lms (1.0), not dpm_2's 0.1
