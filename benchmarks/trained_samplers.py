@@ -167,13 +167,14 @@ def verdict(a: List[float], b: List[float]) -> str:
 def peer_benchmark(label: str, model: Any, metric: Callable[[torch.Tensor], float], n: int, batch: int,
                    scoring: List[int], rows: List[Dict[str, Any]], log: Callable[[Dict[str, Any]], None],
                    nfes: Tuple[int, ...] = PEER_NFES, kd_top: Optional[int] = None,
-                   save: Callable[[], None] = lambda: None) -> None:
+                   save: Callable[[], None] = lambda: None, refit: bool = False) -> None:
     """Rows for ``default``, ``schedule=fit`` and k-diffusion's best on one trained model, appended to ``rows``
     (budgets already there are skipped; ``save`` is called after each budget). ``kd_top``: from the third
     budget on, only the k-diffusion samplers that ranked in the top ``kd_top`` on the selection seed at the
-    budget before (every σ_min of them is still swept)."""
+    budget before (every σ_min of them is still swept). ``refit``: for the budgets already there, fit again with
+    today's ``fit_schedule`` and replace the ``schedule=fit`` rows only."""
     from sde_diffusion.samplers import make_sampler
-    from sde_diffusion.samplers.fitted import fit_schedule
+    from sde_diffusion.samplers.fitted import default_objective, fit_batch, fit_schedule
 
     from .common import EDMDenoiser, load_kdiffusion_sampling, sigma_tilde_range
     from .samplers import _kd_call, kd_settings
@@ -211,12 +212,34 @@ def peer_benchmark(label: str, model: Any, metric: Callable[[torch.Tensor], floa
             out.append(model.module.to_data(x))
         return torch.cat(out), den.nfe // max(1, len(range(0, n, batch)))
 
-    x_fit = sde.prior_sample((64, *shape), generator=torch.Generator().manual_seed(FIT_SEED))
     done = {r["nfe"] for r in rows if r["model"] == label and r["setting"] == "k-diffusion best"}
+
+    def fit_rows(nfe: int) -> None:
+        # As sample.py fits: the default objective for a trained network and this sampler, on fit_batch prior draws.
+        smp, steps, _ = make_sampler(sde, None, nfe, {}, "learned")
+        objective = default_objective(score, "learned", smp)
+        x_fit = sde.prior_sample((fit_batch(objective, shape), *shape), generator=torch.Generator().manual_seed(FIT_SEED))
+        t0 = time.perf_counter()
+        fitted = fit_schedule(sde, score, smp, steps, x_fit, objective=objective)
+        fit_row = {"model": label, "setting": "fit-cost", "nfe": nfe, "fit_nfe": fitted.fit_nfe, "objective": objective,
+                   "fit_draws": int(x_fit.shape[0]), "seconds": time.perf_counter() - t0}
+        rows.append(fit_row)
+        log(fit_row)
+        for seed in scoring:
+            t0 = time.perf_counter()
+            rows.append({"model": label, "setting": "schedule=fit", "nfe": nfe, "seed": seed,
+                         "metric": metric(ours(nfe, seed, fitted)), "seconds": time.perf_counter() - t0})
+            log(rows[-1])
+
     previous: Optional[int] = None
     for i, nfe in enumerate(nfes):
         if nfe in done:
             previous = nfe
+            if refit:
+                rows[:] = [r for r in rows if not (r["model"] == label and r["nfe"] == nfe
+                                                   and r["setting"] in ("fit-cost", "schedule=fit"))]
+                fit_rows(nfe)
+                save()
             continue
         kd_funcs: Tuple[str, ...] = KD_MAIN
         if kd_top and previous is not None and i >= 2:
@@ -225,20 +248,12 @@ def peer_benchmark(label: str, model: Any, metric: Callable[[torch.Tensor], floa
                        if any(r["kd"] == fn[7:] for r in sel)}
             kd_funcs = tuple(sorted(best_of, key=best_of.get)[:kd_top])
         previous = nfe
-        smp, steps, _ = make_sampler(sde, None, nfe, {}, "learned")
-        t0 = time.perf_counter()
-        fitted = fit_schedule(sde, score, smp, steps, x_fit)
-        fit_row = {"model": label, "setting": "fit-cost", "nfe": nfe, "fit_nfe": fitted.fit_nfe,
-                   "seconds": time.perf_counter() - t0}
-        rows.append(fit_row)
-        log(fit_row)
+        fit_rows(nfe)
         for seed in scoring:
-            for setting, sched in (("default", None), ("schedule=fit", fitted)):
-                t0 = time.perf_counter()
-                m = metric(ours(nfe, seed, sched))
-                rows.append({"model": label, "setting": setting, "nfe": nfe, "seed": seed, "metric": m,
-                             "seconds": time.perf_counter() - t0})
-                log(rows[-1])
+            t0 = time.perf_counter()
+            rows.append({"model": label, "setting": "default", "nfe": nfe, "seed": seed,
+                         "metric": metric(ours(nfe, seed, None)), "seconds": time.perf_counter() - t0})
+            log(rows[-1])
         best = None
         for fn, kd_n, smin, s_min in kd_settings(kd_funcs, nfe, KD_SIGMA_MINS, s_lo):
             t0 = time.perf_counter()
@@ -345,7 +360,7 @@ def peer_main(args: Any) -> None:
     for label, model, metric, n, batch in models:
         nfes = tuple(args.digits_nfes) if label == "digits" and args.digits_nfes else PEER_NFES
         peer_benchmark(label, model, metric, n, batch, scoring, rows, _print_row, nfes, args.kd_top,
-                       save=lambda: log({"model": label, "saved_s": time.time() - t0}))
+                       save=lambda: log({"model": label, "saved_s": time.time() - t0}), refit=args.refit)
     text = "\n".join([
         f"Command: `{command}`; selection seed {SELECTION_SEED}, scoring seeds {scoring[0]}–{scoring[-1]}; "
         f"{time.time() - t0:.0f} s on this run. Models: `python -m sde_diffusion.demo --quiet` (digits 800 steps, "
@@ -376,6 +391,9 @@ def main() -> None:
     ap.add_argument("--models", default="digits,moons", help="--peer: which demo models")
     ap.add_argument("--out", type=Path, default=None, help="--peer: raw rows (JSON), saved as they come")
     ap.add_argument("--resume", action="store_true", help="--peer: keep the budgets already finished in --out")
+    ap.add_argument("--refit", action="store_true",
+                    help="--peer with --resume: fit again (today's fit_schedule) at the budgets already finished and "
+                         "replace only their schedule=fit rows")
     ap.add_argument("--digits-nfes", type=int, nargs="*", default=None, help="--peer: the digits' budgets (default 5 10 20 50)")
     ap.add_argument("--kd-top", type=int, default=None,
                     help="--peer: from the third budget, sweep only the k-diffusion samplers in the top N at the budget before")

@@ -568,9 +568,11 @@ class SampleConfig:
     # The time grid: null = the sampler's rule; fit = fitted to this model once (stored in <run>/schedules,
     # keyed by sampler, options, steps and weights; reused after); or the path of a stored grid (JSON).
     schedule: Optional[str] = None
-    # The fit's objective: null = the default for a trained network (samplers.fitted.DEFAULT_OBJECTIVES: curvature);
+    # The fit's objective: null = the default for a trained network (samplers.fitted.default_objective: samples
+    # where the sampler returns its samples at a noise level, as the default below 15 NFE; else curvature);
     # curvature | whitened (equidistributed local error of a teacher path, Euclidean / in the density's Hessian
-    # norm) | path (dynamic programming against that path).
+    # norm) | path (dynamic programming against that path) | samples (the grid and level whose samples come
+    # closest in distribution to the sampler's own at many steps).
     schedule_objective: Optional[str] = None
     seed: int = 0                    # batch b draws from a generator seeded by f(seed, b): same seed, same samples
     ema: bool = True                 # the EMA weights (falls back to the trained weights, with a warning, if none)
@@ -618,7 +620,9 @@ class SampleConfig:
                      f"checkpoints={self.checkpoints!r}: only checkpoints=all (every saved checkpoint of the run) with "
                      "mode=metrics is known; leave it null otherwise")
         if self.schedule_objective is not None:
-            _choice("schedule_objective", self.schedule_objective, ("whitened", "curvature", "path"))
+            from ..samplers.fitted import OBJECTIVES
+
+            _choice("schedule_objective", self.schedule_objective, OBJECTIVES)
         if self.schedule is not None:
             _require(isinstance(self.schedule, str) and bool(self.schedule.strip()),
                      f"schedule must be fit, the path of a stored grid, or null; got {self.schedule!r}")

@@ -161,15 +161,15 @@ class SampleJob(ModelJob):
         """Put the sampler on a grid fitted to this model (``schedule=fit``, stored and reused) or read from a file;
         returns what run.json records about it."""
         from ..latent import weights_digest
-        from ..samplers.fitted import (DEFAULT_OBJECTIVES, FittedSchedule, check_times, fit_schedule, on_schedule,
-                                       schedule_key)
+        from ..samplers.fitted import (FittedSchedule, check_times, default_objective, fit_batch, fit_schedule,
+                                       on_schedule, schedule_key)
 
         cfg, c, model = self.cfg, self.choice, self.model
         score = model.score_model(use_ema=cfg.ema)
         net = getattr(score.net, "net", score.net)  # an inference wrapper holds the module
         digest = weights_digest(net.state_dict())
         if cfg.schedule == "fit":
-            objective = cfg.schedule_objective or DEFAULT_OBJECTIVES["learned"]
+            objective = cfg.schedule_objective or default_objective(score, "learned", c.sampler)
             key = schedule_key(c.name, c.options, c.steps, digest, objective)
             path = model.run_dir / "schedules" / f"{key}.json"
             reused = path.is_file()
@@ -177,7 +177,8 @@ class SampleJob(ModelJob):
                 sched = FittedSchedule.load(path)
             else:
                 gen = torch.Generator(device=self.runtime.device).manual_seed(batch_seed(0, "schedule-fit", 0))
-                x_fit = model.sde.prior_sample((64, *model.model_shape), generator=gen, device=self.runtime.device,
+                x_fit = model.sde.prior_sample((fit_batch(objective, model.model_shape), *model.model_shape), generator=gen,
+                                               device=self.runtime.device,
                                                dtype=self.dtype)
                 sched = fit_schedule(model.sde, score, c.sampler, c.steps, x_fit, objective=objective,
                                      sampler_name=c.name, options=c.options, digest=digest)
@@ -191,7 +192,7 @@ class SampleJob(ModelJob):
             if sched.digest is not None and sched.digest != digest:
                 raise ValueError(f"the grid in {path} was fitted to other weights (digest {sched.digest[:12]}…, this "
                                  f"model's is {digest[:12]}…); fit one for this model with schedule=fit")
-        c.sampler = on_schedule(c.sampler, sched.times, sched.end_sigma)
+        c.sampler = on_schedule(c.sampler, sched.times, sched.end_sigma, any_level=sched.objective == "samples")
         check_times(torch.tensor(sched.times), model.sde, c.steps, c.sampler.end.end_time(model.sde),
                     f"the grid in {path}")
         return {"source": str(path), "reused": reused, "objective": sched.objective, "fit_nfe": sched.fit_nfe,

@@ -74,12 +74,28 @@ from torch import Tensor
 from ..score import CountingScore
 from ..sdes.sde import SDE, ScoreFn
 
-OBJECTIVES = ("whitened", "curvature", "path")
+OBJECTIVES = ("whitened", "curvature", "path", "samples")
 #: The objective when none is named, by the kind of score (benchmarks/RESULTS.md, "Fitted schedules" and "Fit
 #: objectives on the exact-score family"): ``whitened`` on exact scores, ``curvature`` on trained networks.
 DEFAULT_OBJECTIVES = {"exact": "whitened", "learned": "curvature"}
 #: ``whitened``: the weight of the uniform log-SNR grid in the step density (robustness where the probe is noisy).
 WHITENED_BLEND = 0.5
+#: ``samples``: the levels to stop at, as multiples of the sampler's ``end_sigma``, and the warps p of the log-SNR
+#: grid (λ_i = λ(T) + (λ_end − λ(T)) (i/N)^p; p < 1 puts more steps near the end) tried in the first and second
+#: round (:func:`_fit_by_samples`): 10 runs of N steps and a teacher of max(50, 3N) steps, so that on 256 draws a
+#: fit for the samplers it is the default for (N ≤ 14) costs less than 1000 samples at 50 NFE. On the demo's networks the best 5-NFE grids in hindsight stop 4–11× above the
+#: learned rule's level with p = 0.6–0.8 (benchmarks/RESULTS.md, "Grids in hindsight on the trained networks").
+SAMPLES_LEVELS = (1.0, 5.0 / 3.0, 8.0 / 3.0, 4.0, 20.0 / 3.0, 10.0)
+SAMPLES_WARPS = (0.6, 0.7, 0.8)
+#: ``samples``: prior draws per fit: at least :data:`SAMPLES_BATCH`, and :data:`SAMPLES_COORDS` numbers in all for
+#: small data (a distribution distance needs more draws than the per-draw objectives' 64, and a grid that diverges
+#: on one draw in a thousand must show it: on the demo's 2-D moons 256 or 1024 draws chose such a grid, 4096 did not).
+SAMPLES_BATCH = 256
+SAMPLES_COORDS = 8192
+#: ``samples``: a run whose draw lies further from the teacher's mean than this × the teacher's farthest draw has
+#: diverged; a grid with such draws loses to one without.
+SAMPLES_OUTLIER = 3.0
+SAMPLES_NOISE_SEED = 7
 FORMAT = 1
 #: Multiples of the sampler's ``end_sigma`` the fit tries as the level to stop at, when a final step of order > 1
 #: follows the ODE on to σ̃ = 0 (module docstring). The best fixed level for the exact-score rule is 0.01; per
@@ -189,14 +205,19 @@ def movable_end(sampler: Any) -> bool:
     return bool(end.denoise) and int(end.denoise_order) > 1 and end.end_sigma is not None
 
 
-def on_schedule(sampler: Any, times: Any, end_sigma: Optional[float] = None) -> Any:
+def on_schedule(sampler: Any, times: Any, end_sigma: Optional[float] = None, any_level: bool = False) -> Any:
     """A copy of ``sampler`` running on ``times`` (``[steps + 1]``), ending at the level ``end_sigma`` where a fit
-    moved it there (:attr:`FittedSchedule.end_sigma`)."""
+    moved it there (:attr:`FittedSchedule.end_sigma`). ``any_level``: the level was chosen for this sampler as it is
+    (``objective="samples"`` judges the samples where they are returned), so any sampler that stops at a level
+    (``end_sigma``) takes it; otherwise only one whose final step follows the ODE to σ/m = 0."""
     import copy
 
     smp = copy.copy(sampler)
     if end_sigma is not None and end_sigma != smp.end.end_sigma:
-        if not movable_end(smp):
+        if any_level and smp.end.end_sigma is None:
+            raise ValueError(f"the grid stops at σ/m = {end_sigma:g}, but this sampler ends at its eps (no "
+                             "end_sigma): fit again with these options (schedule=fit)")
+        if not any_level and not movable_end(smp):
             raise ValueError(f"the grid stops at σ/m = {end_sigma:g}, a level its fit chose for a sampler whose final "
                              "step follows the ODE to σ/m = 0 (denoise=true, denoise_order ≥ 2, an end_sigma); this "
                              "sampler has no such step: fit again with these options (schedule=fit)")
@@ -402,14 +423,28 @@ def _equidistribute(sde: SDE, fine: Tensor, rate: Tensor, steps: int, blend: flo
     return idx
 
 
-def default_objective(score_fn: Any = None, score_kind: Optional[str] = None) -> str:
-    """:data:`DEFAULT_OBJECTIVES` for ``score_kind`` (``"exact"`` / ``"learned"``; None: detected from ``score_fn``)."""
+def default_objective(score_fn: Any = None, score_kind: Optional[str] = None, sampler: Any = None) -> str:
+    """:data:`DEFAULT_OBJECTIVES` for ``score_kind`` (``"exact"`` / ``"learned"``; None: detected from ``score_fn``);
+    ``samples`` for a trained network where ``sampler`` returns its samples at a noise level (an ``end_sigma`` and no
+    denoising step, as the learned rule below 15 NFE): there the level is part of the result, and the per-draw
+    objectives, which follow the teacher's path, cannot judge it (benchmarks/RESULTS.md, "Fitting by samples")."""
     from .defaults import is_learned_score
 
     kind = score_kind or ("learned" if is_learned_score(score_fn) else "exact")
     if kind not in DEFAULT_OBJECTIVES:
         raise ValueError(f"unknown score kind {kind!r}; choose one of: {', '.join(DEFAULT_OBJECTIVES)}")
+    end = getattr(sampler, "end", None)
+    if kind == "learned" and end is not None and end.end_sigma is not None and not end.denoise:
+        return "samples"
     return DEFAULT_OBJECTIVES[kind]
+
+
+def fit_batch(objective: str, shape: Sequence[int]) -> int:
+    """Prior draws a fit with ``objective`` takes for samples of ``shape`` (one sample's, without the batch)
+    (``sample(..., schedule="fit")`` and ``sample.py``)."""
+    if objective != "samples":
+        return 64
+    return max(SAMPLES_BATCH, SAMPLES_COORDS // max(1, math.prod(int(d) for d in shape)))
 
 
 def fit_schedule(
@@ -432,18 +467,20 @@ def fit_schedule(
     Args:
         sampler: a step sampler (its end point fixes the last time).
         objective: ``whitened`` (equidistributed local error along the teacher path in the noised density's
-            Hessian norm; M − 1 more evaluations), ``curvature`` (the same in the Euclidean norm, scaled by m) or
-            ``path`` (dynamic programming against the teacher path); None: :data:`DEFAULT_OBJECTIVES` for the
-            score's kind. For a deterministic sampler the fitted grid(s) and the rule's own grid are run from the
+            Hessian norm; M − 1 more evaluations), ``curvature`` (the same in the Euclidean norm, scaled by m),
+            ``path`` (dynamic programming against the teacher path) or ``samples`` (the grid and level whose samples
+            come closest in distribution to the sampler's own at M steps: :func:`_fit_by_samples`; for stochastic
+            samplers too); None: :data:`DEFAULT_OBJECTIVES` for the score's kind. For a deterministic sampler the fitted grid(s) and the rule's own grid are run from the
             teacher's start and the one ending closest to the teacher's end state is kept.
-        fine_steps: M, the teacher's steps (default max(100, 8·steps), capped at 400): M score evaluations.
+        fine_steps: M, the teacher's steps (default max(100, 8·steps), capped at 400; ``samples``: max(50, 3·steps),
+            capped at 200, the sampler's own steps on its rule's grid).
         sampler_name, options, digest: recorded with the grid (``digest``: the weights it was fitted to).
         score_kind: ``"exact"`` or ``"learned"`` for the default objective; None: detected from ``score_fn``.
         move_end: where the sampler's final step follows the ODE to σ̃ = 0, also choose the level it stops at
             (module docstring); False keeps the sampler's own.
     """
     if objective is None:
-        objective = default_objective(score_fn, score_kind)
+        objective = default_objective(score_fn, score_kind, sampler)
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown schedule objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
     if isinstance(steps, bool) or int(steps) != steps or steps < 1:
@@ -454,6 +491,17 @@ def fit_schedule(
     M = int(fine_steps or min(400, max(100, 8 * int(steps))))
     start = time.perf_counter()
     from .grids import time_grid
+
+    if objective == "samples":
+        M = int(fine_steps or min(200, max(50, 3 * int(steps))))
+        with torch.no_grad():
+            times, level, extra, nfe = _fit_by_samples(sde, score_fn, sampler, int(steps), x_T, M)
+        if level is not None:
+            extra["end_sigma"] = level
+        return FittedSchedule(times=[float(v) for v in times], sampler=sampler_name or type(sampler).__name__,
+                              options=dict(options or {}), steps=int(steps), digest=digest, objective=objective,
+                              fine_steps=M, fit_nfe=nfe, fit_seconds=time.perf_counter() - start, sde=repr(sde),
+                              extra=extra)
 
     levels = _end_levels(sde, sampler) if move_end else [None]  # [None]: the sampler's own end point only
     end_of = {e: float(_end_at(sampler, e).end_time(sde)) for e in levels}
@@ -529,6 +577,90 @@ def fit_schedule(
     return FittedSchedule(times=[float(v) for v in times], sampler=sampler_name or type(sampler).__name__,
                           options=dict(options or {}), steps=int(steps), digest=digest, objective=objective,
                           fine_steps=M, fit_nfe=nfe, fit_seconds=time.perf_counter() - start, sde=repr(sde), extra=extra)
+
+
+def warped_log_snr_times(sde: SDE, steps: int, end: float, p: float) -> Tensor:
+    """``[steps + 1]`` float64 times from T to ``end``: λ_i = λ(T) + (λ(end) − λ(T)) (i/N)^p (p = 1: uniform in λ)."""
+    lam = sde.log_snr(torch.tensor([sde.T, end], dtype=torch.float64))
+    w = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64) ** p
+    t = sde.t_from_log_snr(lam[0] + (lam[1] - lam[0]) * w)
+    t[0], t[-1] = sde.T, end
+    return t
+
+
+def _fit_by_samples(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, x_T: Tensor, M: int
+                    ) -> tuple[Tensor, Optional[float], Dict[str, Any], int]:
+    """``objective="samples"``: the grid whose samples come closest in distribution to the teacher's.
+
+    The teacher is the sampler itself on its own rule's grid of M steps, ending with a denoising step (Tweedie's)
+    where the sampler has none, so that it stands for the model's clean samples. Every candidate runs from the same
+    ``x_T`` with the same noise seed; the distance is the sliced W2 between its samples and the teacher's in the
+    data's coordinates. Candidates with a draw further from the teacher's mean than :data:`SAMPLES_OUTLIER` × the
+    teacher's farthest draw (a diverged step) lose to those without. Round 1: the rule's own grid, and uniform
+    log-SNR grids stopping at each of :data:`SAMPLES_LEVELS` × the sampler's ``end_sigma`` (only its own end where
+    it has none); round 2: the warps :data:`SAMPLES_WARPS` at the best level. Unlike the per-draw objectives this judges a stochastic sampler too, and the level its samples are
+    returned at: their remaining noise counts in the distance. Returns (times, level or None for the sampler's own,
+    what was measured, NFE spent)."""
+    import copy
+    from dataclasses import replace
+
+    from ..metrics import sliced_wasserstein
+    from .final_step import evaluations_to_keep, final_step
+    from .sampler import to_data_scale
+
+    own = sampler.end.end_sigma
+    levels: List[Optional[float]] = [None] if own is None else [float(own) * f for f in SAMPLES_LEVELS]
+    end_of = {e: float(_end_at(sampler, e).end_time(sde)) for e in levels}
+    used = [0]
+
+    def run(smp: Any, n: int) -> Tensor:
+        # What sample() returns: the final step where the sampler has one, else x̃ at the level it stops at.
+        end = smp.end
+        counted = CountingScore(score_fn, keep=evaluations_to_keep(end.denoise_order, smp.nfe_per_step) if end.denoise else 0)
+        gen = torch.Generator(device=x_T.device).manual_seed(SAMPLES_NOISE_SEED)
+        out, _, _ = smp.run(sde, counted, x_T, n, gen)
+        if end.denoise:
+            out = final_step(sde, out, smp.end_time(sde), counted, end.denoise_order)
+        elif end.end_sigma is not None:
+            out = to_data_scale(sde, out, smp.end_time(sde))
+        used[0] += counted.nfe
+        return out.flatten(1).double()
+
+    # The teacher ends clean (a denoising step where the sampler has none): the samples are judged as data.
+    end = sampler.end
+    teacher_smp = copy.copy(sampler)
+    teacher_smp.end = end if end.denoise else replace(end, denoise=True, denoise_order=1)
+    teacher = run(teacher_smp, M)
+    mean = teacher.mean(0)
+    reach = float((teacher - mean).norm(dim=1).max())
+    proj = torch.Generator()
+
+    def judge(out: Tensor) -> tuple[bool, float]:
+        if not torch.isfinite(out).all():
+            return True, math.inf
+        diverged = bool(((out - mean).norm(dim=1) > SAMPLES_OUTLIER * reach).any())
+        return diverged, float(sliced_wasserstein(out, teacher, generator=proj.manual_seed(0)))
+
+    scores: Dict[str, tuple[bool, float]] = {}
+    grids: Dict[str, tuple[Tensor, Optional[float]]] = {}
+
+    def trial(name: str, times: Tensor, level: Optional[float]) -> None:
+        grids[name] = (times, level)
+        scores[name] = judge(run(on_schedule(sampler, times, level, any_level=True), steps))
+
+    trial("rule", _rule_times(sde, sampler, steps, None, end_of[levels[0]]), None)
+    for e in levels:
+        trial(f"level {e if e is not None else 'own'} p=1", warped_log_snr_times(sde, steps, end_of[e], 1.0), e)
+    e = grids[min((k for k in scores if k != "rule"), key=lambda k: scores[k])][1]
+    for p in SAMPLES_WARPS:
+        trial(f"level {e if e is not None else 'own'} p={p:g}", warped_log_snr_times(sde, steps, end_of[e], p), e)
+    best = min(scores, key=lambda k: scores[k])
+    times, level = grids[best]
+    if level is not None and own is not None and abs(level - float(own)) <= 1e-12 * float(own):
+        level = None
+    extra = {"selection": best, "sliced_w2_to_teacher": {k: v[1] for k, v in scores.items()},
+             "diverged": sorted(k for k, v in scores.items() if v[0])}
+    return times, level, extra, used[0]
 
 
 def _end_at(sampler: Any, level: Optional[float]) -> Any:

@@ -413,8 +413,8 @@ def sample(
             reuse), a :class:`~.fitted.FittedSchedule`, the path of a stored one, or ``[steps + 1]`` times. Where
             the sampler's final step follows the ODE to σ̃ = 0 (``denoise=True``, ``denoise_order`` ≥ 2, an
             ``end_sigma``), a fit may also move the level its steps stop at (``result.schedule.end_sigma``).
-        schedule_objective: with ``schedule="fit"``, the fit's objective (``whitened``, ``curvature``, ``path``);
-            None: the default for the kind of score (:data:`~.fitted.DEFAULT_OBJECTIVES`).
+        schedule_objective: with ``schedule="fit"``, the fit's objective (``whitened``, ``curvature``, ``path``,
+            ``samples``); None: the default for the kind of score and the sampler (:func:`~.fitted.default_objective`).
 
     Returns:
         :class:`SampleResult` with the samples, the exact NFE, and the trajectory if requested. The samples are
@@ -480,12 +480,16 @@ def _with_schedule(sde: SDE, score_fn: ScoreFn, sampler: Sampler, steps: int, sh
                    ) -> Tuple[Sampler, Any]:
     """A copy of ``sampler`` on the requested grid (and at the level a fit chose to stop at), and the
     :class:`~.fitted.FittedSchedule` (None for raw times)."""
-    from .fitted import FittedSchedule, fit_schedule, on_schedule
+    from .fitted import FittedSchedule, default_objective, fit_batch, fit_schedule, on_schedule
 
     fitted = None
     if isinstance(schedule, str) and schedule == "fit":
         gen = torch.Generator(device=device or "cpu").manual_seed(0)
-        x_fit = sde.prior_sample((min(64, int(shape[0])), *shape[1:]), generator=gen, device=device, dtype=dtype)
+        objective = objective or default_objective(score_fn, score_kind, sampler)
+        n_fit = fit_batch(objective, shape[1:])
+        if objective != "samples":
+            n_fit = min(n_fit, int(shape[0]))  # a per-draw objective: no more draws than the batch asked for
+        x_fit = sde.prior_sample((n_fit, *shape[1:]), generator=gen, device=device, dtype=dtype)
         fitted = fit_schedule(sde, score_fn, sampler, steps, x_fit, sampler_name=type(sampler).__name__,
                               score_kind=score_kind, objective=objective)
         times: Any = fitted.times
@@ -496,7 +500,9 @@ def _with_schedule(sde: SDE, score_fn: ScoreFn, sampler: Sampler, steps: int, sh
         times = fitted.times
     else:
         times = schedule
-    return on_schedule(sampler, times, fitted.end_sigma if fitted is not None else None), fitted
+    if fitted is None:
+        return on_schedule(sampler, times), None
+    return on_schedule(sampler, times, fitted.end_sigma, any_level=fitted.objective == "samples"), fitted
 
 
 __all__ = [
