@@ -26,7 +26,7 @@ import torch
 from sde_diffusion import sample
 from sde_diffusion.jobs.model import load_model
 from sde_diffusion.samplers import make_sampler
-from sde_diffusion.samplers.fitted import fit_schedule
+from sde_diffusion.samplers.fitted import OBJECTIVES as ALL_OBJECTIVES, fit_batch, fit_schedule
 
 from .common import md_table, write_results_section
 
@@ -45,18 +45,22 @@ def _stats(v: List[float]) -> Tuple[float, float]:
 
 
 def evaluate(model: Any, shape: Tuple[int, ...], metrics: Dict[str, Callable[[torch.Tensor], float]], nfes: List[int],
-             seeds: List[int], n: int) -> Dict[str, List[Dict[str, Any]]]:
+             seeds: List[int], n: int, objectives: Tuple[str, ...] = OBJECTIVES,
+             samplers: Optional[List[str]] = None) -> Dict[str, List[Dict[str, Any]]]:
     """Rows per metric (the same samples scored by each of ``metrics``)."""
     score, sde = model.score_model(), model.sde
-    x_fit = sde.prior_sample((64, *shape), generator=torch.Generator().manual_seed(12345))
     out: Dict[str, List[Dict[str, Any]]] = {name: [] for name in metrics}
     for nfe in nfes:
         for label, name, opts in SAMPLERS:
+            if samplers and label not in samplers:
+                continue
             smp, steps, _ = make_sampler(sde, name, nfe, opts, "learned")
             rows = {m: {"nfe": nfe, "sampler": label} for m in metrics}
-            for obj in (None, *OBJECTIVES):
+            for obj in (None, *objectives):
                 sched, fit_s = None, 0.0
                 if obj is not None:
+                    # As sample.py fits: fit_batch(obj) prior draws of seed 12345 (64, or more for ``samples``).
+                    x_fit = sde.prior_sample((fit_batch(obj, shape), *shape), generator=torch.Generator().manual_seed(12345))
                     start = time.perf_counter()
                     sched = fit_schedule(sde, score, smp, steps, x_fit, objective=obj)
                     fit_s = time.perf_counter() - start
@@ -86,18 +90,18 @@ def _verdict(a: Tuple[float, float], b: Tuple[float, float]) -> str:
     return "tie"
 
 
-def table(rows: List[Dict[str, Any]]) -> str:
+def table(rows: List[Dict[str, Any]], objectives: Tuple[str, ...] = OBJECTIVES) -> str:
     out = []
     for r in rows:
         cells = [r["nfe"], r["sampler"]]
-        for key in ("rule", *OBJECTIVES):
+        for key in ("rule", *objectives):
             m, se = r[key]
             cells.append(f"{m:.3g} ± {se:.2g}")
-        cells += [_verdict(r["rule"], r[obj]) for obj in OBJECTIVES]
-        cells += [f"{r[f'{obj}_fit'][0]} / {r[f'{obj}_fit'][1]:.1f}" for obj in OBJECTIVES]
+        cells += [_verdict(r["rule"], r[obj]) for obj in objectives]
+        cells += [f"{r[f'{obj}_fit'][0]} / {r[f'{obj}_fit'][1]:.1f}" for obj in objectives]
         out.append(cells)
-    return md_table(["NFE", "sampler", "rule's grid", *(f"fit: {o}" for o in OBJECTIVES),
-                     *(f"{o} vs rule" for o in OBJECTIVES), *(f"fit NFE / s ({o})" for o in OBJECTIVES)], out)
+    return md_table(["NFE", "sampler", "rule's grid", *(f"fit: {o}" for o in objectives),
+                     *(f"{o} vs rule" for o in objectives), *(f"fit NFE / s ({o})" for o in objectives)], out)
 
 
 def figure(run: Path, path: Path, nfe: int = 5) -> Path:
@@ -128,6 +132,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--toy-run", type=Path, default=Path("outputs/demo/toy_run"))
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20])
+    ap.add_argument("--objectives", nargs="+", choices=ALL_OBJECTIVES, default=list(OBJECTIVES))
+    ap.add_argument("--samplers", nargs="+", choices=[label for label, *_ in SAMPLERS], default=None,
+                    help="only these samplers (default: all)")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--figure", type=Path, default=None, help="write the 5-NFE before/after figure here and stop")
     args = ap.parse_args(argv)
@@ -135,6 +142,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(figure(args.digits_run, args.figure))
         return
     torch.set_num_threads(1)
+    objs = tuple(args.objectives)
     seeds = [101 + k for k in range(args.seeds)]  # scoring seeds; the fit batch uses seed 12345
     from sde_diffusion.evaluation.digits_classifier import digits_fd, get_classifier
     from sde_diffusion.metrics import sliced_wasserstein
@@ -147,16 +155,16 @@ def main(argv: Optional[List[str]] = None) -> None:
         # are shown): the two can rank grids that end at different noise levels differently.
         rows = evaluate(digits, (1, 8, 8), {"raw": lambda x: digits_fd(x, classifier=clf),
                                             "clamped": lambda x: digits_fd(x.clamp(-1, 1), classifier=clf)},
-                        args.nfe, seeds, 500)
+                        args.nfe, seeds, 500, objs, args.samplers)
         for m, what in (("raw", "as they come"), ("clamped", "clamped to [−1, 1]")):
             sections.append(f"Digits ({args.digits_run}), digits-FD of 500 samples {what} (lower is better):\n\n"
-                            f"{table(rows[m])}")
+                            f"{table(rows[m], objs)}")
     if args.toy_run.exists():
         toy = load_model(args.toy_run)
         truth = toy.build_datamodule({}).reference(20000, torch.Generator().manual_seed(123))
         w2 = {"w2": lambda x: sliced_wasserstein(x, truth, generator=torch.Generator().manual_seed(0))}
-        rows = evaluate(toy, (2,), w2, args.nfe, seeds, 2000)
-        sections.append(f"Moons ({args.toy_run}), sliced W2 of 2000 samples (lower is better):\n\n{table(rows['w2'])}")
+        rows = evaluate(toy, (2,), w2, args.nfe, seeds, 2000, objs, args.samplers)
+        sections.append(f"Moons ({args.toy_run}), sliced W2 of 2000 samples (lower is better):\n\n{table(rows['w2'], objs)}")
     text = "\n\n".join(sections)
     print(text)
     if args.write:

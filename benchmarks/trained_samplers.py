@@ -215,9 +215,9 @@ def peer_benchmark(label: str, model: Any, metric: Callable[[torch.Tensor], floa
     done = {r["nfe"] for r in rows if r["model"] == label and r["setting"] == "k-diffusion best"}
 
     def fit_rows(nfe: int) -> None:
-        # As sample.py fits: the default objective for a trained network and this sampler, on fit_batch prior draws.
+        # As sample.py fits: the default objective for a trained network, on fit_batch prior draws.
         smp, steps, _ = make_sampler(sde, None, nfe, {}, "learned")
-        objective = default_objective(score, "learned", smp)
+        objective = default_objective(score, "learned")
         x_fit = sde.prior_sample((fit_batch(objective, shape), *shape), generator=torch.Generator().manual_seed(FIT_SEED))
         t0 = time.perf_counter()
         fitted = fit_schedule(sde, score, smp, steps, x_fit, objective=objective)

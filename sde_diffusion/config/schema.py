@@ -568,8 +568,7 @@ class SampleConfig:
     # The time grid: null = the sampler's rule; fit = fitted to this model once (stored in <run>/schedules,
     # keyed by sampler, options, steps and weights; reused after); or the path of a stored grid (JSON).
     schedule: Optional[str] = None
-    # The fit's objective: null = the default for a trained network (samplers.fitted.default_objective: samples
-    # where the sampler returns its samples at a noise level, as the default below 15 NFE; else curvature);
+    # The fit's objective: null = the default for a trained network (samplers.fitted.DEFAULT_OBJECTIVES: curvature);
     # curvature | whitened (equidistributed local error of a teacher path, Euclidean / in the density's Hessian
     # norm) | path (dynamic programming against that path) | samples (the grid and level whose samples come
     # closest in distribution to the sampler's own at many steps).

@@ -161,7 +161,7 @@ class SampleJob(ModelJob):
         """Put the sampler on a grid fitted to this model (``schedule=fit``, stored and reused) or read from a file;
         returns what run.json records about it."""
         from ..latent import weights_digest
-        from ..samplers.fitted import (FittedSchedule, check_times, default_objective, fit_batch, fit_schedule,
+        from ..samplers.fitted import (DEFAULT_OBJECTIVES, FittedSchedule, check_times, fit_batch, fit_schedule,
                                        on_schedule, schedule_key)
 
         cfg, c, model = self.cfg, self.choice, self.model
@@ -169,7 +169,7 @@ class SampleJob(ModelJob):
         net = getattr(score.net, "net", score.net)  # an inference wrapper holds the module
         digest = weights_digest(net.state_dict())
         if cfg.schedule == "fit":
-            objective = cfg.schedule_objective or default_objective(score, "learned", c.sampler)
+            objective = cfg.schedule_objective or DEFAULT_OBJECTIVES["learned"]
             key = schedule_key(c.name, c.options, c.steps, digest, objective)
             path = model.run_dir / "schedules" / f"{key}.json"
             reused = path.is_file()

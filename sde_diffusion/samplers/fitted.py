@@ -52,7 +52,17 @@ sampler's final step, and the run landing closest to the teacher's samples at σ
 noised density's Hessian norm at the teacher's lowest level, over the draws that stay in the teacher's mode in
 every run (:func:`_mean_within_modes`), and only where the best run follows the teacher to about 0.1 standard
 deviation per coordinate (:data:`TRUSTED`; further off the sampler's own level stays). Its level is stored with the
-grid as ``end_sigma``; it costs 2(N + 1) + 2 more evaluations per level. Usage::
+grid as ``end_sigma``; it costs 2(N + 1) + 2 more evaluations per level.
+
+``objective="samples"`` judges what the sampler returns, as a distribution: the sampler itself on its rule's grid of
+max(50, 3N) steps, ending with a denoising step, is the teacher; the rule's grid, uniform log-SNR grids stopping at
+:data:`SAMPLES_LEVELS` × the sampler's level and, at the best of those levels, grids warped towards the end
+(:data:`SAMPLES_WARPS`) run from the same draws with the same noise, and the one whose samples are closest to the
+teacher's in sliced W2 wins (a run with a diverged draw loses). It needs more draws (:func:`fit_batch`) and judges
+stochastic samplers and the level a run stops at, which the path objectives cannot. It is not a default: on the
+demo's networks it is the best objective at 5 NFE and worse than the rule's grid on the digits at 7–10 NFE, where
+the higher level it picks leaves noise that a distance in pixels weighs less than a feature metric does
+(benchmarks/RESULTS.md, "Fitting by samples"). Usage::
 
     sched = fit_schedule(sde, score_fn, sampler, steps=10, x_T=sde.prior_sample((64, 2)))
     sample(sde, score_fn, (1000, 2), sampler=sampler, steps=10, schedule=sched)
@@ -83,7 +93,7 @@ WHITENED_BLEND = 0.5
 #: ``samples``: the levels to stop at, as multiples of the sampler's ``end_sigma``, and the warps p of the log-SNR
 #: grid (λ_i = λ(T) + (λ_end − λ(T)) (i/N)^p; p < 1 puts more steps near the end) tried in the first and second
 #: round (:func:`_fit_by_samples`): 10 runs of N steps and a teacher of max(50, 3N) steps, so that on 256 draws a
-#: fit for the samplers it is the default for (N ≤ 14) costs less than 1000 samples at 50 NFE. On the demo's networks the best 5-NFE grids in hindsight stop 4–11× above the
+#: fit up to N = 13 costs less than 1000 samples at 50 NFE. On the demo's networks the best 5-NFE grids in hindsight stop 4–11× above the
 #: learned rule's level with p = 0.6–0.8 (benchmarks/RESULTS.md, "Grids in hindsight on the trained networks").
 SAMPLES_LEVELS = (1.0, 5.0 / 3.0, 8.0 / 3.0, 4.0, 20.0 / 3.0, 10.0)
 SAMPLES_WARPS = (0.6, 0.7, 0.8)
@@ -423,19 +433,13 @@ def _equidistribute(sde: SDE, fine: Tensor, rate: Tensor, steps: int, blend: flo
     return idx
 
 
-def default_objective(score_fn: Any = None, score_kind: Optional[str] = None, sampler: Any = None) -> str:
-    """:data:`DEFAULT_OBJECTIVES` for ``score_kind`` (``"exact"`` / ``"learned"``; None: detected from ``score_fn``);
-    ``samples`` for a trained network where ``sampler`` returns its samples at a noise level (an ``end_sigma`` and no
-    denoising step, as the learned rule below 15 NFE): there the level is part of the result, and the per-draw
-    objectives, which follow the teacher's path, cannot judge it (benchmarks/RESULTS.md, "Fitting by samples")."""
+def default_objective(score_fn: Any = None, score_kind: Optional[str] = None) -> str:
+    """:data:`DEFAULT_OBJECTIVES` for ``score_kind`` (``"exact"`` / ``"learned"``; None: detected from ``score_fn``)."""
     from .defaults import is_learned_score
 
     kind = score_kind or ("learned" if is_learned_score(score_fn) else "exact")
     if kind not in DEFAULT_OBJECTIVES:
         raise ValueError(f"unknown score kind {kind!r}; choose one of: {', '.join(DEFAULT_OBJECTIVES)}")
-    end = getattr(sampler, "end", None)
-    if kind == "learned" and end is not None and end.end_sigma is not None and not end.denoise:
-        return "samples"
     return DEFAULT_OBJECTIVES[kind]
 
 
@@ -480,7 +484,7 @@ def fit_schedule(
             (module docstring); False keeps the sampler's own.
     """
     if objective is None:
-        objective = default_objective(score_fn, score_kind, sampler)
+        objective = default_objective(score_fn, score_kind)
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown schedule objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
     if isinstance(steps, bool) or int(steps) != steps or steps < 1:

@@ -414,7 +414,7 @@ def sample(
             the sampler's final step follows the ODE to σ̃ = 0 (``denoise=True``, ``denoise_order`` ≥ 2, an
             ``end_sigma``), a fit may also move the level its steps stop at (``result.schedule.end_sigma``).
         schedule_objective: with ``schedule="fit"``, the fit's objective (``whitened``, ``curvature``, ``path``,
-            ``samples``); None: the default for the kind of score and the sampler (:func:`~.fitted.default_objective`).
+            ``samples``); None: the default for the kind of score (:data:`~.fitted.DEFAULT_OBJECTIVES`).
 
     Returns:
         :class:`SampleResult` with the samples, the exact NFE, and the trajectory if requested. The samples are
@@ -485,7 +485,7 @@ def _with_schedule(sde: SDE, score_fn: ScoreFn, sampler: Sampler, steps: int, sh
     fitted = None
     if isinstance(schedule, str) and schedule == "fit":
         gen = torch.Generator(device=device or "cpu").manual_seed(0)
-        objective = objective or default_objective(score_fn, score_kind, sampler)
+        objective = objective or default_objective(score_fn, score_kind)
         n_fit = fit_batch(objective, shape[1:])
         if objective != "samples":
             n_fit = min(n_fit, int(shape[0]))  # a per-draw objective: no more draws than the batch asked for
