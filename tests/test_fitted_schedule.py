@@ -333,14 +333,14 @@ def test_a_point_mass_gets_the_uniform_log_snr_grid(objective: str) -> None:
     torch.testing.assert_close(torch.tensor(sched.times, dtype=torch.float64)[1:-1], expected[1:-1], rtol=1e-9, atol=0)
 
 
-def test_the_samples_objective_fits_a_stochastic_sampler_to_its_many_step_distribution(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE(), ConstantBetaSDE()], ids=["vp", "subvp", "ve", "linear"])
+def test_the_samples_objective_fits_a_stochastic_sampler_to_its_many_step_distribution(sde, tmp_path: Path) -> None:
     """``objective="samples"`` on a Gaussian N(MU, S2) with DPM-Solver++(2M) SDE at 5 steps, where the per-draw
-    objectives cannot judge a stochastic sampler: the rule's grid leaves the samples' spread at 0.57 of the data's;
-    the fitted grid (and level) brings it within 5 %, at a cost of the teacher's 50 steps and its denoising step plus 10 grids of 5,
-    and the stored grid, level included, gives the same samples."""
+    objectives cannot judge a stochastic sampler: the rule's grid leaves the samples' spread at 0.45–0.7 of the
+    data's on every process; the fitted grid (and level) brings it within 5 %, at a cost of the teacher's 50 steps
+    and its denoising step plus 10 grids of 5, and the stored grid, level included, gives the same samples."""
     from sde_diffusion.samplers.fitted import fit_batch
 
-    sde = VPSDE()
     opts = {"order": 2, "stochastic": True, "end_sigma": 0.03}
     calls = [0]
 
@@ -359,8 +359,10 @@ def test_the_samples_objective_fits_a_stochastic_sampler_to_its_many_step_distri
         assert abs(float(res.samples.mean()) - MU) < 0.005
         return float(res.samples.std(0).mean()) / math.sqrt(S2)
 
-    assert abs(spread(None) - 0.57) < 0.03
+    assert 0.4 < spread(None) < 0.75
     assert abs(spread(sched) - 1.0) < 0.05
+    if type(sde) is not VPSDE:
+        return  # storage and refusals do not depend on the process
     path = sched.save(tmp_path / "grid.json")
     assert FittedSchedule.load(path).end_sigma == sched.end_sigma
     assert spread(str(path)) == spread(sched)
