@@ -93,8 +93,9 @@ WHITENED_BLEND = 0.5
 #: ``samples``: the levels to stop at, as multiples of the sampler's ``end_sigma``, and the warps p of the log-SNR
 #: grid (λ_i = λ(T) + (λ_end − λ(T)) (i/N)^p; p < 1 puts more steps near the end) tried in the first and second
 #: round (:func:`_fit_by_samples`): 10 runs of N steps and a teacher of max(50, 3N) steps, so that on 256 draws a
-#: fit up to N = 13 costs less than 1000 samples at 50 NFE. On the demo's networks the best 5-NFE grids in hindsight stop 4–11× above the
-#: learned rule's level with p = 0.6–0.8 (benchmarks/RESULTS.md, "Grids in hindsight on the trained networks").
+#: fit up to N = 13 costs less than 1000 samples at 50 NFE. On the demo's networks the best 5-NFE grids in hindsight
+#: stop 4–11× above the learned rule's level with p = 0.6–0.8 (benchmarks/RESULTS.md, "Grids in hindsight on the
+#: trained networks").
 SAMPLES_LEVELS = (1.0, 5.0 / 3.0, 8.0 / 3.0, 4.0, 20.0 / 3.0, 10.0)
 SAMPLES_WARPS = (0.6, 0.7, 0.8)
 #: ``samples``: prior draws per fit: at least :data:`SAMPLES_BATCH`, and :data:`SAMPLES_COORDS` numbers in all for
@@ -105,6 +106,7 @@ SAMPLES_COORDS = 8192
 #: ``samples``: a run whose draw lies further from the teacher's mean than this × the teacher's farthest draw has
 #: diverged; a grid with such draws loses to one without.
 SAMPLES_OUTLIER = 3.0
+#: ``samples``: the noise seed the teacher and every candidate share (common random numbers: the runs differ by grid).
 SAMPLES_NOISE_SEED = 7
 FORMAT = 1
 #: Multiples of the sampler's ``end_sigma`` the fit tries as the level to stop at, when a final step of order > 1
@@ -474,8 +476,9 @@ def fit_schedule(
             Hessian norm; M − 1 more evaluations), ``curvature`` (the same in the Euclidean norm, scaled by m),
             ``path`` (dynamic programming against the teacher path) or ``samples`` (the grid and level whose samples
             come closest in distribution to the sampler's own at M steps: :func:`_fit_by_samples`; for stochastic
-            samplers too); None: :data:`DEFAULT_OBJECTIVES` for the score's kind. For a deterministic sampler the fitted grid(s) and the rule's own grid are run from the
-            teacher's start and the one ending closest to the teacher's end state is kept.
+            samplers too); None: :data:`DEFAULT_OBJECTIVES` for the score's kind. For a deterministic sampler the
+            fitted grid(s) and the rule's own grid are run from the teacher's start and the one ending closest to
+            the teacher's end state is kept.
         fine_steps: M, the teacher's steps (default max(100, 8·steps), capped at 400; ``samples``: max(50, 3·steps),
             capped at 200, the sampler's own steps on its rule's grid).
         sampler_name, options, digest: recorded with the grid (``digest``: the weights it was fitted to).
@@ -620,7 +623,8 @@ def _fit_by_samples(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, x_T: 
     def run(smp: Any, n: int) -> Tensor:
         # What sample() returns: the final step where the sampler has one, else x̃ at the level it stops at.
         end = smp.end
-        counted = CountingScore(score_fn, keep=evaluations_to_keep(end.denoise_order, smp.nfe_per_step) if end.denoise else 0)
+        keep = evaluations_to_keep(end.denoise_order, smp.nfe_per_step) if end.denoise else 0
+        counted = CountingScore(score_fn, keep=keep)
         gen = torch.Generator(device=x_T.device).manual_seed(SAMPLES_NOISE_SEED)
         out, _, _ = smp.run(sde, counted, x_T, n, gen)
         if end.denoise:
