@@ -605,8 +605,9 @@ def _fit_by_samples(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, x_T: 
     data's coordinates. Candidates with a draw further from the teacher's mean than :data:`SAMPLES_OUTLIER` × the
     teacher's farthest draw (a diverged step) lose to those without. Round 1: the rule's own grid, and uniform
     log-SNR grids stopping at each of :data:`SAMPLES_LEVELS` × the sampler's ``end_sigma`` (only its own end where
-    it has none); round 2: the warps :data:`SAMPLES_WARPS` at the best level. Unlike the per-draw objectives this judges a stochastic sampler too, and the level its samples are
-    returned at: their remaining noise counts in the distance. Returns (times, level or None for the sampler's own,
+    it has none); round 2: the warps :data:`SAMPLES_WARPS` at the best level. Unlike the per-draw objectives this
+    judges a stochastic sampler too, and the level its samples are returned at: their remaining noise counts in the
+    distance (at second order in the level: see the module docstring). Returns (times, level or None for the sampler's own,
     what was measured, NFE spent)."""
     import copy
     from dataclasses import replace
