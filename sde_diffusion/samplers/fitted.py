@@ -613,8 +613,7 @@ def _fit_by_samples(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, x_T: 
     from dataclasses import replace
 
     from ..metrics import sliced_wasserstein
-    from .final_step import evaluations_to_keep, final_step
-    from .sampler import to_data_scale
+    from .final_step import evaluations_to_keep, final_step, to_data_scale
 
     own = sampler.end.end_sigma
     levels: List[Optional[float]] = [None] if own is None else [float(own) * f for f in SAMPLES_LEVELS]

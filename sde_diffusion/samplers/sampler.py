@@ -46,7 +46,7 @@ from ..score import CountingScore
 from ..sdes.sde import SDE, ScoreFn
 from .coeffs import GridCoeffs
 from .defaults import DefaultChoice, is_learned_score, resolve_sampler
-from .final_step import evaluations_to_keep, final_step
+from .final_step import evaluations_to_keep, final_step, from_data_scale, to_data_scale
 from .grids import EndPoint
 
 
@@ -456,23 +456,6 @@ def sample(
     elif sampler.end.end_sigma is not None:
         x = to_data_scale(sde, x, sampler.end_time(sde))
     return SampleResult(samples=x, nfe=counter.nfe, trajectory=traj, times=ts, choice=choice, schedule=fitted)
-
-
-def to_data_scale(sde: SDE, x: Tensor, t_end: float) -> Tensor:
-    """x_t ``[B, ...]`` at the end time of a run that stops at a noise level, as x̃ = x_t / m(t_end) = x_0 + σ̃ ε.
-
-    A run that stops at σ̃ = σ/m (``end_sigma``) returns a sample of x_0 blurred by σ̃, in the data's scale. The
-    state x_t itself is also shrunk by m(t_end): negligible where m stays ≈ 1 (VP, VE), but sub-VP reaches a given
-    σ̃ at a 10–100× later time, where 1 − m is 1e-3–1e-2 of the data's spread and moves sharp modes off place.
-    """
-    m = float(sde.mean_coeff(torch.tensor(t_end, dtype=torch.float64)))
-    return x if m == 1.0 else x * (1.0 / m)
-
-
-def from_data_scale(sde: SDE, x: Tensor, t_end: float) -> Tensor:
-    """The inverse of :func:`to_data_scale`: x̃ ``[B, ...]`` → the state m(t_end) x̃ (where an encoder starts)."""
-    m = float(sde.mean_coeff(torch.tensor(t_end, dtype=torch.float64)))
-    return x if m == 1.0 else x * m
 
 
 def _with_schedule(sde: SDE, score_fn: ScoreFn, sampler: Sampler, steps: int, shape: Sequence[int], schedule: Any,
