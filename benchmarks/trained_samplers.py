@@ -214,6 +214,14 @@ def peer_benchmark(label: str, model: Any, metric: Callable[[torch.Tensor], floa
 
     done = {r["nfe"] for r in rows if r["model"] == label and r["setting"] == "k-diffusion best"}
 
+    def scored(setting: str, nfe: int, schedule: Any) -> None:
+        # Our sampler at ``nfe`` on the rule's grid (schedule None) or a fitted one, on every scoring seed.
+        for seed in scoring:
+            t0 = time.perf_counter()
+            rows.append({"model": label, "setting": setting, "nfe": nfe, "seed": seed,
+                         "metric": metric(ours(nfe, seed, schedule)), "seconds": time.perf_counter() - t0})
+            log(rows[-1])
+
     def fit_rows(nfe: int) -> None:
         # As sample.py fits: the default objective for a trained network, on fit_batch prior draws.
         smp, steps, _ = make_sampler(sde, None, nfe, {}, "learned")
@@ -225,11 +233,7 @@ def peer_benchmark(label: str, model: Any, metric: Callable[[torch.Tensor], floa
                    "fit_draws": int(x_fit.shape[0]), "seconds": time.perf_counter() - t0}
         rows.append(fit_row)
         log(fit_row)
-        for seed in scoring:
-            t0 = time.perf_counter()
-            rows.append({"model": label, "setting": "schedule=fit", "nfe": nfe, "seed": seed,
-                         "metric": metric(ours(nfe, seed, fitted)), "seconds": time.perf_counter() - t0})
-            log(rows[-1])
+        scored("schedule=fit", nfe, fitted)
 
     previous: Optional[int] = None
     for i, nfe in enumerate(nfes):
@@ -249,11 +253,7 @@ def peer_benchmark(label: str, model: Any, metric: Callable[[torch.Tensor], floa
             kd_funcs = tuple(sorted(best_of, key=best_of.get)[:kd_top])
         previous = nfe
         fit_rows(nfe)
-        for seed in scoring:
-            t0 = time.perf_counter()
-            rows.append({"model": label, "setting": "default", "nfe": nfe, "seed": seed,
-                         "metric": metric(ours(nfe, seed, None)), "seconds": time.perf_counter() - t0})
-            log(rows[-1])
+        scored("default", nfe, None)
         best = None
         for fn, kd_n, smin, s_min in kd_settings(kd_funcs, nfe, KD_SIGMA_MINS, s_lo):
             t0 = time.perf_counter()
