@@ -93,7 +93,7 @@ WHITENED_BLEND = 0.5
 #: ``samples``: the levels to stop at, as multiples of the sampler's ``end_sigma``, and the warps p of the log-SNR
 #: grid (λ_i = λ(T) + (λ_end − λ(T)) (i/N)^p; p < 1 puts more steps near the end) tried in the first and second
 #: round (:func:`_fit_by_samples`): 10 runs of N steps and a teacher of max(50, 3N) steps, so that on 256 draws a
-#: fit up to N = 13 costs less than 1000 samples at 50 NFE. On the demo's networks the best 5-NFE grids in hindsight
+#: fit up to N = 14 costs less than 1000 samples at 50 NFE. On the demo's networks the best 5-NFE grids in hindsight
 #: stop 4–11× above the learned rule's level with p = 0.6–0.8 (benchmarks/RESULTS.md, "Grids in hindsight on the
 #: trained networks").
 SAMPLES_LEVELS = (1.0, 5.0 / 3.0, 8.0 / 3.0, 4.0, 20.0 / 3.0, 10.0)
