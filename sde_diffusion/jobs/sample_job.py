@@ -162,7 +162,7 @@ class SampleJob(ModelJob):
         returns what run.json records about it."""
         from ..latent import weights_digest
         from ..samplers.fitted import (DEFAULT_OBJECTIVES, FittedSchedule, check_times, fit_batch, fit_schedule,
-                                       on_schedule, schedule_key)
+                                       schedule_key)
 
         cfg, c, model = self.cfg, self.choice, self.model
         score = model.score_model(use_ema=cfg.ema)
@@ -192,7 +192,7 @@ class SampleJob(ModelJob):
             if sched.digest is not None and sched.digest != digest:
                 raise ValueError(f"the grid in {path} was fitted to other weights (digest {sched.digest[:12]}…, this "
                                  f"model's is {digest[:12]}…); fit one for this model with schedule=fit")
-        c.sampler = on_schedule(c.sampler, sched.times, sched.end_sigma, any_level=sched.objective == "samples")
+        c.sampler = sched.apply(c.sampler)
         check_times(torch.tensor(sched.times), model.sde, c.steps, c.sampler.end.end_time(model.sde),
                     f"the grid in {path}")
         return {"source": str(path), "reused": reused, "objective": sched.objective, "fit_nfe": sched.fit_nfe,

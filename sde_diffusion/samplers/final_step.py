@@ -19,7 +19,7 @@ Example::
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -110,5 +110,17 @@ def from_data_scale(sde: SDE, x: Tensor, t_end: float) -> Tensor:
     return x if m == 1.0 else x * m
 
 
-__all__ = ["MAX_FINAL_ORDER", "evaluations_to_keep", "final_step", "from_data_scale", "lagrange_weights", "step_to_zero",
+
+def finish_run(sde: SDE, end: Any, x: Tensor, t_end: float, counter: CountingScore) -> Tensor:
+    """What a run returns from its state x ``[B, ...]`` at ``t_end``, by its end point ``end`` (an ``EndPoint``): the
+    final step where it has one (``denoise``), x̃ in the data's scale where it stops at a level (``end_sigma``), else
+    x. ``counter`` is the run's :class:`~sde_diffusion.score.CountingScore`, keeping the evaluations the step uses."""
+    if end.denoise:
+        return final_step(sde, x, t_end, counter, end.denoise_order)
+    if end.end_sigma is not None:
+        return to_data_scale(sde, x, t_end)
+    return x
+
+
+__all__ = ["MAX_FINAL_ORDER", "evaluations_to_keep", "final_step", "finish_run", "from_data_scale", "lagrange_weights", "step_to_zero",
            "to_data_scale"]

@@ -149,6 +149,12 @@ class FittedSchedule:
         v = self.extra.get("end_sigma")
         return None if v is None else float(v)
 
+    def apply(self, sampler: Any) -> Any:
+        """A copy of ``sampler`` on this grid, stopping at the level the fit chose (:func:`on_schedule`); a level
+        chosen by ``samples`` was judged where the samples are returned, so any sampler that stops at a level
+        takes it."""
+        return on_schedule(sampler, self.times, self.end_sigma, any_level=self.objective == "samples")
+
     def tensor(self, device: Any = None, dtype: torch.dtype = torch.float32) -> Tensor:
         return torch.tensor(self.times, dtype=torch.float64).to(device=device, dtype=dtype)
 
@@ -614,7 +620,7 @@ def _fit_by_samples(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, x_T: 
     from dataclasses import replace
 
     from ..metrics import sliced_wasserstein
-    from .final_step import evaluations_to_keep, final_step, to_data_scale
+    from .final_step import evaluations_to_keep, finish_run
 
     own = sampler.end.end_sigma
     levels: List[Optional[float]] = [None] if own is None else [float(own) * f for f in SAMPLES_LEVELS]
@@ -628,10 +634,7 @@ def _fit_by_samples(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, x_T: 
         counted = CountingScore(score_fn, keep=keep)
         gen = torch.Generator(device=x_T.device).manual_seed(SAMPLES_NOISE_SEED)
         out, _, _ = smp.run(sde, counted, x_T, n, gen)
-        if end.denoise:
-            out = final_step(sde, out, smp.end_time(sde), counted, end.denoise_order)
-        elif end.end_sigma is not None:
-            out = to_data_scale(sde, out, smp.end_time(sde))
+        out = finish_run(sde, end, out, smp.end_time(sde), counted)
         used[0] += counted.nfe
         return out.flatten(1).double()
 

@@ -27,7 +27,8 @@ from torch import Tensor
 from ..ode import SCIPY_SOLVERS, ODEResult, odeint_dopri5, odeint_fixed, odeint_scipy
 from ..score import CountingScore
 from ..sdes.sde import SDE, ScoreFn, broadcast_to_x
-from .sampler import SAMPLERS, Sampler, SamplingContext, StepHook, StepSampler, from_data_scale
+from .final_step import from_data_scale
+from .sampler import SAMPLERS, Sampler, SamplingContext, StepHook, StepSampler
 from .coeffs import GridCoeffs
 
 

@@ -46,7 +46,7 @@ from ..score import CountingScore
 from ..sdes.sde import SDE, ScoreFn
 from .coeffs import GridCoeffs
 from .defaults import DefaultChoice, is_learned_score, resolve_sampler
-from .final_step import evaluations_to_keep, final_step, from_data_scale, to_data_scale
+from .final_step import evaluations_to_keep, finish_run
 from .grids import EndPoint
 
 
@@ -419,7 +419,7 @@ def sample(
     Returns:
         :class:`SampleResult` with the samples, the exact NFE, and the trajectory if requested. The samples are
         the state at the end time, or x̂_0 with ``denoise``; a run that stops at a noise level (``end_sigma``)
-        returns them in the data's scale, x/m = x_0 + σ̃ ε (:func:`to_data_scale`; the trajectory keeps the states).
+        returns them in the data's scale, x/m = x_0 + σ̃ ε (:func:`~.final_step.to_data_scale`; the trajectory keeps the states).
     """
     steps = _check_steps(steps)
     choice = None
@@ -447,14 +447,12 @@ def sample(
         x = x_T
     counter = CountingScore(score_fn, keep=evaluations_to_keep(sampler.end.denoise_order, sampler.nfe_per_step))
     x, traj, ts = sampler.run(sde, counter, x, steps, generator, progress, return_trajectory, hook)
+    x = finish_run(sde, sampler.end, x, sampler.end_time(sde), counter)
     if sampler.end.denoise:
-        x = final_step(sde, x, sampler.end_time(sde), counter, sampler.end.denoise_order)
         if hook is not None:
             x = hook(x, torch.zeros((), dtype=x.dtype, device=x.device))
         if traj is not None:
             traj.append(x)
-    elif sampler.end.end_sigma is not None:
-        x = to_data_scale(sde, x, sampler.end_time(sde))
     return SampleResult(samples=x, nfe=counter.nfe, trajectory=traj, times=ts, choice=choice, schedule=fitted)
 
 
@@ -485,7 +483,7 @@ def _with_schedule(sde: SDE, score_fn: ScoreFn, sampler: Sampler, steps: int, sh
         times = schedule
     if fitted is None:
         return on_schedule(sampler, times), None
-    return on_schedule(sampler, times, fitted.end_sigma, any_level=fitted.objective == "samples"), fitted
+    return fitted.apply(sampler), fitted
 
 
 __all__ = [
