@@ -506,16 +506,19 @@ def fit_schedule(
     start = time.perf_counter()
     from .grids import time_grid
 
+    def made(times: Tensor, M: int, nfe: int, extra: Dict[str, Any]) -> FittedSchedule:
+        return FittedSchedule(times=[float(v) for v in times], sampler=sampler_name or type(sampler).__name__,
+                              options=dict(options or {}), steps=int(steps), digest=digest, objective=objective,
+                              fine_steps=M, fit_nfe=nfe, fit_seconds=time.perf_counter() - start, sde=repr(sde),
+                              extra=extra)
+
     if objective == "samples":
         M = int(fine_steps or min(200, max(50, 3 * int(steps))))
         with torch.no_grad():
             times, level, extra, nfe = _fit_by_samples(sde, score_fn, sampler, int(steps), x_T, M)
         if level is not None:
             extra["end_sigma"] = level
-        return FittedSchedule(times=[float(v) for v in times], sampler=sampler_name or type(sampler).__name__,
-                              options=dict(options or {}), steps=int(steps), digest=digest, objective=objective,
-                              fine_steps=M, fit_nfe=nfe, fit_seconds=time.perf_counter() - start, sde=repr(sde),
-                              extra=extra)
+        return made(times, M, nfe, extra)
 
     levels = _end_levels(sde, sampler) if move_end else [None]  # [None]: the sampler's own end point only
     end_of = {e: float(_end_at(sampler, e).end_time(sde)) for e in levels}
@@ -588,9 +591,7 @@ def fit_schedule(
         times[0], times[-1] = sde.T, end_of[level]
     else:
         times = _rule_times(sde, sampler, int(steps), level, end_of[level])
-    return FittedSchedule(times=[float(v) for v in times], sampler=sampler_name or type(sampler).__name__,
-                          options=dict(options or {}), steps=int(steps), digest=digest, objective=objective,
-                          fine_steps=M, fit_nfe=nfe, fit_seconds=time.perf_counter() - start, sde=repr(sde), extra=extra)
+    return made(times, M, nfe, extra)
 
 
 def warped_log_snr_times(sde: SDE, steps: int, end: float, p: float) -> Tensor:
