@@ -143,6 +143,27 @@ def test_with_a_final_step_to_zero_the_fit_moves_the_end_point_where_it_belongs(
     assert err["fit"] < err["rule"] / 2, err  # measured 4–9× lower
 
 
+@pytest.mark.parametrize("sde", [VPSDE(), VESDE(sigma_max=20.0)], ids=["vp", "ve"])
+def test_data_finer_than_the_rule_assumes_move_the_end_to_their_scale(sde) -> None:
+    # Data N(0.5, 1e-6 I): std 0.001, a tenth of the rule's level σ/m = 0.01 (data at 1/20 of the scale the rule was
+    # measured on). The fit tries levels down to 1/30 of the sampler's (VP: its lowest, σ̃(eps) ≈ 0.001), stops
+    # below 0.01/3 (the lowest the fit tried before) and lands much closer to the exact ODE map (measured: VP 13×,
+    # VE 55× lower error than the rule's grid).
+    mu, s2, steps, smp = 0.5, 1e-6, 9, build_sampler("dpm_solver", **END_OPTS)
+    score = _gaussian_score(sde, mu, s2)
+    x_T = sde.prior_sample((2000, 4), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    T = torch.tensor(sde.T, dtype=torch.float64)
+    m_T, s_T = sde.mean_coeff(T), sde.marginal_std(T)
+    exact = mu + math.sqrt(s2) * (x_T - m_T * mu) / torch.sqrt(m_T**2 * s2 + s_T**2)
+    x_fit = sde.prior_sample((64, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sched = fit_schedule(sde, score, smp, steps, x_fit)
+    assert sched.end_sigma < 0.01 / 3
+    run = dict(sampler="dpm_solver", steps=steps, x_T=x_T, dtype=torch.float64, **END_OPTS)
+    rule, fit = sample(sde, score, x_T.shape, **run), sample(sde, score, x_T.shape, schedule=sched, **run)
+    err = {k: float((r.samples - exact).pow(2).mean().sqrt()) / math.sqrt(s2) for k, r in (("rule", rule), ("fit", fit))}
+    assert err["fit"] < err["rule"] / 5, err
+
+
 def test_the_end_level_check_leaves_out_draws_that_left_the_teachers_mode() -> None:
     from sde_diffusion.samplers.fitted import LOST, _mean_within_modes
 
@@ -251,7 +272,8 @@ def test_the_whitened_fit_beats_the_rule_and_the_curvature_fit_on_a_mixture_nobo
     a geometric mean below 0.85 (measured 0.76), and better than the ``curvature`` grid by a geometric mean below
     0.5 (measured 0.33: the Euclidean local error puts VE's steps at high noise, where errors are contracted away).
     VP and sub-VP share one ODE in σ̃ = σ/m, and the whitened fit, which measures everything in x̃ = x/m and λ,
-    puts their grids at the same noise levels."""
+    puts their grids at the same noise levels at 5 and 10 NFE, where the end stays (from 13 NFE the levels tried
+    differ: VP reaches down to σ̃ = 0.001, sub-VP further)."""
     from sde_diffusion.samplers.defaults import default_sampler
     from sde_diffusion.testing import make_sde, marginal_sample, whitened_moment_kl
     from sde_diffusion.testing.families import grid_mixture
@@ -280,7 +302,7 @@ def test_the_whitened_fit_beats_the_rule_and_the_curvature_fit_on_a_mixture_nobo
             vs_curvature.append(math.log(err["whitened"] / err["curvature"]))
     assert math.exp(sum(vs_rule) / len(vs_rule)) < 0.85
     assert math.exp(sum(vs_curvature) / len(vs_curvature)) < 0.5
-    for budget in (5, 10, 15):
+    for budget in (5, 10):
         torch.testing.assert_close(sigmas[("vp", budget)], sigmas[("subvp", budget)], rtol=0.02, atol=0)
 
 

@@ -65,11 +65,16 @@ def _unipc(order: int, end_sigma: float, final_order: int = 0) -> Dict[str, Any]
 # from its σ_min, where the run to σ/m = 0.003 spent more steps there (low-D geometric-mean ratio to the peer
 # 0.59 against 0.68 at 15 NFE, 0.76 against 0.82 at 20; ties at 30 and 50 and high-D). Below 13 NFE the step it
 # costs is worth more (0.59 against 0.36 at 10 NFE).
+# From 40 NFE the run stops at σ/m = 0.001: the levels above are absolute, and data whose finest structure lies
+# below them (the same problems with their data × 0.05) lost 3–30× to the peer at 50 NFE; stopping at 0.001 cut the
+# error 5.7× (low-D) and 16× (high-D) there at 40 NFE, for 1–3 % more at scales 1 and 20 (RESULTS.md, "Data at
+# another scale"). Below 40 NFE the lower level costs 2–15 % at scale 1, and `schedule=fit` finds the level per problem.
 _SHARED: Tuple[Rule, ...] = (
     Rule(1, "dpm_solver", _unipc(2, 0.03)),
     Rule(8, "dpm_solver", _unipc(2, 0.01)),
     Rule(13, "dpm_solver", _unipc(2, 0.01, final_order=3)),
     Rule(18, "dpm_solver", _unipc(3, 0.01, final_order=3)),
+    Rule(40, "dpm_solver", _unipc(3, 0.001, final_order=3)),
 )
 RULES: Dict[str, Tuple[Rule, ...]] = {"vp": _SHARED, "subvp": _SHARED, "ve": _SHARED}
 

@@ -113,8 +113,11 @@ FORMAT = 1
 #: Multiples of the sampler's ``end_sigma`` the fit tries as the level to stop at, when a final step of order > 1
 #: follows the ODE on to σ̃ = 0 (module docstring). The best fixed level for the exact-score rule is 0.01; per
 #: problem the best lay anywhere in 0.003–0.05 on the wider family's tuning seeds (RESULTS.md, "Final step to σ̃ = 0
-#: (round 6)"): wide modes want the higher levels, sharp ones the lower.
-END_FACTORS = (1.0 / 3.0, 1.0, 2.0, 3.0, 5.0)
+#: (round 6)"): wide modes want the higher levels, sharp ones the lower. The level scales with the data: the same
+#: problems with their data × 0.05 want 0.0003–0.001, × 20 up to 0.1 and more (RESULTS.md, "Data at another
+#: scale"), so the factors span 1/30–30: on the scaled problems' tuning seeds that gave 0.43–0.76× the error of
+#: the 1/3–5 span at 20 and 50 NFE (data × 0.05), and within 2 % of it at scales 1 and 20.
+END_FACTORS = (1.0 / 30.0, 1.0 / 10.0, 1.0 / 3.0, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0)
 #: A draw whose whitened error to the teacher at σ̃ = 0 exceeds this × the dimension (≈ 3 standard deviations of its
 #: mode per coordinate) has left the teacher's mode: the end-level check leaves it out (:func:`_mean_within_modes`).
 LOST = 10.0
@@ -246,7 +249,8 @@ def on_schedule(sampler: Any, times: Any, end_sigma: Optional[float] = None, any
 
 def _end_levels(sde: SDE, sampler: Any) -> List[Optional[float]]:
     """The levels the fit tries to stop at, highest first: ``[None]`` (the sampler's own end) where it cannot move
-    (:func:`movable_end`), else its ``end_sigma`` times :data:`END_FACTORS`, those the process reaches."""
+    (:func:`movable_end`), else its ``end_sigma`` times :data:`END_FACTORS`, those the process reaches (and, where a
+    factor goes below that, the lowest level it reaches)."""
     if not movable_end(sampler):
         return [None]
     from .defaults import lowest_noise_level
@@ -256,6 +260,8 @@ def _end_levels(sde: SDE, sampler: Any) -> List[Optional[float]]:
     top = float(sde.marginal_std(T) / sde.mean_coeff(T))
     low = lowest_noise_level(sde)
     levels = {own} | {own * f for f in END_FACTORS if low * 1.01 <= own * f <= top / 10}
+    if any(own * f < low * 1.01 for f in END_FACTORS) and low * 1.01 < own:
+        levels.add(low * 1.01)  # a factor below what the process reaches: its lowest level instead
     return sorted(levels, reverse=True)
 
 
