@@ -256,3 +256,25 @@ def test_counterparts_take_the_peers_best_sweep_of_the_same_method_and_extra_fil
     text = sf.report(main_file, write=False, extra=[extra])
     assert "| ddim / euler | – | 1.34 (2/2) |" in text
     assert "| vp | 10 | 2/2 (100 %) | 0.900 |" in text  # the default against lms (1.0), not dpm_2's 0.1
+
+
+def test_scaled_problems_and_the_end_level_sweep_at_another_scale() -> None:
+    """``--data-scale s`` multiplies the data (means × s, covariances × s²); the paired sweep of
+    benchmarks/data_scale.py runs the rule and its variants on the same draws (a variant at the rule's own level
+    reproduces the rule's error exactly), and leaves the fit's end-level factors as shipped."""
+    from benchmarks import data_scale as ds
+    from benchmarks import sampler_family as sf
+    from sde_diffusion.samplers import fitted
+
+    base, scaled = sf.family_draw("wide", 5000), sf.family_draw("wide", 5000, 0.05)
+    torch.testing.assert_close(scaled.means, 0.05 * base.means)
+    torch.testing.assert_close(scaled.covs, 0.0025 * base.covs)
+    torch.testing.assert_close(scaled.weights, base.weights)
+    assert ds.seed_range("5000-5002") == [5000, 5001, 5002] and ds.seed_range("7") == [7]
+    shipped = fitted.END_FACTORS
+    rows = ds.run([5002], 0.05, [20], [0.01, 0.001], fit_factors=[1 / 3, 1.0], sdes=("vp",))
+    assert fitted.END_FACTORS is shipped
+    (row,) = rows
+    assert row["end 0.01"] == row["rule"]  # the rule stops at σ/m = 0.01 at 20 NFE
+    assert row["end 0.001"] != row["rule"] and all(math.isfinite(row[k]) for k in row if k not in ("seed", "sde"))
+    assert "| 20 | end 0.001 | low-D |" in ds.table(rows)
