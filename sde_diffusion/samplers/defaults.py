@@ -66,7 +66,7 @@ def _unipc(order: int, end_sigma: float, final_order: int = 0) -> Dict[str, Any]
 # 0.59 against 0.68 at 15 NFE, 0.76 against 0.82 at 20; ties at 30 and 50 and high-D). Below 13 NFE the step it
 # costs is worth more (0.59 against 0.36 at 10 NFE).
 # From 40 NFE the run stops at σ/m = 0.001: the levels above are absolute, and data whose finest structure lies
-# below them (the same problems with their data × 0.05) lost 3–30× to the peer at 50 NFE; stopping at 0.001 cut the
+# below them (the same problems with their data × 0.05) lost 8–28× to the peer at 50 NFE; stopping at 0.001 cut the
 # error 5.7× (low-D) and 16× (high-D) there at 40 NFE, for 1–3 % more at scales 1 and 20 (RESULTS.md, "Data at
 # another scale"). Below 40 NFE the lower level costs 2–15 % at scale 1, and `schedule=fit` finds the level per problem.
 _SHARED: Tuple[Rule, ...] = (

@@ -115,8 +115,8 @@ FORMAT = 1
 #: problem the best lay anywhere in 0.003–0.05 on the wider family's tuning seeds (RESULTS.md, "Final step to σ̃ = 0
 #: (round 6)"): wide modes want the higher levels, sharp ones the lower. The level scales with the data: the same
 #: problems with their data × 0.05 want 0.0003–0.001, × 20 up to 0.1 and more (RESULTS.md, "Data at another
-#: scale"), so the factors span 1/30–30: on the scaled problems' tuning seeds that gave 0.43–0.76× the error of
-#: the 1/3–5 span at 20 and 50 NFE (data × 0.05), and within 2 % of it at scales 1 and 20.
+#: scale"), so the factors span 1/30–30: on the scaled problems' tuning seeds that gave 0.23–0.70× the error of
+#: the 1/3–5 span at 15 and 20 NFE (data × 0.05), and within 2 % of it at scales 1 and 20.
 END_FACTORS = (1.0 / 30.0, 1.0 / 10.0, 1.0 / 3.0, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0)
 #: A draw whose whitened error to the teacher at σ̃ = 0 exceeds this × the dimension (≈ 3 standard deviations of its
 #: mode per coordinate) has left the teacher's mode: the end-level check leaves it out (:func:`_mean_within_modes`).
