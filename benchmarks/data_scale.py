@@ -28,7 +28,7 @@ import torch
 from sde_diffusion import sample
 from sde_diffusion.samplers import fitted
 from sde_diffusion.samplers.defaults import default_sampler
-from sde_diffusion.testing import make_sde, marginal_sample, whitened_moment_kl
+from sde_diffusion.testing import make_sde, whitened_moment_kl
 
 from . import sampler_family as sf
 
@@ -42,6 +42,12 @@ def run(seeds: Sequence[int], scale: float, budgets: Sequence[int], ends: Sequen
         fit_factors: Optional[Sequence[float]], sdes: Sequence[str] = ("vp", "ve")) -> List[Dict[str, Any]]:
     """One row per (seed, SDE, budget): the rule's error and each variant's."""
     torch.set_num_threads(1)
+    shipped = fitted.END_FACTORS
+    # (label, options over the rule's, the fit's end-level factors while it runs)
+    variants = [("rule", {}, shipped)] + [(f"end {e:g}", {"end_sigma": e}, shipped) for e in ends]
+    if fit_factors is not None:
+        variants += [("fit", {"schedule": "fit"}, shipped),
+                     ("fit, factors given", {"schedule": "fit"}, tuple(fit_factors))]
     rows = []
     for seed in seeds:
         gm = sf.family_draw("wide", seed, scale)
@@ -49,23 +55,16 @@ def run(seeds: Sequence[int], scale: float, budgets: Sequence[int], ends: Sequen
         for name in sdes:
             sde = make_sde(name, gm.diameter())
             score_fn = gm.score_fn(sde, compute_dtype=None)
-            x_T = marginal_sample(gm, sde, n, sde.T, torch.Generator().manual_seed(sf.PRIOR_SEED + 500_000 + seed),
-                                  torch.float32)
+            x_T = sf.start_draw(gm, sde, seed, n)
             for budget in budgets:
                 choice = default_sampler(sde, budget)
-                variants: Dict[str, Dict[str, Any]] = {"rule": {}}
-                variants.update({f"end {e:g}": {"end_sigma": e} for e in ends})
-                if fit_factors is not None:
-                    variants["fit"] = {"schedule": "fit"}
-                    variants["fit, factors given"] = {"schedule": "fit", "_factors": tuple(fit_factors)}
                 row: Dict[str, Any] = {"seed": seed, "sde": name, "dim": gm.dim, "budget": budget}
-                for label, extra in variants.items():
-                    opts = {**choice.options, **{k: v for k, v in extra.items() if k != "_factors"}}
-                    shipped = fitted.END_FACTORS
-                    fitted.END_FACTORS = extra.get("_factors", shipped)
+                for label, extra, factors in variants:
+                    fitted.END_FACTORS = factors
                     try:
                         out = sample(sde, score_fn, x_T.shape, sampler=choice.name, steps=choice.steps, x_T=x_T,
-                                     generator=torch.Generator().manual_seed(sf.NOISE_SEED + 1), **opts)
+                                     generator=torch.Generator().manual_seed(sf.NOISE_SEED + 1),
+                                     **{**choice.options, **extra})
                     finally:
                         fitted.END_FACTORS = shipped
                     row[label] = whitened_moment_kl(gm, out.samples)

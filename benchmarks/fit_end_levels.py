@@ -25,11 +25,11 @@ from sde_diffusion import sample
 from sde_diffusion.samplers import build_sampler
 from sde_diffusion.samplers.defaults import default_sampler
 from sde_diffusion.samplers.fitted import fit_schedule
-from sde_diffusion.testing import make_sde, marginal_sample, whitened_moment_kl, wide_family
+from sde_diffusion.testing import make_sde, whitened_moment_kl, wide_family
 
 from .common import md_table
-from .sampler_family import (LOW_DIM, NOISE_SEED, PRIOR_SEED, WIDE_HELD_OUT_SEEDS, WIDE_TUNING_SEEDS, geo_mean,
-                             load_results, n_samples)
+from .sampler_family import (LOW_DIM, NOISE_SEED, WIDE_HELD_OUT_SEEDS, WIDE_TUNING_SEEDS, geo_mean, load_results,
+                             n_samples, start_draw)
 
 NFES = (15, 20, 30, 50)
 KINDS = ("rule", "fit, level kept", "fit, level moved")
@@ -41,8 +41,7 @@ def run_case(task: Tuple[int, str]) -> List[Dict[str, Any]]:
     gm = wide_family(seed)
     sde = make_sde(sde_name, gm.diameter())
     score = gm.score_fn(sde, compute_dtype=None)
-    x_T = marginal_sample(gm, sde, n_samples("wide", gm.dim), sde.T,
-                          torch.Generator().manual_seed(PRIOR_SEED + 500_000 + seed), torch.float32)
+    x_T = start_draw(gm, sde, seed, n_samples("wide", gm.dim))
     # The fit's 64 prior draws, as sample(..., schedule="fit") takes them.
     x_fit = sde.prior_sample((64, gm.dim), generator=torch.Generator().manual_seed(0))
     rows = []

@@ -205,6 +205,13 @@ def family_draw(family: str, seed: int, data_scale: float = 1.0):
     return gm
 
 
+def start_draw(gm: GaussianMixture, sde, seed: int, n: int, selection: bool = False) -> torch.Tensor:
+    """The exact draw of p_T a case starts from ``[n, D]``: draw B (scoring; every run of ours), or with ``selection``
+    draw A (the peer's settings are chosen on it)."""
+    offset = 0 if selection else 500_000
+    return marginal_sample(gm, sde, n, sde.T, torch.Generator().manual_seed(PRIOR_SEED + offset + seed), torch.float32)
+
+
 def n_samples(family: str, dim: int) -> int:
     """Sample size: 4000 for the wider family's low-D problems (up to 64 modes need the draws), else 1000."""
     return 4000 if family == "wide" and dim <= LOW_DIM else N_SAMPLES
@@ -251,8 +258,8 @@ def run_case(task: Tuple[Any, ...]) -> List[Dict[str, Any]]:
     # Two independent draws of the start (and of the step noise): the peer's best setting is
     # selected on draw A and scored on draw B, so that picking the luckiest of 40 noisy runs does
     # not count as sampler quality; ours (one fixed rule, nothing selected) is scored on draw B.
-    x_T_sel = marginal_sample(gm, sde, n_pts, sde.T, torch.Generator().manual_seed(PRIOR_SEED + seed), torch.float32)
-    x_T = marginal_sample(gm, sde, n_pts, sde.T, torch.Generator().manual_seed(PRIOR_SEED + 500_000 + seed), torch.float32)
+    x_T_sel = start_draw(gm, sde, seed, n_pts, selection=True)
+    x_T = start_draw(gm, sde, seed, n_pts)
     rows: List[Dict[str, Any]] = []
     base = {"seed": seed, "sde": sde_name, "dim": gm.dim, "modes": gm.num_components, "n": n_pts}
     if data_scale != 1.0:
