@@ -10,7 +10,7 @@ import torch
 
 from sde_diffusion.samplers import build_sampler, sample
 from sde_diffusion.score import CountingScore
-from sde_diffusion.samplers.fitted import FittedSchedule, check_times, fit_schedule, schedule_key
+from sde_diffusion.samplers.fitted import START_NFE, FittedSchedule, check_times, fit_schedule, schedule_key
 from sde_diffusion.sdes import VESDE, VPSDE, SubVPSDE
 
 from custom_processes import ConstantBetaSDE
@@ -49,7 +49,7 @@ def test_fitting_lowers_the_exact_error_of_the_grid(sde, name: str, objective: s
     for steps in (5, 10):
         default = _ode_error(sde, name, steps)
         x_fit = sde.prior_sample((64, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        sched = fit_schedule(sde, _score(sde), build_sampler(name), steps, x_fit, objective=objective)
+        sched = fit_schedule(sde, _score(sde), build_sampler(name), steps, x_fit, objective=objective, start=False)
         assert len(sched.times) == steps + 1 and sched.objective == objective
         fitted = _ode_error(sde, name, steps, sched)
         gains.append(fitted / default)
@@ -68,7 +68,7 @@ def test_the_fit_moves_only_interior_times() -> None:
     smp = build_sampler("dpm_solver", end_sigma=0.01)
     x_fit = sde.prior_sample((32, 2), generator=torch.Generator().manual_seed(0))
     for objective in ("path", "curvature", "whitened"):
-        sched = fit_schedule(sde, _score(sde), smp, 7, x_fit, objective=objective)
+        sched = fit_schedule(sde, _score(sde), smp, 7, x_fit, objective=objective, start=False)
         t = torch.tensor(sched.times, dtype=torch.float64)
         assert float(t[0]) == sde.T and float(t[-1]) == pytest.approx(smp.end.end_time(sde), rel=1e-12)
         assert bool((t[1:] < t[:-1]).all())
@@ -77,7 +77,8 @@ def test_the_fit_moves_only_interior_times() -> None:
 def test_a_stored_grid_round_trips(tmp_path: Path) -> None:
     sde = VPSDE()
     x_fit = sde.prior_sample((32, 2), generator=torch.Generator().manual_seed(0))
-    sched = fit_schedule(sde, _score(sde), build_sampler("ddim"), 6, x_fit, sampler_name="ddim", digest="abc")
+    sched = fit_schedule(sde, _score(sde), build_sampler("ddim"), 6, x_fit, sampler_name="ddim", digest="abc",
+                         start=False)
     path = sched.save(tmp_path / "grid.json")
     back = FittedSchedule.load(path)
     assert back == sched
@@ -128,7 +129,7 @@ def test_with_a_final_step_to_zero_the_fit_moves_the_end_point_where_it_belongs(
     exact = mu + math.sqrt(s2) * (x_T - m_T * mu) / torch.sqrt(m_T**2 * s2 + s_T**2)
     counted = CountingScore(score)
     x_fit = sde.prior_sample((64, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    sched = fit_schedule(sde, counted, smp, steps, x_fit)
+    sched = fit_schedule(sde, counted, smp, steps, x_fit, start=False)
     assert sched.fit_nfe == counted.nfe  # every evaluation the fit made is in its cost
     run = dict(sampler="dpm_solver", steps=steps, x_T=x_T, dtype=torch.float64, **END_OPTS)
     rule = sample(sde, score, x_T.shape, **run)
@@ -156,7 +157,7 @@ def test_data_finer_than_the_rule_assumes_move_the_end_to_their_scale(sde) -> No
     m_T, s_T = sde.mean_coeff(T), sde.marginal_std(T)
     exact = mu + math.sqrt(s2) * (x_T - m_T * mu) / torch.sqrt(m_T**2 * s2 + s_T**2)
     x_fit = sde.prior_sample((64, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    sched = fit_schedule(sde, score, smp, steps, x_fit)
+    sched = fit_schedule(sde, score, smp, steps, x_fit, start=False)
     assert sched.end_sigma < 0.01 / 3
     run = dict(sampler="dpm_solver", steps=steps, x_T=x_T, dtype=torch.float64, **END_OPTS)
     rule, fit = sample(sde, score, x_T.shape, **run), sample(sde, score, x_T.shape, schedule=sched, **run)
@@ -187,7 +188,7 @@ def test_a_stored_grid_keeps_the_end_point_its_fit_chose(tmp_path: Path) -> None
     sde = VPSDE()
     score = _gaussian_score(sde, 0.5, 1.0)
     x_fit = sde.prior_sample((64, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    sched = fit_schedule(sde, score, build_sampler("dpm_solver", **END_OPTS), 9, x_fit)
+    sched = fit_schedule(sde, score, build_sampler("dpm_solver", **END_OPTS), 9, x_fit, start=False)
     assert sched.end_sigma is not None and sched.end_sigma > END_OPTS["end_sigma"]  # as in the test above
     path = sched.save(tmp_path / "grid.json")
     assert FittedSchedule.load(path).end_sigma == sched.end_sigma
@@ -200,7 +201,7 @@ def test_a_stored_grid_keeps_the_end_point_its_fit_chose(tmp_path: Path) -> None
         sample(sde, score, (16, 4), sampler="dpm_solver", steps=9, x_T=x_T, schedule=str(path),
                **{**END_OPTS, "denoise_order": 1})
     # Without a final step of order > 1 the end point stays.
-    plain = fit_schedule(sde, score, build_sampler("dpm_solver", **{**END_OPTS, "denoise_order": 1}), 9, x_fit)
+    plain = fit_schedule(sde, score, build_sampler("dpm_solver", **{**END_OPTS, "denoise_order": 1}), 9, x_fit, start=False)
     assert plain.end_sigma is None
 
 
@@ -247,7 +248,10 @@ def test_sample_py_fits_once_reuses_and_refuses_other_weights(tmp_path: Path) ->
 
     first = go("sampler=ddim", "steps=5", "schedule=fit", "schedule_objective=path", f"out={tmp_path / 'a'}")
     info = first["sampler"]["schedule"]
-    assert not info["reused"] and info["fit_nfe"] == 100 + 4 * 5 and len(info["times"]) == 6 and info["objective"] == "path"
+    # The moments of the Gaussian start (the default at START_NFE), the teacher's 100 steps, the rule's grid twice
+    # and each of path's two candidates for DDIM.
+    assert not info["reused"] and info["fit_nfe"] == START_NFE + 100 + 4 * 5 and len(info["times"]) == 6
+    assert info["objective"] == "path" and "start_level" in info
     stored = list((run_dir / "schedules").glob("ddim-5steps-*.json"))
     assert len(stored) == 1
     again = go("sampler=ddim", "steps=5", "schedule=fit", "schedule_objective=path", f"out={tmp_path / 'b'}")
@@ -291,7 +295,7 @@ def test_the_whitened_fit_beats_the_rule_and_the_curvature_fit_on_a_mixture_nobo
             for objective in (None, "whitened", "curvature"):
                 sched = None
                 if objective is not None:
-                    sched = fit_schedule(sde, score, build_sampler(c.name, **c.options), c.steps, x_fit, objective=objective)
+                    sched = fit_schedule(sde, score, build_sampler(c.name, **c.options), c.steps, x_fit, objective=objective, start=False)
                 out = sample(sde, score, x_T.shape, sampler=c.name, steps=c.steps, x_T=x_T, schedule=sched, **c.options)
                 err[objective] = whitened_moment_kl(gm, out.samples)
                 if objective == "whitened" and sde_name != "ve":
@@ -348,7 +352,7 @@ def test_a_point_mass_gets_the_uniform_log_snr_grid(objective: str) -> None:
 
     smp = build_sampler("dpm_solver", stochastic=True)  # stochastic: no check against the teacher, the fit itself
     x_fit = sde.prior_sample((16, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    sched = fit_schedule(sde, score, smp, 4, x_fit, objective=objective, fine_steps=100)
+    sched = fit_schedule(sde, score, smp, 4, x_fit, objective=objective, fine_steps=100, start=False)
     assert sched.extra == {"selection": "stochastic sampler: no selection"}
     fine = time_grid(sde, 100, "logsnr", eps=smp.end.end_time(sde), dtype=torch.float64)
     expected = fine[[0, 25, 50, 75, 100]]
@@ -371,7 +375,7 @@ def test_the_samples_objective_fits_a_stochastic_sampler_to_its_many_step_distri
         return _score(sde)(x, t)
 
     x_fit = sde.prior_sample((256, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    sched = fit_schedule(sde, counted, build_sampler("dpm_solver", **opts), 5, x_fit, objective="samples")
+    sched = fit_schedule(sde, counted, build_sampler("dpm_solver", **opts), 5, x_fit, objective="samples", start=False)
     assert sched.fit_nfe == calls[0] == 50 + 1 + 10 * 5
     assert sched.end_sigma is not None and sched.end_sigma > opts["end_sigma"]  # the level moved up
 

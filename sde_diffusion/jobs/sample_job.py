@@ -193,11 +193,14 @@ class SampleJob(ModelJob):
                 raise ValueError(f"the grid in {path} was fitted to other weights (digest {sched.digest[:12]}…, this "
                                  f"model's is {digest[:12]}…); fit one for this model with schedule=fit")
         c.sampler = sched.apply(c.sampler)
+        start = sched.gaussian_start
+        if start is not None:
+            start.check(model.sde, model.model_shape)
         check_times(torch.tensor(sched.times), model.sde, c.steps, c.sampler.end.end_time(model.sde),
-                    f"the grid in {path}")
+                    f"the grid in {path}", None if start is None else start.time(model.sde))
         return {"source": str(path), "reused": reused, "objective": sched.objective, "fit_nfe": sched.fit_nfe,
                 "fit_seconds": sched.fit_seconds, "fine_steps": sched.fine_steps, "times": sched.times,
-                "end_sigma": sched.end_sigma, "digest": digest}
+                "end_sigma": sched.end_sigma, "start_level": None if start is None else start.level, "digest": digest}
 
     # ------------------------------------------------------------------ checks and identity
     @property

@@ -83,6 +83,7 @@ from torch import Tensor
 
 from ..score import CountingScore
 from ..sdes.sde import SDE, ScoreFn
+from .gaussian_start import GaussianStart, start_factor, top_level
 
 OBJECTIVES = ("whitened", "curvature", "path", "samples")
 #: The objective when none is named, by the kind of score (benchmarks/RESULTS.md, "Fitted schedules" and "Fit
@@ -109,7 +110,14 @@ SAMPLES_COORDS = 8192
 SAMPLES_OUTLIER = 3.0
 #: ``samples``: the noise seed the teacher and every candidate share (common random numbers: the runs differ by grid).
 SAMPLES_NOISE_SEED = 7
-FORMAT = 1
+#: The Gaussian start (:func:`fit_start`): samples of the model its moments come from, the NFE of the default sampler
+#: that draws them, and their seed; a start needs its level above this × the level the sampler stops at.
+START_DRAWS = 512
+START_NFE = 50
+START_SEED = 11
+START_ROOM = 10.0
+#: 2: fits begin with a Gaussian start (grids stored under format 1 start at T; they load, and a fit is made anew).
+FORMAT = 2
 #: Multiples of the sampler's ``end_sigma`` the fit tries as the level to stop at, when a final step of order > 1
 #: follows the ODE on to σ̃ = 0 (module docstring). The best fixed level for the exact-score rule is 0.01; per
 #: problem the best lay anywhere in 0.003–0.05 on the wider family's tuning seeds (RESULTS.md, "Final step to σ̃ = 0
@@ -145,6 +153,13 @@ class FittedSchedule:
     sde: str = ""
     format: int = FORMAT
     extra: Dict[str, Any] = field(default_factory=dict)
+    start: Optional[Dict[str, Any]] = None
+
+    @property
+    def gaussian_start(self) -> Optional[GaussianStart]:
+        """The analytic first step from T to ``times[0]`` (:class:`~.gaussian_start.GaussianStart`), or None: the grid
+        starts at T."""
+        return None if self.start is None else GaussianStart.from_dict(self.start)
 
     @property
     def end_sigma(self) -> Optional[float]:
@@ -156,7 +171,8 @@ class FittedSchedule:
         """A copy of ``sampler`` on this grid, stopping at the level the fit chose (:func:`on_schedule`); a level
         chosen by ``samples`` was judged where the samples are returned, so any sampler that stops at a level
         takes it."""
-        return on_schedule(sampler, self.times, self.end_sigma, any_level=self.objective == "samples")
+        return on_schedule(sampler, self.times, self.end_sigma, any_level=self.objective == "samples",
+                           start=self.gaussian_start)
 
     def tensor(self, device: Any = None, dtype: torch.dtype = torch.float32) -> Tensor:
         return torch.tensor(self.times, dtype=torch.float64).to(device=device, dtype=dtype)
@@ -198,18 +214,24 @@ def schedule_key(sampler: str, options: Mapping[str, Any], steps: int, digest: O
     return f"{sampler}-{steps}steps-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-def check_times(times: Tensor, sde: SDE, steps: int, end_time: Optional[float] = None, what: str = "the grid") -> Tensor:
-    """``times`` as float64 ``[steps + 1]``, checked: starts at T, strictly decreasing, ends inside (0, T) (and at
-    ``end_time`` when given)."""
+def check_times(times: Tensor, sde: SDE, steps: int, end_time: Optional[float] = None, what: str = "the grid",
+                start_time: Optional[float] = None) -> Tensor:
+    """``times`` as float64 ``[steps + 1]``, checked: starts at T (or at ``start_time``, a Gaussian start's), strictly
+    decreasing, ends inside (0, T) (and at ``end_time`` when given)."""
     t = torch.as_tensor(times, dtype=torch.float64).flatten()
     if t.numel() != steps + 1:
         raise ValueError(f"{what} has {t.numel()} times, i.e. {t.numel() - 1} steps, but {steps} steps were asked; "
                          f"fit a grid for steps={steps} (schedule=fit) or use steps={t.numel() - 1}")
     if not torch.isfinite(t).all():
         raise ValueError(f"{what} holds non-finite times")
-    if abs(float(t[0]) - sde.T) > 1e-6 * max(1.0, sde.T):
+    if start_time is not None:
+        if abs(float(t[0]) - start_time) > 1e-6 * max(1.0, sde.T):
+            raise ValueError(f"{what} starts at t={float(t[0]):.6g}, but its Gaussian start ends at t={start_time:.6g}: "
+                             "it was fitted to another process or start; fit again (schedule=fit)")
+    elif abs(float(t[0]) - sde.T) > 1e-6 * max(1.0, sde.T):
         raise ValueError(f"{what} starts at t={float(t[0]):.6g}, but the process starts at T={sde.T}: it was fitted "
-                         "to another process")
+                         "to another process, or it begins with a Gaussian start (give the fitted schedule or its "
+                         "file, not its bare times)")
     if not (t[1:] < t[:-1]).all():
         raise ValueError(f"{what} must decrease strictly from T to the end time")
     if not 0 < float(t[-1]) < sde.T:
@@ -227,7 +249,8 @@ def movable_end(sampler: Any) -> bool:
     return bool(end.denoise) and int(end.denoise_order) > 1 and end.end_sigma is not None
 
 
-def on_schedule(sampler: Any, times: Any, end_sigma: Optional[float] = None, any_level: bool = False) -> Any:
+def on_schedule(sampler: Any, times: Any, end_sigma: Optional[float] = None, any_level: bool = False,
+                start: Optional[GaussianStart] = None) -> Any:
     """A copy of ``sampler`` running on ``times`` (``[steps + 1]``), ending at the level ``end_sigma`` where a fit
     moved it there (:attr:`FittedSchedule.end_sigma`). ``any_level``: the level was chosen for this sampler as it is
     (``objective="samples"`` judges the samples where they are returned), so any sampler that stops at a level
@@ -244,20 +267,20 @@ def on_schedule(sampler: Any, times: Any, end_sigma: Optional[float] = None, any
                              "step follows the ODE to σ/m = 0 (denoise=true, denoise_order ≥ 2, an end_sigma); this "
                              "sampler has no such step: fit again with these options (schedule=fit)")
         smp.end = _end_at(smp, float(end_sigma))
-    return smp.use_times(times)
+    return smp.use_times(times, start)
 
 
-def _end_levels(sde: SDE, sampler: Any) -> List[Optional[float]]:
+def _end_levels(sde: SDE, sampler: Any, top: Optional[float] = None) -> List[Optional[float]]:
     """The levels the fit tries to stop at, highest first: ``[None]`` (the sampler's own end) where it cannot move
-    (:func:`movable_end`), else its ``end_sigma`` times :data:`END_FACTORS`, those the process reaches (and, where a
-    factor goes below that, the lowest level it reaches)."""
+    (:func:`movable_end`), else its ``end_sigma`` times :data:`END_FACTORS`, those the process reaches below a tenth
+    of ``top`` (the level the run starts at; None: the prior's) (and, where a factor goes below that, the lowest level
+    it reaches)."""
     if not movable_end(sampler):
         return [None]
     from .defaults import lowest_noise_level
 
     own = float(sampler.end.end_sigma)
-    T = torch.tensor(sde.T, dtype=torch.float64)
-    top = float(sde.marginal_std(T) / sde.mean_coeff(T))
+    top = top_level(sde) if top is None else float(top)
     low = lowest_noise_level(sde)
     levels = {own} | {own * f for f in END_FACTORS if low * 1.01 <= own * f <= top / 10}
     if any(own * f < low * 1.01 for f in END_FACTORS) and low * 1.01 < own:
@@ -265,14 +288,14 @@ def _end_levels(sde: SDE, sampler: Any) -> List[Optional[float]]:
     return sorted(levels, reverse=True)
 
 
-def _fine_through(sde: SDE, ends: List[float], M: int) -> tuple[Tensor, List[int]]:
-    """About M fine times from T down through the end times ``ends`` (descending), uniform in log-SNR between
-    consecutive ones, and the index of each end time in it."""
-    bounds = [float(sde.T)] + list(ends)
+def _fine_through(sde: SDE, ends: List[float], M: int, t0: Optional[float] = None) -> tuple[Tensor, List[int]]:
+    """About M fine times from ``t0`` (None: T) down through the end times ``ends`` (descending), uniform in log-SNR
+    between consecutive ones, and the index of each end time in it."""
+    bounds = [float(sde.T) if t0 is None else float(t0)] + list(ends)
     lam = sde.log_snr(torch.tensor(bounds, dtype=torch.float64))
     widths = (lam[1:] - lam[:-1]).tolist()
     total = sum(widths)
-    parts, index = [torch.tensor([sde.T], dtype=torch.float64)], []
+    parts, index = [torch.tensor([bounds[0]], dtype=torch.float64)], []
     count = 0
     for k, w in enumerate(widths):
         n = max(1, round(M * w / total))
@@ -448,6 +471,26 @@ def _equidistribute(sde: SDE, fine: Tensor, rate: Tensor, steps: int, blend: flo
     return idx
 
 
+def fit_start(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, x_T: Tensor, score_kind: Optional[str] = None
+              ) -> tuple[Optional[GaussianStart], int]:
+    """The Gaussian start of a fit (:mod:`.gaussian_start`), or None where it would not shorten the run, and the NFE
+    spent: the mean and covariance of :data:`START_DRAWS` samples of the model (the default sampler at
+    :data:`START_NFE`), the level :func:`~.gaussian_start.start_factor` (by the sampler's NFE) × √λ_max. None where
+    that level is not below half the prior's or not above :data:`START_ROOM` × the level the sampler stops at."""
+    from .sampler import sample
+
+    gen = torch.Generator(device=x_T.device).manual_seed(START_SEED)
+    res = sample(sde, score_fn, (START_DRAWS, *x_T.shape[1:]), steps=START_NFE, generator=gen, device=x_T.device,
+                 dtype=x_T.dtype, score_kind=score_kind)
+    budget = sampler.expected_nfe(steps) or steps
+    gstart = GaussianStart.from_samples(res.samples, factor=start_factor(budget))
+    t_end = torch.tensor(sampler.end.end_time(sde), dtype=torch.float64)
+    end_level = float(sde.marginal_std(t_end) / sde.mean_coeff(t_end))
+    if not (START_ROOM * end_level < gstart.level < 0.5 * top_level(sde)):
+        return None, res.nfe
+    return gstart, res.nfe
+
+
 def default_objective(score_fn: Any = None, score_kind: Optional[str] = None) -> str:
     """:data:`DEFAULT_OBJECTIVES` for ``score_kind`` (``"exact"`` / ``"learned"``; None: detected from ``score_fn``)."""
     from .defaults import is_learned_score
@@ -480,6 +523,7 @@ def fit_schedule(
     digest: Optional[str] = None,
     score_kind: Optional[str] = None,
     move_end: bool = True,
+    start: bool = True,
 ) -> FittedSchedule:
     """Fit the ``steps``-step grid of ``sampler`` to ``score_fn`` from the prior batch ``x_T [B, ...]``.
 
@@ -498,6 +542,8 @@ def fit_schedule(
         score_kind: ``"exact"`` or ``"learned"`` for the default objective; None: detected from ``score_fn``.
         move_end: where the sampler's final step follows the ODE to σ̃ = 0, also choose the level it stops at
             (module docstring); False keeps the sampler's own.
+        start: begin the grid at a level below T reached by the analytic step of a Gaussian fitted to the model's
+            samples (:func:`fit_start`; stored with the grid); False: the grid starts at T.
     """
     if objective is None:
         objective = default_objective(score_fn, score_kind)
@@ -509,34 +555,44 @@ def fit_schedule(
         raise ValueError(f"{type(sampler).__name__} chooses its own times; schedule=fit needs a sampler with a time "
                          "grid (a step sampler such as dpm_solver, ddim, edm_heun, euler_maruyama)")
     M = int(fine_steps or min(400, max(100, 8 * int(steps))))
-    start = time.perf_counter()
+    begun = time.perf_counter()
     from .grids import time_grid
 
+    gstart, start_nfe = None, 0
+    if start:
+        with torch.no_grad():
+            gstart, start_nfe = fit_start(sde, score_fn, sampler, int(steps), x_T, score_kind)
+    t0 = None if gstart is None else gstart.time(sde)
+
     def made(times: Tensor, M: int, nfe: int, extra: Dict[str, Any]) -> FittedSchedule:
+        if gstart is not None:
+            extra["start"] = {"level": gstart.level, "std_max": gstart.std_max, "samples": gstart.samples,
+                              "nfe": start_nfe}
         return FittedSchedule(times=[float(v) for v in times], sampler=sampler_name or type(sampler).__name__,
                               options=dict(options or {}), steps=int(steps), digest=digest, objective=objective,
-                              fine_steps=M, fit_nfe=nfe, fit_seconds=time.perf_counter() - start, sde=repr(sde),
-                              extra=extra)
+                              fine_steps=M, fit_nfe=nfe + start_nfe, fit_seconds=time.perf_counter() - begun,
+                              sde=repr(sde), extra=extra, start=None if gstart is None else gstart.to_dict())
 
     if objective == "samples":
         M = int(fine_steps or min(200, max(50, 3 * int(steps))))
         with torch.no_grad():
-            times, level, extra, nfe = _fit_by_samples(sde, score_fn, sampler, int(steps), x_T, M)
+            times, level, extra, nfe = _fit_by_samples(sde, score_fn, sampler, int(steps), x_T, M, gstart)
         if level is not None:
             extra["end_sigma"] = level
         return made(times, M, nfe, extra)
 
-    levels = _end_levels(sde, sampler) if move_end else [None]  # [None]: the sampler's own end point only
+    levels = _end_levels(sde, sampler, None if gstart is None else gstart.level) if move_end else [None]
     end_of = {e: float(_end_at(sampler, e).end_time(sde)) for e in levels}
-    if levels == [None]:
+    if levels == [None] and t0 is None:
         fine = time_grid(sde, M, "logsnr", eps=end_of[None], dtype=torch.float64)
         at = {None: M}
     else:
-        fine, index = _fine_through(sde, [end_of[e] for e in levels], M)
+        fine, index = _fine_through(sde, [end_of[e] for e in levels], M, t0)
         at = dict(zip(levels, index))
     M = fine.numel() - 1
+    x_run = x_T if gstart is None else gstart.transport(sde, x_T)
     with torch.no_grad():
-        states, dens = _teacher(sde, score_fn, x_T, fine)
+        states, dens = _teacher(sde, score_fn, x_run, fine)
         nfe = M
         moved, scale = _motion(dens)
         still = _still(moved, scale, dens[0].dtype)
@@ -584,33 +640,35 @@ def fit_schedule(
                 return _hessian_quad(score_fn, states[-1], float(fine[-1]), m_end, s_end, score_end, out - target).abs()
 
             level, idx, extra, used = _select_end(sde, score_fn, sampler, int(steps), fine, x_T, judge, fitted,
-                                                  end_of)
+                                                  end_of, gstart)
             nfe += 1 + used
             extra["end_sigma"] = level
         elif steps > 1:
             idx, cands = fitted[None]
-            idx, extra, used = _select(sde, score_fn, sampler, int(steps), fine, states, idx,
-                                       cands or {objective: idx}, end_of[None])
+            idx, extra, used = _select(sde, score_fn, sampler, int(steps), fine, x_T, states[-1], idx,
+                                       cands or {objective: idx}, end_of[None], gstart)
             nfe += used
     if idx is not None:
         times = fine[idx]
-        times[0], times[-1] = sde.T, end_of[level]
+        times[0], times[-1] = fine[0], end_of[level]
     else:
-        times = _rule_times(sde, sampler, int(steps), level, end_of[level])
+        times = _rule_times(sde, sampler, int(steps), level, end_of[level], t0)
     return made(times, M, nfe, extra)
 
 
-def warped_log_snr_times(sde: SDE, steps: int, end: float, p: float) -> Tensor:
-    """``[steps + 1]`` float64 times from T to ``end``: λ_i = λ(T) + (λ(end) − λ(T)) (i/N)^p (p = 1: uniform in λ)."""
-    lam = sde.log_snr(torch.tensor([sde.T, end], dtype=torch.float64))
+def warped_log_snr_times(sde: SDE, steps: int, end: float, p: float, t0: Optional[float] = None) -> Tensor:
+    """``[steps + 1]`` float64 times from ``t0`` (None: T) to ``end``: λ_i = λ(t0) + (λ(end) − λ(t0)) (i/N)^p (p = 1:
+    uniform in λ)."""
+    t0 = float(sde.T) if t0 is None else float(t0)
+    lam = sde.log_snr(torch.tensor([t0, end], dtype=torch.float64))
     w = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64) ** p
     t = sde.t_from_log_snr(lam[0] + (lam[1] - lam[0]) * w)
-    t[0], t[-1] = sde.T, end
+    t[0], t[-1] = t0, end
     return t
 
 
-def _fit_by_samples(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, x_T: Tensor, M: int
-                    ) -> tuple[Tensor, Optional[float], Dict[str, Any], int]:
+def _fit_by_samples(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, x_T: Tensor, M: int,
+                    gstart: Optional[GaussianStart] = None) -> tuple[Tensor, Optional[float], Dict[str, Any], int]:
     """``objective="samples"``: the grid whose samples come closest in distribution to the teacher's.
 
     The teacher is the sampler itself on its own rule's grid of M steps, ending with a denoising step (Tweedie's)
@@ -621,8 +679,9 @@ def _fit_by_samples(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, x_T: 
     log-SNR grids stopping at each of :data:`SAMPLES_LEVELS` × the sampler's ``end_sigma`` (only its own end where
     it has none); round 2: the warps :data:`SAMPLES_WARPS` at the best level. Unlike the per-draw objectives this
     judges a stochastic sampler too, and the level its samples are returned at: their remaining noise counts in the
-    distance (at second order in the level: see the module docstring). Returns (times, level or None for the sampler's own,
-    what was measured, NFE spent)."""
+    distance (at second order in the level: see the module docstring). With ``gstart`` every candidate begins with
+    that analytic step (the teacher starts at T). Returns (times, level or None for the sampler's own, what was
+    measured, NFE spent)."""
     import copy
     from dataclasses import replace
 
@@ -663,16 +722,19 @@ def _fit_by_samples(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, x_T: 
     scores: Dict[str, tuple[bool, float]] = {}
     grids: Dict[str, tuple[Tensor, Optional[float]]] = {}
 
+    t0 = None if gstart is None else gstart.time(sde)
+
     def trial(name: str, times: Tensor, level: Optional[float]) -> None:
         grids[name] = (times, level)
-        scores[name] = judge(run(on_schedule(sampler, times, level, any_level=True), steps))
+        scores[name] = judge(run(on_schedule(sampler, times, level, any_level=True, start=gstart), steps))
 
-    trial("rule", _rule_times(sde, sampler, steps, None, end_of[levels[0]]), None)
+    if gstart is None:
+        trial("rule", _rule_times(sde, sampler, steps, None, end_of[levels[0]]), None)
     for e in levels:
-        trial(f"level {e if e is not None else 'own'} p=1", warped_log_snr_times(sde, steps, end_of[e], 1.0), e)
+        trial(f"level {e if e is not None else 'own'} p=1", warped_log_snr_times(sde, steps, end_of[e], 1.0, t0), e)
     e = grids[min((k for k in scores if k != "rule"), key=lambda k: scores[k])][1]
     for p in SAMPLES_WARPS:
-        trial(f"level {e if e is not None else 'own'} p={p:g}", warped_log_snr_times(sde, steps, end_of[e], p), e)
+        trial(f"level {e if e is not None else 'own'} p={p:g}", warped_log_snr_times(sde, steps, end_of[e], p, t0), e)
     best = min(scores, key=lambda k: scores[k])
     times, level = grids[best]
     if level is not None and own is not None and abs(level - float(own)) <= 1e-12 * float(own):
@@ -689,22 +751,28 @@ def _end_at(sampler: Any, level: Optional[float]) -> Any:
     return sampler.end if level is None else replace(sampler.end, end_sigma=level)
 
 
-def _rule_times(sde: SDE, sampler: Any, steps: int, level: Optional[float], end: float) -> Tensor:
-    """The rule's ``[steps + 1]`` float64 grid of ``sampler`` stopping at ``level``, pinned to T and ``end``."""
+def _rule_times(sde: SDE, sampler: Any, steps: int, level: Optional[float], end: float,
+                t0: Optional[float] = None) -> Tensor:
+    """The rule's ``[steps + 1]`` float64 grid of ``sampler`` stopping at ``level``, pinned to T and ``end``; from a
+    Gaussian start's time ``t0``, uniform in the log-SNR from there (the rule's grids start at T)."""
+    if t0 is not None:
+        return warped_log_snr_times(sde, steps, end, 1.0, t0)
     t = _end_at(sampler, level).times(sde, steps, dtype=torch.float64)
     t[0], t[-1] = sde.T, end
     return t
 
 
-def _runner(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, x_T: Tensor, final: bool = False) -> tuple[Any, List[int]]:
-    """``run(times, seed, end_sigma=None)``: ``sampler`` from ``x_T`` on ``times`` (ending at the level ``end_sigma``,
-    with its final step when ``final``), and the list whose one entry counts the evaluations spent."""
+def _runner(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, x_T: Tensor, final: bool = False,
+            gstart: Optional[GaussianStart] = None) -> tuple[Any, List[int]]:
+    """``run(times, seed, end_sigma=None)``: ``sampler`` from ``x_T`` (at T; through ``gstart``'s analytic step where
+    given) on ``times`` (ending at the level ``end_sigma``, with its final step when ``final``), and the list whose
+    one entry counts the evaluations spent."""
     from .final_step import evaluations_to_keep, final_step
 
     used = [0]
 
     def run(times: Tensor, seed: int, end_sigma: Optional[float] = None) -> Tensor:
-        smp = on_schedule(sampler, times, end_sigma)
+        smp = on_schedule(sampler, times, end_sigma, start=gstart)
         order = int(smp.end.denoise_order) if final else 1
         counted = CountingScore(score_fn, keep=evaluations_to_keep(order, smp.nfe_per_step) if final else 0)
         gen = torch.Generator(device=x_T.device).manual_seed(seed)
@@ -717,16 +785,15 @@ def _runner(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, x_T: Tensor, 
     return run, used
 
 
-def _select(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, fine: Tensor, states: List[Tensor],
-            idx: Optional[List[int]], candidates: Dict[str, List[int]], end: float
-            ) -> tuple[Optional[List[int]], Dict[str, Any], int]:
-    """For a deterministic sampler: run it from the teacher's x_T on the rule's grid and on each candidate grid
-    and keep the one that lands closest to the teacher's end state (so a fit never does worse than the rule by
-    that measure); a stochastic sampler keeps ``idx``. Returns (indices, or None for the rule's grid; what was
-    measured; NFE spent)."""
-    x_T, target = states[0], states[-1]
-    run, used = _runner(sde, score_fn, sampler, steps, x_T)
-    rule = _rule_times(sde, sampler, steps, None, end)
+def _select(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, fine: Tensor, x_T: Tensor, target: Tensor,
+            idx: Optional[List[int]], candidates: Dict[str, List[int]], end: float,
+            gstart: Optional[GaussianStart] = None) -> tuple[Optional[List[int]], Dict[str, Any], int]:
+    """For a deterministic sampler: run it from the teacher's x_T (through ``gstart`` where given) on the rule's grid
+    and on each candidate grid and keep the one that lands closest to the teacher's end state ``target`` (so a fit
+    never does worse than the rule by that measure); a stochastic sampler keeps ``idx``. Returns (indices, or None
+    for the rule's grid; what was measured; NFE spent)."""
+    run, used = _runner(sde, score_fn, sampler, steps, x_T, gstart=gstart)
+    rule = _rule_times(sde, sampler, steps, None, end, None if gstart is None else float(fine[0]))
     a = run(rule, 1)
     if not torch.equal(a, run(rule, 2)):
         return idx, {"selection": "stochastic sampler: no selection"}, used[0]
@@ -734,7 +801,7 @@ def _select(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, fine: Tensor,
     errors = {"rule": float((a - target).pow(2).mean().sqrt())}
     for name, cand in candidates.items():
         t = fine[cand].clone()
-        t[0], t[-1] = sde.T, end
+        t[0], t[-1] = fine[0], end
         errors[name] = float((run(t, 1) - target).pow(2).mean().sqrt())
     best = min(errors, key=errors.get)
     return options[best], {"selection": best, "rms_to_teacher": errors}, used[0]
@@ -742,17 +809,19 @@ def _select(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, fine: Tensor,
 
 def _select_end(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, fine: Tensor, x_T: Tensor,
                 judge: Callable[[Tensor], Tensor], fitted: Dict[Optional[float], tuple[List[int], Dict[str, List[int]]]],
-                end_of: Dict[Any, float]) -> tuple[float, Optional[List[int]], Dict[str, Any], int]:
+                end_of: Dict[Any, float], gstart: Optional[GaussianStart] = None
+                ) -> tuple[float, Optional[List[int]], Dict[str, Any], int]:
     """The level and grid whose run, with the sampler's final step, lands closest to the teacher's samples at σ̃ = 0
     by ``judge`` (per draw; one evaluation each), averaged by :func:`_mean_within_modes`: at each level the rule's
     grid and the fitted one(s). A stochastic sampler keeps its own level and the fitted grid there. Returns (level,
     indices or None for the rule's grid, what was measured, NFE spent)."""
-    run, used = _runner(sde, score_fn, sampler, steps, x_T, final=True)
+    run, used = _runner(sde, score_fn, sampler, steps, x_T, final=True, gstart=gstart)
+    t0 = None if gstart is None else float(fine[0])
     own = float(sampler.end.end_sigma)
     per_draw: Dict[str, Tensor] = {}
     picks: Dict[str, tuple[float, Optional[List[int]]]] = {}
     for level, (idx, cands) in fitted.items():
-        rule = _rule_times(sde, sampler, steps, level, end_of[level])
+        rule = _rule_times(sde, sampler, steps, level, end_of[level], t0)
         if level == own and not torch.equal(run(rule, 1, level), run(rule, 2, level)):
             return own, idx, {"selection": "stochastic sampler: no selection"}, used[0]
         grids: Dict[str, Optional[List[int]]] = {"rule": None, **(cands or {"fit": idx})}
@@ -761,7 +830,7 @@ def _select_end(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, fine: Ten
                 t = rule
             else:
                 t = fine[cand].clone()
-                t[0], t[-1] = sde.T, end_of[level]
+                t[0], t[-1] = fine[0], end_of[level]
             label = f"{name}@{level:g}"
             per_draw[label] = judge(run(t, 1, level))
             used[0] += 1

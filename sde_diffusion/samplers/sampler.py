@@ -161,19 +161,27 @@ class Sampler(abc.ABC):
                 break  # the end-point keys are not passed on
         return out
 
-    def use_times(self, times: Union[Tensor, Sequence[float]]) -> "Sampler":
+    def use_times(self, times: Union[Tensor, Sequence[float]], start: Any = None) -> "Sampler":
         """Run on these ``[steps + 1]`` times (from T down to the end time) instead of the grid rule, e.g. a grid
-        fitted to the model (:mod:`.fitted`); checked against the process and the step count at run time."""
+        fitted to the model (:mod:`.fitted`); checked against the process and the step count at run time. With a
+        ``start`` (:class:`~.gaussian_start.GaussianStart`) the times run from its level down, and a run first carries
+        the prior draw there by the analytic step (no score evaluation)."""
         if self.default_grid is None:
             raise ValueError(f"{type(self).__name__} chooses its own times and takes no fixed grid; use a sampler "
                              "with a time grid (e.g. dpm_solver, ddim, edm_heun, euler_maruyama)")
         self._fixed_times = torch.as_tensor(times, dtype=torch.float64).flatten().clone()
+        self._start = start
         return self
 
     @property
     def fixed_times(self) -> Optional[Tensor]:
         """The grid set by :meth:`use_times`, or None."""
         return getattr(self, "_fixed_times", None)
+
+    @property
+    def start(self) -> Any:
+        """The :class:`~.gaussian_start.GaussianStart` of the fixed grid, or None (the run starts at T)."""
+        return getattr(self, "_start", None)
 
     def times(self, sde: SDE, steps: int, device: Any = None, dtype: torch.dtype = torch.float32) -> Tensor:
         """The run's ``[steps + 1]`` times: the fixed grid (checked) or ``self.end.times(...)``."""
@@ -182,7 +190,9 @@ class Sampler(abc.ABC):
             return self.end.times(sde, steps, device, dtype)
         from .fitted import check_times
 
-        return check_times(fixed, sde, steps, self.end.end_time(sde), "the fixed grid").to(device=device, dtype=dtype)
+        start = None if self.start is None else self.start.time(sde)
+        return check_times(fixed, sde, steps, self.end.end_time(sde), "the fixed grid", start).to(device=device,
+                                                                                                  dtype=dtype)
 
     def end_time(self, sde: SDE) -> float:
         """Where the run stops: the fixed grid's last time, or the end point's."""
@@ -275,6 +285,8 @@ class StepSampler(Sampler):
         hook: Optional[StepHook] = None,
     ) -> Tuple[Tensor, Optional[List[Tensor]], Optional[Tensor]]:
         ts = self.times(sde, steps, x.device, x.dtype)
+        if self.start is not None:
+            x = self.start.transport(sde, x)  # the analytic step from T to ts[0]
         # All coefficients of the run at once; the steps then only read floats.
         grid = GridCoeffs.build(sde, ts)
         ctx = SamplingContext(sde, score_fn, generator)
@@ -303,7 +315,7 @@ def is_deterministic(sampler: "Sampler", sde: SDE) -> bool:
 
     smp = copy.copy(sampler)
     if smp.fixed_times is not None:
-        smp._fixed_times = None  # the grid does not decide it; two steps on the rule's grid do
+        smp._fixed_times, smp._start = None, None  # the grid does not decide it; two steps on the rule's grid do
     x = torch.linspace(-1.0, 1.0, 8, dtype=torch.float64).reshape(2, 4)
     score = lambda x, t: -x  # noqa: E731 - any score will do
     runs = []
