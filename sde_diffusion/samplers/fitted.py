@@ -477,18 +477,25 @@ def fit_start(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, x_T: Tensor
     spent: the mean and covariance of :data:`START_DRAWS` samples of the model (the default sampler at
     :data:`START_NFE`), the level :func:`~.gaussian_start.start_factor` (by the sampler's NFE) × √λ_max. None where
     that level is not below half the prior's or not above :data:`START_ROOM` × the level the sampler stops at."""
-    from .sampler import sample
+    from ..registry import SAMPLERS
+    from .defaults import default_sampler, is_learned_score
+    from .final_step import evaluations_to_keep, finish_run
 
+    # What sample(sde, score_fn, shape, steps=START_NFE) returns (built here: the sampler module imports this one).
+    choice = default_sampler(sde, START_NFE, score_kind or ("learned" if is_learned_score(score_fn) else "exact"))
+    teacher = SAMPLERS.get(choice.name)(**choice.options)
     gen = torch.Generator(device=x_T.device).manual_seed(START_SEED)
-    res = sample(sde, score_fn, (START_DRAWS, *x_T.shape[1:]), steps=START_NFE, generator=gen, device=x_T.device,
-                 dtype=x_T.dtype, score_kind=score_kind)
+    x = sde.prior_sample((START_DRAWS, *x_T.shape[1:]), generator=gen, device=x_T.device, dtype=x_T.dtype)
+    counted = CountingScore(score_fn, keep=evaluations_to_keep(teacher.end.denoise_order, teacher.nfe_per_step))
+    x, _, _ = teacher.run(sde, counted, x, choice.steps, gen)
+    x = finish_run(sde, teacher.end, x, teacher.end_time(sde), counted)
     budget = sampler.expected_nfe(steps) or steps
-    gstart = GaussianStart.from_samples(res.samples, factor=start_factor(budget))
+    gstart = GaussianStart.from_samples(x, factor=start_factor(budget))
     t_end = torch.tensor(sampler.end.end_time(sde), dtype=torch.float64)
     end_level = float(sde.marginal_std(t_end) / sde.mean_coeff(t_end))
     if not (START_ROOM * end_level < gstart.level < 0.5 * top_level(sde)):
-        return None, res.nfe
-    return gstart, res.nfe
+        return None, counted.nfe
+    return gstart, counted.nfe
 
 
 def default_objective(score_fn: Any = None, score_kind: Optional[str] = None) -> str:
