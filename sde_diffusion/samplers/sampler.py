@@ -424,7 +424,9 @@ def sample(
             of 64 prior draws from seed 0: :func:`~.fitted.fit_schedule`; returned as ``result.schedule`` for
             reuse), a :class:`~.fitted.FittedSchedule`, the path of a stored one, or ``[steps + 1]`` times. Where
             the sampler's final step follows the ODE to σ̃ = 0 (``denoise=True``, ``denoise_order`` ≥ 2, an
-            ``end_sigma``), a fit may also move the level its steps stop at (``result.schedule.end_sigma``).
+            ``end_sigma``), a fit may also move the level its steps stop at (``result.schedule.end_sigma``). A fit
+            begins with a Gaussian start (:mod:`~.gaussian_start`): the prior draw is carried analytically to a level
+            below T, where the grid begins (``result.schedule.start``; the trajectory then starts there).
         schedule_objective: with ``schedule="fit"``, the fit's objective (``whitened``, ``curvature``, ``path``,
             ``samples``); None: the default for the kind of score (:data:`~.fitted.DEFAULT_OBJECTIVES`).
 
