@@ -184,7 +184,8 @@ class SampleJob(ModelJob):
                                      sampler_name=c.name, options=c.options, digest=digest)
                 sched.save(path)
             verb = "reused" if reused else f"fitted in {sched.fit_nfe} NFE, {sched.fit_seconds:.1f} s"
-            print(f"schedule: {c.steps}-step grid for {c.name} {verb} ({path})", flush=True)
+            begins = "" if sched.start is None else f", from a Gaussian start at σ/m = {sched.start['level']:.3g}"
+            print(f"schedule: {c.steps}-step grid for {c.name} {verb}{begins} ({path})", flush=True)
         else:
             path = Path(cfg.schedule).expanduser()
             sched = FittedSchedule.load(path)
