@@ -8,9 +8,15 @@ Each start level is reported as its geometric-mean ratio to (a) on the same prob
 apart, with the worst ratio and the problems where it is worse than (a). Starts at or above half the prior's level
 are skipped (``fit_start`` makes none there).
 
+With ``--fit`` it compares what ``sample(..., schedule="fit")`` does instead, paired on the same problems: the fit
+with its Gaussian start (moments estimated from the model's samples, level by :data:`START_FACTORS`) against the
+fit from T (``start=False``), both on the 64 prior draws ``sample()`` fits on; the rows then hold the ratio of the
+first to the second.
+
 Usage::
 
     python -m benchmarks.gaussian_start --seeds 2000-2015 --sdes vp ve
+    python -m benchmarks.gaussian_start --seeds 2000-2015 --sdes vp ve --fit --nfe 5 10 20 30 50
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import torch
 from sde_diffusion import sample
 from sde_diffusion.samplers import build_sampler
 from sde_diffusion.samplers.defaults import default_sampler
-from sde_diffusion.samplers.fitted import on_schedule, warped_log_snr_times
+from sde_diffusion.samplers.fitted import fit_schedule, on_schedule, warped_log_snr_times
 from sde_diffusion.samplers.gaussian_start import GaussianStart, top_level
 from sde_diffusion.testing import make_sde, whitened_moment_kl
 
@@ -49,8 +55,9 @@ def exact_start(gm: Any, level: float) -> GaussianStart:
                          residual=0.0, shape=[gm.dim])
 
 
-def run_case(task: Tuple[int, str, Sequence[int], Sequence[float]]) -> Dict[str, Any]:
-    seed, sde_name, nfes, factors = task
+def run_case(task: Tuple[Any, ...]) -> Dict[str, Any]:
+    seed, sde_name, nfes, factors, *more = task
+    fitted = bool(more and more[0])
     torch.set_num_threads(1)
     gm = sf.family_draw("wide", seed)
     n = sf.n_samples("wide", gm.dim)
@@ -69,6 +76,14 @@ def run_case(task: Tuple[int, str, Sequence[int], Sequence[float]]) -> Dict[str,
             return whitened_moment_kl(gm, out.samples)
 
         smp = build_sampler(choice.name, **choice.options)
+        if fitted:
+            x_fit = sde.prior_sample((64, gm.dim), generator=torch.Generator().manual_seed(0))
+            plain = fit_schedule(sde, score, smp, choice.steps, x_fit, start=False)
+            with_start = fit_schedule(sde, score, smp, choice.steps, x_fit)
+            row["rule"][str(nfe)] = go(plain.apply(smp))
+            row["start"][f"fit@{nfe}"] = go(with_start.apply(smp))
+            row.setdefault("levels", {})[str(nfe)] = None if with_start.start is None else with_start.start["level"]
+            continue
         row["rule"][str(nfe)] = go(smp)
         for f in factors:
             level = f * std_max
@@ -80,19 +95,19 @@ def run_case(task: Tuple[int, str, Sequence[int], Sequence[float]]) -> Dict[str,
     return row
 
 
-def table(rows: List[Dict[str, Any]], nfes: Sequence[int], factors: Sequence[float]) -> str:
+def table(rows: List[Dict[str, Any]], nfes: Sequence[int], factors: Sequence[Any]) -> str:
     body = []
     for nfe in nfes:
         for f in factors:
-            key = f"{f:g}@{nfe}"
+            key = f"{f:g}@{nfe}" if not isinstance(f, str) else f"{f}@{nfe}"
             for part, keep in (("low-D", lambda r: r["dim"] <= sf.LOW_DIM), ("high-D", lambda r: r["dim"] > sf.LOW_DIM)):
                 ratios = [r["start"][key] / r["rule"][str(nfe)] for r in rows if keep(r) and key in r["start"]]
                 if not ratios:
                     continue
                 gm = math.exp(sum(math.log(max(v, 1e-300)) for v in ratios) / len(ratios))
-                body.append([str(nfe), f"{f:g}", part, f"{gm:.3f}", f"{max(ratios):.3g}",
+                body.append([str(nfe), f if isinstance(f, str) else f"{f:g}", part, f"{gm:.3f}", f"{max(ratios):.3g}",
                              f"{sum(v > 1 for v in ratios)}/{len(ratios)}"])
-    return md_table(["NFE", "factor", "problems", "geo-mean ratio to the rule from T", "worst", "worse than from T"],
+    return md_table(["NFE", "factor", "problems", "geo-mean ratio to the run from T", "worst", "worse than from T"],
                     body)
 
 
@@ -103,16 +118,17 @@ def main() -> None:
     ap.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
     ap.add_argument("--factors", type=float, nargs="+", default=list(FACTORS))
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--fit", action="store_true", help="the fit with its start against the fit from T")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "gaussian_start.json")
     args = ap.parse_args()
-    tasks = [(s, e, tuple(args.nfe), tuple(args.factors)) for e in args.sdes for s in args.seeds]
+    tasks = [(s, e, tuple(args.nfe), tuple(args.factors), args.fit) for e in args.sdes for s in args.seeds]
     with ProcessPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(run_case, tasks))
     args.out.write_text(json.dumps({"command": "python -m benchmarks.gaussian_start " + " ".join(
         a for a in __import__("sys").argv[1:]), "rows": rows}, indent=1))
     for sde in args.sdes:
         print(f"\n{sde}:\n")
-        print(table([r for r in rows if r["sde"] == sde], args.nfe, args.factors))
+        print(table([r for r in rows if r["sde"] == sde], args.nfe, ["fit"] if args.fit else args.factors))
 
 
 if __name__ == "__main__":

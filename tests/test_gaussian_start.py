@@ -109,7 +109,7 @@ def test_moments_from_samples_keep_the_leading_eigenpairs_and_average_the_rest()
     assert start.residual == pytest.approx(float(var[2:].mean()), rel=0.02)
     assert start.level == pytest.approx(2 * math.sqrt(start.eigvals[0]))
     assert start.std_max == pytest.approx(2.0, rel=0.01)
-    assert start_factor(5) == 2.0 and start_factor(10) == 4.0
+    assert start_factor(5) == 2.0 and start_factor(10) == 4.0 and start_factor(30) is None
 
 
 def test_bad_starts_are_refused(tmp_path: Path) -> None:
@@ -194,3 +194,17 @@ def test_no_start_where_it_would_not_shorten_the_run() -> None:
     without = fit_schedule(sde, score, build_sampler("ddim"), 5, x_fit, objective="curvature", start=False)
     assert with_start.start is None and with_start.times == without.times
     assert with_start.fit_nfe == without.fit_nfe + START_NFE
+
+
+def test_no_start_and_no_cost_from_30_nfe() -> None:
+    """From 30 NFE the start gained nothing on the tuning problems: the fit makes none and spends nothing on it."""
+    sde = VPSDE()
+    gm = _mixture()
+    score = gm.score_fn(sde, compute_dtype=None)
+    x_fit = sde.prior_sample((32, 3), generator=torch.Generator().manual_seed(0))
+    smp = build_sampler("ddim")
+    at30 = fit_schedule(sde, score, smp, 30, x_fit, objective="curvature")
+    plain = fit_schedule(sde, score, smp, 30, x_fit, objective="curvature", start=False)
+    assert at30.start is None and at30.times == plain.times and at30.fit_nfe == plain.fit_nfe
+    at29 = fit_schedule(sde, score, smp, 29, x_fit, objective="curvature")
+    assert at29.start is not None and at29.gaussian_start.level == pytest.approx(4 * at29.gaussian_start.std_max)

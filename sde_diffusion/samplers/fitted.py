@@ -39,7 +39,8 @@ high-dimensional ones (RESULTS.md, "Fit objectives on the exact-score family").
 Every objective begins, by default (``start=True``), with a Gaussian start (:mod:`.gaussian_start`): the mean and
 covariance of :data:`START_DRAWS` samples of the model (the default sampler at :data:`START_NFE`) define a Gaussian
 p_0, whose probability-flow ODE carries the prior draw from T to the level σ̃_s = factor × √λ_max in closed form, with
-no score evaluation (factor 2 below 8 NFE, 4 from there: :data:`~.gaussian_start.START_FACTORS`). The grid is then
+no score evaluation (factor 2 below 8 NFE, 4 from there; none from 30 NFE, where it gained nothing:
+:data:`~.gaussian_start.START_FACTORS`). The grid is then
 fitted from σ̃_s down, and the start is stored with it. Above a few standard deviations of p_0 the noised marginal
 is nearly that Gaussian, so the steps the rule spends there are saved, and a trained network's least accurate
 region (σ̃ up to ≈ 150 on VP, where x̂_0 = (x − σ ε̂)/m multiplies ε̂'s error by σ̃) is skipped. On the demo's
@@ -491,11 +492,16 @@ def fit_start(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, x_T: Tensor
     """The Gaussian start of a fit (:mod:`.gaussian_start`), or None where it would not shorten the run, and the NFE
     spent: the mean and covariance of :data:`START_DRAWS` samples of the model (the default sampler at
     :data:`START_NFE`), the level :func:`~.gaussian_start.start_factor` (by the sampler's NFE) × √λ_max. None where
-    that level is not below half the prior's or not above :data:`START_ROOM` × the level the sampler stops at."""
+    that level is not below half the prior's or not above :data:`START_ROOM` × the level the sampler stops at, and
+    (with no evaluation spent) where the budget takes no start (from 30 NFE)."""
     from ..registry import SAMPLERS
     from .defaults import default_sampler, is_learned_score
     from .final_step import evaluations_to_keep, finish_run
 
+    budget = sampler.expected_nfe(steps) or steps
+    factor = start_factor(budget)
+    if factor is None:
+        return None, 0
     # What sample(sde, score_fn, shape, steps=START_NFE) returns (built here: the sampler module imports this one).
     choice = default_sampler(sde, START_NFE, score_kind or ("learned" if is_learned_score(score_fn) else "exact"))
     teacher = SAMPLERS.get(choice.name)(**choice.options)
@@ -504,8 +510,7 @@ def fit_start(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, x_T: Tensor
     counted = CountingScore(score_fn, keep=evaluations_to_keep(teacher.end.denoise_order, teacher.nfe_per_step))
     x, _, _ = teacher.run(sde, counted, x, choice.steps, gen)
     x = finish_run(sde, teacher.end, x, teacher.end_time(sde), counted)
-    budget = sampler.expected_nfe(steps) or steps
-    gstart = GaussianStart.from_samples(x, factor=start_factor(budget))
+    gstart = GaussianStart.from_samples(x, factor=factor)
     t_end = torch.tensor(sampler.end.end_time(sde), dtype=torch.float64)
     end_level = float(sde.marginal_std(t_end) / sde.mean_coeff(t_end))
     if not (START_ROOM * end_level < gstart.level < 0.5 * top_level(sde)):

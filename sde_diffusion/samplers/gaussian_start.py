@@ -35,16 +35,18 @@ from ..sdes.sde import SDE
 
 #: The most eigenpairs of Σ a start keeps (the rest of the space shares one variance).
 MAX_RANK = 128
-#: Start level σ̃_s = factor × the largest standard deviation of p_0 (√λ_max), by the sampler's NFE: the first
-#: entry whose bound the budget reaches. Chosen on the wider family's tuning seeds 2000–2015 (VP and VE, exact
-#: moments; benchmarks/RESULTS.md, "Gaussian start"): at 5 NFE factor 2 gave 0.18× the error of the rule's run
-#: from T (geometric mean, VP; factor 4: 0.26×), from 10 NFE factor 4 gave 0.72–0.84× (factor 2: 0.81–0.90×, and
-#: worse than no start on 5–8 of 16 problems); factor 1 failed on high-dimensional problems (up to 3000× worse).
-START_FACTORS = ((1, 2.0), (8, 4.0))
+#: Start level σ̃_s = factor × the largest standard deviation of p_0 (√λ_max), by the sampler's NFE: the last
+#: entry whose bound the budget reaches; None: no start. Chosen on the wider family's tuning seeds 2000–2015 (VP and
+#: VE; benchmarks/RESULTS.md, "Gaussian start"). With exact moments, at 5 NFE factor 2 gave 0.14× / 0.46× the error
+#: of the rule's run from T (VP, low-D / high-D; factor 4: 0.22× / 0.45×); at 10–20 NFE factor 4 gave 0.66–0.99×
+#: (factor 2 was worse than no start on 5–8 of 16 problems); factor 1 failed on high-dimensional problems (up to
+#: 3000× worse). With the moments estimated by the fit, the start against the fit from T gave 0.27–0.82× at 5 NFE,
+#: 0.94–1.00× at 10–20 and 0.99–1.005× from 30 NFE, where it spends the moments' evaluations for nothing.
+START_FACTORS: tuple = ((1, 2.0), (8, 4.0), (30, None))
 
 
-def start_factor(nfe: int) -> float:
-    """The multiple of √λ_max where a run of ``nfe`` evaluations starts (:data:`START_FACTORS`)."""
+def start_factor(nfe: int) -> Optional[float]:
+    """The multiple of √λ_max where a run of ``nfe`` evaluations starts, or None for none (:data:`START_FACTORS`)."""
     factor = START_FACTORS[0][1]
     for bound, f in START_FACTORS:
         if nfe >= bound:
