@@ -44,7 +44,7 @@ no score evaluation (factor 2 below 8 NFE, 4 from there; none from 30 NFE, where
 fitted from σ̃_s down, and the start is stored with it. Above a few standard deviations of p_0 the noised marginal
 is nearly that Gaussian, so the steps the rule spends there are saved, and a trained network's least accurate
 region (σ̃ up to ≈ 150 on VP, where x̂_0 = (x − σ ε̂)/m multiplies ε̂'s error by σ̃) is skipped. On the demo's
-networks at 5 NFE this takes the default from digits-FD 15.9 to 5.8 and the moons from sliced W2 0.48 to 0.051,
+networks at 5 NFE this takes the default from digits-FD 15.8 to 5.5 and the moons from sliced W2 0.48 to 0.052,
 as good as the default at 10 NFE (benchmarks/RESULTS.md, "Gaussian start"). No start is made where the level is not
 below half the prior's (a VE process whose σ_max is a few data scales) or not above :data:`START_ROOM` × the level
 the sampler stops at.

@@ -58,7 +58,8 @@ StepHook = Callable[[Tensor, Tensor], Tensor]
 class SampleResult:
     """Samples ``[B, ...]``, the exact number of batched score evaluations, optional trajectory.
 
-    ``trajectory[k]`` is the state at ``times[k]`` (starting with the prior sample at T).
+    ``trajectory[k]`` is the state at ``times[k]`` (starting with the prior sample at T, or, on a fitted grid with a
+    Gaussian start, with that sample carried to the start's level).
     ``choice`` is the :class:`~sde_diffusion.samplers.defaults.DefaultChoice` when no sampler was named.
     """
 
