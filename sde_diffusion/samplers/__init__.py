@@ -18,6 +18,7 @@ from .dpm_solver import DPMSolverPP, DPMSolverPP2S
 from .dpm_solver_adaptive import AdaptiveDPMSolverPP
 from .edm import EDMHeun
 from .defaults import NAMED_RULES, tuned_options
+from .gaussian_start import GaussianStart
 
 __all__ = [
     "SAMPLERS",
@@ -55,6 +56,7 @@ __all__ = [
     "DPMSolverPP2S",
     "AdaptiveDPMSolverPP",
     "EDMHeun",
+    "GaussianStart",
     "NAMED_RULES",
     "tuned_options",
 ]

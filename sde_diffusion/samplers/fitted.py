@@ -887,4 +887,4 @@ def _mean_within_modes(per_draw: Dict[str, Tensor], dim: int) -> Dict[str, float
 
 
 __all__ = ["DEFAULT_OBJECTIVES", "END_FACTORS", "FittedSchedule", "OBJECTIVES", "check_times", "default_objective",
-           "fit_schedule", "movable_end", "on_schedule", "schedule_key"]
+           "fit_schedule", "fit_start", "movable_end", "on_schedule", "schedule_key"]

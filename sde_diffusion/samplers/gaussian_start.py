@@ -142,17 +142,27 @@ class GaussianStart:
         t_s = torch.tensor(self.time(sde), dtype=torch.float64)
         m_T, m_s = float(sde.mean_coeff(T)), float(sde.mean_coeff(t_s))
         s_T, s_s = top_level(sde) ** 2, self.level ** 2
-        mean = torch.tensor(self.mean, dtype=torch.float64, device=x.device)
+        mean, V, lam = self._tensors(x.device)
         y = x.reshape(x.shape[0], -1).to(torch.float64) / m_T - mean
         # Outside the kept eigenvectors every direction has the residual variance: one scale there.
         rest = math.sqrt((self.residual + s_s) / (self.residual + s_T))
         out = rest * y
-        if self.eigvals:
-            V = torch.tensor(self.eigvecs, dtype=torch.float64, device=x.device)  # [k, D]
-            lam = torch.tensor(self.eigvals, dtype=torch.float64, device=x.device)
+        if lam.numel():
             scale = ((lam + s_s) / (lam + s_T)).sqrt() - rest
             out = out + ((y @ V.T) * scale) @ V
         return (m_s * (mean + out)).to(x.dtype).reshape(x.shape)
+
+    def _tensors(self, device: Any) -> tuple:
+        """(mean [D], eigvecs [k, D], eigvals [k]) as float64 tensors on ``device``, made once per device (a sampling
+        job transports every batch)."""
+        cache = self.__dict__.setdefault("_cache", {})
+        key = str(device)
+        if key not in cache:
+            dim = len(self.mean)
+            cache[key] = (torch.tensor(self.mean, dtype=torch.float64, device=device),
+                          torch.tensor(self.eigvecs, dtype=torch.float64, device=device).reshape(-1, dim),
+                          torch.tensor(self.eigvals, dtype=torch.float64, device=device))
+        return cache[key]
 
     # ------------------------------------------------------------------ storage
     def to_dict(self) -> Dict[str, Any]:
