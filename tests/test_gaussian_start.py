@@ -208,3 +208,14 @@ def test_no_start_and_no_cost_from_30_nfe() -> None:
     assert at30.start is None and at30.times == plain.times and at30.fit_nfe == plain.fit_nfe
     at29 = fit_schedule(sde, score, smp, 29, x_fit, objective="curvature")
     assert at29.start is not None and at29.gaussian_start.level == pytest.approx(4 * at29.gaussian_start.std_max)
+
+
+def test_a_model_whose_samples_diverge_is_fitted_from_t() -> None:
+    """A score that sends samples to infinity gives no moments: the fit makes no start (and does not fail)."""
+    sde = VPSDE()
+    score = lambda x, t: torch.full_like(x, math.inf)  # noqa: E731
+    x_fit = sde.prior_sample((16, 2), generator=torch.Generator().manual_seed(0))
+    from sde_diffusion.samplers.fitted import fit_start
+
+    start, nfe = fit_start(sde, score, build_sampler("ddim"), 5, x_fit)
+    assert start is None and nfe == START_NFE

@@ -492,8 +492,9 @@ def fit_start(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, x_T: Tensor
     """The Gaussian start of a fit (:mod:`.gaussian_start`), or None where it would not shorten the run, and the NFE
     spent: the mean and covariance of :data:`START_DRAWS` samples of the model (the default sampler at
     :data:`START_NFE`), the level :func:`~.gaussian_start.start_factor` (by the sampler's NFE) × √λ_max. None where
-    that level is not below half the prior's or not above :data:`START_ROOM` × the level the sampler stops at, and
-    (with no evaluation spent) where the budget takes no start (from 30 NFE)."""
+    that level is not below half the prior's or not above :data:`START_ROOM` × the level the sampler stops at, where
+    the model's samples are not finite, and (with no evaluation spent) where the budget takes no start (from 30
+    NFE)."""
     from ..registry import SAMPLERS
     from .defaults import default_sampler, is_learned_score
     from .final_step import evaluations_to_keep, finish_run
@@ -510,6 +511,8 @@ def fit_start(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, x_T: Tensor
     counted = CountingScore(score_fn, keep=evaluations_to_keep(teacher.end.denoise_order, teacher.nfe_per_step))
     x, _, _ = teacher.run(sde, counted, x, choice.steps, gen)
     x = finish_run(sde, teacher.end, x, teacher.end_time(sde), counted)
+    if not torch.isfinite(x).all():
+        return None, counted.nfe  # a model whose samples diverge has no moments to start from; fit from T
     gstart = GaussianStart.from_samples(x, factor=factor)
     t_end = torch.tensor(sampler.end.end_time(sde), dtype=torch.float64)
     end_level = float(sde.marginal_std(t_end) / sde.mean_coeff(t_end))
