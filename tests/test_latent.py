@@ -85,6 +85,13 @@ def test_sample_py_decodes_latents_and_refuses_pixel_tasks(latent_run: Path, tmp
         latents = z["latents"]
     assert latents.shape == (3, 2, 8, 8) and np.isfinite(latents).all()
     assert report["shape"] is not None
+    # A fitted grid on a latent model still decodes (this 3-step model's samples give no Gaussian start; a start on
+    # samples of that shape: tests/test_gaussian_start.py).
+    fitted = run(_compose("sample", base + ["sampler=ddim", "steps=5", "schedule=fit", f"out={tmp_path / 'f'}"]))
+    stored = json.loads(Path(fitted["sampler"]["schedule"]["source"]).read_text())
+    assert stored["start"] is None and stored["times"][0] == 1.0 and fitted["sampler"]["schedule"]["start_level"] is None
+    with np.load(tmp_path / "f" / "samples.npz") as z:
+        assert z["samples"].shape == (3, 16, 16, 1) and z["latents"].shape == (3, 2, 8, 8)
     with pytest.raises(ValueError, match="latent score model"):
         run(cli.compose(base + ["task=inpaint", f"out={tmp_path / 'i'}"], CONF))
     with pytest.raises(ValueError, match="not a noisy-classifier checkpoint"):
