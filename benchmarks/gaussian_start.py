@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
@@ -124,8 +125,8 @@ def main() -> None:
     tasks = [(s, e, tuple(args.nfe), tuple(args.factors), args.fit) for e in args.sdes for s in args.seeds]
     with ProcessPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(run_case, tasks))
-    args.out.write_text(json.dumps({"command": "python -m benchmarks.gaussian_start " + " ".join(
-        a for a in __import__("sys").argv[1:]), "rows": rows}, indent=1))
+    command = "python -m benchmarks.gaussian_start " + " ".join(sys.argv[1:])
+    args.out.write_text(json.dumps({"command": command, "rows": rows}, indent=1))
     for sde in args.sdes:
         print(f"\n{sde}:\n")
         print(table([r for r in rows if r["sde"] == sde], args.nfe, ["fit"] if args.fit else args.factors))
