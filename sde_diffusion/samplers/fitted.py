@@ -96,7 +96,7 @@ from torch import Tensor
 
 from ..score import CountingScore
 from ..sdes.sde import SDE, ScoreFn
-from .gaussian_start import GaussianStart, start_factor, top_level
+from .gaussian_start import GaussianStart, noise_level, start_factor, top_level
 
 OBJECTIVES = ("whitened", "curvature", "path", "samples")
 #: The objective when none is named, by the kind of score (benchmarks/RESULTS.md, "Fitted schedules" and "Fit
@@ -497,28 +497,35 @@ def fit_start(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, x_T: Tensor
     NFE)."""
     from ..registry import SAMPLERS
     from .defaults import default_sampler, is_learned_score
-    from .final_step import evaluations_to_keep, finish_run
 
     budget = sampler.expected_nfe(steps) or steps
     factor = start_factor(budget)
     if factor is None:
         return None, 0
-    # What sample(sde, score_fn, shape, steps=START_NFE) returns (built here: the sampler module imports this one).
+    # The samples of sample(sde, score_fn, shape, steps=START_NFE).
     choice = default_sampler(sde, START_NFE, score_kind or ("learned" if is_learned_score(score_fn) else "exact"))
     teacher = SAMPLERS.get(choice.name)(**choice.options)
     gen = torch.Generator(device=x_T.device).manual_seed(START_SEED)
     x = sde.prior_sample((START_DRAWS, *x_T.shape[1:]), generator=gen, device=x_T.device, dtype=x_T.dtype)
-    counted = CountingScore(score_fn, keep=evaluations_to_keep(teacher.end.denoise_order, teacher.nfe_per_step))
-    x, _, _ = teacher.run(sde, counted, x, choice.steps, gen)
-    x = finish_run(sde, teacher.end, x, teacher.end_time(sde), counted)
+    x, nfe = _returned(sde, score_fn, teacher, x, choice.steps, gen)
     if not torch.isfinite(x).all():
-        return None, counted.nfe  # a model whose samples diverge has no moments to start from; fit from T
+        return None, nfe  # a model whose samples diverge has no moments to start from; fit from T
     gstart = GaussianStart.from_samples(x, factor=factor)
-    t_end = torch.tensor(sampler.end.end_time(sde), dtype=torch.float64)
-    end_level = float(sde.marginal_std(t_end) / sde.mean_coeff(t_end))
+    end_level = noise_level(sde, sampler.end.end_time(sde))
     if not (START_ROOM * end_level < gstart.level < 0.5 * top_level(sde)):
-        return None, counted.nfe
-    return gstart, counted.nfe
+        return None, nfe
+    return gstart, nfe
+
+
+def _returned(sde: SDE, score_fn: ScoreFn, smp: Any, x: Tensor, steps: int, generator: torch.Generator
+              ) -> tuple[Tensor, int]:
+    """What ``sample()`` returns for the step sampler ``smp`` from ``x`` (its run, then its final step, or x̃ at the
+    level it stops at), and the NFE it spent (built here: the sampler module imports this one)."""
+    from .final_step import evaluations_to_keep, finish_run
+
+    counted = CountingScore(score_fn, keep=evaluations_to_keep(smp.end.denoise_order, smp.nfe_per_step))
+    out, _, _ = smp.run(sde, counted, x, steps, generator)
+    return finish_run(sde, smp.end, out, smp.end_time(sde), counted), counted.nfe
 
 
 def default_objective(score_fn: Any = None, score_kind: Optional[str] = None) -> str:
@@ -716,7 +723,6 @@ def _fit_by_samples(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, x_T: 
     from dataclasses import replace
 
     from ..metrics import sliced_wasserstein
-    from .final_step import evaluations_to_keep, finish_run
 
     own = sampler.end.end_sigma
     levels: List[Optional[float]] = [None] if own is None else [float(own) * f for f in SAMPLES_LEVELS]
@@ -724,14 +730,9 @@ def _fit_by_samples(sde: SDE, score_fn: ScoreFn, sampler: Any, steps: int, x_T: 
     used = [0]
 
     def run(smp: Any, n: int) -> Tensor:
-        # What sample() returns: the final step where the sampler has one, else x̃ at the level it stops at.
-        end = smp.end
-        keep = evaluations_to_keep(end.denoise_order, smp.nfe_per_step) if end.denoise else 0
-        counted = CountingScore(score_fn, keep=keep)
         gen = torch.Generator(device=x_T.device).manual_seed(SAMPLES_NOISE_SEED)
-        out, _, _ = smp.run(sde, counted, x_T, n, gen)
-        out = finish_run(sde, end, out, smp.end_time(sde), counted)
-        used[0] += counted.nfe
+        out, nfe = _returned(sde, score_fn, smp, x_T, n, gen)
+        used[0] += nfe
         return out.flatten(1).double()
 
     # The teacher ends clean (a denoising step where the sampler has none): the samples are judged as data.

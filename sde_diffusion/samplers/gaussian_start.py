@@ -54,10 +54,15 @@ def start_factor(nfe: int) -> Optional[float]:
     return factor
 
 
+def noise_level(sde: SDE, t: float) -> float:
+    """σ̃ = σ(t)/m(t): the noise level at time ``t``."""
+    tt = torch.tensor(float(t), dtype=torch.float64)
+    return float(sde.marginal_std(tt) / sde.mean_coeff(tt))
+
+
 def top_level(sde: SDE) -> float:
-    """σ̃ = σ/m at T: the level of the prior."""
-    T = torch.tensor(sde.T, dtype=torch.float64)
-    return float(sde.marginal_std(T) / sde.mean_coeff(T))
+    """σ̃ at T: the level of the prior."""
+    return noise_level(sde, sde.T)
 
 
 @dataclass
@@ -177,4 +182,4 @@ class GaussianStart:
         return cls(**known)
 
 
-__all__ = ["GaussianStart", "MAX_RANK", "START_FACTORS", "start_factor", "top_level"]
+__all__ = ["GaussianStart", "MAX_RANK", "START_FACTORS", "noise_level", "start_factor", "top_level"]
