@@ -194,7 +194,7 @@ class SampleJob(ModelJob):
                 raise ValueError(f"the grid in {path} was fitted to other weights (digest {sched.digest[:12]}…, this "
                                  f"model's is {digest[:12]}…); fit one for this model with schedule=fit")
         c.sampler = sched.apply(c.sampler)
-        start = sched.gaussian_start
+        start = c.sampler.start
         if start is not None:
             start.check(model.sde, model.model_shape)
         check_times(torch.tensor(sched.times), model.sde, c.steps, c.sampler.end.end_time(model.sde),
